@@ -1,0 +1,46 @@
+"""dovecote: a flow engine for LLM calls that editors and scripts can trust.
+
+Every call to a model is a ``Command`` in one pending table (a SQLite file);
+an ``Engine`` sends it, matches the reply by id, dead-letters it when its
+deadline passes and replays it when asked::
+
+    async with flows.open_engine("dovecote.db") as engine:
+        reply = await engine.call(adapter="scripted",
+                                  request={"messages": [{"role": "user", "content": "Teh end"}]})
+"""
+
+from adapters.base import Message, Reply, Request, Usage
+from flows.engine import Engine, Progress, open_engine
+from flows.errors import (
+    CommandFailed,
+    IllegalTransition,
+    SchemaTooNew,
+    StoreError,
+    UnknownCommand,
+)
+from flows.handlers import handler
+from flows.records import Command, CommandError, Delivery, Event, LateReply, StateChange
+from flows.store import Store
+
+__all__ = [
+    "Command",
+    "CommandError",
+    "CommandFailed",
+    "Delivery",
+    "Engine",
+    "Event",
+    "IllegalTransition",
+    "LateReply",
+    "Message",
+    "Progress",
+    "Reply",
+    "Request",
+    "SchemaTooNew",
+    "StateChange",
+    "Store",
+    "StoreError",
+    "UnknownCommand",
+    "Usage",
+    "handler",
+    "open_engine",
+]

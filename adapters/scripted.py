@@ -1,0 +1,218 @@
+"""The scripted adapter: a deterministic model that needs no network and no key.
+
+It is the embedded default, so ``make demo``, the tests and the editor
+clients' tests run anywhere. Its behaviour is steered by directive lines at
+the start of the last user message, one per line:
+
+    #delay S        reply after S seconds (float)
+    #hang           never reply (for timeout tests)
+    #fail CODE      fail as an HTTP status CODE would (429/5xx retryable)
+    #fail-times N   fail the first N attempts with 503, then answer
+    #reply          the reply is the rest of the message after this line
+
+Directive lines are not part of the text. Without ``#reply`` the reply is the
+remaining text with common English misspellings corrected (``teh`` -> ``the``),
+whole words only, case-insensitively, keeping the case of the first letter;
+every other character, line ends included, is kept. That makes the
+corrections flow work offline.
+
+``#fail-times`` counts by the command's attempt number, not by calls this
+process has seen, so it gives the same answers after a restart.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import attrs
+import trio
+
+from adapters.base import (
+    AdapterSettings,
+    PermanentError,
+    Reply,
+    Request,
+    RetryableError,
+    SendContext,
+    Usage,
+    error_for_status,
+)
+
+MISSPELLINGS: dict[str, str] = {
+    "teh": "the",
+    "recieve": "receive",
+    "recieved": "received",
+    "beleive": "believe",
+    "acheive": "achieve",
+    "adress": "address",
+    "accomodate": "accommodate",
+    "agressive": "aggressive",
+    "apparantly": "apparently",
+    "begining": "beginning",
+    "beleif": "belief",
+    "calender": "calendar",
+    "definately": "definitely",
+    "dissapoint": "disappoint",
+    "embarass": "embarrass",
+    "enviroment": "environment",
+    "existance": "existence",
+    "familar": "familiar",
+    "finaly": "finally",
+    "foriegn": "foreign",
+    "freind": "friend",
+    "goverment": "government",
+    "grammer": "grammar",
+    "happend": "happened",
+    "harrass": "harass",
+    "immediatly": "immediately",
+    "independant": "independent",
+    "knowlege": "knowledge",
+    "libary": "library",
+    "neccessary": "necessary",
+    "noticable": "noticeable",
+    "occassion": "occasion",
+    "occured": "occurred",
+    "occurence": "occurrence",
+    "persistant": "persistent",
+    "posession": "possession",
+    "prefered": "preferred",
+    "recomend": "recommend",
+    "refered": "referred",
+    "relevent": "relevant",
+    "seperate": "separate",
+    "sieze": "seize",
+    "succesful": "successful",
+    "suprise": "surprise",
+    "tommorow": "tomorrow",
+    "tounge": "tongue",
+    "truely": "truly",
+    "untill": "until",
+    "wierd": "weird",
+    "wich": "which",
+}
+
+_MISSPELLED = re.compile(r"\b(" + "|".join(map(re.escape, MISSPELLINGS)) + r")\b", re.IGNORECASE)
+_DIRECTIVE = re.compile(r"#(delay|hang|fail|fail-times|reply)(?:[ \t]+(\S*))?[ \t]*")
+
+
+def correct(text: str) -> str:
+    """``text`` with the built-in misspellings fixed (``Teh`` -> ``The``)."""
+
+    def fix(match: re.Match[str]) -> str:
+        word = match.group(0)
+        right = MISSPELLINGS[word.lower()]
+        return right[0].upper() + right[1:] if word[0].isupper() else right
+
+    return _MISSPELLED.sub(fix, text)
+
+
+@attrs.frozen
+class Script:
+    """What the directives at the head of a message ask for."""
+
+    text: str
+    delay: float = 0.0
+    hang: bool = False
+    fail: int | None = None
+    fail_times: int = 0
+    verbatim: bool = False
+
+
+def parse(message: str) -> Script:
+    """Split the directive lines off the head of ``message``.
+
+    A line that merely starts with ``#`` (a Markdown heading, a hashtag) is
+    text; a known directive with a bad argument is a ``PermanentError``, as
+    a provider would answer a malformed request with a 400."""
+    delay, hang, fail, fail_times = 0.0, False, None, 0
+    rest = message
+    while rest.startswith("#"):
+        line, newline, after = rest.partition("\n")
+        match = _DIRECTIVE.fullmatch(line.rstrip("\r"))
+        if match is None:
+            break
+        name, arg = match.group(1), match.group(2)
+        if name == "reply":
+            return Script(after, delay, hang, fail, fail_times, verbatim=True)
+        if name == "hang":
+            hang = True
+        elif name == "delay":
+            delay = _number(name, arg)
+        elif name == "fail":
+            fail = int(_number(name, arg, integer=True))
+        else:
+            fail_times = int(_number(name, arg, integer=True))
+        rest = after if newline else ""
+    return Script(rest, delay, hang, fail, fail_times)
+
+
+def _number(name: str, arg: str | None, *, integer: bool = False) -> float:
+    try:
+        value = int(arg or "") if integer else float(arg or "")
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise PermanentError(f"#{name} needs {kind} argument, got {arg!r}", status=400) from None
+    if not math.isfinite(value) or value < 0:
+        raise PermanentError(f"#{name} needs a non-negative number, got {arg!r}", status=400)
+    return value
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+class ScriptedAdapter:
+    """The embedded default provider. ``calls`` counts sends; with
+    ``call_log`` each send also appends ``"<command id> <attempt>"`` to that
+    file, so tests can count calls across processes."""
+
+    def __init__(
+        self,
+        name: str = "scripted",
+        *,
+        max_in_flight: int = 256,
+        on_interrupt: str = "retry",
+        call_log: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.settings = AdapterSettings(
+            name=name,
+            max_in_flight=max_in_flight,
+            timeout=30.0,
+            on_interrupt="dead" if on_interrupt == "dead" else "retry",
+        )
+        self.calls = 0
+        self.call_log = Path(call_log) if call_log else None
+
+    @classmethod
+    def from_env(cls) -> ScriptedAdapter:
+        """The default instance; ``$DOVECOTE_SCRIPTED_LOG`` names a call log."""
+        return cls(call_log=os.environ.get("DOVECOTE_SCRIPTED_LOG") or None)
+
+    async def send(self, request: Request, context: SendContext) -> Reply:
+        self.calls += 1
+        if self.call_log is not None:
+            with self.call_log.open("a") as log:
+                log.write(f"{context.command_id} {context.attempt}\n")
+        script = parse(request.last_user_text)
+        if script.hang:
+            await trio.sleep_forever()
+        if script.delay:
+            await trio.sleep(script.delay)
+        if script.fail is not None:
+            raise error_for_status(script.fail, f"scripted failure: HTTP {script.fail}")
+        if context.attempt <= script.fail_times:
+            raise RetryableError(
+                f"scripted failure {context.attempt} of {script.fail_times}: HTTP 503",
+                status=503,
+            )
+        text = script.text if script.verbatim else correct(script.text)
+        context.report_progress(text)
+        prompt_words = sum(_words(m.content) for m in request.messages)
+        prompt_words += _words(request.system or "")
+        return Reply(text=text, usage=Usage(prompt_words, _words(text)), raw=None)
+
+    async def aclose(self) -> None:
+        pass

@@ -1,0 +1,898 @@
+"""The engine: sends pending commands, matches replies, times out the late.
+
+An engine is a handful of trio tasks around one store:
+
+* the **committer** (flows.commit) turns transitions into SQLite
+  transactions, many at a time;
+* the **dispatcher** claims ``pending`` commands (highest priority, then
+  oldest) up to each adapter's ``max_in_flight`` and starts one send task per
+  claimed command;
+* the **timers** (flows.timers) dead-letter commands whose deadline passed,
+  cancelling their sends, expire pending ones and wake the dispatcher when a
+  backed-off retry is due;
+* the **keeper** renews this engine's leases and takes over work that a
+  dead engine left behind.
+
+Every reply, whether a send returns it, a person types it or another
+process delivers it, enters through ``deliver``, which matches it to its
+command by id. Every state change goes through the committer first and is
+acted on (tasks cancelled, handlers run, subscribers told) only after it is
+committed.
+
+Several engines may share one file. A command is claimed by a compare-and-
+set that names its owner and a lease; the owner renews the lease while the
+send is in flight. An engine that dies leaves its leases to run out, or, if
+it ran on this host, to be noticed at once (its pid is gone), and another
+engine re-queues its work.
+"""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+import trio
+
+from adapters.base import (
+    Adapter,
+    AdapterError,
+    Reply,
+    Request,
+    RetryableError,
+    SendContext,
+)
+from adapters.scripted import ScriptedAdapter
+from flows import handlers as handler_registry
+from flows.commit import Committer
+from flows.errors import CommandFailed
+from flows.records import Command, CommandError, Delivery, Event, StateChange, new_id
+from flows.states import (
+    CANCEL,
+    DEAD,
+    DISPATCH,
+    DONE,
+    EXPIRE,
+    FAIL,
+    FINISH,
+    PENDING,
+    REASON_CANCELLED_BY_USER,
+    REASON_ERROR,
+    REASON_EXPIRED,
+    REASON_HANDLER_ERROR,
+    REASON_INTERRUPTED,
+    REASON_RETRIES_EXHAUSTED,
+    REASON_TIMEOUT,
+    REPLIED,
+    REPLY,
+    RESOLVE,
+    RETRY,
+    SENT,
+    TERMINAL_STATES,
+    TIMEOUT,
+    IllegalTransition,
+    next_state,
+)
+from flows.store import (
+    AddLateReply,
+    Insert,
+    Move,
+    Operation,
+    ReleaseLeases,
+    RenewLeases,
+    Store,
+    TakeOver,
+    UseLateReply,
+    make_owner,
+    owner_is_gone,
+)
+from flows.timers import DEADLINE, EXPIRY, Alarm, Timers
+from flows.timers import RETRY as RETRY_ALARM
+
+log = logging.getLogger("dovecote")
+
+DEFAULT_DB: Final = Path(".dovecote") / "dovecote.db"
+MAX_TIMEOUT: Final = 30 * 24 * 3600.0  # a month: a person may be the provider
+MAX_ATTEMPTS: Final = 100
+DEFAULT_MAX_ATTEMPTS: Final = 3
+PRIORITY_INTERACTIVE: Final = 10
+PRIORITY_BATCH: Final = 0
+
+
+def default_db_path() -> Path:
+    """``$DOVECOTE_DB``, else ``./.dovecote/dovecote.db``."""
+    return Path(os.environ.get("DOVECOTE_DB") or DEFAULT_DB)
+
+
+@attrs.frozen
+class Progress:
+    """Streamed partial text of a command's reply (the whole text so far)."""
+
+    command_id: str
+    text: str
+
+
+Notice = StateChange | Progress
+
+
+@attrs.frozen
+class Backoff:
+    """Exponential backoff with jitter: attempt n waits a random time in
+    [d/2, d] where d = base * 2**(n-1), capped. A ``Retry-After`` from the
+    provider is honoured: we never come back sooner than it asks."""
+
+    base: float = 0.5
+    cap: float = 60.0
+
+    def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
+        full = min(self.cap, self.base * 2.0 ** max(0, attempt - 1))
+        jittered = full / 2 + rng.random() * full / 2
+        return max(jittered, retry_after or 0.0, 0.0)
+
+
+class Engine:
+    """Use ``open_engine`` to make one; see the module docstring."""
+
+    def __init__(
+        self,
+        store: Store,
+        nursery: trio.Nursery,
+        adapters: Iterable[Adapter],
+        *,
+        handlers: Mapping[str, handler_registry.Handler] | None = None,
+        lease: float = 30.0,
+        poll_interval: float = 1.0,
+        backoff: Backoff = Backoff(),
+        wall_clock: Callable[[], float] = time.time,
+        seed: int | None = None,
+    ) -> None:
+        self.store = store
+        self._nursery = nursery
+        self.adapters: dict[str, Adapter] = {}
+        for adapter in adapters:
+            self.adapters[adapter.settings.name] = adapter
+        self._handlers = dict(handlers or {})
+        self.owner = make_owner(new_id()[-12:])
+        self._lease = lease
+        self._poll_interval = poll_interval
+        self._backoff = backoff
+        self._rng = random.Random(seed)
+        self._epoch = wall_clock() - trio.current_time()
+        self._committer = Committer(store)
+        self._timers = Timers(self._ring)
+        # Sends in flight in this engine: command as claimed, and the scope
+        # that cancels its send.
+        self._sending: dict[str, tuple[Command, trio.CancelScope]] = {}
+        self._sending_per_adapter: dict[str, int] = dict.fromkeys(self.adapters, 0)
+        self._claiming: set[str] = set()
+        self._dispatch_wanted = trio.Event()
+        self._waiters: dict[str, trio.Event] = {}
+        self._subscribers: builtins.list[trio.MemorySendChannel[Notice]] = []
+
+    # --- clock ---------------------------------------------------------------
+
+    def now(self) -> float:
+        """Wall-clock time (epoch seconds) as this engine sees it: trio's
+        clock plus a fixed offset, so a ``MockClock`` moves it too."""
+        return self._epoch + trio.current_time()
+
+    def _trio_time(self, wall: float) -> float:
+        return wall - self._epoch
+
+    # --- public API ----------------------------------------------------------
+
+    async def submit(
+        self,
+        adapter: str,
+        request: Request | Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        handler: str | None = None,
+        handler_args: Any = None,
+        priority: int = PRIORITY_BATCH,
+        expires_at: float | None = None,
+        flow_id: str | None = None,
+        step: int | None = None,
+        snapshot_id: str | None = None,
+    ) -> str:
+        """Put a call in the pending table and return its id at once.
+
+        Everything is validated before anything is stored: a bad argument
+        raises ``ValueError`` (or ``TypeError``) and changes nothing."""
+        command = self._new_command(
+            adapter,
+            request,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            handler=handler,
+            handler_args=handler_args,
+            priority=priority,
+            expires_at=expires_at,
+            flow_id=flow_id,
+            step=step,
+            snapshot_id=snapshot_id,
+        )
+        event = await self._committer.commit(Insert(command))
+        self._committed(command, event)
+        if command.expires_at is not None:
+            self._timers.schedule(self._trio_time(command.expires_at), EXPIRY, command.id)
+        self._dispatch_wanted.set()
+        return command.id
+
+    async def wait(self, command_id: str) -> Command:
+        """The command once it is terminal (``done``, ``dead`` or ``cancelled``).
+
+        Transitions made by this engine wake the waiter at once; those made
+        by another process on the same file are seen by polling."""
+        command = self.store.get(command_id)
+        while not command.is_terminal:
+            woken = self._waiters.setdefault(command_id, trio.Event())
+            with trio.move_on_after(self._poll_interval):
+                await woken.wait()
+            command = self.store.get(command_id)
+        return command
+
+    async def call(
+        self, adapter: str, request: Request | Mapping[str, Any], **options: Any
+    ) -> Reply:
+        """Submit, wait, and return the reply; ``CommandFailed`` unless done."""
+        command = await self.wait(await self.submit(adapter, request, **options))
+        if command.state != DONE or command.reply is None:
+            raise CommandFailed(command)
+        return command.reply
+
+    def get(self, command_id: str) -> Command:
+        return self.store.get(command_id)
+
+    def list(
+        self,
+        states: Iterable[str] | None = None,
+        limit: int | None = None,
+        *,
+        flow_id: str | None = None,
+        adapter: str | None = None,
+        reason: str | None = None,
+    ) -> builtins.list[Command]:
+        return self.store.list(states, limit=limit, flow_id=flow_id, adapter=adapter, reason=reason)
+
+    def history(self, command_id: str) -> builtins.list[Event]:
+        self.store.get(command_id)
+        return self.store.history(command_id)
+
+    async def deliver(self, command_id: str, reply: Reply | Mapping[str, Any]) -> Delivery:
+        """Match a reply to its command by id.
+
+        A ``sent`` command takes it and moves to ``replied``; its handler
+        then runs. Any other state makes it a *late reply*: stored in
+        ``late_replies``, not applied. ``UnknownCommand`` for an unknown id."""
+        if not isinstance(reply, Reply):
+            reply = Reply.from_json(reply)
+        while True:
+            command = self.store.get(command_id)
+            if command.state != SENT:
+                await self._committer.commit(AddLateReply(command.id, reply, self.now()))
+                return Delivery(accepted=False, late=True)
+            try:
+                replied = await self._accept(command, reply)
+            except IllegalTransition:
+                continue  # it moved meanwhile: look again
+            in_flight = self._sending.pop(command.id, None)
+            if in_flight is not None:
+                in_flight[1].cancel()
+            self._nursery.start_soon(self._complete, replied)
+            return Delivery(accepted=True, late=False)
+
+    async def cancel(self, command_id: str) -> Command:
+        """Cancel a ``pending`` or ``sent`` command (its send is cancelled)."""
+        while True:
+            command = self.store.get(command_id)
+            next_state(command.state, CANCEL, command_id=command.id)
+            try:
+                cancelled = await self._move(
+                    command,
+                    CANCEL,
+                    reason=REASON_CANCELLED_BY_USER,
+                    finished_at=self.now(),
+                    owner=None,
+                    lease_until=None,
+                )
+            except IllegalTransition:
+                continue
+            in_flight = self._sending.pop(command.id, None)
+            if in_flight is not None:
+                in_flight[1].cancel()
+            return cancelled
+
+    async def replay(
+        self, ids: Sequence[str], timeout: float | None = None, use_late_reply: bool = False
+    ) -> builtins.list[str]:
+        """Make a new pending command for each dead one; return their ids.
+
+        With ``use_late_reply``, a dead command that has an unused late reply
+        is resolved with it (the new command goes ``pending -> replied``
+        without calling the model); the others are sent again. All ids are
+        checked before anything is stored."""
+        if timeout is not None:
+            _check_timeout(timeout)
+        dead = [self.store.get(command_id) for command_id in ids]
+        for command in dead:
+            if command.state != DEAD:
+                raise IllegalTransition(
+                    f"command {command.id} is {command.state}: only dead commands are replayed",
+                    command_id=command.id,
+                    state=command.state,
+                    event="replay",
+                )
+        new_ids = []
+        for command in dead:
+            fresh = attrs.evolve(
+                command,
+                id=new_id(),
+                state=PENDING,
+                created_at=self.now(),
+                timeout=timeout if timeout is not None else command.timeout,
+                attempt=1,
+                reason=None,
+                expires_at=None,
+                sent_at=None,
+                deadline=None,
+                replied_at=None,
+                finished_at=None,
+                not_before=None,
+                reply=None,
+                error=None,
+                owner=None,
+                lease_until=None,
+                cost=None,
+                replay_of=command.id,
+            )
+            late = self.store.late_replies(command.id, unused_only=True) if use_late_reply else []
+            operations: builtins.list[Operation] = [Insert(fresh, detail={"replay_of": command.id})]
+            if late:
+                resolved = attrs.evolve(
+                    fresh,
+                    state=REPLIED,
+                    reply=late[0].reply,
+                    replied_at=self.now(),
+                    cost=self._cost(fresh.adapter, late[0].reply),
+                    owner=self.owner,
+                    lease_until=self.now() + self._lease,
+                )
+                operations.append(
+                    Move(fresh, resolved, RESOLVE, self.now(), {"late_reply": late[0].id})
+                )
+                operations.append(UseLateReply(late[0].id, fresh.id))
+            results = await self._committer.commit_many(operations)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            self._committed(fresh, results[0])
+            if late:
+                self._committed(resolved, results[1])
+                self._nursery.start_soon(self._complete, resolved)
+            new_ids.append(fresh.id)
+        self._dispatch_wanted.set()
+        return new_ids
+
+    @contextmanager
+    def subscribe(self, buffer: int = 10_000) -> Iterator[trio.MemoryReceiveChannel[Notice]]:
+        """Every committed transition (``StateChange``) and streamed partial
+        reply (``Progress``) from now on. A subscriber that falls ``buffer``
+        notices behind is dropped (its channel ends) rather than slowing the
+        engine; it can catch up from the store."""
+        send, receive = trio.open_memory_channel[Notice](buffer)
+        self._subscribers.append(send)
+        try:
+            yield receive
+        finally:
+            if send in self._subscribers:
+                self._subscribers.remove(send)
+            send.close()
+
+    # --- validation ----------------------------------------------------------
+
+    def _new_command(
+        self,
+        adapter: str,
+        request: Request | Mapping[str, Any],
+        *,
+        timeout: float | None,
+        max_attempts: int,
+        handler: str | None,
+        handler_args: Any,
+        priority: int,
+        expires_at: float | None,
+        flow_id: str | None,
+        step: int | None,
+        snapshot_id: str | None,
+    ) -> Command:
+        if adapter not in self.adapters:
+            known = ", ".join(sorted(self.adapters))
+            raise ValueError(f"unknown adapter {adapter!r}; this engine has: {known}")
+        if not isinstance(request, Request):
+            request = Request.from_json(request)
+        if timeout is None:
+            timeout = self.adapters[adapter].settings.timeout
+        _check_timeout(timeout)
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
+            raise TypeError(f"max_attempts must be an integer, not {max_attempts!r}")
+        if not 1 <= max_attempts <= MAX_ATTEMPTS:
+            raise ValueError(f"max_attempts must be from 1 to {MAX_ATTEMPTS}, not {max_attempts}")
+        if handler is not None and self._handler(handler) is None:
+            raise ValueError(f"no reply handler registered as {handler!r}")
+        try:
+            json.dumps(handler_args)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"handler_args must be JSON: {exc}") from None
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"priority must be an integer, not {priority!r}")
+        if expires_at is not None and not (
+            isinstance(expires_at, int | float) and math.isfinite(expires_at)
+        ):
+            raise ValueError(f"expires_at must be epoch seconds, not {expires_at!r}")
+        return Command(
+            id=new_id(),
+            adapter=adapter,
+            request=request,
+            state=PENDING,
+            created_at=self.now(),
+            timeout=float(timeout),
+            max_attempts=max_attempts,
+            handler=handler,
+            handler_args=handler_args,
+            priority=priority,
+            expires_at=expires_at,
+            flow_id=flow_id,
+            step=step,
+            snapshot_id=snapshot_id,
+        )
+
+    def _handler(self, name: str) -> handler_registry.Handler | None:
+        return self._handlers.get(name) or handler_registry.REGISTRY.get(name)
+
+    def _handler_names(self) -> set[str]:
+        return set(self._handlers) | set(handler_registry.REGISTRY)
+
+    # --- transitions ---------------------------------------------------------
+
+    async def _move(
+        self, command: Command, event: str, detail: Any = None, **changes: Any
+    ) -> Command:
+        """Commit one transition of ``command`` and act on it."""
+        after = attrs.evolve(
+            command, state=next_state(command.state, event, command_id=command.id), **changes
+        )
+        journal = await self._committer.commit(Move(command, after, event, self.now(), detail))
+        self._committed(after, journal)
+        return after
+
+    async def _move_many(
+        self, moves: Sequence[tuple[Command, str, dict[str, Any]]], detail: Any = None
+    ) -> builtins.list[Command | None]:
+        """Commit several transitions together; ``None`` for each one lost
+        to a concurrent change."""
+        now = self.now()
+        afters = [
+            attrs.evolve(c, state=next_state(c.state, e, command_id=c.id), **changes)
+            for c, e, changes in moves
+        ]
+        results = await self._committer.commit_many(
+            [
+                Move(c, a, e, now, detail(c) if callable(detail) else detail)
+                for (c, e, _), a in zip(moves, afters, strict=True)
+            ]
+        )
+        out: builtins.list[Command | None] = []
+        for after, result in zip(afters, results, strict=True):
+            if isinstance(result, IllegalTransition):
+                out.append(None)
+            elif isinstance(result, BaseException):
+                log.error("could not commit a transition of %s: %s", after.id, result)
+                out.append(None)
+            else:
+                self._committed(after, result)
+                out.append(after)
+        return out
+
+    def _committed(self, command: Command, event: Event) -> None:
+        """Everything that follows a committed transition: wake waiters,
+        tell subscribers."""
+        if command.state in TERMINAL_STATES:
+            waiter = self._waiters.pop(command.id, None)
+            if waiter is not None:
+                waiter.set()
+        self._publish(StateChange(command, event))
+
+    def _publish(self, notice: Notice) -> None:
+        for channel in list(self._subscribers):
+            try:
+                channel.send_nowait(notice)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                log.warning("dropping a subscriber that fell behind")
+                self._subscribers.remove(channel)
+                channel.close()
+
+    def _cost(self, adapter: str, reply: Reply) -> float | None:
+        known = self.adapters.get(adapter)
+        price = known.settings.price if known else None
+        return price.cost(reply.usage) if price and reply.usage else None
+
+    async def _accept(self, command: Command, reply: Reply) -> Command:
+        """sent -> replied, taking ownership for the handler."""
+        runnable = command.handler is None or self._handler(command.handler) is not None
+        return await self._move(
+            command,
+            REPLY,
+            reply=reply,
+            replied_at=self.now(),
+            cost=self._cost(command.adapter, reply),
+            # An engine that cannot run the handler leaves the command for
+            # one that can (no owner: any engine may take it over).
+            owner=self.owner if runnable else None,
+            lease_until=self.now() + self._lease if runnable else None,
+        )
+
+    # --- dispatching and sending --------------------------------------------
+
+    async def _dispatcher(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        while True:
+            self._dispatch_wanted = trio.Event()
+            if await self._dispatch_once():
+                await trio.lowlevel.checkpoint()
+                continue
+            with trio.move_on_after(self._poll_interval):
+                await self._dispatch_wanted.wait()
+
+    async def _dispatch_once(self) -> bool:
+        """Claim what may be sent now; True if an adapter may have more."""
+        more = False
+        handlers = self._handler_names()
+        for name, adapter in self.adapters.items():
+            room = adapter.settings.max_in_flight - self._sending_per_adapter[name]
+            if room <= 0:
+                continue
+            now = self.now()
+            ready = [
+                c
+                for c in self.store.ready_to_send(name, now, room, handlers)
+                if c.id not in self._claiming
+            ]
+            if not ready:
+                continue
+            more = more or len(ready) == room
+            self._claiming.update(c.id for c in ready)
+            try:
+                claims = []
+                for command in ready:
+                    deadline = now + command.timeout
+                    if command.expires_at is not None:
+                        deadline = min(deadline, command.expires_at)
+                    claims.append(
+                        (
+                            command,
+                            DISPATCH,
+                            {
+                                "sent_at": now,
+                                "deadline": deadline,
+                                "not_before": None,
+                                "owner": self.owner,
+                                "lease_until": now + self._lease,
+                            },
+                        )
+                    )
+                claimed = await self._move_many(claims)
+            finally:
+                self._claiming.difference_update(c.id for c in ready)
+            for won in claimed:
+                if won is None:
+                    continue  # another engine was faster
+                command = won
+                scope = trio.CancelScope()
+                self._sending[command.id] = (command, scope)
+                self._sending_per_adapter[name] += 1
+                assert command.deadline is not None
+                self._timers.schedule(
+                    self._trio_time(command.deadline), DEADLINE, command.id, command.attempt
+                )
+                self._nursery.start_soon(self._send, adapter, command, scope)
+        return more
+
+    async def _send(self, adapter: Adapter, command: Command, scope: trio.CancelScope) -> None:
+        assert command.deadline is not None
+        context = SendContext(
+            command_id=command.id,
+            attempt=command.attempt,
+            deadline=command.deadline,
+            report_progress=lambda text: self._publish(Progress(command.id, text)),
+        )
+        reply: Reply | None = None
+        failure: BaseException | None = None
+        try:
+            with scope:
+                try:
+                    reply = await adapter.send(command.request, context)
+                except Exception as exc:
+                    failure = exc
+        finally:
+            if self._sending.get(command.id, (None,))[0] is command:
+                del self._sending[command.id]
+            self._sending_per_adapter[adapter.settings.name] -= 1
+            self._dispatch_wanted.set()
+        if scope.cancelled_caught:
+            return  # timed out, cancelled or answered elsewhere: they moved it
+        if reply is not None:
+            try:
+                replied = await self._accept(command, reply)
+            except IllegalTransition:
+                # It stopped waiting meanwhile (timeout, cancel): keep the reply.
+                await self._committer.commit(AddLateReply(command.id, reply, self.now()))
+                return
+            await self._complete(replied)
+        elif failure is not None:
+            await self._failed(command, failure)
+
+    async def _failed(self, command: Command, failure: BaseException) -> None:
+        error = CommandError(
+            type=type(failure).__name__,
+            message=str(failure),
+            status=failure.status if isinstance(failure, AdapterError) else None,
+        )
+        if not isinstance(failure, AdapterError):
+            log.error("adapter %s raised %r for %s", command.adapter, failure, command.id)
+        try:
+            if isinstance(failure, RetryableError):
+                if command.attempt < command.max_attempts:
+                    delay = self._backoff.delay(command.attempt, failure.retry_after, self._rng)
+                    retry = await self._move(
+                        command,
+                        RETRY,
+                        {"error": error.to_json(), "delay": delay},
+                        attempt=command.attempt + 1,
+                        not_before=self.now() + delay,
+                        error=error,
+                        owner=None,
+                        lease_until=None,
+                    )
+                    assert retry.not_before is not None
+                    self._timers.schedule(self._trio_time(retry.not_before), RETRY_ALARM, retry.id)
+                    return
+                reason = REASON_RETRIES_EXHAUSTED
+            else:
+                reason = REASON_ERROR
+            await self._move(
+                command,
+                FAIL,
+                {"error": error.to_json()},
+                reason=reason,
+                error=error,
+                finished_at=self.now(),
+                owner=None,
+                lease_until=None,
+            )
+        except IllegalTransition:
+            pass  # it was timed out or cancelled meanwhile
+
+    async def _complete(self, command: Command) -> None:
+        """Run a replied command's handler; done, or dead with handler_error."""
+        error: CommandError | None = None
+        if command.handler is not None:
+            handler = self._handler(command.handler)
+            try:
+                if handler is None:
+                    raise LookupError(f"no reply handler registered as {command.handler!r}")
+                result = handler(self, command)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                log.exception("handler %s failed for %s", command.handler, command.id)
+                error = CommandError(type=type(exc).__name__, message=str(exc))
+        try:
+            if error is None:
+                await self._move(
+                    command, FINISH, finished_at=self.now(), owner=None, lease_until=None
+                )
+            else:
+                await self._move(
+                    command,
+                    FAIL,
+                    {"error": error.to_json()},
+                    reason=REASON_HANDLER_ERROR,
+                    error=error,
+                    finished_at=self.now(),
+                    owner=None,
+                    lease_until=None,
+                )
+        except IllegalTransition:
+            pass  # another engine took it over meanwhile and will finish it
+
+    # --- timers --------------------------------------------------------------
+
+    async def _ring(self, alarms: builtins.list[Alarm]) -> None:
+        timeouts: builtins.list[tuple[Command, str, dict[str, Any]]] = []
+        for alarm in alarms:
+            if alarm.kind == DEADLINE:
+                in_flight = self._sending.get(alarm.command_id)
+                if in_flight is None or in_flight[0].attempt != alarm.attempt:
+                    continue  # answered, cancelled or re-sent since
+                command = in_flight[0]
+                expired = command.expires_at is not None and command.deadline == command.expires_at
+                timeouts.append(
+                    (
+                        command,
+                        TIMEOUT,
+                        {
+                            "reason": REASON_EXPIRED if expired else REASON_TIMEOUT,
+                            "finished_at": self.now(),
+                            "owner": None,
+                            "lease_until": None,
+                        },
+                    )
+                )
+            elif alarm.kind == EXPIRY:
+                pending = self.store.find(alarm.command_id)
+                if pending is not None and pending.state == PENDING:
+                    timeouts.append(
+                        (
+                            pending,
+                            EXPIRE,
+                            {"reason": REASON_EXPIRED, "finished_at": self.now()},
+                        )
+                    )
+            else:
+                self._dispatch_wanted.set()
+        if not timeouts:
+            return
+        for after in await self._move_many(timeouts):
+            if after is not None:
+                in_flight = self._sending.pop(after.id, None)
+                if in_flight is not None:
+                    in_flight[1].cancel()
+
+    # --- leases and recovery -------------------------------------------------
+
+    async def _keeper(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Renew our leases; take over what dead engines left."""
+        task_status.started()
+        while True:
+            await trio.sleep(self._lease / 3)
+            held = await self._committer.commit(RenewLeases(self.owner, self.now() + self._lease))
+            for command_id in list(self._sending):
+                if command_id not in held:
+                    # Cancelled or answered by another process: stop sending.
+                    self._sending.pop(command_id)[1].cancel()
+            await self.recover()
+
+    async def recover(self) -> int:
+        """Take over commands whose owner is gone; return how many.
+
+        ``sent`` ones go back to ``pending`` (attempt + 1) if their adapter's
+        policy allows and attempts are left, else they are dead-lettered as
+        ``interrupted``; ``replied`` ones have their handler run again."""
+        now = self.now()
+        handlers = self._handler_names()
+        moves: builtins.list[tuple[Command, str, dict[str, Any]]] = []
+        takeovers: builtins.list[Command] = []
+        for command in self.store.abandoned(self.owner, now, owner_is_gone):
+            if command.state == SENT:
+                adapter = self.adapters.get(command.adapter)
+                policy = adapter.settings.on_interrupt if adapter else "retry"
+                if policy == "retry" and command.attempt < command.max_attempts:
+                    moves.append(
+                        (
+                            command,
+                            RETRY,
+                            {
+                                "attempt": command.attempt + 1,
+                                "reason": None,
+                                "owner": None,
+                                "lease_until": None,
+                                "not_before": None,
+                            },
+                        )
+                    )
+                else:
+                    moves.append(
+                        (
+                            command,
+                            FAIL,
+                            {
+                                "reason": REASON_INTERRUPTED,
+                                "finished_at": now,
+                                "owner": None,
+                                "lease_until": None,
+                            },
+                        )
+                    )
+            elif command.handler is None or command.handler in handlers:
+                takeovers.append(command)
+        await self._move_many(
+            moves, detail=lambda c: {"reason": REASON_INTERRUPTED, "owner": c.owner}
+        )
+        taken = 0
+        for command in takeovers:
+            try:
+                await self._committer.commit(TakeOver(command, self.owner, now + self._lease))
+            except IllegalTransition:
+                continue
+            taken += 1
+            self._nursery.start_soon(
+                self._complete,
+                attrs.evolve(command, owner=self.owner, lease_until=now + self._lease),
+            )
+        if moves:
+            self._dispatch_wanted.set()
+        return len(moves) + taken
+
+    async def _start(self) -> None:
+        for command_id, expires_at, not_before in self.store.timed_pending():
+            if expires_at is not None:
+                self._timers.schedule(self._trio_time(expires_at), EXPIRY, command_id)
+            if not_before is not None:
+                self._timers.schedule(self._trio_time(not_before), RETRY_ALARM, command_id)
+        await self._nursery.start(self._committer.run)
+        await self._nursery.start(self._timers.run)
+        await self.recover()
+        await self._nursery.start(self._dispatcher)
+        await self._nursery.start(self._keeper)
+
+    def _release(self) -> None:
+        """On a clean close, hand our in-flight work back at once rather
+        than make the next engine wait for our leases to run out."""
+        self.store.commit([ReleaseLeases(self.owner)])
+
+
+@asynccontextmanager
+async def open_engine(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    adapters: Iterable[Adapter] = (),
+    **options: Any,
+) -> AsyncIterator[Engine]:
+    """Open the database at ``path`` (default ``$DOVECOTE_DB`` or
+    ``./.dovecote/dovecote.db``) and run an engine on it until the block
+    ends. The scripted adapter is always present; ``adapters`` add to it or
+    replace it by name. Options: ``handlers``, ``lease``, ``poll_interval``,
+    ``backoff``, ``wall_clock``, ``seed``."""
+    store = Store(path if path is not None else default_db_path())
+    chosen: dict[str, Adapter] = {"scripted": ScriptedAdapter.from_env()}
+    for adapter in adapters:
+        chosen[adapter.settings.name] = adapter
+    try:
+        async with trio.open_nursery() as nursery:
+            engine = Engine(store, nursery, chosen.values(), **options)
+            await engine._start()
+            try:
+                yield engine
+            finally:
+                nursery.cancel_scope.cancel()
+                engine._release()
+    finally:
+        with trio.CancelScope(shield=True):
+            for adapter in chosen.values():
+                await adapter.aclose()
+        store.close()
+
+
+def _check_timeout(timeout: Any) -> None:
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds, not {timeout!r}")
+    if not math.isfinite(timeout) or timeout <= 0 or timeout > MAX_TIMEOUT:
+        raise ValueError(
+            f"timeout must be more than 0 and at most {MAX_TIMEOUT:.0f} s, not {timeout}"
+        )

@@ -1,0 +1,160 @@
+"""The records that flow through the core: commands, journal events, late
+replies. All frozen: a record is a fact as of one moment; a change makes a
+new record, and the store is where the newest one lives."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from adapters.base import JSON, Reply, Request
+from flows.states import COMMAND_STATES, TERMINAL_STATES
+
+_id_lock = threading.Lock()
+_last_id_ms = 0
+_last_id_rand = 0
+
+
+def new_id() -> str:
+    """A UUIDv7 (RFC 9562): unique, and sortable by creation time.
+
+    Within one millisecond the random part is incremented rather than drawn
+    again, so ids made by one process are strictly increasing: the pending
+    table's ``ORDER BY id`` is first-come, first-served."""
+    global _last_id_ms, _last_id_rand
+    with _id_lock:
+        ms = time.time_ns() // 1_000_000
+        if ms <= _last_id_ms:
+            ms = _last_id_ms
+            rand = _last_id_rand + 1
+        else:
+            rand = int.from_bytes(os.urandom(10), "big") >> 6  # 74 random bits
+        _last_id_ms, _last_id_rand = ms, rand
+    value = (ms & (2**48 - 1)) << 80
+    value |= 0x7 << 76  # version 7
+    value |= ((rand >> 62) & 0xFFF) << 64  # rand_a: 12 bits
+    value |= 0b10 << 62  # variant
+    value |= rand & (2**62 - 1)  # rand_b: 62 bits
+    text = f"{value:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+@attrs.frozen
+class CommandError:
+    """The last thing that went wrong with a command's send or handler."""
+
+    type: str
+    message: str
+    status: int | None = None
+
+    def to_json(self) -> dict[str, JSON]:
+        return {"type": self.type, "message": self.message, "status": self.status}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CommandError:
+        return cls(type=data["type"], message=data["message"], status=data.get("status"))
+
+
+def _state(instance: Command, attribute: attrs.Attribute[str], value: str) -> None:
+    if value not in COMMAND_STATES:
+        raise ValueError(f"unknown command state {value!r}")
+
+
+@attrs.frozen
+class Command:
+    """One call to a model, as the pending table holds it.
+
+    How to handle the reply is stored by NAME (``handler``) with JSON
+    arguments (``handler_args``), never as a closure, so that a new process
+    can finish what a dead one started."""
+
+    id: str
+    adapter: str
+    request: Request
+    state: str = attrs.field(validator=_state)
+    created_at: float
+    timeout: float
+    attempt: int = 1
+    max_attempts: int = 1
+    reason: str | None = None
+    expires_at: float | None = None
+    sent_at: float | None = None
+    deadline: float | None = None
+    replied_at: float | None = None
+    finished_at: float | None = None
+    not_before: float | None = None
+    reply: Reply | None = None
+    error: CommandError | None = None
+    handler: str | None = None
+    handler_args: JSON = None
+    flow_id: str | None = None
+    step: int | None = None
+    snapshot_id: str | None = None
+    replay_of: str | None = None
+    priority: int = 0
+    owner: str | None = None
+    lease_until: float | None = None
+    cost: float | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    def to_json(self) -> dict[str, JSON]:
+        """Every field, JSON-ready, snake_case (the bridge renames for the wire)."""
+        data: dict[str, JSON] = attrs.asdict(self, recurse=False)
+        data["request"] = self.request.to_json()
+        data["reply"] = self.reply.to_json() if self.reply else None
+        data["error"] = self.error.to_json() if self.error else None
+        return data
+
+
+@attrs.frozen
+class Event:
+    """One row of the journal: a command (or flow) moved from one state to
+    another because of ``event``, at wall-clock time ``at``."""
+
+    seq: int
+    command_id: str | None
+    flow_id: str | None
+    at: float
+    from_state: str | None
+    to_state: str
+    event: str
+    detail: JSON = None
+
+    def to_json(self) -> dict[str, JSON]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class LateReply:
+    """A reply that arrived for a command no longer waiting for one."""
+
+    id: int
+    command_id: str
+    reply: Reply
+    received_at: float
+    used_by: str | None = None
+
+
+@attrs.frozen
+class Delivery:
+    """What became of a delivered reply: ``accepted`` if it was matched to a
+    ``sent`` command, ``late`` if it was stored as a late reply instead."""
+
+    accepted: bool
+    late: bool
+
+
+@attrs.frozen
+class StateChange:
+    """What subscribers receive for every committed transition."""
+
+    command: Command
+    event: Event

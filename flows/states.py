@@ -1,0 +1,175 @@
+"""Every rule of the command state machine, as one table.
+
+Theory of operation
+-------------------
+
+A command is one call to a model. It is born ``pending`` in the pending
+table and ends in exactly one of three terminal states: ``done`` (the reply
+was matched and its handler ran), ``dead`` (a dead letter: it timed out,
+failed, ran out of attempts, was cut off by a crash, or its handler failed)
+or ``cancelled`` (a person or program said stop). Nothing terminal ever
+changes again; to try a dead call again one *replays* it, which makes a new
+``pending`` command whose ``replay_of`` names the dead one.
+
+Between birth and end, a command moves only by *events*. The table below is
+keyed ``state -> event -> next state``, in the manner of h11's ``_state.py``:
+if a (state, event) pair is not in it, the move is illegal and
+``IllegalTransition`` is raised. The store enforces the same rule a second
+time, against other processes, with a compare-and-set on the current state;
+a lost race also raises, it never overwrites.
+
+    pending --dispatch--> sent --reply--> replied --finish--> done
+    sent --retry--> pending          (retryable error, or an interrupted send)
+    sent --timeout / fail--> dead    (deadline passed; permanent error,
+                                      attempts exhausted, interrupted)
+    replied --fail--> dead           (the reply handler raised)
+    pending --expire--> dead         (its whole-life ``expires_at`` passed)
+    pending, sent --cancel--> cancelled
+    pending --resolve--> replied     (a replay answered from a stored late
+                                      reply instead of calling the model)
+
+Why ``resolve`` exists: a model's reply that arrives after its command died
+is kept as a *late reply*. Replaying that dead letter with the late reply
+must not pretend a send happened, so the replay goes straight from
+``pending`` to ``replied``, and the journal says so.
+
+The drawings in docs/states.md are generated from these tables by
+``python -m flows.states``; edit the table, not the drawing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+# States of a command.
+PENDING: Final = "pending"
+SENT: Final = "sent"
+REPLIED: Final = "replied"
+DONE: Final = "done"
+DEAD: Final = "dead"
+CANCELLED: Final = "cancelled"
+
+COMMAND_STATES: Final = (PENDING, SENT, REPLIED, DONE, DEAD, CANCELLED)
+TERMINAL_STATES: Final = frozenset({DONE, DEAD, CANCELLED})
+
+# Events that move a command.
+DISPATCH: Final = "dispatch"
+REPLY: Final = "reply"
+FINISH: Final = "finish"
+RETRY: Final = "retry"
+TIMEOUT: Final = "timeout"
+FAIL: Final = "fail"
+EXPIRE: Final = "expire"
+CANCEL: Final = "cancel"
+RESOLVE: Final = "resolve"
+
+COMMAND_EVENTS: Final = (DISPATCH, REPLY, FINISH, RETRY, TIMEOUT, FAIL, EXPIRE, CANCEL, RESOLVE)
+
+COMMAND_TRANSITIONS: Final[Mapping[str, Mapping[str, str]]] = {
+    PENDING: {DISPATCH: SENT, EXPIRE: DEAD, CANCEL: CANCELLED, RESOLVE: REPLIED},
+    SENT: {REPLY: REPLIED, RETRY: PENDING, TIMEOUT: DEAD, FAIL: DEAD, CANCEL: CANCELLED},
+    REPLIED: {FINISH: DONE, FAIL: DEAD},
+    DONE: {},
+    DEAD: {},
+    CANCELLED: {},
+}
+
+# Why a command is dead or cancelled (the ``reason`` column).
+REASON_TIMEOUT: Final = "timeout"
+REASON_EXPIRED: Final = "expired"
+REASON_ERROR: Final = "error"
+REASON_RETRIES_EXHAUSTED: Final = "retries_exhausted"
+REASON_INTERRUPTED: Final = "interrupted"
+REASON_HANDLER_ERROR: Final = "handler_error"
+REASON_CANCELLED_BY_USER: Final = "cancelled_by_user"
+
+
+class IllegalTransition(Exception):
+    """A move the state table forbids, or one lost to a concurrent writer.
+
+    ``state`` is the state the command was found in, ``event`` the move that
+    was attempted."""
+
+    def __init__(
+        self, message: str, *, command_id: str | None = None, state: str = "", event: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.command_id = command_id
+        self.state = state
+        self.event = event
+
+
+def next_state(state: str, event: str, *, command_id: str | None = None) -> str:
+    """The state ``event`` leads to from ``state``, or ``IllegalTransition``."""
+    try:
+        return COMMAND_TRANSITIONS[state][event]
+    except KeyError:
+        allowed = ", ".join(COMMAND_TRANSITIONS.get(state, {})) or "nothing (terminal)"
+        who = f"command {command_id} " if command_id else ""
+        raise IllegalTransition(
+            f"{who}cannot {event} from {state!r}; allowed from {state!r}: {allowed}",
+            command_id=command_id,
+            state=state,
+            event=event,
+        ) from None
+
+
+def mermaid(table: Mapping[str, Mapping[str, str]], initial: str, title: str) -> str:
+    """A Mermaid state diagram drawn from a transition table."""
+    lines = ["```mermaid", "---", f"title: {title}", "---", "stateDiagram-v2"]
+    lines.append(f"    [*] --> {initial}")
+    for state, moves in table.items():
+        for event, target in moves.items():
+            lines.append(f"    {state} --> {target}: {event}")
+        if not moves:
+            lines.append(f"    {state} --> [*]")
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def dot(table: Mapping[str, Mapping[str, str]], initial: str, title: str) -> str:
+    """A Graphviz DOT drawing of a transition table."""
+    lines = [f'digraph "{title}" {{', "    rankdir=LR;", "    start [shape=point];"]
+    lines.append(f"    start -> {initial};")
+    for state, moves in table.items():
+        shape = "doublecircle" if not moves else "circle"
+        lines.append(f"    {state} [shape={shape}];")
+        for event, target in moves.items():
+            lines.append(f'    {state} -> {target} [label="{event}"];')
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def render_docs() -> str:
+    """The text of docs/states.md: every machine, drawn from its table."""
+    parts = [
+        "# State machines",
+        "",
+        "Generated by `python -m flows.states` from the tables in `flows/states.py`;"
+        " do not edit by hand.",
+        "",
+        "## Command",
+        "",
+        mermaid(COMMAND_TRANSITIONS, PENDING, "command"),
+        "",
+        "| state | event | next state |",
+        "| --- | --- | --- |",
+    ]
+    for state, moves in COMMAND_TRANSITIONS.items():
+        for event, target in moves.items():
+            parts.append(f"| {state} | {event} | {target} |")
+    return "\n".join(parts) + "\n"
+
+
+if __name__ == "__main__":
+    import pathlib
+    import sys
+
+    target = pathlib.Path(__file__).resolve().parent.parent / "docs" / "states.md"
+    if "--check" in sys.argv:
+        if target.read_text() != render_docs():
+            sys.exit(f"{target} is out of date: run python -m flows.states")
+    else:
+        target.write_text(render_docs())
+        print(f"wrote {target}")

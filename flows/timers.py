@@ -1,0 +1,70 @@
+"""One timer for every deadline.
+
+A command's deadline is a row in the pending table, not a sleeping task: an
+engine may hold a hundred thousand of them. The ``Timers`` keep a heap of
+(when, what, which command) and one task sleeps until the earliest, inside a
+cancel scope that is moved whenever an earlier entry arrives. Entries are
+never removed when they become moot (the reply came, the command was
+cancelled): the engine checks, when one fires, whether it still applies.
+That keeps scheduling O(log n) and cancellation free.
+
+Times here are trio's clock, so that tests run on ``trio.testing.MockClock``
+and a 30-second timeout takes no time and fires exactly.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import attrs
+import trio
+
+DEADLINE: Final = "deadline"  # a sent command's reply is due
+EXPIRY: Final = "expiry"  # a pending command's whole-life bound
+RETRY: Final = "retry"  # a backed-off command may be sent again
+
+
+@attrs.frozen(order=True)
+class Alarm:
+    when: float
+    seq: int
+    kind: str = attrs.field(order=False)
+    command_id: str = attrs.field(order=False)
+    attempt: int = attrs.field(order=False, default=0)
+
+
+class Timers:
+    def __init__(self, fire: Callable[[list[Alarm]], Awaitable[None]]) -> None:
+        self._fire = fire
+        self._heap: list[Alarm] = []
+        self._seq = itertools.count()
+        self._earlier = trio.Event()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def schedule(self, when: float, kind: str, command_id: str, attempt: int = 0) -> None:
+        """Ring at trio time ``when`` (already past: at the next round)."""
+        alarm = Alarm(when, next(self._seq), kind, command_id, attempt)
+        heapq.heappush(self._heap, alarm)
+        if self._heap[0] is alarm:
+            self._earlier.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            self._earlier = trio.Event()
+            now = trio.current_time()
+            due = []
+            while self._heap and self._heap[0].when <= now:
+                due.append(heapq.heappop(self._heap))
+            if due:
+                await self._fire(due)
+                continue
+            next_when = self._heap[0].when if self._heap else math.inf
+            with trio.move_on_at(next_when):
+                await self._earlier.wait()
