@@ -458,6 +458,12 @@ class Engine:
             snapshot_id=snapshot_id,
         )
 
+    def can_serve(self, command: Command) -> bool:
+        """True when this engine has the command's adapter and its handler."""
+        return command.adapter in self.adapters and (
+            command.handler is None or self._handler(command.handler) is not None
+        )
+
     def _handler(self, name: str) -> handler_registry.Handler | None:
         return self._handlers.get(name) or handler_registry.REGISTRY.get(name)
 

@@ -1,0 +1,371 @@
+"""The ``dovecote`` command: the face of the house.
+
+Tables for people by default, ``--json`` for scripts. Commands that only
+look (``pending``, ``dead``, ``show``, ``stats``, ``export``) open the store
+and nothing else; commands that act (``demo``, ``replay``, ``serve``) run an
+engine. The database is ``--db``, else ``$DOVECOTE_DB``, else
+``./.dovecote/dovecote.db``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from adapters.base import Adapter
+from flows.engine import default_db_path, open_engine
+from flows.errors import IllegalTransition, StoreError, UnknownCommand
+from flows.render import COMMAND_HEADERS, command_rows, show, table
+from flows.states import PENDING, REPLIED, SENT, TERMINAL_STATES
+from flows.store import Store
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False, indent=2))
+
+
+def _open_store(args: argparse.Namespace) -> Store:
+    return Store(args.db)
+
+
+def _adapters(args: argparse.Namespace) -> list[Adapter]:
+    """Providers from ``dovecote.toml`` (none when there is no file)."""
+    from adapters import config
+
+    return config.build_adapters(config.load_config(args.config))
+
+
+def duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``12h``, ``30d`` -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected a duration like 90s, 15m, 12h or 30d: {text!r}")
+    scale = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+# --- commands that look ------------------------------------------------------
+
+
+def cmd_pending(args: argparse.Namespace) -> int:
+    with _closing(_open_store(args)) as store:
+        commands = store.list([PENDING, SENT, REPLIED], limit=args.limit)
+        if args.json:
+            _print_json([c.to_json() for c in commands])
+        elif not commands:
+            print("nothing pending")
+        else:
+            print(table(COMMAND_HEADERS, command_rows(commands, time.time())))
+    return 0
+
+
+def cmd_dead(args: argparse.Namespace) -> int:
+    with _closing(_open_store(args)) as store:
+        letters = store.dead_letters(
+            reason=args.reason,
+            adapter=args.adapter,
+            limit=args.limit,
+            include_replayed=args.all,
+        )
+        if args.json:
+            _print_json(
+                [
+                    {**c.to_json(), "replayed_by": by, "unused_late_replies": late}
+                    for c, by, late in letters
+                ]
+            )
+            return 0
+        if not letters:
+            print("no dead letters" + ("" if args.all else " waiting for a decision"))
+            return 0
+        now = time.time()
+        rows = []
+        for (_, replayed_by, late), row in zip(
+            letters, command_rows([c for c, _, _ in letters], now), strict=True
+        ):
+            row.insert(-1, replayed_by or ("late reply" if late else ""))
+            rows.append(row)
+        headers = (*COMMAND_HEADERS[:-1], "replayed by / note", COMMAND_HEADERS[-1])
+        print(table(headers, rows))
+        print(
+            f"\n{len(letters)} dead letter(s). "
+            "Replay with: dovecote replay ID... | --reason R | --all"
+        )
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with _closing(_open_store(args)) as store:
+        command = store.get(args.id)
+        events = store.history(command.id)
+        if args.json:
+            _print_json(
+                {
+                    "command": command.to_json(),
+                    "events": [e.to_json() for e in events],
+                    "late_replies": [
+                        {
+                            "id": r.id,
+                            "reply": r.reply.to_json(),
+                            "received_at": r.received_at,
+                            "used_by": r.used_by,
+                        }
+                        for r in store.late_replies(command.id)
+                    ],
+                }
+            )
+        else:
+            print(show(command, events))
+            for late in store.late_replies(command.id):
+                used = f", used by {late.used_by}" if late.used_by else ""
+                print(f"\nlate reply #{late.id}{used}: {late.reply.text}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with _closing(_open_store(args)) as store:
+        counts = store.counts()
+        usage = {by: store.usage_totals(by) for by in ("adapter", "flow", "day")}
+        if args.json:
+            _print_json(
+                {
+                    "states": [
+                        {"adapter": a, "state": s, "count": n}
+                        for (a, s), n in sorted(counts.items())
+                    ],
+                    "usage": usage,
+                }
+            )
+            return 0
+        adapters = sorted({a for a, _ in counts})
+        states = ("pending", "sent", "replied", "done", "dead", "cancelled")
+        print(
+            table(
+                ("adapter", *states, "total"),
+                [
+                    [
+                        a,
+                        *(counts.get((a, s), 0) for s in states),
+                        sum(counts.get((a, s), 0) for s in states),
+                    ]
+                    for a in adapters
+                ],
+            )
+        )
+        for by, rows in usage.items():
+            print(f"\nby {by}")
+            print(
+                table(
+                    (by, "calls", "done", "dead", "input tokens", "output tokens", "cost $"),
+                    [
+                        [
+                            r["key"] or "-",
+                            r["calls"],
+                            r["done"],
+                            r["dead"],
+                            r["input_tokens"],
+                            r["output_tokens"],
+                            f"{r['cost']:.4f}",
+                        ]
+                        for r in rows
+                    ],
+                )
+            )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """One JSON object per line: each command with its journal."""
+    with _closing(_open_store(args)) as store:
+        for command in store.list(args.state or None):
+            record = command.to_json()
+            record["events"] = [e.to_json() for e in store.history(command.id)]
+            print(json.dumps(record, ensure_ascii=False))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    with _closing(_open_store(args)) as store:
+        count = store.prune(time.time() - args.older_than)
+    if args.json:
+        _print_json({"deleted": count})
+    else:
+        print(f"deleted {count} finished command(s) older than {args.older_than:g} s")
+    return 0
+
+
+# --- commands that act -------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.demo import run_demo
+
+    return trio.run(run_demo, args.db, args.adapter, _adapters(args))
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    if not args.ids and not args.reason and not args.all:
+        raise UsageError("say what to replay: IDs, --reason R or --all")
+    if args.ids and (args.reason or args.all):
+        raise UsageError("give either IDs or a filter (--reason / --all), not both")
+    return trio.run(_replay, args, _adapters(args))
+
+
+async def _replay(args: argparse.Namespace, adapters: list[Adapter]) -> int:
+    async with open_engine(args.db, adapters=adapters) as engine:
+        if args.ids:
+            ids = list(args.ids)
+        else:
+            letters = engine.store.dead_letters(reason=args.reason, adapter=args.adapter)
+            ids = [c.id for c, _, _ in letters]
+        if not ids:
+            print("no dead letters to replay")
+            return 0
+        new_ids = await engine.replay(ids, timeout=args.timeout, use_late_reply=args.use_late_reply)
+        if not args.no_wait:
+            print(f"replaying {len(new_ids)} command(s)...", file=sys.stderr)
+            for command_id in new_ids:
+                if engine.can_serve(engine.get(command_id)):
+                    await engine.wait(command_id)
+        final = [engine.get(i) for i in new_ids]
+        if args.json:
+            _print_json(
+                [{"from": old, "to": new.to_json()} for old, new in zip(ids, final, strict=True)]
+            )
+        else:
+            print(
+                table(
+                    ("dead letter", "replayed as", "state", "reason"),
+                    [
+                        [old, new.id, new.state, new.reason or ""]
+                        for old, new in zip(ids, final, strict=True)
+                    ],
+                )
+            )
+            queued = [c for c in final if c.state not in TERMINAL_STATES]
+            if queued:
+                print(f"\n{len(queued)} left queued for an engine that can serve them.")
+    return 0
+
+
+# --- plumbing ----------------------------------------------------------------
+
+
+class UsageError(Exception):
+    pass
+
+
+class _closing:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def __enter__(self) -> Store:
+        return self.store
+
+    def __exit__(self, *exc: object) -> None:
+        self.store.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--db",
+        type=Path,
+        default=None,
+        help="database file (default: $DOVECOTE_DB or ./.dovecote/dovecote.db)",
+    )
+    common.add_argument("--config", default=None, help="dovecote.toml with provider settings")
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    parser = argparse.ArgumentParser(
+        prog="dovecote",
+        description="Durable, replayable LLM calls: a pending table, dead letters and replay.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str, run: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(run=run)
+        return p
+
+    p = add(
+        "demo", cmd_demo, "run a batch of calls through their whole life on the embedded default"
+    )
+    p.add_argument("--adapter", default="scripted", help="adapter to call (default: scripted)")
+
+    p = add("pending", cmd_pending, "list commands not yet finished (pending, sent, replied)")
+    p.add_argument("--limit", type=int, default=None)
+
+    p = add("dead", cmd_dead, "list dead letters waiting for a decision")
+    p.add_argument("--reason", default=None, help="only this reason (timeout, error, ...)")
+    p.add_argument("--adapter", default=None, help="only this adapter")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--all", action="store_true", help="include those already replayed")
+
+    p = add("replay", cmd_replay, "replay dead letters as new commands")
+    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument(
+        "--reason", default=None, help="replay every unreplayed dead letter with this reason"
+    )
+    p.add_argument("--adapter", default=None, help="with --reason/--all: only this adapter")
+    p.add_argument("--all", action="store_true", help="replay every unreplayed dead letter")
+    p.add_argument("--timeout", type=positive_seconds, default=None, help="new timeout in seconds")
+    p.add_argument(
+        "--use-late-reply",
+        action="store_true",
+        help="resolve from a stored late reply instead of calling the model again",
+    )
+    p.add_argument("--no-wait", action="store_true", help="queue the replays and return")
+
+    p = add("show", cmd_show, "one command and its journal")
+    p.add_argument("id")
+
+    add("stats", cmd_stats, "counts by state; tokens and cost by adapter, flow and day")
+
+    p = add("export", cmd_export, "every command with its journal, one JSON object a line")
+    p.add_argument("--state", action="append", help="only these states (repeatable)")
+
+    p = add("prune", cmd_prune, "delete finished commands older than an age")
+    p.add_argument("--older-than", type=duration, required=True, help="e.g. 30d, 12h")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.db is None:
+        args.db = default_db_path()
+    try:
+        return int(args.run(args))
+    except UsageError as exc:
+        parser.error(str(exc))
+    except (UnknownCommand, IllegalTransition, StoreError, ValueError) as exc:
+        print(f"dovecote: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,434 @@
+"""The engine on a real SQLite file. Where time is the subject the tests run
+on trio's MockClock (``autojump_clock``), so deadlines are exact and a
+30-second timeout takes no time."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import flows
+from adapters.base import (
+    AdapterSettings,
+    PermanentError,
+    Reply,
+    Request,
+    RetryableError,
+    SendContext,
+)
+from adapters.scripted import ScriptedAdapter
+from flows.engine import Backoff
+from tests.conftest import ask
+
+WALL = 1_700_000_000.0
+
+
+def fixed_wall() -> float:
+    return WALL
+
+
+class Recorder:
+    """An adapter whose answers the test decides, recording what it was sent."""
+
+    def __init__(self, name: str = "rec", max_in_flight: int = 16, **settings: Any) -> None:
+        self.settings = AdapterSettings(name=name, max_in_flight=max_in_flight, **settings)
+        self.sent: list[tuple[str, int, float]] = []
+        self.answers: list[Any] = []
+        self.in_flight = 0
+        self.peak = 0
+
+    async def send(self, request: Request, context: SendContext) -> Reply:
+        self.sent.append((context.command_id, context.attempt, trio.current_time()))
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            answer = self.answers.pop(0) if self.answers else Reply(request.last_user_text)
+            if isinstance(answer, float | int):
+                await trio.sleep(answer)
+                return Reply(request.last_user_text)
+            if isinstance(answer, BaseException):
+                raise answer
+            assert isinstance(answer, Reply)
+            return answer
+        finally:
+            self.in_flight -= 1
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_call_returns_the_corrected_reply(db_path: Path) -> None:
+    async with flows.open_engine(db_path) as engine:
+        reply = await engine.call("scripted", ask("Teh cat did not recieve it."))
+    assert reply.text == "The cat did not receive it."
+    assert reply.usage is not None and reply.usage.output_tokens == 6
+
+
+async def test_lifecycle_is_journaled(db_path: Path) -> None:
+    async with flows.open_engine(db_path) as engine:
+        command_id = await engine.submit("scripted", ask("teh"))
+        command = await engine.wait(command_id)
+        history = engine.history(command_id)
+    assert command.state == "done" and command.reply == Reply("the", command.reply.usage)
+    assert [(e.from_state, e.to_state, e.event) for e in history] == [
+        (None, "pending", "submit"),
+        ("pending", "sent", "dispatch"),
+        ("sent", "replied", "reply"),
+        ("replied", "done", "finish"),
+    ]
+    assert command.created_at <= command.sent_at <= command.replied_at <= command.finished_at  # type: ignore[operator]
+    assert command.owner is None and command.lease_until is None
+
+
+async def test_deadline_is_exact(db_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with flows.open_engine(db_path, wall_clock=fixed_wall) as engine:
+        with engine.subscribe() as notices:
+            start = trio.current_time()
+            command_id = await engine.submit("scripted", ask("#hang\nhello"), timeout=30)
+            async for notice in notices:
+                if isinstance(notice, flows.StateChange) and notice.command.state == "dead":
+                    fired_at = trio.current_time()
+                    break
+        command = engine.get(command_id)
+    assert fired_at - start == pytest.approx(30, abs=1e-6)
+    assert command.reason == "timeout"
+    assert command.deadline == pytest.approx(command.sent_at + 30, abs=1e-6)  # type: ignore[operator]
+    assert command.finished_at == pytest.approx(command.deadline, abs=1e-6)
+    assert command.attempt == 1  # a timeout is not retried
+
+
+async def test_ten_thousand_deadlines_fire_in_order(
+    db_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    rng = random.Random(7)
+    timeouts = [1 + i / 10 for i in range(10_000)]
+    rng.shuffle(timeouts)
+    hanging = ScriptedAdapter(max_in_flight=10_000)
+    async with flows.open_engine(db_path, adapters=[hanging], wall_clock=fixed_wall) as engine:
+        deaths: list[tuple[float, str]] = []
+        with engine.subscribe(buffer=50_000) as notices:
+            ids = [await engine.submit("scripted", ask("#hang\nx"), timeout=t) for t in timeouts]
+            async for notice in notices:
+                if isinstance(notice, flows.StateChange) and notice.command.state == "dead":
+                    deaths.append((trio.current_time(), notice.command.id))
+                    if len(deaths) == len(ids):
+                        break
+        commands = {c.id: c for c in engine.list(["dead"])}
+    assert len(commands) == 10_000
+    ordered = sorted(ids, key=lambda i: commands[i].deadline or 0)
+    assert [i for _, i in deaths] == ordered
+    for fired_at, command_id in deaths:
+        command = commands[command_id]
+        assert command.reason == "timeout"
+        assert command.finished_at == pytest.approx(command.deadline, abs=1e-6)
+        assert fired_at + (WALL - 0) >= 0  # fired on the mock clock, not real time
+    assert hanging.calls == 10_000
+
+
+async def test_retries_back_off_and_honour_retry_after(
+    db_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    recorder = Recorder()
+    recorder.answers = [
+        RetryableError("slow down", status=429, retry_after=7.0),
+        RetryableError("oops", status=503),
+        Reply("finally"),
+    ]
+    backoff = Backoff(base=1.0, cap=60.0)
+    async with flows.open_engine(db_path, adapters=[recorder], backoff=backoff, seed=1) as engine:
+        command = await engine.wait(await engine.submit("rec", ask("x"), max_attempts=3))
+    assert command.state == "done" and command.reply is not None
+    assert command.reply.text == "finally" and command.attempt == 3
+    (_, a1, t1), (_, a2, t2), (_, a3, t3) = recorder.sent
+    assert (a1, a2, a3) == (1, 2, 3)
+    assert t2 - t1 >= 7.0  # Retry-After: 7 s beats the 0.5-1 s backoff
+    assert 1.0 <= t3 - t2 <= 2.0  # attempt 2's backoff: base * 2 = 2 s, jittered to [1, 2]
+    retries = [e for e in engine_history(db_path, command.id) if e[2] == "retry"]
+    assert [r[3]["error"]["status"] for r in retries] == [429, 503]
+
+
+def engine_history(db_path: Path, command_id: str) -> list[tuple[Any, ...]]:
+    store = flows.Store(db_path)
+    try:
+        return [(e.from_state, e.to_state, e.event, e.detail) for e in store.history(command_id)]
+    finally:
+        store.close()
+
+
+async def test_retries_exhausted(db_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with flows.open_engine(db_path) as engine:
+        command = await engine.wait(
+            await engine.submit("scripted", ask("#fail 503\nx"), max_attempts=2)
+        )
+    assert (command.state, command.reason, command.attempt) == ("dead", "retries_exhausted", 2)
+    assert command.error is not None and command.error.status == 503
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
+async def test_permanent_errors_are_not_retried(
+    db_path: Path, autojump_clock: trio.testing.MockClock, status: int
+) -> None:
+    async with flows.open_engine(db_path) as engine:
+        command = await engine.wait(
+            await engine.submit("scripted", ask(f"#fail {status}\nx"), max_attempts=5)
+        )
+    assert (command.state, command.reason, command.attempt) == ("dead", "error", 1)
+    assert command.error is not None and command.error.status == status
+
+
+@pytest.mark.parametrize("status", [408, 409, 429, 500, 502, 503, 504])
+async def test_retryable_statuses(
+    db_path: Path, autojump_clock: trio.testing.MockClock, status: int
+) -> None:
+    async with flows.open_engine(db_path) as engine:
+        command = await engine.wait(
+            await engine.submit("scripted", ask(f"#fail {status}\nx"), max_attempts=3)
+        )
+    assert (command.reason, command.attempt) == ("retries_exhausted", 3)
+
+
+async def test_an_adapter_bug_dead_letters_without_taking_the_engine_down(
+    db_path: Path,
+) -> None:
+    recorder = Recorder()
+    recorder.answers = [ZeroDivisionError("bug"), Reply("fine")]
+    async with flows.open_engine(db_path, adapters=[recorder]) as engine:
+        broken = await engine.wait(await engine.submit("rec", ask("x")))
+        fine = await engine.wait(await engine.submit("rec", ask("y")))
+    assert (broken.state, broken.reason) == ("dead", "error")
+    assert broken.error is not None and broken.error.type == "ZeroDivisionError"
+    assert fine.state == "done"
+
+
+async def test_handler_runs_by_name_with_its_arguments(db_path: Path) -> None:
+    seen: list[tuple[str, str, Any]] = []
+
+    @flows.handler("test.collect")
+    def collect(engine: flows.Engine, command: flows.Command) -> None:
+        assert command.state == "replied" and command.reply is not None
+        seen.append((command.id, command.reply.text, command.handler_args))
+
+    async with flows.open_engine(db_path) as engine:
+        command_id = await engine.submit(
+            "scripted", ask("teh"), handler="test.collect", handler_args={"k": [1, 2]}
+        )
+        command = await engine.wait(command_id)
+    assert command.state == "done"
+    assert seen == [(command_id, "the", {"k": [1, 2]})]
+    stored = (
+        sqlite3.connect(db_path)
+        .execute("SELECT handler, handler_args FROM commands WHERE id = ?", (command_id,))
+        .fetchone()
+    )
+    assert stored == ("test.collect", '{"k":[1,2]}')
+
+
+async def test_failing_handler_dead_letters_with_handler_error(db_path: Path) -> None:
+    @flows.handler("test.explode")
+    async def explode(engine: flows.Engine, command: flows.Command) -> None:
+        raise RuntimeError("cannot apply")
+
+    async with flows.open_engine(db_path) as engine:
+        command = await engine.wait(
+            await engine.submit("scripted", ask("x"), handler="test.explode")
+        )
+    assert (command.state, command.reason) == ("dead", "handler_error")
+    assert command.error is not None and command.error.message == "cannot apply"
+    assert command.reply is not None  # the reply is kept: replay can reuse nothing, but it is there
+
+
+async def test_late_reply_is_stored_not_applied(db_path: Path) -> None:
+    async with flows.open_engine(db_path) as engine:
+        command_id = await engine.submit("scripted", ask("#hang\nx"), timeout=0.05)
+        dead = await engine.wait(command_id)
+        delivery = await engine.deliver(command_id, {"text": "too late"})
+        again = engine.get(command_id)
+        late = engine.store.late_replies(command_id)
+    assert delivery == flows.Delivery(accepted=False, late=True)
+    assert again == dead  # terminal states never change
+    assert [r.reply.text for r in late] == ["too late"]
+
+
+async def test_deliver_matches_by_id(db_path: Path) -> None:
+    async with flows.open_engine(db_path) as engine:
+        first = await engine.submit("scripted", ask("#hang\na"), timeout=60)
+        second = await engine.submit("scripted", ask("#hang\nb"), timeout=60)
+        while engine.get(second).state != "sent":
+            await trio.sleep(0.01)
+        assert await engine.deliver(second, {"text": "for b"}) == flows.Delivery(True, False)
+        done = await engine.wait(second)
+        assert done.reply is not None and done.reply.text == "for b"
+        assert engine.get(first).state == "sent"
+        with pytest.raises(flows.UnknownCommand):
+            await engine.deliver("no-such-id", {"text": "x"})
+        await engine.cancel(first)
+
+
+async def test_replay_with_new_timeout(
+    db_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with flows.open_engine(db_path) as engine:
+        dead_id = await engine.submit("scripted", ask("#delay 5\nteh"), timeout=2)
+        assert (await engine.wait(dead_id)).reason == "timeout"
+        [new_id] = await engine.replay([dead_id], timeout=10)
+        replayed = await engine.wait(new_id)
+        dead = engine.get(dead_id)
+        letters = engine.store.dead_letters(include_replayed=True)
+        waiting = engine.store.dead_letters()
+    assert replayed.state == "done" and replayed.replay_of == dead_id
+    assert replayed.timeout == 10 and replayed.reply is not None and replayed.reply.text == "the"
+    assert dead.state == "dead"  # the dead letter itself never changes
+    assert [(c.id, by) for c, by, _ in letters] == [(dead_id, new_id)]
+    assert waiting == []  # nothing left waiting for a decision
+
+
+async def test_replay_from_late_reply_calls_no_model(db_path: Path) -> None:
+    scripted = ScriptedAdapter()
+    async with flows.open_engine(db_path, adapters=[scripted]) as engine:
+        dead_id = await engine.submit("scripted", ask("#hang\nx"), timeout=0.05)
+        await engine.wait(dead_id)
+        await engine.deliver(dead_id, {"text": "the late answer"})
+        calls = scripted.calls
+        [new_id] = await engine.replay([dead_id], use_late_reply=True)
+        replayed = await engine.wait(new_id)
+        history = engine.history(new_id)
+        late = engine.store.late_replies(dead_id)
+    assert scripted.calls == calls
+    assert replayed.state == "done" and replayed.reply is not None
+    assert replayed.reply.text == "the late answer" and replayed.sent_at is None
+    assert [e.event for e in history] == ["submit", "resolve", "finish"]
+    assert late[0].used_by == new_id
+
+
+async def test_replay_refuses_what_is_not_dead_and_changes_nothing(db_path: Path) -> None:
+    async with flows.open_engine(db_path) as engine:
+        done_id = await engine.submit("scripted", ask("x"))
+        await engine.wait(done_id)
+        dead_id = await engine.submit("scripted", ask("#fail 400\nx"))
+        await engine.wait(dead_id)
+        before = engine.list()
+        with pytest.raises(flows.IllegalTransition, match="only dead commands"):
+            await engine.replay([dead_id, done_id])
+        with pytest.raises(flows.UnknownCommand):
+            await engine.replay([dead_id, "nope"])
+        with pytest.raises(ValueError):
+            await engine.replay([dead_id], timeout=-1)
+        assert engine.list() == before
+
+
+async def test_cancel_pending_and_sent(db_path: Path) -> None:
+    slow = Recorder(max_in_flight=1)
+    slow.answers = [3600.0]
+    async with flows.open_engine(db_path, adapters=[slow]) as engine:
+        sent_id = await engine.submit("rec", ask("a"), timeout=7200)
+        pending_id = await engine.submit("rec", ask("b"))
+        while engine.get(sent_id).state != "sent":
+            await trio.sleep(0.01)
+        assert engine.get(pending_id).state == "pending"  # max_in_flight is 1
+        cancelled = await engine.cancel(sent_id)
+        assert (cancelled.state, cancelled.reason) == ("cancelled", "cancelled_by_user")
+        await engine.cancel(pending_id)
+        with trio.fail_after(5):
+            while slow.in_flight:
+                await trio.sleep(0.01)  # the send was cancelled, not left running
+        with pytest.raises(flows.IllegalTransition):
+            await engine.cancel(pending_id)
+        assert [c.state for c in engine.list()] == ["cancelled", "cancelled"]
+    assert [s[0] for s in slow.sent] == [sent_id]
+
+
+async def test_max_in_flight_and_priority(
+    db_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    recorder = Recorder(max_in_flight=2)
+    recorder.answers = [1.0] * 6
+    async with flows.open_engine(db_path, adapters=[recorder]) as engine:
+        batch = [await engine.submit("rec", ask(f"b{i}")) for i in range(4)]
+        urgent = await engine.submit("rec", ask("urgent"), priority=10)
+        for command_id in [*batch, urgent]:
+            await engine.wait(command_id)
+    assert recorder.peak == 2
+    order = [s[0] for s in recorder.sent]
+    # The first two were claimed before the urgent one existed; it goes next.
+    assert order.index(urgent) == 2
+
+
+async def test_expires_at_bounds_the_whole_life(
+    db_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    blocked = Recorder(max_in_flight=1)
+    blocked.answers = [100.0, 1.0]
+    async with flows.open_engine(db_path, adapters=[blocked], wall_clock=fixed_wall) as engine:
+        first = await engine.submit("rec", ask("a"), timeout=1000)
+        queued = await engine.submit("rec", ask("b"), expires_at=engine.now() + 10)
+        expired = await engine.wait(queued)
+        assert (expired.state, expired.reason) == ("dead", "expired")
+        assert expired.sent_at is None
+        assert expired.finished_at == pytest.approx(WALL + 10, abs=1e-6)
+        await engine.wait(first)
+
+
+async def test_bad_input_changes_nothing(db_path: Path) -> None:
+    async with flows.open_engine(db_path) as engine:
+        bad: list[dict[str, Any]] = [
+            {"adapter": "nope", "request": ask("x")},
+            {"adapter": "scripted", "request": {"messages": []}},
+            {"adapter": "scripted", "request": {"messages": [{"role": "robot", "content": "x"}]}},
+            {"adapter": "scripted", "request": {"prompt": "x"}},
+            {"adapter": "scripted", "request": ask("x", temperature=9)},
+            {"adapter": "scripted", "request": ask("x"), "timeout": -1},
+            {"adapter": "scripted", "request": ask("x"), "timeout": float("nan")},
+            {"adapter": "scripted", "request": ask("x"), "timeout": 10**9},
+            {"adapter": "scripted", "request": ask("x"), "max_attempts": 0},
+            {"adapter": "scripted", "request": ask("x"), "handler": "no.such.handler"},
+            {"adapter": "scripted", "request": ask("x"), "handler_args": {"f": object()}},
+        ]
+        for arguments in bad:
+            with pytest.raises((ValueError, TypeError)):
+                await engine.submit(**arguments)
+        assert engine.list() == []
+        assert (await engine.wait(await engine.submit("scripted", ask("ok")))).state == "done"
+
+
+async def test_call_raises_command_failed(db_path: Path) -> None:
+    async with flows.open_engine(db_path) as engine:
+        with pytest.raises(flows.CommandFailed) as caught:
+            await engine.call("scripted", ask("#fail 400\nx"))
+    assert caught.value.command.reason == "error"
+    assert "HTTP 400" in str(caught.value)
+
+
+async def test_subscribers_see_every_transition_after_commit(db_path: Path) -> None:
+    async with flows.open_engine(db_path) as engine:
+        with engine.subscribe() as notices:
+            command_id = await engine.submit("scripted", ask("teh"))
+            seen = []
+            async for notice in notices:
+                if isinstance(notice, flows.StateChange):
+                    # Committed before it is published: the store already agrees.
+                    assert engine.get(command_id).state in (
+                        notice.command.state,
+                        *_later(notice.command.state),
+                    )
+                    seen.append(notice.event.to_state)
+                    if notice.command.is_terminal:
+                        break
+    assert seen == ["pending", "sent", "replied", "done"]
+
+
+def _later(state: str) -> tuple[str, ...]:
+    order = ["pending", "sent", "replied", "done"]
+    return tuple(order[order.index(state) + 1 :])
+
+
+async def test_permanent_error_from_a_custom_adapter_keeps_its_message(db_path: Path) -> None:
+    recorder = Recorder()
+    recorder.answers = [PermanentError("model not found", status=404)]
+    async with flows.open_engine(db_path, adapters=[recorder]) as engine:
+        command = await engine.wait(await engine.submit("rec", ask("x")))
+    assert command.error == flows.CommandError("PermanentError", "model not found", 404)

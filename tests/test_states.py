@@ -1,0 +1,104 @@
+"""The command state table, pair by pair: every allowed transition works,
+in memory and against a real database; every other one raises."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import attrs
+import pytest
+
+from adapters.base import Request
+from flows.records import Command, new_id
+from flows.states import (
+    COMMAND_EVENTS,
+    COMMAND_STATES,
+    COMMAND_TRANSITIONS,
+    TERMINAL_STATES,
+    IllegalTransition,
+    next_state,
+)
+from flows.store import Insert, Move, Store
+
+ALLOWED = [(s, e, t) for s, moves in COMMAND_TRANSITIONS.items() for e, t in moves.items()]
+FORBIDDEN = [
+    (s, e)
+    for s, e in itertools.product(COMMAND_STATES, COMMAND_EVENTS)
+    if e not in COMMAND_TRANSITIONS[s]
+]
+
+# The design's diagram, written out independently of the table.
+EXPECTED_EDGES = {
+    ("pending", "sent"),
+    ("pending", "dead"),
+    ("pending", "cancelled"),
+    ("pending", "replied"),
+    ("sent", "replied"),
+    ("sent", "pending"),
+    ("sent", "dead"),
+    ("sent", "cancelled"),
+    ("replied", "done"),
+    ("replied", "dead"),
+}
+
+
+def test_the_table_draws_the_designed_machine() -> None:
+    assert {(s, t) for s, _, t in ALLOWED} == EXPECTED_EDGES
+    assert set(COMMAND_TRANSITIONS) == set(COMMAND_STATES)
+    for state in TERMINAL_STATES:
+        assert COMMAND_TRANSITIONS[state] == {}
+
+
+@pytest.mark.parametrize(("state", "event", "target"), ALLOWED)
+def test_allowed(state: str, event: str, target: str) -> None:
+    assert next_state(state, event) == target
+
+
+@pytest.mark.parametrize(("state", "event"), FORBIDDEN)
+def test_forbidden(state: str, event: str) -> None:
+    with pytest.raises(IllegalTransition) as caught:
+        next_state(state, event, command_id="c1")
+    assert caught.value.state == state and caught.value.event == event
+    assert "c1" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [
+        (s, t)
+        for s, t in itertools.product(COMMAND_STATES, COMMAND_STATES)
+        if (s, t) not in EXPECTED_EDGES
+    ],
+)
+def test_no_event_makes_an_undesigned_move(source: str, target: str) -> None:
+    reachable = {COMMAND_TRANSITIONS[source].get(event) for event in COMMAND_EVENTS}
+    assert target not in reachable
+
+
+def _command(state: str) -> Command:
+    return Command(
+        id=new_id(),
+        adapter="scripted",
+        request=Request.from_json({"messages": [{"role": "user", "content": "hi"}]}),
+        state=state,
+        created_at=1.0,
+        timeout=5.0,
+    )
+
+
+@pytest.mark.parametrize(("state", "event", "target"), ALLOWED)
+def test_allowed_in_the_store(tmp_path: Path, state: str, event: str, target: str) -> None:
+    store = Store(tmp_path / "db")
+    before = _command(state)
+    store.commit_one(Insert(before))
+    after = attrs.evolve(before, state=next_state(state, event))
+    journal = store.commit_one(Move(before, after, event, 2.0))
+    assert (journal.from_state, journal.to_state, journal.event) == (state, target, event)
+    assert store.get(before.id).state == target
+    assert [e.to_state for e in store.history(before.id)] == [state, target]
+    # The same move again is a lost race: it raises and overwrites nothing.
+    with pytest.raises(IllegalTransition):
+        store.commit_one(Move(before, after, event, 3.0))
+    assert len(store.history(before.id)) == 2
+    store.close()
