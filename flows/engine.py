@@ -600,7 +600,7 @@ class Engine:
                             },
                         )
                     )
-                claimed = await self._move_many(claims)
+                claimed = await self._move_many(claims, detail={"owner": self.owner})
             finally:
                 self._claiming.difference_update(c.id for c in ready)
             for won in claimed:

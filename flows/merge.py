@@ -28,19 +28,23 @@ Why tokens, and which tokens
 How tokens are diffed
     Each distinct token of a piece is given one character (``chr(0)``, ``chr(1)``, ...) and
     diff-match-patch's ``diff_main`` diffs the encoded strings: the classic line-to-char
-    trick, with tokens.  A Python ``str`` holds any code point, including surrogates, so a
-    piece can hold 1,114,112 distinct tokens rather than dmp's 65,536; a piece with more
-    falls back to lines as units, and a piece with more distinct lines than that to a
-    single replacement.  Each fallback is coarser but still an exact diff.
+    trick, with tokens.  A Python ``str`` holds any code point, surrogates included, so a
+    piece can hold 1,114,112 distinct tokens, not the 65,536 a UTF-16 string would allow
+    (a 1 MB document can have more).  A piece with more falls back to lines as units,
+    and one with more distinct lines than that to a single replacement: each fallback
+    is coarser but still an exact diff.
 
-    Tokenizing and diffing a whole 1 MB document in Python is far too slow, so a first pass
-    works on characters with C-speed string operations: it strips the common prefix and
-    suffix and splits the rest at *anchors*, runs of text that occur exactly once in both
-    texts (the idea of patience diff, and of dmp's own "half match", made safe for
-    repeated text by the uniqueness test).  Cuts are placed on whitespace transitions, so
-    only the small pieces around actual edits are tokenized.  dmp's half-match speedup is
-    disabled: in repetitive text it can align a copy shifted by one repetition, a correct
-    but needlessly large diff that would surface as spurious conflicts.
+    Tokenizing and diffing a whole 1 MB document in Python is far too slow (1.8 s for 200
+    scattered edits, against about 25 ms with what follows), so a first pass works on
+    characters with C-speed string operations: it strips the common prefix and suffix and
+    splits the rest at *anchors*, runs of text that occur exactly once in both texts (the
+    idea of patience diff, and of dmp's own "half match", made safe for repeated text by
+    the uniqueness test).  Cuts are placed on whitespace transitions, so only the small
+    pieces around actual edits are tokenized.  Text with no whitespace gives this pass
+    nowhere to cut; it is tokenized and diffed whole: correct, slower, bounded by the
+    timeout below.  dmp's half-match speedup is disabled: in repetitive text it can align
+    a copy shifted by one repetition, a correct but needlessly large diff that would
+    surface as spurious conflicts.
 
 When edits overlap (the conflict rule)
     Each side's diff is a list of ``Edit(start, end, text)`` in base offsets.  An edit with
@@ -225,7 +229,9 @@ def _token_pattern() -> re.Pattern[str]:
     return re.compile(
         rf"\s+"
         rf"|[{_CONTINUA}][{ext}]*"
-        rf"|(?:[^\W{_CONTINUA}]|[{ext}])+"
+        # A word run, unrolled so the large mark class is only tried where a word char
+        # is not found (a fifth faster than an alternation per character on prose).
+        rf"|(?:[^\W{_CONTINUA}]|[{ext}])[^\W{_CONTINUA}]*(?:[{ext}]+[^\W{_CONTINUA}]*)*"
         rf"|[^\w\s](?:\u200d[^\w\s]|[{ext}])*"
     )
 

@@ -1,0 +1,431 @@
+"""What the HTTP adapters share: the client, the time budget, error mapping,
+and the two line formats providers stream in (SSE and NDJSON).
+
+Every provider module is a subclass of ``HttpAdapter`` that only knows its own
+dialect: the endpoint, the headers, the body, and how to read a reply or a
+stream. The rules that must hold for *every* provider live here once:
+
+* a send never outlives its command's deadline: the whole exchange runs under
+  a trio cancel scope that ends a little before ``context.deadline`` (and no
+  later than ``settings.timeout``), and httpx's own timeouts use the same
+  budget, so a silent server, a slow-drip stream and a full connection pool
+  all end in a ``RetryableError`` before the engine's timer fires;
+* failures are classified the same way for everyone (``error_for_status``),
+  with the provider's own words in the message;
+* an API key never reaches a message, an exception's args or a repr: every
+  message built from what a server said is passed through ``_redact``, since a
+  misconfigured local server may echo the header it received.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, TypeVar
+
+import attrs
+import httpx
+import trio
+
+from adapters.base import (
+    AdapterError,
+    AdapterSettings,
+    PermanentError,
+    Reply,
+    Request,
+    RetryableError,
+    SendContext,
+    error_for_status,
+    parse_retry_after,
+)
+
+DEADLINE_MARGIN = 0.1
+"""Seconds a send leaves between its own timeout and the command's deadline,
+so that the adapter reports a retryable timeout before the engine's timer
+dead-letters the command and cancels the task."""
+
+PROGRESS_INTERVAL = 0.05
+"""At most ~20 progress reports a second: the engine journals and publishes
+each one, and an editor does not need to redraw faster than that."""
+
+DRAIN_GRACE = 0.25
+"""After a stream's terminal event, how long to wait for the body's end so
+the connection can go back to the pool; past it the connection is dropped."""
+
+SNIPPET = 200
+
+T = TypeVar("T")
+
+
+# --- time ---------------------------------------------------------------------------------
+
+
+def time_budget(deadline: float, timeout: float, now: float | None = None) -> float:
+    """Seconds one send may take: ``timeout``, or less when the deadline is nearer.
+
+    ``deadline`` is wall-clock (epoch seconds) because the engine stores it;
+    the budget is turned into a relative trio deadline at once, so a clock
+    step during the send cannot stretch it.
+    """
+    remaining = deadline - (time.time() if now is None else now) - DEADLINE_MARGIN
+    return min(timeout, remaining)
+
+
+@attrs.define
+class ProgressThrottle:
+    """Forwards the text so far to ``report`` at most once per ``interval``.
+
+    Time-based rather than count-based because providers differ by an order
+    of magnitude in how many tokens they put in one event. ``finish`` makes
+    sure the last report carries the final text, exactly once.
+    """
+
+    report: Callable[[str], None]
+    interval: float = PROGRESS_INTERVAL
+    clock: Callable[[], float] = time.monotonic
+    _last_time: float = -math.inf
+    _last_text: str | None = None
+
+    def update(self, text: str) -> None:
+        now = self.clock()
+        if text and text != self._last_text and now - self._last_time >= self.interval:
+            self._emit(text, now)
+
+    def finish(self, text: str) -> None:
+        if text != self._last_text:
+            self._emit(text, self.clock())
+
+    def _emit(self, text: str, now: float) -> None:
+        self._last_time = now
+        self._last_text = text
+        self.report(text)
+
+
+# --- typed access to JSON -----------------------------------------------------------------
+
+
+class Malformed(ValueError):
+    """A reply that is not what the provider documents. The adapter turns it
+    into a ``PermanentError``: sending the same request again would get the
+    same unreadable answer."""
+
+
+MISSING: Any = object()
+
+
+def member(obj: Mapping[str, Any], key: str) -> Any:
+    """``obj[key]``, or ``MISSING`` so the error can say "missing" rather than "null"."""
+    return obj.get(key, MISSING)
+
+
+def describe(value: object) -> str:
+    if value is MISSING:
+        return "missing"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _expect(value: object, kind: type[T], expected: str, where: str) -> T:
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise Malformed(f"{where} is {describe(value)}, expected {expected}")
+
+
+def as_dict(value: object, where: str) -> dict[str, Any]:
+    return _expect(value, dict, "an object", where)
+
+
+def as_list(value: object, where: str) -> list[Any]:
+    return _expect(value, list, "a list", where)
+
+
+def as_str(value: object, where: str) -> str:
+    return _expect(value, str, "a string", where)
+
+
+def as_count(value: object, where: str, default: int | None = None) -> int:
+    """A token count: a non-negative integer (``default`` when absent or null)."""
+    if default is not None and (value is MISSING or value is None):
+        return default
+    count = _expect(value, int, "a non-negative integer", where)
+    if count < 0:
+        raise Malformed(f"{where} is {count}, expected a non-negative integer")
+    return count
+
+
+def parse_json(raw: bytes | str, where: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        raise Malformed(f"{where} is not JSON ({exc}); it starts {snippet(text)!r}") from None
+
+
+def snippet(text: str) -> str:
+    text = text.strip()
+    return text if len(text) <= SNIPPET else text[:SNIPPET] + "..."
+
+
+# --- line formats -------------------------------------------------------------------------
+
+
+@attrs.frozen
+class SSEEvent:
+    event: str
+    data: str
+
+
+@attrs.define
+class SSEDecoder:
+    """Server-sent events, one line at a time (WHATWG HTML, "event stream
+    interpretation"), for lines as ``httpx.Response.aiter_lines`` yields them.
+
+    Synchronous on purpose: the caller keeps the ``async for`` over the
+    response, so there is no async generator to finalize when a stream is
+    abandoned half-way (which trio does not do for us). An event not yet
+    ended by a blank line when the body ends is never returned: that is how
+    a cut stream looks from here.
+    """
+
+    _event: str = ""
+    _data: list[str] = attrs.field(factory=list)
+
+    def feed(self, line: str) -> SSEEvent | None:
+        if not line:
+            if not self._data:
+                self._event = ""
+                return None
+            event = SSEEvent(self._event or "message", "\n".join(self._data))
+            self._event = ""
+            self._data = []
+            return event
+        if line.startswith(":"):
+            return None
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        return None
+
+
+async def drain(lines: AsyncIterator[str]) -> None:
+    """Read what is left of a finished stream so its connection can be reused.
+
+    The reply is already complete, so nothing here may fail the send: a
+    server that keeps the body open or closes it rudely only costs us the
+    connection.
+    """
+    with trio.move_on_after(DRAIN_GRACE):
+        try:
+            async for _ in lines:
+                pass
+        except httpx.HTTPError:
+            pass
+
+
+# --- the adapter --------------------------------------------------------------------------
+
+
+def strip_slash(value: str) -> str:
+    return value.rstrip("/")
+
+
+@attrs.define(eq=False)
+class HttpAdapter:
+    """The part of every HTTP adapter that is not a provider's dialect.
+
+    ``client`` may be injected (tests, a shared proxy configuration); an
+    injected client belongs to its caller and ``aclose`` leaves it open.
+    Otherwise one client per adapter is created on first use, so that calls
+    share a connection pool sized to ``settings.max_in_flight``, and closed by
+    ``aclose``.
+
+    ``api_key_env`` only names the variable the key came from, for the error
+    a send raises when a key was expected but the variable was not set.
+    """
+
+    KIND = "http"
+
+    settings: AdapterSettings
+    base_url: str = attrs.field(kw_only=True, converter=strip_slash)
+    model: str | None = attrs.field(default=None, kw_only=True)
+    api_key: str | None = attrs.field(default=None, kw_only=True, repr=False)
+    api_key_env: str | None = attrs.field(default=None, kw_only=True)
+    stream: bool = attrs.field(default=True, kw_only=True)
+    _client: httpx.AsyncClient | None = attrs.field(
+        default=None, kw_only=True, alias="client", repr=False
+    )
+    _owns_client: bool = attrs.field(default=False, init=False, repr=False)
+
+    # -- what a provider module supplies --
+
+    def endpoint(self) -> str:
+        raise NotImplementedError
+
+    def headers(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def body(self, request: Request) -> dict[str, Any]:
+        """The JSON body for ``request``; raises ``PermanentError`` for a
+        request this provider cannot express."""
+        raise NotImplementedError
+
+    def parse_reply(self, data: Any) -> Reply:
+        """A whole (non-streamed) reply; raises ``Malformed``."""
+        raise NotImplementedError
+
+    async def read_stream(self, lines: AsyncIterator[str], progress: ProgressThrottle) -> Reply:
+        """A streamed reply, from the body's lines; raises ``Malformed``,
+        ``AdapterError`` for an error inside the stream, and ``StreamCut``
+        when the body ends before the provider's terminal event."""
+        raise NotImplementedError
+
+    def error_message(self, data: Any) -> str | None:
+        """The provider's own message in an error body, if it has one."""
+        raise NotImplementedError
+
+    # -- the shared protocol --
+
+    async def send(self, request: Request, context: SendContext) -> Reply:
+        if self.api_key is None and self.api_key_env is not None:
+            raise PermanentError(
+                f"{self.settings.name}: the environment variable {self.api_key_env} "
+                "named by api_key_env is not set"
+            )
+        body = self.body(request)
+        budget = time_budget(context.deadline, self.settings.timeout)
+        if budget <= 0:
+            raise RetryableError(f"{self.settings.name}: no time left before the deadline")
+        with trio.move_on_after(budget):
+            return await self._exchange(body, context, budget)
+        raise RetryableError(
+            f"{self.settings.name}: no complete reply from {self.safe_url()} "
+            f"within {budget:.2f}s (the command's deadline or the adapter's timeout)"
+        )
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None and self._owns_client:
+            self._owns_client = False
+            await client.aclose()
+
+    def http_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            size = max(1, self.settings.max_in_flight)
+            self._client = httpx.AsyncClient(
+                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+                headers={"user-agent": "dovecote"},
+            )
+            self._owns_client = True
+        return self._client
+
+    def safe_url(self) -> str:
+        """The endpoint without user-info or query, which may hold secrets."""
+        url = httpx.URL(self.endpoint())
+        port = f":{url.port}" if url.port is not None else ""
+        return f"{url.scheme}://{url.host}{port}{url.path}"
+
+    async def _exchange(self, body: dict[str, Any], context: SendContext, budget: float) -> Reply:
+        name = self.settings.name
+        progress = ProgressThrottle(context.report_progress)
+        try:
+            async with self.http_client().stream(
+                "POST",
+                self.endpoint(),
+                json=body,
+                headers=self.headers(),
+                timeout=httpx.Timeout(budget),
+            ) as response:
+                if not 200 <= response.status_code <= 299:
+                    raise self.status_error(response, await response.aread())
+                content_type = response.headers.get("content-type", "")
+                # A server may ignore "stream": true and answer whole; read
+                # what it sent rather than fail on a missing terminal event.
+                if self.stream and not content_type.startswith("application/json"):
+                    return await self.read_stream(response.aiter_lines(), progress)
+                return self.parse_reply(parse_json(await response.aread(), "the reply body"))
+        except Malformed as exc:
+            raise PermanentError(self._redact(f"{name}: malformed reply: {exc}")) from None
+        except StreamCut as exc:
+            raise RetryableError(self._redact(f"{name}: stream cut: {exc}")) from None
+        except httpx.TimeoutException as exc:
+            raise RetryableError(
+                f"{name}: timed out talking to {self.safe_url()} ({type(exc).__name__})"
+            ) from exc
+        except httpx.TransportError as exc:
+            detail = self._redact(str(exc) or "no detail")
+            raise RetryableError(
+                f"{name}: {type(exc).__name__} talking to {self.safe_url()}: {detail}"
+            ) from exc
+        except httpx.DecodingError as exc:
+            detail = self._redact(str(exc))
+            raise PermanentError(f"{name}: malformed reply: undecodable body: {detail}") from exc
+
+    def status_error(self, response: httpx.Response, raw: bytes) -> AdapterError:
+        status = response.status_code
+        message: str | None = None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            data = None
+        if data is not None:
+            try:
+                message = self.error_message(data)
+            except Malformed:
+                message = None
+        if not message:
+            message = snippet(raw.decode("utf-8", "replace")) or response.reason_phrase
+        if 300 <= status <= 399:
+            message += f" (redirected to {response.headers.get('location', '?')}; check base_url)"
+        return error_for_status(
+            status,
+            self._redact(f"{self.settings.name}: HTTP {status}: {message}"),
+            retry_after=retry_after(response.headers, time.time()),
+        )
+
+    def stream_error(self, message: str, status: int | None) -> AdapterError:
+        """An error a provider reported inside a 200 stream. Without a status
+        it is taken as the server's fault: the request was accepted."""
+        text = self._redact(f"{self.settings.name}: error in stream: {message}")
+        if status is None:
+            return RetryableError(text)
+        return error_for_status(status, text)
+
+    def _redact(self, text: str) -> str:
+        if self.api_key:
+            text = text.replace(self.api_key, "[redacted]")
+        return text
+
+
+class StreamCut(Exception):
+    """The body ended before the provider's terminal event."""
+
+
+def retry_after(headers: httpx.Headers, now: float) -> float | None:
+    """``Retry-After`` (seconds or HTTP date), preferring OpenAI's finer
+    ``retry-after-ms`` when a server sends it."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms) / 1000
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value >= 0:
+            return value
+    return parse_retry_after(headers.get("retry-after"), now)
