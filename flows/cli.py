@@ -15,6 +15,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +267,33 @@ async def _replay(args: argparse.Namespace, adapters: list[Adapter]) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The JSON-RPC bridge for editors (the one place the CLI imports it)."""
+    import logging
+
+    from editor_bridge.serve import ListenError, serve
+
+    if not args.stdio and not args.listen:
+        raise UsageError("say where to serve: --stdio, or --listen unix:PATH / tcp:127.0.0.1:PORT")
+    # stdout may carry the protocol: everything a person should read goes to stderr.
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO if args.verbose else logging.WARNING)
+    try:
+        trio.run(
+            partial(
+                serve,
+                Path(args.db),
+                stdio=args.stdio,
+                listen=args.listen or (),
+                allow_remote=args.allow_remote,
+                adapters=_adapters(args),
+            )
+        )
+    except ListenError as exc:
+        print(f"dovecote serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 # --- plumbing ----------------------------------------------------------------
 
 
@@ -313,6 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", cmd_demo, "run a batch of calls through their whole life on the embedded default"
     )
     p.add_argument("--adapter", default="scripted", help="adapter to call (default: scripted)")
+
+    p = add("serve", cmd_serve, "serve editors over JSON-RPC (LSP framing)")
+    p.add_argument("--stdio", action="store_true", help="speak on stdin/stdout (no token)")
+    p.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDR",
+        help="unix:PATH (mode 0600) or tcp:127.0.0.1:PORT; needs the token file's token",
+    )
+    p.add_argument(
+        "--allow-remote", action="store_true", help="allow --listen on a non-loopback address"
+    )
+    p.add_argument("--verbose", action="store_true", help="log to stderr")
 
     p = add("pending", cmd_pending, "list commands not yet finished (pending, sent, replied)")
     p.add_argument("--limit", type=int, default=None)

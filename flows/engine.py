@@ -57,6 +57,7 @@ from flows import handlers as handler_registry
 from flows.commit import Committer
 from flows.errors import CommandFailed
 from flows.records import Command, CommandError, Delivery, Event, StateChange, new_id
+from flows.snapshots import Snapshot
 from flows.states import (
     CANCEL,
     DEAD,
@@ -204,12 +205,14 @@ class Engine:
         expires_at: float | None = None,
         flow_id: str | None = None,
         step: int | None = None,
-        snapshot_id: str | None = None,
+        snapshot: Snapshot | None = None,
     ) -> str:
         """Put a call in the pending table and return its id at once.
 
-        Everything is validated before anything is stored: a bad argument
-        raises ``ValueError`` (or ``TypeError``) and changes nothing."""
+        ``snapshot``, the region a reply will be merged into, is stored in
+        the same transaction. Everything is validated before anything is
+        stored: a bad argument raises ``ValueError`` (or ``TypeError``) and
+        changes nothing."""
         command = self._new_command(
             adapter,
             request,
@@ -221,9 +224,9 @@ class Engine:
             expires_at=expires_at,
             flow_id=flow_id,
             step=step,
-            snapshot_id=snapshot_id,
+            snapshot_id=snapshot.id if snapshot else None,
         )
-        event = await self._committer.commit(Insert(command))
+        event = await self._committer.commit(Insert(command, snapshot=snapshot))
         self._committed(command, event)
         if command.expires_at is not None:
             self._timers.schedule(self._trio_time(command.expires_at), EXPIRY, command.id)
@@ -695,21 +698,28 @@ class Engine:
     async def _complete(self, command: Command) -> None:
         """Run a replied command's handler; done, or dead with handler_error."""
         error: CommandError | None = None
+        outcome: Any = None
         if command.handler is not None:
             handler = self._handler(command.handler)
             try:
                 if handler is None:
                     raise LookupError(f"no reply handler registered as {command.handler!r}")
-                result = handler(self, command)
-                if inspect.isawaitable(result):
-                    await result
+                outcome = handler(self, command)
+                if inspect.isawaitable(outcome):
+                    outcome = await outcome
+                json.dumps(outcome)
             except Exception as exc:
                 log.exception("handler %s failed for %s", command.handler, command.id)
                 error = CommandError(type=type(exc).__name__, message=str(exc))
         try:
             if error is None:
                 await self._move(
-                    command, FINISH, finished_at=self.now(), owner=None, lease_until=None
+                    command,
+                    FINISH,
+                    {"result": outcome} if outcome is not None else None,
+                    finished_at=self.now(),
+                    owner=None,
+                    lease_until=None,
                 )
             else:
                 await self._move(

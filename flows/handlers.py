@@ -8,7 +8,9 @@ the work.
 
 A handler is called as ``handler(engine, command)`` once the command is
 ``replied``; ``command.reply`` is the reply and ``command.handler_args`` its
-arguments. It may be a plain or an ``async`` function. After a crash it can
+arguments. It may be a plain or an ``async`` function; what it returns, if
+not ``None``, must be JSON and is journaled with the ``finish`` transition
+(the editor bridge records its merge and conflicts there). After a crash it can
 run again for the same command, so it must be idempotent: it gets the
 command id to make that easy (write results keyed by it). If it raises, the
 command is dead-lettered with reason ``handler_error``.
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
     from flows.engine import Engine
     from flows.records import Command
 
-Handler = Callable[["Engine", "Command"], Awaitable[None] | None]
+Handler = Callable[["Engine", "Command"], Awaitable[Any] | Any]
 H = TypeVar("H", bound=Callable[..., Any])
 
 REGISTRY: dict[str, Handler] = {}

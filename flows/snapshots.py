@@ -61,7 +61,9 @@ class Snapshot:
 
     ``version`` is the document version the text was taken from; ``start``/``end`` are
     live positions that ``moved`` carries through later changes, while ``text`` stays
-    the base of the merge.
+    the base of the merge. ``document`` is the whole document's text at that moment: a
+    server that restarts has lost its live regions, and finds the region again by
+    carrying it through the difference between ``document`` and the text it is sent.
     """
 
     id: str
@@ -71,6 +73,7 @@ class Snapshot:
     end: int = attrs.field(validator=_non_negative)
     text: str
     created_at: float
+    document: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.start > self.end:

@@ -37,7 +37,7 @@ import json
 import os
 import socket
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -48,6 +48,7 @@ from sqlite_utils.db import DescIndex
 from adapters.base import Reply, Request
 from flows.errors import SchemaTooNew, StoreError, UnknownCommand
 from flows.records import Command, CommandError, Event, LateReply
+from flows.snapshots import Snapshot
 from flows.states import PENDING, REPLIED, SENT, TERMINAL_STATES, IllegalTransition
 
 SCHEMA_VERSION: Final = 1
@@ -119,13 +120,23 @@ def _event_from_row(row: sqlite3.Row) -> Event:
 
 @attrs.frozen
 class Insert:
-    """A new command, born ``pending``, and its first journal row."""
+    """A new command, born ``pending``, and its first journal row; with the
+    snapshot of the region it is about, if any, in the same transaction."""
 
     command: Command
     detail: Any = None
+    snapshot: Snapshot | None = None
 
     def apply(self, cursor: sqlite3.Cursor) -> Event:
         cmd = self.command
+        if self.snapshot is not None:
+            s = self.snapshot
+            cursor.execute(
+                "INSERT INTO snapshots "
+                '(id, uri, version, start, "end", text, created_at, document) '
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (s.id, s.uri, s.version, s.start, s.end, s.text, s.created_at, s.document),
+            )
         cursor.execute(_INSERT_COMMAND, command_row(cmd))
         return _journal(
             cursor, cmd.id, cmd.flow_id, cmd.created_at, None, cmd.state, "submit", self.detail
@@ -446,6 +457,7 @@ class Store:
                 "end": int,
                 "text": str,
                 "created_at": float,
+                "document": str,
             },
             pk="id",
             not_null={"uri", "version", "start", "end", "text", "created_at"},
@@ -515,12 +527,9 @@ class Store:
             raise result
         return result
 
-    def save_snapshot(self, snapshot: Mapping[str, Any]) -> None:
-        self.db.table("snapshots").insert(dict(snapshot))
-
-    def snapshot(self, snapshot_id: str) -> dict[str, Any] | None:
+    def snapshot(self, snapshot_id: str) -> Snapshot | None:
         row = self._conn.execute("SELECT * FROM snapshots WHERE id = ?", (snapshot_id,)).fetchone()
-        return dict(row) if row else None
+        return Snapshot(**dict(row)) if row else None
 
     # --- reads ---------------------------------------------------------------
 

@@ -1,0 +1,111 @@
+"""LSP base framing: ``Content-Length: N\\r\\n\\r\\n`` then N bytes of UTF-8 JSON.
+
+Emacs' jsonrpc.el and Neovim's ``vim.lsp.rpc`` both speak it, so an editor
+needs nothing but what it ships. A frame whose header is unreadable cannot
+be skipped reliably (we do not know where it ends), so the reader looks for
+the next ``Content-Length`` header and goes on from there; a frame that is
+too big is read past, not into memory, and reported.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+import attrs
+import trio
+
+MAX_HEADER: Final = 8 * 1024
+DEFAULT_MAX_FRAME: Final = 16 * 1024 * 1024
+_CONTENT_LENGTH: Final = b"content-length"
+
+
+@attrs.frozen
+class Frame:
+    """One frame's body, or why it could not be read."""
+
+    body: bytes | None
+    error: str | None = None
+    too_large: bool = False
+
+
+class FrameReader:
+    def __init__(self, stream: trio.abc.ReceiveStream, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+        self._max_frame = max_frame
+        self._eof = False
+
+    async def _fill(self) -> bool:
+        if self._eof:
+            return False
+        chunk = await self._stream.receive_some(65536)
+        if not chunk:
+            self._eof = True
+            return False
+        self._buffer += chunk
+        return True
+
+    async def read(self) -> Frame | None:
+        """The next frame, or ``None`` at end of stream."""
+        while True:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(self._buffer) > MAX_HEADER:
+                return self._resync("frame header too long or not terminated by CRLF CRLF")
+            if not await self._fill():
+                if self._buffer.strip():
+                    self._buffer.clear()
+                    return Frame(None, "stream ended inside a frame header")
+                return None
+        header = bytes(self._buffer[:end])
+        del self._buffer[: end + 4]
+        length: int | None = None
+        for line in header.split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            if not sep:
+                return self._resync(f"malformed header line {line[:80]!r}")
+            if name.strip().lower() == _CONTENT_LENGTH:
+                try:
+                    length = int(value.strip())
+                except ValueError:
+                    return self._resync(f"Content-Length is not a number: {value[:40]!r}")
+        if length is None or length < 0:
+            return self._resync("frame has no valid Content-Length header")
+        if length > self._max_frame:
+            await self._skip(length)
+            return Frame(
+                None,
+                f"frame of {length} bytes exceeds the limit of {self._max_frame} bytes",
+                too_large=True,
+            )
+        while len(self._buffer) < length:
+            if not await self._fill():
+                self._buffer.clear()
+                return Frame(None, f"stream ended {length - len(self._buffer)} bytes into a frame")
+        body = bytes(self._buffer[:length])
+        del self._buffer[:length]
+        return Frame(body)
+
+    async def _skip(self, length: int) -> None:
+        while length > 0:
+            if not self._buffer and not await self._fill():
+                return
+            taken = min(length, len(self._buffer))
+            del self._buffer[:taken]
+            length -= taken
+
+    def _resync(self, error: str) -> Frame:
+        """Drop bytes up to the next header that looks like a frame start."""
+        at = self._buffer.lower().find(_CONTENT_LENGTH, 1)
+        if at < 0:
+            self._buffer.clear()
+        else:
+            del self._buffer[:at]
+        return Frame(None, error)
+
+
+def encode(message: Any) -> bytes:
+    body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+    return b"Content-Length: %d\r\n\r\n%s" % (len(body), body)

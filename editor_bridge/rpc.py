@@ -1,0 +1,222 @@
+"""A JSON-RPC 2.0 connection over one byte stream, on trio.
+
+Requests from the client run each in their own task, so a slow one (a
+submit waiting for its commit, a replay of thousands) never blocks the
+reading of the next frame. Notifications run inline, in the order they
+arrive: ``document/change`` must be applied in exactly the editor's order.
+Requests from the server to the client (``document/applyEdit``) carry
+their own ids (``s1``, ``s2``...) and a timeout of their own.
+
+Every malformed input gets the JSON-RPC error its kind calls for and the
+connection goes on serving; only end-of-stream ends it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import trio
+
+from editor_bridge.framing import DEFAULT_MAX_FRAME, FrameReader, encode
+
+log = logging.getLogger("dovecote.rpc")
+
+PARSE_ERROR: Final = -32700
+INVALID_REQUEST: Final = -32600
+METHOD_NOT_FOUND: Final = -32601
+INVALID_PARAMS: Final = -32602
+INTERNAL_ERROR: Final = -32603
+
+
+class RpcError(Exception):
+    """An error to send back as a JSON-RPC error object."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+    def to_json(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            error["data"] = self.data
+        return error
+
+
+Handler = Callable[["Connection", str, Any, bool], Awaitable[Any]]
+"""``handler(connection, method, params, is_request)``: the result for a
+request (ignored for a notification), or raise ``RpcError``."""
+
+
+class Connection:
+    def __init__(
+        self,
+        receive: trio.abc.ReceiveStream,
+        send: trio.abc.SendStream,
+        handler: Handler,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        name: str = "client",
+    ) -> None:
+        self._reader = FrameReader(receive, max_frame)
+        self._send_stream = send
+        self._handler = handler
+        self._send_lock = trio.Lock()
+        self._ids = itertools.count(1)
+        self._waiting: dict[str, tuple[trio.Event, list[Any]]] = {}
+        self.name = name
+        self.closed = False
+        self._scope: trio.CancelScope | None = None
+
+    async def run(self) -> None:
+        """Serve until the client closes its end."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                while True:
+                    frame = await self._reader.read()
+                    if frame is None:
+                        break
+                    if frame.body is None:
+                        code = INVALID_REQUEST if frame.too_large else PARSE_ERROR
+                        await self._reply_error(None, RpcError(code, frame.error or "bad frame"))
+                        continue
+                    await self._receive(frame.body, nursery)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.closed = True
+            for event, _ in self._waiting.values():
+                event.set()
+
+    async def _receive(self, body: bytes, nursery: trio.Nursery) -> None:
+        try:
+            message = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            await self._reply_error(None, RpcError(PARSE_ERROR, f"not valid UTF-8 JSON: {exc}"))
+            return
+        if isinstance(message, list):
+            await self._reply_error(
+                None,
+                RpcError(INVALID_REQUEST, "batch requests are not supported: send one at a time"),
+            )
+            return
+        if not isinstance(message, dict):
+            await self._reply_error(
+                None, RpcError(INVALID_REQUEST, "a message must be a JSON object")
+            )
+            return
+        request_id = message.get("id")
+        if "method" not in message and ("result" in message or "error" in message):
+            self._answered(message)
+            return
+        if not _valid_id(request_id):
+            await self._reply_error(
+                None, RpcError(INVALID_REQUEST, "id must be a string or a number")
+            )
+            return
+        problem = _check_request(message)
+        if problem:
+            await self._reply_error(request_id, RpcError(INVALID_REQUEST, problem))
+            return
+        method, params = message["method"], message.get("params")
+        if "id" in message:
+            nursery.start_soon(self._serve, request_id, method, params)
+        else:
+            try:
+                await self._handler(self, method, params, False)
+            except RpcError as exc:
+                # A notification has no response; say what was refused anyway,
+                # so that an editor can resynchronise instead of drifting.
+                log.warning("notification %s refused: %s", method, exc.message)
+                await self.notify(
+                    "server/error", {"method": method, "code": exc.code, "message": exc.message}
+                )
+            except Exception:
+                log.exception("notification %s failed", method)
+
+    async def _serve(self, request_id: Any, method: str, params: Any) -> None:
+        try:
+            result = await self._handler(self, method, params, True)
+        except RpcError as exc:
+            await self._reply_error(request_id, exc)
+        except Exception as exc:
+            log.exception("request %s failed", method)
+            await self._reply_error(request_id, RpcError(INTERNAL_ERROR, f"internal error: {exc}"))
+        else:
+            await self.send({"jsonrpc": "2.0", "id": request_id, "result": result})
+
+    async def _reply_error(self, request_id: Any, error: RpcError) -> None:
+        await self.send({"jsonrpc": "2.0", "id": request_id, "error": error.to_json()})
+
+    def _answered(self, message: dict[str, Any]) -> None:
+        waiting = self._waiting.get(str(message.get("id")))
+        if waiting is None:
+            log.warning("a response to no request of ours: %r", message.get("id"))
+            return
+        event, box = waiting
+        box.append(message)
+        event.set()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        data = encode(message)
+        async with self._send_lock:
+            try:
+                await self._send_stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.closed = True
+
+    async def close(self) -> None:
+        """Stop serving this connection (after ``exit``)."""
+        self.closed = True
+        if self._scope is not None:
+            self._scope.cancel()
+        with trio.CancelScope(shield=True):
+            await self._send_stream.aclose()
+
+    async def notify(self, method: str, params: Any) -> None:
+        await self.send({"jsonrpc": "2.0", "method": method, "params": params})
+
+    async def request(self, method: str, params: Any, timeout: float) -> Any:
+        """Ask the client; its result, or ``RpcError`` (its error, a timeout,
+        or the connection closing)."""
+        request_id = f"s{next(self._ids)}"
+        event, box = trio.Event(), list[Any]()
+        self._waiting[request_id] = (event, box)
+        try:
+            await self.send(
+                {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+            )
+            with trio.move_on_after(timeout):
+                await event.wait()
+        finally:
+            del self._waiting[request_id]
+        if not box:
+            reason = "the connection closed" if self.closed else f"no answer within {timeout:g} s"
+            raise RpcError(INTERNAL_ERROR, f"{method}: {reason}")
+        answer = box[0]
+        if "error" in answer:
+            error = answer["error"] if isinstance(answer["error"], dict) else {}
+            raise RpcError(int(error.get("code", INTERNAL_ERROR)), str(error.get("message", "")))
+        return answer.get("result")
+
+
+def _valid_id(value: Any) -> bool:
+    return value is None or (isinstance(value, str | int | float) and not isinstance(value, bool))
+
+
+def _check_request(message: dict[str, Any]) -> str | None:
+    if message.get("jsonrpc") != "2.0":
+        return 'a JSON-RPC 2.0 message needs "jsonrpc": "2.0"'
+    if not isinstance(message.get("method"), str):
+        return "method must be a string"
+    params = message.get("params")
+    if params is not None and not isinstance(params, dict | list):
+        return "params must be an object or an array"
+    return None

@@ -1,0 +1,591 @@
+"""The JSON-RPC server that editors talk to.
+
+One ``Server`` wraps one engine. Each editor connection is a ``Session``;
+it owns the commands it submits or replays, and receives their
+``command/state`` and ``command/progress`` notifications and the
+``human/ask`` questions they raise.
+
+Snapshot-isolated edits
+-----------------------
+
+``command/submit`` with a ``target`` stores a snapshot of the region (with
+the command, in one transaction) and starts tracking the region in the
+document mirror. The command's reply handler, ``editor.apply``, runs when
+the reply arrives: it merges ``three_way(snapshot, region now, reply)``,
+applies the conflict policy, and asks the editor to apply the difference
+with ``document/applyEdit`` at the version it was computed against. An
+editor that has moved on answers ``{applied: false}``; the server waits
+for the newer text to reach its mirror and merges again, a bounded number
+of times. The command is ``done`` only once the edit is applied (or there
+was nothing to change); the merge, its conflicts and the number of tries
+are journaled with the ``finish`` transition, where ``command/show`` finds
+them.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import attrs
+import trio
+
+from adapters.base import Request
+from adapters.human import HumanAdapter
+from editor_bridge import wire
+from editor_bridge.mirror import DocumentError, Mirror, edits_between, rebase
+from editor_bridge.rpc import INVALID_PARAMS, METHOD_NOT_FOUND, Connection, RpcError
+from editor_bridge.wire import Params
+from flows.engine import PRIORITY_INTERACTIVE, Engine, Progress
+from flows.errors import IllegalTransition, StoreError, UnknownCommand
+from flows.handlers import handler
+from flows.merge import Conflict, apply_policy, three_way
+from flows.records import Command, StateChange, new_id
+from flows.snapshots import Change, Snapshot
+from flows.states import COMMAND_STATES
+
+log = logging.getLogger("dovecote.bridge")
+
+SERVER_NAME: Final = "dovecote"
+APPLY_HANDLER: Final = "editor.apply"
+POLICIES: Final = ("drop", "ask", "markers", "theirs")
+
+_servers: weakref.WeakKeyDictionary[Engine, Server] = weakref.WeakKeyDictionary()
+
+
+@handler(APPLY_HANDLER)
+async def _apply(engine: Engine, command: Command) -> Any:
+    server = _servers.get(engine)
+    if server is None:
+        raise LookupError("no editor bridge runs in this process to apply the edit")
+    return await server.apply_reply(command)
+
+
+class EditNotApplied(Exception):
+    """The editor never took the merged edit; the command is dead-lettered."""
+
+
+@attrs.define
+class Session:
+    connection: Connection
+    needs_token: bool
+    initialized: bool = False
+    authorized: bool = False
+    client: str = ""
+    uris: set[str] = attrs.field(factory=set)
+
+
+@attrs.frozen
+class KeptConflict:
+    """A conflict kept with ``onConflict: ask``, waiting for ``conflict/resolve``.
+    ``key`` names its live region in the mirror."""
+
+    key: str
+    uri: str
+    conflict: Conflict
+
+
+Method = Callable[[Session, Params], Awaitable[Any]]
+
+
+class Server:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        token: str | None = None,
+        version: str = "0.1.0",
+        apply_timeout: float = 10.0,
+        apply_tries: int = 5,
+        document_wait: float = 30.0,
+    ) -> None:
+        self.engine = engine
+        self.token = token
+        self.version = version
+        self.apply_timeout = apply_timeout
+        self.apply_tries = apply_tries
+        self.document_wait = document_wait
+        self.mirror = Mirror()
+        self.sessions: list[Session] = []
+        self.owner_of: dict[str, Session] = {}
+        self.kept: dict[str, list[KeptConflict]] = {}
+        self._opened = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        _servers[engine] = self
+        for adapter in engine.adapters.values():
+            if isinstance(adapter, HumanAdapter):
+                adapter.ask = self._ask_human
+        self.methods: dict[str, Method] = {
+            "initialize": self.initialize,
+            "shutdown": self.shutdown,
+            "exit": self.exit,
+            "document/open": self.document_open,
+            "document/change": self.document_change,
+            "document/close": self.document_close,
+            "command/submit": self.command_submit,
+            "command/cancel": self.command_cancel,
+            "command/reply": self.command_reply,
+            "command/list": self.command_list,
+            "command/show": self.command_show,
+            "command/watch": self.command_watch,
+            "deadletter/list": self.deadletter_list,
+            "deadletter/replay": self.deadletter_replay,
+            "conflict/resolve": self.conflict_resolve,
+        }
+
+    # --- running -------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Forward engine notices to the sessions that own the commands."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            with self.engine.subscribe() as notices:
+                task_status.started()
+                async for notice in notices:
+                    await self._forward(notice)
+
+    async def serve(
+        self, receive: trio.abc.ReceiveStream, send: trio.abc.SendStream, *, needs_token: bool
+    ) -> None:
+        """Serve one editor connection until it closes."""
+        session = Session(Connection(receive, send, self._dispatch), needs_token)
+        session.authorized = not needs_token
+        self.sessions.append(session)
+        try:
+            await session.connection.run()
+        finally:
+            self.sessions.remove(session)
+            for command_id in [i for i, s in self.owner_of.items() if s is session]:
+                del self.owner_of[command_id]
+            for uri in session.uris:
+                if not any(uri in s.uris for s in self.sessions):
+                    self.mirror.close(uri)
+
+    async def _dispatch(
+        self, connection: Connection, method: str, params: Any, request: bool
+    ) -> Any:
+        session = next(s for s in self.sessions if s.connection is connection)
+        run = self.methods.get(method)
+        if run is None:
+            raise RpcError(METHOD_NOT_FOUND, f"no method {method!r}; see the dovecote protocol")
+        if method not in ("initialize", "exit"):
+            if not session.authorized:
+                raise RpcError(
+                    wire.UNAUTHORIZED, "unauthorized: initialize with the server's token"
+                )
+            if not session.initialized:
+                raise RpcError(wire.NOT_INITIALIZED, f"{method}: send initialize first")
+        try:
+            return await run(session, Params(method, params))
+        except UnknownCommand as exc:
+            raise RpcError(wire.UNKNOWN_COMMAND, str(exc)) from None
+        except IllegalTransition as exc:
+            raise RpcError(wire.ILLEGAL_TRANSITION, str(exc)) from None
+        except DocumentError as exc:
+            code = wire.UNKNOWN_DOCUMENT if exc.unknown else wire.DOCUMENT_REFUSED
+            raise RpcError(code, str(exc)) from None
+        except StoreError as exc:
+            raise RpcError(wire.STORE_FAILED, str(exc)) from None
+        except (ValueError, TypeError) as exc:
+            raise RpcError(INVALID_PARAMS, f"{method}: {exc}") from None
+
+    async def _forward(self, notice: StateChange | Progress) -> None:
+        if isinstance(notice, Progress):
+            session = self.owner_of.get(notice.command_id)
+            if session is not None:
+                await session.connection.notify(
+                    "command/progress", {"commandId": notice.command_id, "text": notice.text}
+                )
+            return
+        command = notice.command
+        params: dict[str, Any] = {
+            "commandId": command.id,
+            "state": command.state,
+            "attempt": command.attempt,
+        }
+        if command.reason:
+            params["reason"] = command.reason
+        if command.flow_id:
+            params["flowId"] = command.flow_id
+        if command.replay_of:
+            params["replayOf"] = command.replay_of
+        for session in self._audience(command):
+            await session.connection.notify("command/state", params)
+
+    def _audience(self, command: Command) -> list[Session]:
+        """Who hears about ``command``: its owner; failing that (the server
+        restarted, the editor reconnected) whoever has its document open."""
+        owner = self.owner_of.get(command.id)
+        if owner is not None:
+            return [owner]
+        snapshot = self.engine.store.snapshot(command.snapshot_id) if command.snapshot_id else None
+        if snapshot is None:
+            return []
+        return [s for s in self.sessions if snapshot.uri in s.uris]
+
+    def _own(self, session: Session, command_id: str) -> None:
+        self.owner_of[command_id] = session
+
+    # --- lifecycle methods ---------------------------------------------------
+
+    async def initialize(self, session: Session, p: Params) -> Any:
+        if session.needs_token:
+            token = p.raw.get("token")
+            if not isinstance(token, str) or token != self.token:
+                raise RpcError(
+                    wire.UNAUTHORIZED,
+                    "unauthorized: a missing or wrong token (it is in the token file "
+                    "next to the database)",
+                )
+            session.authorized = True
+        info = p.section("clientInfo", optional=True)
+        session.client = (info.string("name", optional=True) if info else None) or "client"
+        session.initialized = True
+        return {
+            "serverInfo": {"name": SERVER_NAME, "version": self.version},
+            "adapters": sorted(self.engine.adapters),
+            "flows": [],
+        }
+
+    async def shutdown(self, session: Session, p: Params) -> Any:
+        return None
+
+    async def exit(self, session: Session, p: Params) -> Any:
+        await session.connection.close()
+        return None
+
+    # --- documents -----------------------------------------------------------
+
+    async def document_open(self, session: Session, p: Params) -> Any:
+        uri, version = p.string("uri"), p.integer("version")
+        text = p.raw.get("text")
+        if not isinstance(text, str):
+            raise RpcError(INVALID_PARAMS, "document/open: text must be a string")
+        self.mirror.open(uri, version, text)
+        session.uris.add(uri)
+        self._opened.set()
+        self._opened = trio.Event()
+        return None
+
+    async def document_change(self, session: Session, p: Params) -> Any:
+        uri, version = p.string("uri"), p.integer("version")
+        raw = p.raw.get("changes")
+        if not isinstance(raw, list):
+            raise RpcError(INVALID_PARAMS, "document/change: changes must be an array")
+        changes = []
+        for index, item in enumerate(raw):
+            c = Params(f"document/change: changes[{index}]", item)
+            try:
+                changes.append(Change(c.integer("start"), c.integer("end"), c.text("text")))
+            except ValueError as exc:
+                raise RpcError(
+                    INVALID_PARAMS, f"document/change: changes[{index}]: {exc}"
+                ) from None
+        self.mirror.change(uri, version, changes)
+        return None
+
+    async def document_close(self, session: Session, p: Params) -> Any:
+        uri = p.string("uri")
+        session.uris.discard(uri)
+        if not any(uri in s.uris for s in self.sessions):
+            self.mirror.close(uri)
+        return None
+
+    # --- commands ------------------------------------------------------------
+
+    async def command_submit(self, session: Session, p: Params) -> Any:
+        adapter = p.string("adapter")
+        request = wire.request_from_wire(p.raw.get("request"))
+        timeout = p.number("timeout", optional=True)
+        max_attempts = p.integer("maxAttempts", optional=True, minimum=1)
+        policy = p.choice("onConflict", POLICIES, default="drop")
+        target = p.section("target", optional=True)
+        snapshot = None
+        if target is not None:
+            uri, start, end = target.string("uri"), target.integer("start"), target.integer("end")
+            document = self.mirror.get(uri)
+            if not start <= end <= len(document.text):
+                raise DocumentError(
+                    f"target [{start}, {end}) is outside {uri!r} ({len(document.text)} code points)"
+                )
+            snapshot = Snapshot(
+                id=new_id(),
+                uri=uri,
+                version=document.version,
+                start=start,
+                end=end,
+                text=document.text[start:end],
+                created_at=self.engine.now(),
+                document=document.text,
+            )
+            self.mirror.track(uri, snapshot.id, start, end)
+        options: dict[str, Any] = {"priority": PRIORITY_INTERACTIVE}
+        if timeout is not None:
+            options["timeout"] = timeout
+        if max_attempts is not None:
+            options["max_attempts"] = max_attempts
+        if snapshot is not None:
+            options.update(
+                handler=APPLY_HANDLER, handler_args={"policy": policy}, snapshot=snapshot
+            )
+        try:
+            command_id = await self.engine.submit(adapter, request, **options)
+        except BaseException:
+            if snapshot is not None:
+                self.mirror.untrack(snapshot.uri, snapshot.id)
+            raise
+        self._own(session, command_id)
+        return {"commandId": command_id}
+
+    async def command_cancel(self, session: Session, p: Params) -> Any:
+        command = await self.engine.cancel(p.string("commandId"))
+        return {"state": command.state}
+
+    async def command_reply(self, session: Session, p: Params) -> Any:
+        command_id = p.string("commandId")
+        reply = p.section("reply")
+        assert reply is not None
+        delivery = await self.engine.deliver(command_id, {"text": reply.text("text")})
+        return {"accepted": delivery.accepted, "late": delivery.late}
+
+    async def command_list(self, session: Session, p: Params) -> Any:
+        states = p.strings("states", optional=True)
+        for state in states or ():
+            if state not in COMMAND_STATES:
+                raise RpcError(
+                    INVALID_PARAMS,
+                    f"command/list: unknown state {state!r} (one of {', '.join(COMMAND_STATES)})",
+                )
+        commands = self.engine.list(
+            states,
+            limit=p.integer("limit", optional=True, minimum=1),
+            flow_id=p.string("flowId", optional=True),
+        )
+        return {"commands": [wire.command(c) for c in commands]}
+
+    async def command_show(self, session: Session, p: Params) -> Any:
+        command = self.engine.get(p.string("commandId"))
+        events = self.engine.history(command.id)
+        result: dict[str, Any] = {
+            "command": wire.command(command),
+            "events": [wire.event(e) for e in events],
+            "lateReplies": [
+                {"text": r.reply.text, "receivedAt": r.received_at, "usedBy": r.used_by}
+                for r in self.engine.store.late_replies(command.id)
+            ],
+        }
+        finished = [e for e in events if e.event == "finish" and isinstance(e.detail, dict)]
+        merge = finished[-1].detail.get("result") if finished else None
+        if isinstance(merge, dict) and "conflicts" in merge:
+            result["merge"] = merge
+            result["conflicts"] = merge["conflicts"]
+            result["unresolved"] = len(self.kept.get(command.id, []))
+        return result
+
+    async def command_watch(self, session: Session, p: Params) -> Any:
+        """Receive the notifications of these commands (after a reconnect)."""
+        ids = p.strings("commandIds")
+        for command_id in ids:
+            self.engine.get(command_id)
+        for command_id in ids:
+            self._own(session, command_id)
+        return {"watching": len(ids)}
+
+    async def deadletter_list(self, session: Session, p: Params) -> Any:
+        letters = self.engine.store.dead_letters(
+            reason=p.string("reason", optional=True),
+            adapter=p.string("adapter", optional=True),
+            limit=p.integer("limit", optional=True, minimum=1),
+        )
+        return {
+            "commands": [{**wire.command(c), "unusedLateReplies": late} for c, _, late in letters]
+        }
+
+    async def deadletter_replay(self, session: Session, p: Params) -> Any:
+        ids = p.strings("commandIds", optional=True)
+        reason, adapter = p.string("reason", optional=True), p.string("adapter", optional=True)
+        if ids is None:
+            if reason is None and adapter is None:
+                raise RpcError(
+                    INVALID_PARAMS,
+                    "deadletter/replay: give commandIds, or a reason and/or adapter to filter by",
+                )
+            ids = [
+                c.id for c, _, _ in self.engine.store.dead_letters(reason=reason, adapter=adapter)
+            ]
+        new_ids = await self.engine.replay(
+            ids,
+            timeout=p.number("timeout", optional=True),
+            use_late_reply=p.flag("useLateReply"),
+        )
+        for new_id_ in new_ids:
+            self._own(session, new_id_)
+        return {"replayed": [{"from": a, "to": b} for a, b in zip(ids, new_ids, strict=True)]}
+
+    # --- applying replies ----------------------------------------------------
+
+    async def apply_reply(self, command: Command) -> dict[str, Any]:
+        """The ``editor.apply`` handler: merge the reply into the region as
+        it is now, and have the editor apply the difference."""
+        assert command.reply is not None
+        snapshot = self.engine.store.snapshot(command.snapshot_id or "")
+        if snapshot is None:
+            raise LookupError(f"command {command.id} has no stored snapshot to merge against")
+        policy = (command.handler_args or {}).get("policy", "drop")
+        for tries in range(1, self.apply_tries + 1):
+            document, (start, end) = await self._region(snapshot)
+            current = document.text[start:end]
+            merge = apply_policy(three_way(snapshot.text, current, command.reply.text), policy)
+            edits = edits_between(current, merge.text, start)
+            outcome = {
+                "policy": policy,
+                "tries": tries,
+                "edits": len(edits),
+                "conflicts": [attrs.asdict(c) for c in merge.conflicts],
+            }
+            if not edits:
+                break
+            version = document.version
+            if await self._apply_edit(command.id, snapshot.uri, version, edits):
+                await self._wait_newer(snapshot.uri, version)
+                break
+            await self._wait_newer(snapshot.uri, version)
+        else:
+            raise EditNotApplied(
+                f"the editor refused the merged edit {self.apply_tries} times "
+                "(its document kept changing under it); gave up"
+            )
+        if policy == "ask" and merge.conflicts:
+            self._keep(command.id, snapshot.uri, snapshot.id, merge.text, merge.conflicts)
+        self.mirror.untrack(snapshot.uri, snapshot.id)
+        return outcome
+
+    async def _region(self, snapshot: Snapshot) -> tuple[Any, tuple[int, int]]:
+        """The snapshot's region in the live document, waiting (a while) for
+        an editor to open the document if none has."""
+        with trio.move_on_after(self.document_wait):
+            while snapshot.uri not in self.mirror.documents:
+                await self._opened.wait()
+        document = self.mirror.get(snapshot.uri)
+        if snapshot.id not in document.regions:
+            # This server did not see the call made (it restarted): find the
+            # region again through what changed since the snapshot.
+            regions = {snapshot.id: (snapshot.start, snapshot.end)}
+            if snapshot.document is not None:
+                rebase(regions, snapshot.document, document.text)
+            start, end = regions[snapshot.id]
+            end = min(end, len(document.text))
+            document.regions[snapshot.id] = (min(start, end), end)
+        return document, document.regions[snapshot.id]
+
+    async def _apply_edit(
+        self, command_id: str, uri: str, version: int, edits: list[Change]
+    ) -> bool:
+        session = self.owner_of.get(command_id)
+        if session is None or uri not in session.uris:
+            session = next((s for s in self.sessions if uri in s.uris), None)
+        if session is None:
+            return False
+        try:
+            answer = await session.connection.request(
+                "document/applyEdit",
+                {
+                    "uri": uri,
+                    "version": version,
+                    "edits": [{"start": e.start, "end": e.end, "text": e.text} for e in edits],
+                    "commandId": command_id,
+                },
+                self.apply_timeout,
+            )
+        except RpcError as exc:
+            log.warning("document/applyEdit for %s failed: %s", command_id, exc.message)
+            return False
+        return isinstance(answer, dict) and answer.get("applied") is True
+
+    async def _wait_newer(self, uri: str, version: int, timeout: float = 2.0) -> None:
+        """Until the mirror holds a version of ``uri`` after ``version``."""
+        with trio.move_on_after(timeout):
+            while True:
+                document = self.mirror.documents.get(uri)
+                if document is None or document.version > version:
+                    return
+                await document.changed.wait()
+
+    def _keep(
+        self, command_id: str, uri: str, region: str, merged: str, conflicts: tuple[Conflict, ...]
+    ) -> None:
+        """Track each kept conflict's span as a live region of its own."""
+        document = self.mirror.documents.get(uri)
+        if document is None or region not in document.regions:
+            return
+        start, end = document.regions[region]
+        spans = {f"{command_id}#{i}": (c.start, c.end) for i, c in enumerate(conflicts)}
+        rebase(spans, merged, document.text[start:end])
+        kept = []
+        for (key, (s, e)), conflict in zip(spans.items(), conflicts, strict=True):
+            document.regions[key] = (start + s, start + e)
+            kept.append(KeptConflict(key, uri, conflict))
+        self.kept[command_id] = kept
+
+    async def conflict_resolve(self, session: Session, p: Params) -> Any:
+        command_id = p.string("commandId")
+        choice = p.choice("choice", ("ours", "theirs", "text"))
+        index = p.integer("index", optional=True)
+        self.engine.get(command_id)
+        kept = self.kept.get(command_id)
+        if not kept:
+            raise RpcError(wire.NO_CONFLICT, f"command {command_id} has no conflict to resolve")
+        chosen = kept if index is None else [k for i, k in enumerate(kept) if i == index]
+        if not chosen:
+            raise RpcError(INVALID_PARAMS, f"conflict/resolve: no conflict number {index}")
+        if choice == "text":
+            if len(chosen) != 1:
+                raise RpcError(
+                    INVALID_PARAMS,
+                    "conflict/resolve: choice text needs an index when there are several conflicts",
+                )
+            replacement = p.text("text")
+        applied = True
+        for item in chosen:
+            if choice == "ours":
+                continue
+            text = item.conflict.theirs if choice == "theirs" else replacement
+            applied = applied and await self._replace(command_id, item, text)
+        if applied:
+            for item in chosen:
+                self.mirror.untrack(item.uri, item.key)
+                kept.remove(item)
+            if not kept:
+                del self.kept[command_id]
+        return {"applied": applied}
+
+    async def _replace(self, command_id: str, item: KeptConflict, text: str) -> bool:
+        for _ in range(self.apply_tries):
+            document = self.mirror.get(item.uri)
+            start, end = document.regions[item.key]
+            version = document.version
+            if await self._apply_edit(command_id, item.uri, version, [Change(start, end, text)]):
+                await self._wait_newer(item.uri, version)
+                return True
+            await self._wait_newer(item.uri, version)
+        return False
+
+    # --- people --------------------------------------------------------------
+
+    def _ask_human(self, command_id: str, request: Request) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self._send_ask, command_id, request)
+
+    async def _send_ask(self, command_id: str, request: Request) -> None:
+        params: dict[str, Any] = {
+            "commandId": command_id,
+            "messages": [m.to_json() for m in request.messages],
+        }
+        if request.system:
+            params["system"] = request.system
+        owner = self.owner_of.get(command_id)
+        audience = [owner] if owner else [s for s in self.sessions if s.initialized]
+        for session in audience:
+            await session.connection.notify("human/ask", params)

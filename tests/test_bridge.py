@@ -1,0 +1,265 @@
+"""The JSON-RPC bridge end to end: a real ``dovecote serve --stdio``
+subprocess and an editor that types while corrections are pending."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.editor import RemoteError, served
+
+URI = "file:///tmp/letter.txt"
+
+
+def correction(text: str, directives: str = "#delay 0.5\n") -> dict[str, object]:
+    """What dovecote-correct-region sends, with scripted directives prepended."""
+    return {
+        "system": "Correct the spelling. Change nothing else.",
+        "messages": [{"role": "user", "content": directives + text}],
+    }
+
+
+async def test_initialize_lists_adapters(db_path: Path) -> None:
+    async with served(db_path) as (editor, _):
+        result = await editor.initialize()
+    assert result["serverInfo"]["name"] == "dovecote"
+    assert {"scripted", "human"} <= set(result["adapters"])
+
+
+async def test_typing_before_inside_and_after_a_pending_correction(db_path: Path) -> None:
+    intro = "Dear 🦆 friend,\n"
+    region = "I recieve teh letter and beleive every word of it."
+    outro = "\nYours, Ann"
+    async with served(db_path) as (editor, _):
+        await editor.initialize()
+        await editor.open(URI, intro + region + outro)
+        start = len(intro)
+        result = await editor.request(
+            "command/submit",
+            {
+                "adapter": "scripted",
+                "request": correction(region),
+                "target": {"uri": URI, "start": start, "end": start + len(region)},
+                "onConflict": "drop",
+            },
+        )
+        command_id = result["commandId"]
+        # While the model thinks: type after, inside and before the region.
+        text = editor.text(URI)
+        await editor.type(URI, len(text), len(text), " (sent from my 📱)")
+        inside = editor.text(URI).index("every word")
+        await editor.type(URI, inside, inside + len("every word"), "each and every word")
+        await editor.type(URI, 0, 0, "Re: your note\n")
+        state = await editor.wait_state(command_id)
+        assert state["state"] == "done", state
+        final = editor.text(URI)
+        shown = await editor.request("command/show", {"commandId": command_id})
+    assert final == (
+        "Re: your note\nDear 🦆 friend,\n"
+        "I receive the letter and believe each and every word of it."
+        "\nYours, Ann (sent from my 📱)"
+    )
+    assert shown["conflicts"] == []
+    assert shown["merge"]["policy"] == "drop" and shown["merge"]["tries"] == 1
+    assert [e["to"] for e in shown["events"]] == ["pending", "sent", "replied", "done"]
+
+
+async def test_collision_with_drop_keeps_the_persons_text(db_path: Path) -> None:
+    region = "We will meet tommorow at noon."
+    async with served(db_path) as (editor, _):
+        await editor.initialize()
+        await editor.open(URI, region)
+        result = await editor.request(
+            "command/submit",
+            {
+                "adapter": "scripted",
+                "request": correction(region),
+                "target": {"uri": URI, "start": 0, "end": len(region)},
+                "onConflict": "drop",
+            },
+        )
+        at = region.index("tommorow")
+        await editor.type(URI, at, at + len("tommorow"), "on Friday")
+        await editor.wait_state(result["commandId"])
+        shown = await editor.request("command/show", {"commandId": result["commandId"]})
+        final = editor.text(URI)
+    assert final == "We will meet on Friday at noon."
+    [conflict] = shown["conflicts"]
+    assert (conflict["base"], conflict["ours"], conflict["theirs"]) == (
+        "tommorow",
+        "on Friday",
+        "tomorrow",
+    )
+
+
+async def test_stale_apply_edit_is_refused_and_merged_again(db_path: Path) -> None:
+    region = "Teh cat sat on teh mat."
+    async with served(db_path) as (editor, _):
+        await editor.initialize()
+        await editor.open(URI, region)
+        typed = False
+
+        def type_just_before(params: dict[str, object]) -> None:
+            nonlocal typed
+            if not typed:
+                typed = True
+                end = len(editor.text(URI))
+                editor.type_now(URI, end, end, " It purred.")
+
+        editor.before_apply = type_just_before
+        result = await editor.request(
+            "command/submit",
+            {
+                "adapter": "scripted",
+                "request": correction(region, ""),
+                "target": {"uri": URI, "start": 0, "end": len(region)},
+            },
+        )
+        await editor.wait_state(result["commandId"])
+        shown = await editor.request("command/show", {"commandId": result["commandId"]})
+        final = editor.text(URI)
+    assert final == "The cat sat on the mat. It purred."
+    assert len(editor.refused) == 1 and len(editor.applied) == 1
+    assert shown["merge"]["tries"] == 2
+
+
+async def test_conflict_ask_waits_for_resolve(db_path: Path) -> None:
+    region = "Teh definately wierd plan."
+    async with served(db_path) as (editor, _):
+        await editor.initialize()
+        await editor.open(URI, region)
+        result = await editor.request(
+            "command/submit",
+            {
+                "adapter": "scripted",
+                "request": correction(region),
+                "target": {"uri": URI, "start": 0, "end": len(region)},
+                "onConflict": "ask",
+            },
+        )
+        at = region.index("wierd")
+        await editor.type(URI, at, at + len("wierd"), "odd")
+        await editor.wait_state(result["commandId"])
+        assert editor.text(URI) == "The definitely odd plan."
+        shown = await editor.request("command/show", {"commandId": result["commandId"]})
+        assert shown["unresolved"] == 1
+        await editor.type(URI, 0, 0, ">> ")  # the conflict's span moves with the text
+        answer = await editor.request(
+            "conflict/resolve", {"commandId": result["commandId"], "choice": "theirs"}
+        )
+        assert answer == {"applied": True}
+        assert editor.text(URI) == ">> The definitely weird plan."
+        with pytest.raises(RemoteError) as caught:
+            await editor.request(
+                "conflict/resolve", {"commandId": result["commandId"], "choice": "ours"}
+            )
+        assert caught.value.code == -32008
+
+
+async def test_timeout_dead_letter_and_replay_over_rpc(db_path: Path) -> None:
+    region = "Teh end."
+    async with served(db_path) as (editor, _):
+        await editor.initialize()
+        await editor.open(URI, region)
+        result = await editor.request(
+            "command/submit",
+            {
+                "adapter": "scripted",
+                "request": correction(region, "#delay 1\n"),
+                "target": {"uri": URI, "start": 0, "end": len(region)},
+                "timeout": 0.2,
+            },
+        )
+        dead = await editor.wait_state(result["commandId"])
+        assert (dead["state"], dead["reason"]) == ("dead", "timeout")
+        letters = await editor.request("deadletter/list", {"reason": "timeout"})
+        assert [c["id"] for c in letters["commands"]] == [result["commandId"]]
+        await editor.type(URI, 0, 0, "P.S. ")
+        replayed = await editor.request(
+            "deadletter/replay", {"commandIds": [result["commandId"]], "timeout": 5}
+        )
+        [pair] = replayed["replayed"]
+        assert pair["from"] == result["commandId"]
+        done = await editor.wait_state(pair["to"])
+        assert done["state"] == "done" and done["replayOf"] == result["commandId"]
+        assert editor.text(URI) == "P.S. The end."
+        assert (await editor.request("deadletter/list", {}))["commands"] == []
+
+
+async def test_human_answers_like_a_model(db_path: Path) -> None:
+    async with served(db_path) as (editor, _):
+        await editor.initialize()
+        editor.answer_human = lambda params: (
+            "yes, ship it" if "ship" in params["messages"][0]["content"] else None
+        )
+        result = await editor.request(
+            "command/submit",
+            {
+                "adapter": "human",
+                "request": {"messages": [{"role": "user", "content": "May we ship?"}]},
+            },
+        )
+        asked = await editor.wait_for(lambda m: m["method"] == "human/ask")
+        assert asked["params"]["commandId"] == result["commandId"]
+        state = await editor.wait_state(result["commandId"])
+        shown = await editor.request("command/show", {"commandId": result["commandId"]})
+        # A human times out and dead-letters like a model.
+        slow = await editor.request(
+            "command/submit",
+            {
+                "adapter": "human",
+                "request": {"messages": [{"role": "user", "content": "Lunch?"}]},
+                "timeout": 0.2,
+            },
+        )
+        dead = await editor.wait_state(slow["commandId"])
+        late = await editor.request(
+            "command/reply", {"commandId": slow["commandId"], "reply": {"text": "sure"}}
+        )
+    assert state["state"] == "done"
+    assert shown["command"]["reply"]["text"] == "yes, ship it"
+    assert (dead["state"], dead["reason"]) == ("dead", "timeout")
+    assert late == {"accepted": False, "late": True}
+
+
+async def test_notifications_go_to_the_owner_only(db_path: Path) -> None:
+    async with served(db_path) as (editor, _):
+        await editor.initialize()
+        result = await editor.request(
+            "command/submit",
+            {"adapter": "scripted", "request": {"messages": [{"role": "user", "content": "teh"}]}},
+        )
+        states = []
+        while True:
+            message = await editor.wait_for(
+                lambda m: (
+                    m["method"] == "command/state"
+                    and m["params"]["commandId"] == result["commandId"]
+                    and m["params"]["state"] not in states
+                )
+            )
+            states.append(message["params"]["state"])
+            if message["params"]["state"] == "done":
+                break
+    assert states == ["pending", "sent", "replied", "done"]
+
+
+@pytest.mark.parametrize("text", ["#hang\nx"])
+async def test_cancel_over_rpc(db_path: Path, text: str) -> None:
+    async with served(db_path) as (editor, _):
+        await editor.initialize()
+        result = await editor.request(
+            "command/submit",
+            {"adapter": "scripted", "request": {"messages": [{"role": "user", "content": text}]}},
+        )
+        await editor.wait_state(result["commandId"], ("sent",))
+        assert await editor.request("command/cancel", {"commandId": result["commandId"]}) == {
+            "state": "cancelled"
+        }
+        with pytest.raises(RemoteError) as caught:
+            await editor.request("command/cancel", {"commandId": result["commandId"]})
+        assert caught.value.code == -32001
+        with trio.fail_after(5):
+            await editor.wait_state(result["commandId"], ("cancelled",))
