@@ -24,6 +24,7 @@ import trio
 
 from adapters.base import Adapter
 from adapters.human import HumanAdapter
+from editor_bridge.framing import DEFAULT_MAX_FRAME
 from editor_bridge.server import Server
 from flows.engine import open_engine
 
@@ -91,11 +92,12 @@ async def serve(
     listen: Sequence[str] = (),
     allow_remote: bool = False,
     adapters: Sequence[Adapter] = (),
+    max_frame: int = DEFAULT_MAX_FRAME,
     ready: trio.Event | None = None,
 ) -> None:
     specs = [parse_listen(s, allow_remote) for s in listen]
     async with open_engine(db, adapters=[*adapters, HumanAdapter()]) as engine:
-        server = Server(engine)
+        server = Server(engine, max_frame=max_frame)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
             if specs:

@@ -35,6 +35,7 @@ import trio
 from adapters.base import Request
 from adapters.human import HumanAdapter
 from editor_bridge import wire
+from editor_bridge.framing import DEFAULT_MAX_FRAME
 from editor_bridge.mirror import DocumentError, Mirror, edits_between, rebase
 from editor_bridge.rpc import INVALID_PARAMS, METHOD_NOT_FOUND, Connection, RpcError
 from editor_bridge.wire import Params
@@ -100,8 +101,10 @@ class Server:
         apply_timeout: float = 10.0,
         apply_tries: int = 5,
         document_wait: float = 30.0,
+        max_frame: int = DEFAULT_MAX_FRAME,
     ) -> None:
         self.engine = engine
+        self.max_frame = max_frame
         self.token = token
         self.version = version
         self.apply_timeout = apply_timeout
@@ -150,7 +153,9 @@ class Server:
         self, receive: trio.abc.ReceiveStream, send: trio.abc.SendStream, *, needs_token: bool
     ) -> None:
         """Serve one editor connection until it closes."""
-        session = Session(Connection(receive, send, self._dispatch), needs_token)
+        session = Session(
+            Connection(receive, send, self._dispatch, max_frame=self.max_frame), needs_token
+        )
         session.authorized = not needs_token
         self.sessions.append(session)
         try:
@@ -297,7 +302,7 @@ class Server:
 
     async def command_submit(self, session: Session, p: Params) -> Any:
         adapter = p.string("adapter")
-        request = wire.request_from_wire(p.raw.get("request"))
+        request = wire.request_from_wire(p.method, p.raw.get("request"))
         timeout = p.number("timeout", optional=True)
         max_attempts = p.integer("maxAttempts", optional=True, minimum=1)
         policy = p.choice("onConflict", POLICIES, default="drop")

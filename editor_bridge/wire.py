@@ -64,10 +64,10 @@ def event(e: Event) -> dict[str, Any]:
     }
 
 
-def request_from_wire(value: Any) -> dict[str, Any]:
+def request_from_wire(method: str, value: Any) -> dict[str, Any]:
     """A wire request (``maxTokens``...) as the core's JSON (``max_tokens``)."""
     if not isinstance(value, Mapping):
-        raise RpcError(INVALID_PARAMS, "request must be an object with messages")
+        raise RpcError(INVALID_PARAMS, f"{method}: request must be an object with messages")
     return {snake(k): v for k, v in value.items()}
 
 

@@ -286,6 +286,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 listen=args.listen or (),
                 allow_remote=args.allow_remote,
                 adapters=_adapters(args),
+                max_frame=args.max_frame,
             )
         )
     except ListenError as exc:
@@ -352,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--allow-remote", action="store_true", help="allow --listen on a non-loopback address"
+    )
+    p.add_argument(
+        "--max-frame",
+        type=int,
+        default=16 * 1024 * 1024,
+        metavar="BYTES",
+        help="refuse frames larger than this (default 16 MiB)",
     )
     p.add_argument("--verbose", action="store_true", help="log to stderr")
 

@@ -44,6 +44,7 @@ class Editor:
         self.before_apply: Callable[[dict[str, Any]], None] | None = None
         self.answer_human: Callable[[dict[str, Any]], str | None] | None = None
         self._nursery: trio.Nursery | None = None
+        self._write_lock = trio.Lock()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -101,10 +102,11 @@ class Editor:
         await self.write({"jsonrpc": "2.0", "id": message["id"], "result": {"applied": True}})
 
     async def write(self, message: dict[str, Any]) -> None:
-        await self.send_stream.send_all(encode(message))
+        await self.write_raw(encode(message))
 
     async def write_raw(self, data: bytes) -> None:
-        await self.send_stream.send_all(data)
+        async with self._write_lock:
+            await self.send_stream.send_all(data)
 
     async def request(self, method: str, params: Any = None) -> Any:
         answer = await self.request_message(
