@@ -56,6 +56,7 @@ from adapters.scripted import ScriptedAdapter
 from flows import handlers as handler_registry
 from flows.commit import Committer
 from flows.errors import CommandFailed
+from flows.ratelimit import RateLimit, estimate_tokens
 from flows.records import Command, CommandError, Delivery, Event, StateChange, new_id
 from flows.snapshots import Snapshot
 from flows.states import (
@@ -175,6 +176,11 @@ class Engine:
         # that cancels its send.
         self._sending: dict[str, tuple[Command, trio.CancelScope]] = {}
         self._sending_per_adapter: dict[str, int] = dict.fromkeys(self.adapters, 0)
+        self._limits = {
+            name: RateLimit(a.settings.requests_per_minute, a.settings.tokens_per_minute)
+            for name, a in self.adapters.items()
+            if a.settings.requests_per_minute or a.settings.tokens_per_minute
+        }
         self._claiming: set[str] = set()
         self._dispatch_wanted = trio.Event()
         self._waiters: dict[str, trio.Event] = {}
@@ -580,9 +586,12 @@ class Engine:
                 for c in self.store.ready_to_send(name, now, room, handlers)
                 if c.id not in self._claiming
             ]
+            more = more or len(ready) == room
+            limit = self._limits.get(name)
+            if limit is not None:
+                ready, more = self._within_limit(limit, ready, more)
             if not ready:
                 continue
-            more = more or len(ready) == room
             self._claiming.update(c.id for c in ready)
             try:
                 claims = []
@@ -619,6 +628,19 @@ class Engine:
                 )
                 self._nursery.start_soon(self._send, adapter, command, scope)
         return more
+
+    def _within_limit(
+        self, limit: RateLimit, ready: builtins.list[Command], more: bool
+    ) -> tuple[builtins.list[Command], bool]:
+        """The head of ``ready`` that the rate limit admits now; when it
+        stops admitting, an alarm wakes the dispatcher when it will."""
+        now = trio.current_time()
+        for index, command in enumerate(ready):
+            later = limit.admit(now, estimate_tokens(command.request))
+            if later is not None:
+                self._timers.schedule(later, RETRY_ALARM, command.id)
+                return ready[:index], False
+        return ready, more
 
     async def _send(self, adapter: Adapter, command: Command, scope: trio.CancelScope) -> None:
         assert command.deadline is not None

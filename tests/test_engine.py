@@ -432,3 +432,37 @@ async def test_permanent_error_from_a_custom_adapter_keeps_its_message(db_path: 
     async with flows.open_engine(db_path, adapters=[recorder]) as engine:
         command = await engine.wait(await engine.submit("rec", ask("x")))
     assert command.error == flows.CommandError("PermanentError", "model not found", 404)
+
+
+async def test_requests_per_minute_spread_the_sends(
+    db_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    limited = Recorder(max_in_flight=100, requests_per_minute=60)
+    async with flows.open_engine(db_path, adapters=[limited]) as engine:
+        ids = [await engine.submit("rec", ask("x"), timeout=600) for _ in range(10)]
+        for command_id in ids:
+            assert (await engine.wait(command_id)).state == "done"
+    times = [t for _, _, t in limited.sent]
+    # 60 a minute with a one-second burst: two at once, then one a second.
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert len(times) == 10
+    assert times[-1] - times[0] == pytest.approx(8.0, abs=0.01)
+    assert all(g <= 1.0 + 1e-6 for g in gaps)
+    for start in range(len(times)):
+        window = [t for t in times if times[start] <= t < times[start] + 60]
+        assert len(window) <= 60
+
+
+async def test_tokens_per_minute_hold_back_big_requests(
+    db_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    limited = Recorder(max_in_flight=100, tokens_per_minute=600)
+    async with flows.open_engine(db_path, adapters=[limited]) as engine:
+        ids = [
+            await engine.submit("rec", ask("y" * 400), timeout=600) for _ in range(4)
+        ]  # 100 tokens each: 10 s of budget each
+        for command_id in ids:
+            await engine.wait(command_id)
+    times = [t for _, _, t in limited.sent]
+    # One every 10 s, each allowed the 1 s burst early: t0, t0+9, t0+19, t0+29.
+    assert [round(t - times[0], 6) for t in times] == [0, 9, 19, 29]
