@@ -4,6 +4,7 @@ on trio's MockClock (``autojump_clock``), so deadlines are exact and a
 
 from __future__ import annotations
 
+import itertools
 import random
 import sqlite3
 from pathlib import Path
@@ -444,7 +445,7 @@ async def test_requests_per_minute_spread_the_sends(
             assert (await engine.wait(command_id)).state == "done"
     times = [t for _, _, t in limited.sent]
     # 60 a minute with a one-second burst: two at once, then one a second.
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert len(times) == 10
     assert times[-1] - times[0] == pytest.approx(8.0, abs=0.01)
     assert all(g <= 1.0 + 1e-6 for g in gaps)
