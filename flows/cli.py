@@ -21,7 +21,10 @@ from typing import Any
 
 import trio
 
+from adapters import config
 from adapters.base import Adapter
+from adapters.human import HumanAdapter
+from adapters.scripted import ScriptedAdapter
 from flows.engine import default_db_path, open_engine
 from flows.errors import IllegalTransition, StoreError, UnknownCommand
 from flows.render import COMMAND_HEADERS, command_rows, show, table
@@ -38,10 +41,60 @@ def _open_store(args: argparse.Namespace) -> Store:
 
 
 def _adapters(args: argparse.Namespace) -> list[Adapter]:
-    """Providers from ``dovecote.toml`` (none when there is no file)."""
-    from adapters import config
+    """Providers from ``dovecote.toml`` (none when there is no file); the
+    engine's own kinds (scripted, human) are built here under their names."""
+    found = config.load_config(args.config)
+    adapters: list[Adapter] = list(config.build_adapters(found))
+    for provider in found.providers:
+        if provider.kind == "scripted":
+            adapters.append(
+                ScriptedAdapter(
+                    provider.name,
+                    max_in_flight=provider.settings.max_in_flight,
+                    on_interrupt=provider.settings.on_interrupt,
+                )
+            )
+        elif provider.kind == "human":
+            adapters.append(HumanAdapter(provider.name, timeout=provider.settings.timeout))
+    return adapters
 
-    return config.build_adapters(config.load_config(args.config))
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    """What is configured, and whether each key's variable is set."""
+    found = config.load_config(args.config)
+    statuses = config.key_status(found)
+    rows: list[dict[str, Any]] = [
+        {
+            "name": s.name,
+            "kind": s.kind,
+            "api_key_env": s.api_key_env,
+            "key_set": s.is_set if s.api_key_env else None,
+        }
+        for s in statuses
+    ]
+    builtin = [
+        {"name": n, "kind": n, "api_key_env": None, "key_set": None} for n in ("scripted", "human")
+    ]
+    rows = builtin + [r for r in rows if r["name"] not in ("scripted", "human")]
+    if args.json:
+        _print_json({"config": str(found.path) if found.path else None, "adapters": rows})
+        return 0
+    print(f"config: {found.path or 'none found (embedded adapters only)'}")
+    print(
+        table(
+            ("adapter", "kind", "key variable", "key"),
+            [
+                [
+                    r["name"],
+                    r["kind"],
+                    r["api_key_env"] or "-",
+                    "-" if r["key_set"] is None else ("set" if r["key_set"] else "NOT SET"),
+                ]
+                for r in rows
+            ],
+        )
+    )
+    return 0
 
 
 def duration(text: str) -> float:
@@ -363,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--verbose", action="store_true", help="log to stderr")
 
+    add("adapters", cmd_adapters, "list configured adapters and whether their keys are set")
+
     p = add("pending", cmd_pending, "list commands not yet finished (pending, sent, replied)")
     p.add_argument("--limit", type=int, default=None)
 
@@ -409,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args))
     except UsageError as exc:
         parser.error(str(exc))
-    except (UnknownCommand, IllegalTransition, StoreError, ValueError) as exc:
+    except (UnknownCommand, IllegalTransition, StoreError, config.ConfigError, ValueError) as exc:
         print(f"dovecote: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
