@@ -43,7 +43,7 @@ from flows.engine import PRIORITY_INTERACTIVE, Engine, Progress
 from flows.errors import IllegalTransition, StoreError, UnknownCommand
 from flows.handlers import handler
 from flows.merge import Conflict, apply_policy, three_way
-from flows.records import Command, StateChange, new_id
+from flows.records import Command, FlowChange, StateChange, new_id
 from flows.snapshots import Change, Snapshot
 from flows.states import COMMAND_STATES
 
@@ -113,6 +113,7 @@ class Server:
         self.mirror = Mirror()
         self.sessions: list[Session] = []
         self.owner_of: dict[str, Session] = {}
+        self.flow_owner: dict[str, Session] = {}
         self.kept: dict[str, list[KeptConflict]] = {}
         self._opened = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -196,7 +197,20 @@ class Server:
         except (ValueError, TypeError) as exc:
             raise RpcError(INVALID_PARAMS, f"{method}: {exc}") from None
 
-    async def _forward(self, notice: StateChange | Progress) -> None:
+    async def _forward(self, notice: StateChange | Progress | FlowChange) -> None:
+        if isinstance(notice, FlowChange):
+            session = self.flow_owner.get(notice.flow.id)
+            if session is not None:
+                await session.connection.notify(
+                    "flow/state",
+                    {
+                        "flowId": notice.flow.id,
+                        "state": notice.flow.state,
+                        "step": notice.flow.step,
+                        "stage": notice.flow.stage,
+                    },
+                )
+            return
         if isinstance(notice, Progress):
             session = self.owner_of.get(notice.command_id)
             if session is not None:

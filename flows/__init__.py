@@ -10,6 +10,8 @@ deadline passes and replays it when asked::
 """
 
 from adapters.base import Message, Reply, Request, Usage
+from flows import builtin as _builtin  # noqa: F401  (registers the built-in flows)
+from flows.declared import DeclaredFlow, Stage, declare
 from flows.engine import Engine, Progress, open_engine
 from flows.errors import (
     CommandFailed,
@@ -19,16 +21,33 @@ from flows.errors import (
     UnknownCommand,
 )
 from flows.handlers import handler
-from flows.records import Command, CommandError, Delivery, Event, LateReply, StateChange
+from flows.records import (
+    Command,
+    CommandError,
+    Delivery,
+    Event,
+    Flow,
+    FlowChange,
+    FlowStep,
+    LateReply,
+    StateChange,
+)
+from flows.runtime import FlowContext, FlowFailed, UnknownFlow, flow
 from flows.store import Store
 
 __all__ = [
     "Command",
     "CommandError",
     "CommandFailed",
+    "DeclaredFlow",
     "Delivery",
     "Engine",
     "Event",
+    "Flow",
+    "FlowChange",
+    "FlowContext",
+    "FlowFailed",
+    "FlowStep",
     "IllegalTransition",
     "LateReply",
     "Message",
@@ -36,11 +55,15 @@ __all__ = [
     "Reply",
     "Request",
     "SchemaTooNew",
+    "Stage",
     "StateChange",
     "Store",
     "StoreError",
     "UnknownCommand",
+    "UnknownFlow",
     "Usage",
+    "declare",
+    "flow",
     "handler",
     "open_engine",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from flows.states import COMMAND_TRANSITIONS, PENDING
+from flows.states import COMMAND_TRANSITIONS, FLOW_TRANSITIONS, PENDING, RUNNING
 
 
 def mermaid(table: Mapping[str, Mapping[str, str]], initial: str, title: str) -> str:
@@ -49,13 +49,19 @@ def render_docs() -> str:
         "",
         mermaid(COMMAND_TRANSITIONS, PENDING, "command"),
         "",
-        "| state | event | next state |",
-        "| --- | --- | --- |",
     ]
-    for state, moves in COMMAND_TRANSITIONS.items():
-        for event, target in moves.items():
-            parts.append(f"| {state} | {event} | {target} |")
+    parts += _rows(COMMAND_TRANSITIONS)
+    parts += ["", "## Flow", "", mermaid(FLOW_TRANSITIONS, RUNNING, "flow"), ""]
+    parts += _rows(FLOW_TRANSITIONS)
     return "\n".join(parts) + "\n"
+
+
+def _rows(table: Mapping[str, Mapping[str, str]]) -> list[str]:
+    rows = ["| state | event | next state |", "| --- | --- | --- |"]
+    for state, moves in table.items():
+        for event, target in moves.items():
+            rows.append(f"| {state} | {event} | {target} |")
+    return rows
 
 
 if __name__ == "__main__":

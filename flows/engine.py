@@ -57,7 +57,17 @@ from flows import handlers as handler_registry
 from flows.commit import Committer
 from flows.errors import CommandFailed
 from flows.ratelimit import RateLimit, estimate_tokens
-from flows.records import Command, CommandError, Delivery, Event, StateChange, new_id
+from flows.records import (
+    Command,
+    CommandError,
+    Delivery,
+    Event,
+    Flow,
+    FlowChange,
+    StateChange,
+    new_id,
+)
+from flows.runtime import FlowRunner
 from flows.snapshots import Snapshot
 from flows.states import (
     CANCEL,
@@ -124,7 +134,7 @@ class Progress:
     text: str
 
 
-Notice = StateChange | Progress
+Notice = StateChange | Progress | FlowChange
 
 
 @attrs.frozen
@@ -185,6 +195,7 @@ class Engine:
         self._dispatch_wanted = trio.Event()
         self._waiters: dict[str, trio.Event] = {}
         self._subscribers: builtins.list[trio.MemorySendChannel[Notice]] = []
+        self._flows = FlowRunner(self)
 
     # --- clock ---------------------------------------------------------------
 
@@ -394,6 +405,59 @@ class Engine:
         self._dispatch_wanted.set()
         return new_ids
 
+    # --- flows ---------------------------------------------------------------
+
+    async def start_flow(self, name: str, /, **params: Any) -> str:
+        """Start the registered flow ``name`` with ``params``; its id."""
+        return await self._flows.start(name, params)
+
+    async def wait_flow(self, flow_id: str) -> Any:
+        """The flow's result once it completes; ``FlowFailed`` if it failed
+        or was cancelled."""
+        return await self._flows.wait(flow_id)
+
+    async def cancel_flow(self, flow_id: str) -> Flow:
+        """Cancel a flow and its unfinished commands."""
+        return await self._flows.cancel(flow_id)
+
+    def get_flow(self, flow_id: str) -> Flow:
+        return self._flows.get(flow_id)
+
+    def list_flows(
+        self, states: Iterable[str] | None = None, limit: int | None = None
+    ) -> builtins.list[Flow]:
+        return self.store.flows(states, limit=limit)
+
+    def flow_history(self, flow_id: str) -> builtins.list[Event]:
+        self._flows.get(flow_id)
+        return self.store.flow_history(flow_id)
+
+    async def retry_flow(self, flow_id: str, timeout: float | None = None) -> str:
+        """Replay the dead letter a stalled flow is waiting on; the new id."""
+        flow = self._flows.get(flow_id)
+        if flow.state != "stalled":
+            raise IllegalTransition(
+                f"flow {flow_id} is {flow.state}: only a stalled flow has a step to retry",
+                command_id=flow_id,
+                state=flow.state,
+                event="retry",
+            )
+        steps = {s.step: s for s in self.store.flow_steps(flow_id)}
+        dead = steps[flow.step].command_id
+        assert dead is not None
+        [new] = await self.replay([dead], timeout=timeout)
+        return new
+
+    async def fork_flow(self, flow_id: str, from_step: int) -> str:
+        """A new flow like ``flow_id`` that reuses its steps before
+        ``from_step`` (their recorded replies) and runs the rest anew."""
+        flow = self._flows.get(flow_id)
+        if from_step < 1:
+            raise ValueError(f"from_step must be 1 or more, not {from_step}")
+        return await self._flows.start(
+            flow.name, flow.params, forked_from=flow.id, reuse_before=from_step
+        )
+
     @contextmanager
     def subscribe(self, buffer: int = 10_000) -> Iterator[trio.MemoryReceiveChannel[Notice]]:
         """Every committed transition (``StateChange``) and streamed partial
@@ -528,6 +592,7 @@ class Engine:
             if waiter is not None:
                 waiter.set()
         self._publish(StateChange(command, event))
+        self._flows.on_command(command)
 
     def _publish(self, notice: Notice) -> None:
         for channel in list(self._subscribers):
@@ -815,6 +880,7 @@ class Engine:
                     # Cancelled or answered by another process: stop sending.
                     self._sending.pop(command_id)[1].cancel()
             await self.recover()
+            await self._flows.resume()
 
     async def recover(self) -> int:
         """Take over commands whose owner is gone; return how many.
@@ -886,6 +952,7 @@ class Engine:
         await self._nursery.start(self._committer.run)
         await self._nursery.start(self._timers.run)
         await self.recover()
+        await self._flows.resume()
         await self._nursery.start(self._dispatcher)
         await self._nursery.start(self._keeper)
 

@@ -158,3 +158,52 @@ class StateChange:
 
     command: Command
     event: Event
+
+
+@attrs.frozen
+class Flow:
+    """A multi-step piece of work, as the ``flows`` table holds it.
+
+    ``step`` counts the steps taken (a scripted flow's calls, sleeps and
+    journaled values); ``stage`` is a declared flow's current stage;
+    ``params`` are what it was started with, ``vars`` what a declared flow
+    has gathered, ``result`` what it returned."""
+
+    id: str
+    name: str
+    state: str
+    created_at: float
+    updated_at: float
+    params: JSON = None
+    step: int = 0
+    stage: str | None = None
+    vars: JSON = None
+    result: JSON = None
+    error: str | None = None
+    forked_from: str | None = None
+    owner: str | None = None
+    lease_until: float | None = None
+
+    def to_json(self) -> dict[str, JSON]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class FlowStep:
+    """One journaled step of a flow: a call (its command), or a value the
+    script asked for (``now``, ``random``, a ``sleep``'s wake-up time)."""
+
+    flow_id: str
+    step: int
+    kind: str
+    command_id: str | None
+    value: JSON
+    created_at: float
+
+
+@attrs.frozen
+class FlowChange:
+    """What subscribers receive for every committed flow transition."""
+
+    flow: Flow
+    event: Event

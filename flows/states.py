@@ -28,6 +28,17 @@ a lost race also raises, it never overwrites.
     pending --resolve--> replied     (a replay answered from a stored late
                                       reply instead of calling the model)
 
+A *flow* (several commands in a script or a declared machine) has a
+machine of its own, below: ``running`` while its code runs, ``waiting``
+while a step's command is out, ``stalled`` when that command was
+dead-lettered (replaying it resumes the flow), and one of ``completed``,
+``failed`` or ``cancelled`` at the end.
+
+    running --wait--> waiting --resume--> running --complete--> completed
+    waiting --stall--> stalled --retry--> waiting
+    running, waiting, stalled --fail--> failed
+    running, waiting, stalled --cancel--> cancelled
+
 Why ``resolve`` exists: a model's reply that arrives after its command died
 is kept as a *late reply*. Replaying that dead letter with the late reply
 must not pretend a send happened, so the replay goes straight from
@@ -75,6 +86,33 @@ COMMAND_TRANSITIONS: Final[Mapping[str, Mapping[str, str]]] = {
     CANCELLED: {},
 }
 
+# States of a flow.
+RUNNING: Final = "running"
+WAITING: Final = "waiting"
+STALLED: Final = "stalled"
+COMPLETED: Final = "completed"
+FAILED: Final = "failed"
+
+FLOW_STATES: Final = (RUNNING, WAITING, STALLED, COMPLETED, FAILED, CANCELLED)
+FLOW_TERMINAL_STATES: Final = frozenset({COMPLETED, FAILED, CANCELLED})
+
+# Events that move a flow (``fail`` and ``cancel`` are shared with commands).
+WAIT: Final = "wait"
+RESUME: Final = "resume"
+STALL: Final = "stall"
+COMPLETE: Final = "complete"
+
+FLOW_EVENTS: Final = (WAIT, RESUME, STALL, RETRY, COMPLETE, FAIL, CANCEL)
+
+FLOW_TRANSITIONS: Final[Mapping[str, Mapping[str, str]]] = {
+    RUNNING: {WAIT: WAITING, COMPLETE: COMPLETED, FAIL: FAILED, CANCEL: CANCELLED},
+    WAITING: {RESUME: RUNNING, STALL: STALLED, FAIL: FAILED, CANCEL: CANCELLED},
+    STALLED: {RETRY: WAITING, FAIL: FAILED, CANCEL: CANCELLED},
+    COMPLETED: {},
+    FAILED: {},
+    CANCELLED: {},
+}
+
 # Why a command is dead or cancelled (the ``reason`` column).
 REASON_TIMEOUT: Final = "timeout"
 REASON_EXPIRED: Final = "expired"
@@ -100,13 +138,21 @@ class IllegalTransition(Exception):
         self.event = event
 
 
-def next_state(state: str, event: str, *, command_id: str | None = None) -> str:
-    """The state ``event`` leads to from ``state``, or ``IllegalTransition``."""
+def next_state(
+    state: str,
+    event: str,
+    *,
+    command_id: str | None = None,
+    table: Mapping[str, Mapping[str, str]] = COMMAND_TRANSITIONS,
+    what: str = "command",
+) -> str:
+    """The state ``event`` leads to from ``state`` in ``table`` (commands by
+    default, ``FLOW_TRANSITIONS`` for flows), or ``IllegalTransition``."""
     try:
-        return COMMAND_TRANSITIONS[state][event]
+        return table[state][event]
     except KeyError:
-        allowed = ", ".join(COMMAND_TRANSITIONS.get(state, {})) or "nothing (terminal)"
-        who = f"command {command_id} " if command_id else ""
+        allowed = ", ".join(table.get(state, {})) or "nothing (terminal)"
+        who = f"{what} {command_id} " if command_id else ""
         raise IllegalTransition(
             f"{who}cannot {event} from {state!r}; allowed from {state!r}: {allowed}",
             command_id=command_id,

@@ -11,6 +11,9 @@ Tables
 ``late_replies``  replies that arrived after their command stopped waiting.
 ``snapshots``     the text of an editor region when a call about it was made.
 ``dead_letters``  a view: dead commands, with the replay that retried each.
+``flows``         one row per multi-step flow, with its own state machine.
+``flow_steps``    each flow's journaled steps: which command served a call,
+                  which value a ``now()`` or ``random()`` returned.
 
 Why writes come in batches
 --------------------------
@@ -47,11 +50,18 @@ from sqlite_utils.db import DescIndex
 
 from adapters.base import Reply, Request
 from flows.errors import SchemaTooNew, StoreError, UnknownCommand
-from flows.records import Command, CommandError, Event, LateReply
+from flows.records import Command, CommandError, Event, Flow, FlowStep, LateReply
 from flows.snapshots import Snapshot
-from flows.states import PENDING, REPLIED, SENT, TERMINAL_STATES, IllegalTransition
+from flows.states import (
+    FLOW_TERMINAL_STATES,
+    PENDING,
+    REPLIED,
+    SENT,
+    TERMINAL_STATES,
+    IllegalTransition,
+)
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 BUSY_TIMEOUT_MS: Final = 10_000
 
 # Column order of ``commands``: the names of ``Command``'s fields, as-is.
@@ -130,16 +140,19 @@ class Insert:
     def apply(self, cursor: sqlite3.Cursor) -> Event:
         cmd = self.command
         if self.snapshot is not None:
-            s = self.snapshot
-            cursor.execute(
-                "INSERT INTO snapshots "
-                '(id, uri, version, start, "end", text, created_at, document) '
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (s.id, s.uri, s.version, s.start, s.end, s.text, s.created_at, s.document),
-            )
+            self._snapshot(cursor, self.snapshot)
         cursor.execute(_INSERT_COMMAND, command_row(cmd))
         return _journal(
             cursor, cmd.id, cmd.flow_id, cmd.created_at, None, cmd.state, "submit", self.detail
+        )
+
+    @staticmethod
+    def _snapshot(cursor: sqlite3.Cursor, s: Snapshot) -> None:
+        cursor.execute(
+            "INSERT INTO snapshots "
+            '(id, uri, version, start, "end", text, created_at, document) '
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (s.id, s.uri, s.version, s.start, s.end, s.text, s.created_at, s.document),
         )
 
 
@@ -227,6 +240,7 @@ class RenewLeases:
             "UPDATE commands SET lease_until = ? WHERE owner = ? AND state IN (?, ?)",
             (self.until, self.owner, SENT, REPLIED),
         )
+        cursor.execute("UPDATE flows SET lease_until = ? WHERE owner = ?", (self.until, self.owner))
         cursor.execute(
             "SELECT id FROM commands WHERE owner = ? AND state IN (?, ?)",
             (self.owner, SENT, REPLIED),
@@ -246,9 +260,128 @@ class ReleaseLeases:
             "UPDATE commands SET lease_until = 0 WHERE owner = ? AND state IN (?, ?)",
             (self.owner, SENT, REPLIED),
         )
+        cursor.execute("UPDATE flows SET lease_until = 0 WHERE owner = ?", (self.owner,))
 
 
-Operation = Insert | Move | TakeOver | AddLateReply | UseLateReply | RenewLeases | ReleaseLeases
+_FLOW_COLUMNS: Final = tuple(f.name for f in attrs.fields(Flow))
+_FLOW_JSON: Final = frozenset({"params", "vars", "result"})
+
+
+def _flow_row(flow: Flow, columns: Sequence[str] = _FLOW_COLUMNS) -> tuple[Any, ...]:
+    return tuple(_dumps(getattr(flow, c)) if c in _FLOW_JSON else getattr(flow, c) for c in columns)
+
+
+def flow_from_row(row: sqlite3.Row) -> Flow:
+    fields = {k: row[k] for k in _FLOW_COLUMNS}
+    for name in _FLOW_JSON:
+        fields[name] = _loads(fields[name])
+    return Flow(**fields)
+
+
+@attrs.frozen
+class InsertFlow:
+    """A new flow, born ``running``, and its first journal row; with the
+    snapshot of an editor region it works on, if any."""
+
+    flow: Flow
+    snapshot: Snapshot | None = None
+
+    def apply(self, cursor: sqlite3.Cursor) -> Event:
+        f = self.flow
+        if self.snapshot is not None:
+            Insert._snapshot(cursor, self.snapshot)
+        cursor.execute(
+            f"INSERT INTO flows ({', '.join(_FLOW_COLUMNS)}) "
+            f"VALUES ({', '.join('?' for _ in _FLOW_COLUMNS)})",
+            _flow_row(f),
+        )
+        detail = {"forked_from": f.forked_from} if f.forked_from else None
+        return _journal(cursor, None, f.id, f.created_at, None, f.state, "start", detail)
+
+
+@attrs.frozen
+class CopySteps:
+    """A fork: the steps of ``source`` before ``before`` become the new
+    flow's, so it reuses their replies instead of calling again."""
+
+    source: str
+    target: str
+    before: int
+
+    def apply(self, cursor: sqlite3.Cursor) -> None:
+        cursor.execute(
+            "INSERT INTO flow_steps (flow_id, step, kind, command_id, value, created_at) "
+            "SELECT ?, step, kind, command_id, value, created_at FROM flow_steps "
+            "WHERE flow_id = ? AND step < ?",
+            (self.target, self.source, self.before),
+        )
+
+
+_FLOW_MUTABLE: Final = tuple(
+    c for c in _FLOW_COLUMNS if c not in ("id", "name", "created_at", "params", "forked_from")
+)
+
+
+@attrs.frozen
+class MoveFlow:
+    """A flow transition, compare-and-set on its state and owner; journaled
+    when the state changes (an owner or step change alone is not)."""
+
+    before: Flow
+    after: Flow
+    event: str
+    detail: Any = None
+
+    def apply(self, cursor: sqlite3.Cursor) -> Event | None:
+        b, a = self.before, self.after
+        cursor.execute(
+            f"UPDATE flows SET {', '.join(f'{c} = ?' for c in _FLOW_MUTABLE)} "
+            "WHERE id = ? AND state = ? AND owner IS ?",
+            (*_flow_row(a, _FLOW_MUTABLE), b.id, b.state, b.owner),
+        )
+        if cursor.rowcount != 1:
+            row = cursor.execute("SELECT state, owner FROM flows WHERE id = ?", (b.id,)).fetchone()
+            found = f"{row[0]!r} (owner {row[1]})" if row else "no such flow"
+            raise IllegalTransition(
+                f"flow {b.id}: cannot {self.event}: expected {b.state!r} (owner {b.owner}), "
+                f"found {found}",
+                command_id=b.id,
+                state=row[0] if row else "",
+                event=self.event,
+            )
+        if b.state == a.state:
+            return None  # a takeover or a step counted: no transition to journal
+        return _journal(cursor, None, a.id, a.updated_at, b.state, a.state, self.event, self.detail)
+
+
+@attrs.frozen
+class RecordStep:
+    """A journaled value of a flow (``now``, ``random``, a sleep's end)."""
+
+    step: FlowStep
+
+    def apply(self, cursor: sqlite3.Cursor) -> None:
+        s = self.step
+        cursor.execute(
+            "INSERT INTO flow_steps (flow_id, step, kind, command_id, value, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (s.flow_id, s.step, s.kind, s.command_id, _dumps(s.value), s.created_at),
+        )
+
+
+Operation = (
+    Insert
+    | Move
+    | TakeOver
+    | AddLateReply
+    | UseLateReply
+    | RenewLeases
+    | ReleaseLeases
+    | InsertFlow
+    | CopySteps
+    | MoveFlow
+    | RecordStep
+)
 
 
 def _journal(
@@ -370,6 +503,8 @@ class Store:
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
             if version < 1:
                 self._create_v1()
+            if version < 2:
+                self._create_v2()
             self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self._conn.execute("COMMIT")
         except BaseException:
@@ -476,6 +611,45 @@ class Store:
              WHERE state = 'dead'
             """,
         )
+
+    def _create_v2(self) -> None:
+        """Flows: the ``flows`` table and each flow's ``flow_steps``."""
+        db = self.db
+        db.table("flows").create(
+            {
+                "id": str,
+                "name": str,
+                "state": str,
+                "created_at": float,
+                "updated_at": float,
+                "params": str,
+                "step": int,
+                "stage": str,
+                "vars": str,
+                "result": str,
+                "error": str,
+                "forked_from": str,
+                "owner": str,
+                "lease_until": float,
+            },
+            pk="id",
+            column_order=list(_FLOW_COLUMNS),
+            not_null={"name", "state", "created_at", "updated_at", "step"},
+        )
+        db.table("flows").create_index(["state"], index_name="flows_by_state")
+        db.table("flow_steps").create(
+            {
+                "flow_id": str,
+                "step": int,
+                "kind": str,
+                "command_id": str,
+                "value": str,
+                "created_at": float,
+            },
+            pk=("flow_id", "step"),
+            not_null={"flow_id", "step", "kind", "created_at"},
+        )
+        db.table("flow_steps").create_index(["command_id"], index_name="flow_steps_by_command")
 
     # --- writes --------------------------------------------------------------
 
@@ -686,6 +860,60 @@ class Store:
             params.extend(named)
         sql += ") ORDER BY id"
         return [command_from_row(r) for r in self._conn.execute(sql, params)]
+
+    def find_flow(self, flow_id: str) -> Flow | None:
+        row = self._conn.execute("SELECT * FROM flows WHERE id = ?", (flow_id,)).fetchone()
+        return flow_from_row(row) if row else None
+
+    def flows(
+        self, states: Iterable[str] | None = None, *, limit: int | None = None
+    ) -> builtins.list[Flow]:
+        where, params = self._filters(states)
+        sql = f"SELECT * FROM flows{where} ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [flow_from_row(r) for r in self._conn.execute(sql, params)]
+
+    def flow_steps(self, flow_id: str) -> builtins.list[FlowStep]:
+        rows = self._conn.execute(
+            "SELECT * FROM flow_steps WHERE flow_id = ? ORDER BY step", (flow_id,)
+        )
+        return [
+            FlowStep(
+                flow_id=r["flow_id"],
+                step=r["step"],
+                kind=r["kind"],
+                command_id=r["command_id"],
+                value=_loads(r["value"]),
+                created_at=r["created_at"],
+            )
+            for r in rows
+        ]
+
+    def flow_history(self, flow_id: str) -> builtins.list[Event]:
+        rows = self._conn.execute(
+            "SELECT * FROM events WHERE flow_id = ? AND command_id IS NULL ORDER BY id",
+            (flow_id,),
+        )
+        return [_event_from_row(r) for r in rows]
+
+    def abandoned_flows(
+        self, me: str, now: float, is_gone: Callable[[str], bool]
+    ) -> builtins.list[Flow]:
+        """Unfinished flows nobody (alive) runs."""
+        terminal = tuple(FLOW_TERMINAL_STATES)
+        rows = self._conn.execute(
+            f"SELECT * FROM flows WHERE state NOT IN ({', '.join('?' for _ in terminal)}) "
+            "AND owner IS NOT ? ORDER BY id",
+            (*terminal, me),
+        )
+        flows = [flow_from_row(r) for r in rows]
+        return [
+            f
+            for f in flows
+            if f.owner is None or f.lease_until is None or f.lease_until < now or is_gone(f.owner)
+        ]
 
     def counts(self) -> dict[tuple[str, str], int]:
         """Number of commands by (adapter, state)."""

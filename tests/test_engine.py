@@ -350,6 +350,8 @@ async def test_max_in_flight_and_priority(
     recorder.answers = [1.0] * 6
     async with flows.open_engine(db_path, adapters=[recorder]) as engine:
         batch = [await engine.submit("rec", ask(f"b{i}")) for i in range(4)]
+        while recorder.in_flight < 2:
+            await trio.sleep(0.01)
         urgent = await engine.submit("rec", ask("urgent"), priority=10)
         for command_id in [*batch, urgent]:
             await engine.wait(command_id)

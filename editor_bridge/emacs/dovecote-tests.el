@@ -1,0 +1,341 @@
+;;; dovecote-tests.el --- ERT tests of dovecote.el against a real server -*- lexical-binding: t; -*-
+
+;; Copyright (C) 2025 The dovecote authors
+
+;; This file is not part of GNU Emacs.
+
+;;; Commentary:
+
+;; End-to-end tests: each test starts `dovecote serve --stdio' on a
+;; fresh database and drives dovecote.el as a person would, typing into
+;; buffers while the scripted model is slow.  Run them with
+;;
+;;   DOVECOTE=/path/to/.venv/bin/dovecote \
+;;     emacs --batch -Q -L editor_bridge/emacs -l dovecote-tests \
+;;           -f ert-run-tests-batch-and-exit
+;;
+;; DOVECOTE names the dovecote executable; without it, `dovecote' is
+;; looked up on the PATH.  `make emacs-test' does all of this.
+
+;;; Code:
+
+(require 'ert)
+(require 'dovecote)
+(require 'smerge-mode)
+
+(defvar dovecote-test--executable (or (getenv "DOVECOTE") "dovecote")
+  "The dovecote executable the tests start.")
+
+(defvar dovecote-test--directory nil
+  "The temporary directory of the current test's database.")
+
+(defun dovecote-test--wait (predicate timeout what)
+  "Wait until PREDICATE returns non-nil, at most TIMEOUT seconds.
+Return PREDICATE's value; fail the test naming WHAT on timeout."
+  (let ((deadline (+ (float-time) timeout))
+        value)
+    (while (and (not (setq value (funcall predicate)))
+                (< (float-time) deadline))
+      (accept-process-output nil 0.02))
+    (or value
+        (ert-fail (list "Timed out waiting for" what)))))
+
+(defmacro dovecote-test--wait-until (form &optional timeout)
+  "Wait until FORM is non-nil, at most TIMEOUT seconds (default 20).
+Process output and timers run meanwhile.  Return FORM's value."
+  (declare (indent 0) (debug t))
+  `(dovecote-test--wait (lambda () ,form) ,(or timeout 20) ',form))
+
+(defun dovecote-test--teardown ()
+  "Stop the server, kill the test buffers and delete the database."
+  (dovecote-shutdown)
+  (dolist (buffer (buffer-list))
+    (when (string-match-p "\\`\\*dovecote\\(-test\\| conflict\\| dead\\)"
+                          (buffer-name buffer))
+      (with-current-buffer buffer (set-buffer-modified-p nil))
+      (kill-buffer buffer)))
+  (when dovecote-test--directory
+    (delete-directory dovecote-test--directory t)))
+
+(defmacro dovecote-test--with-server (&rest body)
+  "Run BODY with dovecote.el talking to a fresh server and database."
+  (declare (indent 0) (debug t))
+  `(let* ((dovecote-test--directory (make-temp-file "dovecote-test-" t))
+          (dovecote-server-command
+           (list dovecote-test--executable "serve" "--stdio" "--db"
+                 (expand-file-name "test.db" dovecote-test--directory)))
+          (dovecote-adapter "scripted")
+          (dovecote-on-conflict "ask")
+          (dovecote-default-timeout nil)
+          (dovecote-replay-timeout nil)
+          (dovecote-finished-functions nil)
+          (dovecote-human-answer-function
+           (lambda (&rest _) (error "No question was expected"))))
+     (unwind-protect (progn ,@body)
+       (dovecote-test--teardown))))
+
+(defun dovecote-test--buffer (text &optional name)
+  "Return a new buffer NAME holding TEXT, in `dovecote-mode'."
+  (let ((buffer (generate-new-buffer (or name "*dovecote-test*"))))
+    (with-current-buffer buffer
+      (insert text)
+      (goto-char (point-min))
+      (dovecote-mode 1))
+    buffer))
+
+(defun dovecote-test--region (from to)
+  "Return (START . END) of the text from the string FROM to the string TO."
+  (save-excursion
+    (goto-char (point-min))
+    (let ((start (progn (search-forward from) (match-beginning 0))))
+      (cons start (search-forward to)))))
+
+(defun dovecote-test--replace (old new)
+  "Type NEW over the first OLD in the current buffer, as a person would."
+  (save-excursion
+    (goto-char (point-min))
+    (search-forward old)
+    (replace-match new t t)))
+
+(defun dovecote-test--lighter ()
+  "Return the `dovecote-mode' mode line text of the current buffer.
+`format-mode-line' gives nothing in batch mode: evaluate the lighter."
+  (let ((lighter (cadr (assq 'dovecote-mode minor-mode-alist))))
+    (should (eq (car-safe lighter) :eval))
+    (eval (cadr lighter) t)))
+
+(defun dovecote-test--states ()
+  "Return the states of this Emacs' pending commands."
+  (let (states)
+    (maphash (lambda (_id info) (push (plist-get info :state) states))
+             dovecote--commands)
+    states))
+
+(ert-deftest dovecote-test-typing-before-inside-and-after ()
+  "A correction lands while the person types before, inside and after it."
+  (dovecote-test--with-server
+    (with-current-buffer
+        (dovecote-test--buffer
+         (concat "Dear 🦆 friend,\n"
+                 "#delay 1\nI recieve teh letter and beleive every word of it."
+                 "\nYours, Ann"))
+      (pcase-let ((`(,start . ,end) (dovecote-test--region "#delay" "of it.")))
+        (dovecote-correct-region start end))
+      (should (= (dovecote-pending-count) 1))
+      (goto-char (point-max))
+      (insert " (sent from my 📱)")
+      (dovecote-test--replace "every word" "each and every word")
+      (goto-char (point-min))
+      (insert "Re: your note\n")
+      (should (= (dovecote-pending-count) 1))
+      (dovecote-test--wait-until (zerop (dovecote-pending-count)))
+      (should (equal (buffer-string)
+                     (concat "Re: your note\nDear 🦆 friend,\n"
+                             "I receive the letter and believe each and every"
+                             " word of it.\nYours, Ann (sent from my 📱)"))))))
+
+(ert-deftest dovecote-test-multibyte-offsets ()
+  "Offsets are code points: accents, emoji and CJK before the region."
+  (dovecote-test--with-server
+    (with-current-buffer
+        (dovecote-test--buffer
+         "Ça va? 🦆🦆 日本語のテキスト: teh duck.\n#delay 0.5\nCafé: recieve 🦆 teh 文字.\nEnd 🎉")
+      (pcase-let ((`(,start . ,end) (dovecote-test--region "#delay" "文字.")))
+        (dovecote-correct-region start end))
+      (goto-char (point-min))
+      (insert "🐣 ")
+      (dovecote-test--replace "End" "終わり")
+      (dovecote-test--wait-until (zerop (dovecote-pending-count)))
+      (should (equal (buffer-string)
+                     (concat "🐣 Ça va? 🦆🦆 日本語のテキスト: teh duck.\n"
+                             "Café: receive 🦆 the 文字.\n終わり 🎉"))))))
+
+(ert-deftest dovecote-test-pending-count-and-mode-line ()
+  "The pending count goes up with each call and back to 0 as they land."
+  (dovecote-test--with-server
+    (with-current-buffer
+        (dovecote-test--buffer
+         "#delay 0.5\nTeh first line.\n#delay 0.5\nTeh second line.\n")
+      (should (= (dovecote-pending-count) 0))
+      (should (equal (dovecote-test--lighter) " Dove"))
+      (pcase-let ((`(,start . ,end) (dovecote-test--region "#delay" "first line.\n")))
+        (dovecote-correct-region start end))
+      (should (= (dovecote-pending-count) 1))
+      (pcase-let ((`(,start . ,end)
+                   (dovecote-test--region "#delay 0.5\nTeh second" "line.\n")))
+        (dovecote-correct-region start end))
+      (should (= (dovecote-pending-count) 2))
+      (should (equal (dovecote-test--lighter) " Dove:2"))
+      (dovecote-test--wait-until (equal (dovecote-test--states) '("sent" "sent")))
+      (should (= (dovecote-pending-count) 2))
+      (dovecote-test--wait-until (zerop (dovecote-pending-count)))
+      (should (equal (dovecote-test--lighter) " Dove"))
+      (should (equal (buffer-string) "The first line.\nThe second line.\n")))))
+
+(ert-deftest dovecote-test-apply-edit-checks-the-version ()
+  "An edit for another version is refused; a matching one is applied and reported."
+  (dovecote-test--with-server
+    (with-current-buffer (dovecote-test--buffer "abc teh")
+      (let ((version dovecote--version))
+        (should (equal (dovecote--apply-edit
+                        (list :uri dovecote--uri :version (1- version)
+                              :edits (vector (list :start 0 :end 1 :text "X"))))
+                       '(:applied :json-false)))
+        (should (equal (buffer-string) "abc teh"))
+        ;; Last first, each against the text before the edit set.
+        (should (equal (dovecote--apply-edit
+                        (list :uri dovecote--uri :version version
+                              :edits (vector (list :start 2 :end 3 :text "🦆")
+                                             (list :start 0 :end 1 :text "A"))))
+                       '(:applied t)))
+        (should (equal (buffer-string) "Ab🦆 teh"))
+        (should (> dovecote--version version)))
+      ;; The server's copy followed: a correction still lands right.
+      (dovecote-correct-region (point-min) (point-max))
+      (dovecote-test--wait-until (zerop (dovecote-pending-count)))
+      (should (equal (buffer-string) "Ab🦆 the")))))
+
+(ert-deftest dovecote-test-timeout-dead-letter-and-replay ()
+  "A call that times out is listed as a dead letter; `r' replays it."
+  (dovecote-test--with-server
+    (with-current-buffer (dovecote-test--buffer "#delay 1\nTeh end.")
+      (let* ((dead nil)
+             (dovecote-finished-functions
+              (list (lambda (id state) (when (equal state "dead") (setq dead id))))))
+        (let ((dovecote-default-timeout 0.3))
+          (dovecote-correct-region (point-min) (point-max)))
+        (dovecote-test--wait-until dead)
+        (should (= (dovecote-pending-count) 0))
+        (should (equal (buffer-string) "#delay 1\nTeh end."))
+        (goto-char (point-min))
+        (insert "P.S. ")
+        (with-current-buffer (dovecote-list-dead-letters)
+          (should (equal (buffer-name) "*dovecote dead letters*"))
+          (should (equal (mapcar #'car tabulated-list-entries) (list dead)))
+          (goto-char (point-min))
+          (should (equal (tabulated-list-get-id) dead))
+          (let ((line (buffer-substring (line-beginning-position)
+                                        (line-end-position))))
+            (should (string-match-p
+                     (concat (regexp-quote dead) " +scripted +timeout +[0-9]+s +#delay 1$")
+                     line)))
+          (let ((dovecote-replay-timeout 10))
+            (call-interactively (key-binding "r")))
+          (should (= (dovecote-pending-count) 1))
+          (should (null tabulated-list-entries))
+          (should (equal (buffer-string) "")))
+        (dovecote-test--wait-until (zerop (dovecote-pending-count)))
+        (should (equal (buffer-string) "P.S. The end."))))))
+
+(ert-deftest dovecote-test-replay-marked-dead-letters ()
+  "Marked dead letters are replayed together with `R'."
+  (dovecote-test--with-server
+    (with-current-buffer
+        (dovecote-test--buffer "#delay 1\nTeh one.\n#delay 1\nTeh two.\n")
+      (let* ((dead nil)
+             (dovecote-finished-functions
+              (list (lambda (id state) (when (equal state "dead") (push id dead))))))
+        (let ((dovecote-default-timeout 0.2))
+          (pcase-let ((`(,start . ,end) (dovecote-test--region "#delay" "one.\n")))
+            (dovecote-correct-region start end))
+          (pcase-let ((`(,start . ,end) (dovecote-test--region "#delay 1\nTeh two" "\n")))
+            (dovecote-correct-region start end)))
+        (dovecote-test--wait-until (= (length dead) 2))
+        (with-current-buffer (dovecote-list-dead-letters)
+          (should (equal (sort (mapcar #'car tabulated-list-entries) #'string<)
+                         (sort (copy-sequence dead) #'string<)))
+          (goto-char (point-min))
+          (call-interactively (key-binding "m"))
+          (call-interactively (key-binding "m"))
+          (goto-char (point-min))
+          (should (looking-at-p "\\*"))
+          (forward-line 1)
+          (should (looking-at-p "\\*"))
+          (call-interactively (key-binding "u"))
+          (forward-line -1)
+          (should (looking-at-p " "))
+          (call-interactively (key-binding "m"))
+          (let ((dovecote-replay-timeout 10))
+            (call-interactively (key-binding "R")))
+          (should (null tabulated-list-entries)))
+        (dovecote-test--wait-until (zerop (dovecote-pending-count)))
+        (should (equal (buffer-string) "The one.\nThe two.\n"))))))
+
+(ert-deftest dovecote-test-conflict-ask-opens-smerge ()
+  "Typing over words the model corrects opens the conflicts in smerge."
+  (dovecote-test--with-server
+    (with-current-buffer
+        (dovecote-test--buffer "#delay 1\nTeh plan is definately wierd, we recieve it.")
+      (let ((dovecote-on-conflict "ask")
+            (conflicts nil))
+        (dovecote-correct-region (point-min) (point-max))
+        (dovecote-test--replace "wierd" "odd")
+        (dovecote-test--replace "recieve" "get")
+        (setq conflicts
+              (dovecote-test--wait-until
+                (cl-find-if (lambda (buffer)
+                              (string-prefix-p "*dovecote conflict " (buffer-name buffer)))
+                            (buffer-list))))
+        (should (zerop (dovecote-pending-count)))
+        ;; Until resolved, the person's words stay.
+        (should (equal (buffer-string) "The plan is definitely odd, we get it."))
+        (with-current-buffer conflicts
+          (should smerge-mode)
+          (should (derived-mode-p 'dovecote-conflict-mode))
+          (goto-char (point-min))
+          (smerge-next)
+          (should (looking-at-p "<<<<<<< yours\nodd\n||||||| original\nwierd\n=======\nweird\n>>>>>>> model\n"))
+          (smerge-keep-lower)
+          (smerge-next)
+          (should (looking-at-p "<<<<<<< yours\nget\n"))
+          (smerge-keep-upper)
+          (goto-char (point-max))
+          (search-backward "get")
+          (replace-match "obtain" t t)
+          (dovecote-conflict-finish))
+        (dovecote-test--wait-until
+          (equal (buffer-string) "The plan is definitely weird, we obtain it."))
+        (should-not (buffer-live-p conflicts))))))
+
+(ert-deftest dovecote-test-server-killed-and-restarted ()
+  "When the server dies, the client restarts it and the pending call lands."
+  (dovecote-test--with-server
+    (with-current-buffer (dovecote-test--buffer "#delay 1\nWe beleive in teh plan.")
+      (dovecote-correct-region (point-min) (point-max))
+      (dovecote-test--wait-until (equal (dovecote-test--states) '("sent")))
+      (let ((old (dovecote--process)))
+        (kill-process old)
+        (dovecote-test--wait-until (not (process-live-p old)))
+        (should (string-suffix-p "!" (dovecote-test--lighter)))
+        ;; Typed while no server runs: sent with the next document/open.
+        (goto-char (point-min))
+        (insert "Note: ")
+        (dovecote-test--wait-until (and (dovecote--live)
+                                        (not (eq (dovecote--process) old))))
+        (should (= (dovecote-pending-count) 1))
+        (dovecote-test--wait-until (zerop (dovecote-pending-count)))
+        (should (equal (buffer-string) "Note: We believe in the plan."))
+        (should (equal (dovecote-test--lighter) " Dove"))))))
+
+(ert-deftest dovecote-test-human-ask-is-answered ()
+  "A question to a person is answered through the answer function."
+  (dovecote-test--with-server
+    (with-current-buffer (dovecote-test--buffer "Subject: lunch\nwhere shal we eat?\n")
+      (let* ((asked nil)
+             (dovecote-adapter "human")
+             (dovecote-human-answer-function
+              (lambda (question params)
+                (setq asked (cons question params))
+                "Where shall we eat?")))
+        (pcase-let ((`(,start . ,end) (dovecote-test--region "where" "?")))
+          (dovecote-correct-region start end))
+        (dovecote-test--wait-until asked)
+        (should (string-match-p (regexp-quote dovecote-correction-instruction)
+                                (car asked)))
+        (should (string-match-p "where shal we eat\\?" (car asked)))
+        (should (stringp (plist-get (cdr asked) :commandId)))
+        (dovecote-test--wait-until (zerop (dovecote-pending-count)))
+        (should (equal (buffer-string) "Subject: lunch\nWhere shall we eat?\n"))))))
+
+(provide 'dovecote-tests)
+;;; dovecote-tests.el ends here

@@ -1,0 +1,1082 @@
+;;; dovecote.el --- Asynchronous LLM corrections merged into what you typed since -*- lexical-binding: t; -*-
+
+;; Copyright (C) 2025 The dovecote authors
+
+;; Author: The dovecote authors
+;; Maintainer: The dovecote authors
+;; Version: 0.1.0
+;; Package-Requires: ((emacs "28.1") (jsonrpc "1.0.14"))
+;; Keywords: convenience, tools, wp
+;; URL: https://github.com/dovecote/dovecote
+
+;; This file is not part of GNU Emacs.
+
+;; Permission is hereby granted, free of charge, to any person
+;; obtaining a copy of this software, to deal in it without
+;; restriction (MIT license; see the LICENSE of the dovecote project).
+
+;;; Commentary:
+
+;; The Emacs client of dovecote, a flow engine for LLM calls.  It talks
+;; to `dovecote serve --stdio' over JSON-RPC with Emacs' own jsonrpc.el.
+;;
+;; Turn on `dovecote-mode' in a buffer: the buffer becomes a document
+;; the server mirrors, change by change.  Select a region and run
+;; `dovecote-correct-region': the call returns at once, you keep typing
+;; (before, inside or after the region), and when the model's reply
+;; arrives the server merges it three ways (the region as it was when
+;; you asked, as it is now, and the reply) and the merged edit lands in
+;; the buffer.  The mode line shows how many calls are pending.
+;;
+;; A call that misses its deadline is dead-lettered:
+;; `dovecote-list-dead-letters' lists them, and `r' replays one.
+;; Where your edit and the model's collide, `dovecote-on-conflict'
+;; decides; with "ask" (the default) the collisions open in a
+;; `smerge-mode' buffer, resolved with the usual smerge keys and sent
+;; back with \\[dovecote-conflict-finish].
+;;
+;; A minimal set-up:
+;;
+;;   (add-to-list 'load-path "/path/to/dovecote/editor_bridge/emacs")
+;;   (autoload 'dovecote-mode "dovecote" nil t)
+;;   (autoload 'dovecote-correct-region "dovecote" nil t)
+;;   (setq dovecote-server-command '("dovecote" "serve" "--stdio"))
+;;   (add-hook 'text-mode-hook #'dovecote-mode)
+
+;;; Code:
+
+(require 'cl-lib)
+(require 'jsonrpc)
+(require 'smerge-mode)
+(require 'subr-x)
+(require 'tabulated-list)
+
+;;;; Customization
+
+(defgroup dovecote nil
+  "Asynchronous LLM calls merged into the text you keep editing."
+  :group 'tools
+  :prefix "dovecote-")
+
+(defcustom dovecote-server-command '("dovecote" "serve" "--stdio")
+  "The command that starts the dovecote server, a program and its arguments.
+The server must speak JSON-RPC on its standard input and output; add
+\"--db\" and a file name to use another database than the default."
+  :type '(repeat string))
+
+(defcustom dovecote-adapter "scripted"
+  "The name of the adapter (model provider) that serves corrections.
+\"scripted\" needs no network and no key; others are configured in the
+server's dovecote.toml."
+  :type 'string)
+
+(defcustom dovecote-correction-instruction
+  "Correct the spelling and grammar of the text. Change nothing else: \
+keep its wording, line breaks and formatting. Reply with the corrected \
+text only."
+  "The instruction sent as the system prompt of a correction."
+  :type 'string)
+
+(defcustom dovecote-on-conflict "ask"
+  "What happens where your edit and the model's collide.
+\"ask\" keeps your text and opens the collisions in a `smerge-mode'
+buffer for you to resolve; \"drop\" keeps your text; \"markers\" writes
+diff3 conflict markers into the buffer; \"theirs\" takes the model's."
+  :type '(choice (const "ask") (const "drop") (const "markers") (const "theirs")))
+
+(defcustom dovecote-default-timeout nil
+  "Seconds a call may take before it is dead-lettered, or nil.
+nil leaves the adapter's own timeout.  Let-bind it around a call to set
+that call's timeout."
+  :type '(choice (const :tag "The adapter's default" nil) number))
+
+(defcustom dovecote-replay-timeout nil
+  "Seconds a replayed dead letter may take, or nil.
+nil uses `dovecote-default-timeout', and when that is nil too the
+timeout of the call that died."
+  :type '(choice (const :tag "As before" nil) number))
+
+(defcustom dovecote-human-answer-function #'dovecote-read-human-answer
+  "Function that answers a question a call puts to a person.
+It is called with two arguments, the question as a string and the
+params of the `human/ask' notification (a plist with `:commandId',
+`:messages' and maybe `:system'), and returns the answer, a string,
+or nil to leave the question unanswered."
+  :type 'function)
+
+(defcustom dovecote-reconnect-delay 0.2
+  "Seconds to wait before restarting a server that died.
+Each failed attempt doubles the wait, up to a minute."
+  :type 'number)
+
+(defcustom dovecote-events-buffer-size 0
+  "Size of the JSON-RPC events log buffer; 0 keeps no log, nil no limit."
+  :type '(choice (const :tag "No limit" nil) integer))
+
+(defcustom dovecote-finished-functions nil
+  "Functions called when one of this Emacs' calls reaches a terminal state.
+Each is called with the call's id and its state, \"done\", \"dead\" or
+\"cancelled\"."
+  :type 'hook)
+
+(defface dovecote-pending
+  '((t :inherit secondary-selection))
+  "Face of a region whose correction is pending.")
+
+;;;; State
+
+(defvar dovecote-mode) ; Defined by `define-minor-mode' below.
+
+(defvar dovecote--connection nil
+  "The `jsonrpc-process-connection' to the server, shared by all buffers.")
+
+(defvar dovecote--commands (make-hash-table :test #'equal)
+  "This Emacs' calls not yet in a terminal state: id -> plist.
+The plist has `:state', and maybe `:buffer', `:overlay', `:callback'.")
+
+(defvar dovecote--unclaimed (make-hash-table :test #'equal)
+  "Last `command/state' params of calls whose id has not come back yet.
+A state notification may overtake the response that names the call.")
+
+(defvar dovecote--expected 0
+  "Number of calls asked for whose ids have not come back yet.")
+
+(defvar dovecote--reconnect-timer nil
+  "Timer that restarts a server that died, or nil.")
+
+(defvar dovecote--reconnect-wait nil
+  "Seconds before the next restart attempt, or nil before a failure.")
+
+(defvar dovecote--shutting-down nil
+  "Non-nil while the server is stopped on purpose: no restart then.")
+
+(defvar dovecote--connecting nil
+  "Non-nil while the server is being started and initialized.")
+
+(defvar-local dovecote--uri nil
+  "The document URI of this buffer on the server.")
+
+(defvar-local dovecote--version 0
+  "The document version of this buffer; it grows with every change.")
+
+(defvar-local dovecote--size 0
+  "The buffer's size after the last change reported or held.")
+
+(defvar-local dovecote--opened nil
+  "The connection on which this buffer's document is open, or nil.")
+
+(defvar-local dovecote--held nil
+  "Changes not sent yet, most recent first.
+They wait while a call about this buffer is being submitted, so that
+the server takes the call's snapshot before it sees any later change.")
+
+(defvar-local dovecote--holds 0
+  "Number of submissions of this buffer's regions in flight.")
+
+;;;; Connection
+
+(defun dovecote--live ()
+  "Return the connection to the server if it is running, else nil."
+  (and dovecote--connection
+       (jsonrpc-running-p dovecote--connection)
+       dovecote--connection))
+
+(defun dovecote--process ()
+  "Return the server process, or nil when there is none."
+  (and dovecote--connection (jsonrpc--process dovecote--connection)))
+
+(defun dovecote--ensure ()
+  "Return a live connection, starting the server if needed."
+  (or (dovecote--live)
+      (if dovecote--connecting
+          (user-error "The dovecote server is starting; try again")
+        (dovecote--connect))))
+
+(defun dovecote--connect ()
+  "Start the server, initialize it and return the connection.
+Every buffer in `dovecote-mode' is opened on it again, and the calls
+still pending are watched on it."
+  (setq dovecote--connecting t)
+  (unwind-protect (dovecote--connect-1)
+    (setq dovecote--connecting nil)))
+
+(defun dovecote--connect-1 ()
+  "Do the work of `dovecote--connect'."
+  (when dovecote--reconnect-timer
+    (cancel-timer dovecote--reconnect-timer)
+    (setq dovecote--reconnect-timer nil))
+  (when-let ((old dovecote--connection))
+    (setq dovecote--connection nil)
+    (let ((dovecote--shutting-down t))
+      (ignore-errors (jsonrpc-shutdown old))))
+  (let* ((name "dovecote")
+         (command dovecote-server-command)
+         (default-directory (if (file-directory-p default-directory)
+                                default-directory
+                              temporary-file-directory))
+         (conn
+          (condition-case err
+              (make-instance
+               'jsonrpc-process-connection
+               :name name
+               :events-buffer-scrollback-size dovecote-events-buffer-size
+               :process (lambda ()
+                          (make-process
+                           :name name
+                           :command command
+                           :connection-type 'pipe
+                           :coding 'utf-8-emacs-unix
+                           :noquery t
+                           :stderr (get-buffer-create
+                                    (format "*%s stderr*" name))))
+               :request-dispatcher #'dovecote--handle-request
+               :notification-dispatcher #'dovecote--handle-notification
+               :on-shutdown #'dovecote--on-shutdown)
+            (error
+             (user-error "Cannot start the dovecote server %S: %s \
+\(see `dovecote-server-command')"
+                         command (error-message-string err))))))
+    (condition-case err
+        (jsonrpc-request conn 'initialize
+                         (list :clientInfo
+                               (list :name "emacs" :version emacs-version))
+                         :timeout 30)
+      (error
+       (let ((dovecote--shutting-down t))
+         (ignore-errors (jsonrpc-shutdown conn)))
+       (user-error "The dovecote server %S did not initialize: %s"
+                   command (error-message-string err))))
+    (setq dovecote--connection conn
+          dovecote--reconnect-wait nil)
+    (dolist (buffer (dovecote--buffers))
+      (with-current-buffer buffer (dovecote--open conn)))
+    (dovecote--watch conn)
+    (force-mode-line-update t)
+    conn))
+
+(defun dovecote--on-shutdown (conn)
+  "Forget CONN, whose server process died; restart it unless on purpose."
+  (when (eq conn dovecote--connection)
+    (setq dovecote--connection nil)
+    (dolist (buffer (dovecote--buffers))
+      (with-current-buffer buffer
+        (setq dovecote--opened nil dovecote--held nil)))
+    (unless dovecote--shutting-down
+      (dovecote--schedule-reconnect))
+    (force-mode-line-update t)))
+
+(defun dovecote--schedule-reconnect ()
+  "Restart the server soon, if a buffer or a pending call needs it."
+  (when (and (not dovecote--shutting-down)
+             (not dovecote--connecting)
+             (not dovecote--reconnect-timer)
+             (not (dovecote--live))
+             (or (dovecote--buffers)
+                 (> (hash-table-count dovecote--commands) 0)))
+    (setq dovecote--reconnect-timer
+          (run-at-time (or dovecote--reconnect-wait dovecote-reconnect-delay)
+                       nil #'dovecote--reconnect))))
+
+(defun dovecote--reconnect ()
+  "Restart the server from a timer; on failure try again later."
+  (setq dovecote--reconnect-timer nil)
+  (unless (or (dovecote--live) dovecote--shutting-down dovecote--connecting)
+    (condition-case err
+        (progn (dovecote--connect)
+               (message "dovecote: reconnected"))
+      (error
+       (setq dovecote--reconnect-wait
+             (min 60 (* 2 (or dovecote--reconnect-wait
+                              dovecote-reconnect-delay))))
+       (message "dovecote: cannot restart the server (%s); retrying in %gs"
+                (error-message-string err) dovecote--reconnect-wait)
+       (dovecote--schedule-reconnect)))))
+
+(defun dovecote--watch (conn)
+  "Watch this Emacs' pending commands on CONN and refresh their states."
+  (let ((ids (hash-table-keys dovecote--commands)))
+    (when ids
+      (jsonrpc-async-request
+       conn 'command/watch (list :commandIds (vconcat ids))
+       :success-fn (lambda (_result) (dovecote--refresh-states conn ids))
+       :error-fn (lambda (err)
+                   (message "dovecote: command/watch failed: %s"
+                            (plist-get err :message))
+                   (dovecote--refresh-states conn ids))
+       :timeout-fn #'ignore))))
+
+(defun dovecote--refresh-states (conn ids)
+  "Ask CONN for the state of the commands IDS, which may have moved unseen."
+  (dolist (id ids)
+    (jsonrpc-async-request
+     conn 'command/show (list :commandId id)
+     :success-fn
+     (lambda (result)
+       (let ((command (plist-get result :command)))
+         (when (gethash id dovecote--commands)
+           (dovecote--on-state
+            (list :commandId id
+                  :state (plist-get command :state)
+                  :reason (plist-get command :reason))))))
+     :error-fn (lambda (_err)
+                 ;; The server does not know it: nothing will ever finish it.
+                 (when (gethash id dovecote--commands)
+                   (dovecote--on-state (list :commandId id :state "dead"
+                                             :reason "unknown"))))
+     :timeout-fn #'ignore)))
+
+(defun dovecote-shutdown ()
+  "Stop the dovecote server and turn off `dovecote-mode' everywhere.
+Calls still pending go on in the server's database; the next start of
+the server picks them up."
+  (interactive)
+  (let ((dovecote--shutting-down t))
+    (when dovecote--reconnect-timer
+      (cancel-timer dovecote--reconnect-timer)
+      (setq dovecote--reconnect-timer nil))
+    (dolist (buffer (dovecote--buffers))
+      (with-current-buffer buffer (dovecote-mode -1)))
+    (when-let ((conn dovecote--connection))
+      (setq dovecote--connection nil)
+      (let ((process (jsonrpc--process conn))
+            (deadline (+ (float-time) 2)))
+        (when (process-live-p process)
+          (ignore-errors (process-send-eof process))
+          (while (and (process-live-p process) (< (float-time) deadline))
+            (accept-process-output process 0.05)))
+        (ignore-errors (jsonrpc-shutdown conn t))))
+    (clrhash dovecote--commands)
+    (clrhash dovecote--unclaimed)
+    (setq dovecote--expected 0
+          dovecote--reconnect-wait nil)
+    (force-mode-line-update t)))
+
+;;;; Documents
+
+(defun dovecote--buffers ()
+  "Return the live buffers in `dovecote-mode'."
+  (cl-remove-if-not (lambda (buffer) (buffer-local-value 'dovecote-mode buffer))
+                    (buffer-list)))
+
+(defun dovecote--buffer-uri ()
+  "Return the document URI for the current buffer."
+  (if buffer-file-name
+      (concat "file://" (expand-file-name buffer-file-name))
+    (concat "buffer://" (buffer-name))))
+
+(defun dovecote--buffer-of (uri)
+  "Return the buffer in `dovecote-mode' whose document is URI, or nil."
+  (cl-find uri (dovecote--buffers)
+           :key (lambda (buffer) (buffer-local-value 'dovecote--uri buffer))
+           :test #'equal))
+
+(defun dovecote--open (conn)
+  "Open the current buffer's document on CONN with its whole text."
+  (save-restriction
+    (widen)
+    (setq dovecote--held nil
+          dovecote--size (buffer-size)
+          dovecote--opened nil)
+    (condition-case err
+        (progn
+          (jsonrpc-notify conn 'document/open
+                          (list :uri dovecote--uri
+                                :version dovecote--version
+                                :text (buffer-substring-no-properties
+                                       (point-min) (point-max))))
+          (setq dovecote--opened conn))
+      (error (message "dovecote: cannot open %s: %s"
+                      dovecote--uri (error-message-string err))))))
+
+(defun dovecote--opened-p ()
+  "Return non-nil if the current buffer is open on the live connection."
+  (and dovecote--opened
+       (eq dovecote--opened dovecote--connection)
+       (jsonrpc-running-p dovecote--opened)))
+
+(defun dovecote--after-change (beg end old-len)
+  "Report the change of BEG..END, which replaced OLD-LEN characters.
+Offsets are code points from the start of the whole buffer."
+  (when dovecote--uri
+    (cl-incf dovecote--version)
+    (let* ((size (buffer-size))
+           (change
+            (if (= size (+ dovecote--size (- end beg) (- old-len)))
+                (list :start (1- beg) :end (+ (1- beg) old-len)
+                      :text (buffer-substring-no-properties beg end))
+              ;; The hook's arguments do not add up: send the whole text.
+              (save-restriction
+                (widen)
+                (list :start 0 :end dovecote--size
+                      :text (buffer-substring-no-properties
+                             (point-min) (point-max)))))))
+      (setq dovecote--size size)
+      (if (dovecote--opened-p)
+          (progn (push change dovecote--held)
+                 (dovecote--flush))
+        ;; Disconnected: the next connection opens the whole text.
+        (setq dovecote--held nil dovecote--opened nil)
+        (dovecote--schedule-reconnect)))))
+
+(defun dovecote--flush ()
+  "Send the current buffer's held edits, unless a submission is in flight."
+  (when (and dovecote--held (<= dovecote--holds 0))
+    (if (not (dovecote--opened-p))
+        (setq dovecote--held nil)
+      (let ((changes (vconcat (reverse dovecote--held))))
+        (setq dovecote--held nil)
+        (condition-case nil
+            (jsonrpc-notify dovecote--opened 'document/change
+                            (list :uri dovecote--uri
+                                  :version dovecote--version
+                                  :changes changes))
+          (error (setq dovecote--opened nil)
+                 (dovecote--schedule-reconnect)))))))
+
+(defun dovecote--hold (buffer delta)
+  "Add DELTA to BUFFER's count of held submissions; flush when it is 0."
+  (when (buffer-live-p buffer)
+    (with-current-buffer buffer
+      (setq dovecote--holds (max 0 (+ dovecote--holds delta)))
+      (dovecote--flush))))
+
+(defun dovecote--close ()
+  "Close the current buffer's document on the server."
+  (when (and dovecote--uri (dovecote--opened-p))
+    (ignore-errors
+      (jsonrpc-notify dovecote--opened 'document/close
+                      (list :uri dovecote--uri))))
+  (setq dovecote--opened nil dovecote--held nil))
+
+(defun dovecote--replace (start end text)
+  "Replace the text from START to END with TEXT, moving markers sensibly."
+  (save-excursion
+    (goto-char start)
+    (insert text)
+    (delete-region (point) (+ (point) (- end start)))))
+
+(defun dovecote--apply-edit (params)
+  "Apply the `document/applyEdit' PARAMS if the version matches.
+Return the JSON-RPC result: applied true, or false when the buffer has
+moved on (or is gone) and the server must merge again."
+  (let* ((buffer (dovecote--buffer-of (plist-get params :uri)))
+         (edits (plist-get params :edits))
+         (applied
+          (and buffer
+               (with-current-buffer buffer
+                 (and (dovecote--opened-p)
+                      (null dovecote--held)
+                      (eql (plist-get params :version) dovecote--version)
+                      (vectorp edits)
+                      (save-restriction
+                        (widen)
+                        (and (cl-every
+                              (lambda (edit)
+                                (let ((start (plist-get edit :start))
+                                      (end (plist-get edit :end)))
+                                  (and (natnump start) (natnump end)
+                                       (<= start end (buffer-size))
+                                       (stringp (plist-get edit :text)))))
+                              edits)
+                             (condition-case err
+                                 (progn
+                                   (cl-loop for edit across edits
+                                            do (dovecote--replace
+                                                (1+ (plist-get edit :start))
+                                                (1+ (plist-get edit :end))
+                                                (plist-get edit :text)))
+                                   t)
+                               (error
+                                (message "dovecote: cannot apply an edit: %s"
+                                         (error-message-string err))
+                                nil)))))))))
+    (list :applied (if applied t :json-false))))
+
+;;;; Dispatch
+
+(defun dovecote--handle-request (_conn method params)
+  "Answer the server's request METHOD with PARAMS."
+  (pcase method
+    ('document/applyEdit (dovecote--apply-edit params))
+    (_ (jsonrpc-error :code -32601
+                      :message (format "dovecote.el has no method %s" method)))))
+
+(defun dovecote--handle-notification (_conn method params)
+  "Handle the server's notification METHOD with PARAMS."
+  (pcase method
+    ('command/state (dovecote--on-state params))
+    ('human/ask (run-at-time 0 nil #'dovecote--on-human-ask params))
+    ('server/error (dovecote--on-server-error params))
+    (_ nil)))
+
+(defun dovecote--on-server-error (params)
+  "Report the refused notification in PARAMS; re-sync documents if needed."
+  (message "dovecote: the server refused %s: %s"
+           (plist-get params :method) (plist-get params :message))
+  (when (member (plist-get params :method)
+                '("document/change" "document/open"))
+    ;; The server's copy is wrong; which document is not said: re-open all.
+    (when-let ((conn (dovecote--live)))
+      (dolist (buffer (dovecote--buffers))
+        (with-current-buffer buffer
+          (unless (> dovecote--holds 0)
+            (cl-incf dovecote--version)
+            (dovecote--open conn)))))))
+
+;;;; Calls
+
+(defun dovecote-pending-count ()
+  "Return the number of this Emacs' commands not yet in a terminal state."
+  (+ dovecote--expected (hash-table-count dovecote--commands)))
+
+(defun dovecote--mode-line ()
+  "Return the `dovecote-mode' lighter: the pending count, `!' offline."
+  (let ((pending (dovecote-pending-count)))
+    (concat " Dove"
+            (if (> pending 0) (format ":%d" pending) "")
+            (if (dovecote--live) "" "!"))))
+
+(defun dovecote--expect (count)
+  "Count COUNT more commands whose ids are still to come back."
+  (setq dovecote--expected (max 0 (+ dovecote--expected count)))
+  (when (zerop dovecote--expected)
+    (clrhash dovecote--unclaimed))
+  (force-mode-line-update t))
+
+(defun dovecote--claim (id info)
+  "Make the call ID one of ours, with INFO (a plist, see `dovecote--commands')."
+  (let ((early (gethash id dovecote--unclaimed)))
+    (remhash id dovecote--unclaimed)
+    (puthash id (plist-put info :state "pending") dovecote--commands)
+    (when early (dovecote--on-state early))
+    (force-mode-line-update t)))
+
+(defun dovecote--on-state (params)
+  "Record the `command/state' PARAMS of a call."
+  (let* ((id (plist-get params :commandId))
+         (state (plist-get params :state))
+         (info (gethash id dovecote--commands)))
+    (cond
+     ((null info)
+      (when (> dovecote--expected 0)
+        (puthash id params dovecote--unclaimed)))
+     ((member state '("done" "dead" "cancelled"))
+      (remhash id dovecote--commands)
+      (force-mode-line-update t)
+      (dovecote--finished id info state params))
+     (t (puthash id (plist-put info :state state) dovecote--commands)))))
+
+(defun dovecote--finished (id info state params)
+  "Wind up the call ID (with INFO), now in terminal STATE (from PARAMS)."
+  (when-let ((overlay (plist-get info :overlay)))
+    (delete-overlay overlay))
+  (let ((callback (plist-get info :callback)))
+    (pcase state
+      ("dead"
+       (message "dovecote: call %s is dead (%s); %s replays it" id
+                (or (plist-get params :reason) "?")
+                (substitute-command-keys "\\[dovecote-list-dead-letters]"))
+       (dovecote--refresh-dead-letters-soon))
+      ("cancelled" (message "dovecote: call %s was cancelled" id)))
+    (when-let ((conn (and (or callback (equal state "done")) (dovecote--live))))
+      (jsonrpc-async-request
+       conn 'command/show (list :commandId id)
+       :success-fn
+       (lambda (result)
+         (let ((unresolved (plist-get result :unresolved)))
+           (when (and (equal state "done") (numberp unresolved) (> unresolved 0))
+             (dovecote--show-conflicts id (plist-get info :buffer) result)))
+         (when callback (funcall callback result)))
+       :error-fn #'ignore
+       :timeout-fn #'ignore)))
+  (run-hook-with-args 'dovecote-finished-functions id state))
+
+(cl-defun dovecote-submit (adapter request &key buffer start end on-conflict
+                                   timeout max-attempts callback)
+  "Ask ADAPTER for REQUEST and return at once.
+REQUEST is a plist as on the wire: `:messages' (a vector of plists with
+`:role' and `:content'), and maybe `:system', `:maxTokens',
+`:temperature'.  With BUFFER, START and END the reply replaces that
+region (positions in BUFFER) through the three-way merge, colliding
+edits handled by ON-CONFLICT (see `dovecote-on-conflict').  TIMEOUT
+defaults to `dovecote-default-timeout'; MAX-ATTEMPTS to the server's.
+CALLBACK, if non-nil, is called with the `command/show' result once
+the call is over."
+  (let* ((conn (dovecote--ensure))
+         (timeout (or timeout dovecote-default-timeout))
+         (params (list :adapter adapter :request request))
+         overlay)
+    (when timeout (setq params (plist-put params :timeout timeout)))
+    (when max-attempts
+      (setq params (plist-put params :maxAttempts max-attempts)))
+    (when buffer
+      (with-current-buffer buffer
+        (unless dovecote-mode (dovecote-mode 1))
+        (unless (dovecote--opened-p) (dovecote--open conn))
+        (setq params
+              (plist-put params :target
+                         (list :uri dovecote--uri :start (1- start) :end (1- end))))
+        (setq params (plist-put params :onConflict
+                                (or on-conflict dovecote-on-conflict)))
+        (setq overlay (make-overlay start end nil nil t))
+        (overlay-put overlay 'face 'dovecote-pending)
+        (overlay-put overlay 'help-echo "dovecote: correction pending")
+        (dovecote--hold buffer 1)))
+    (dovecote--expect 1)
+    (let ((done nil))
+      (cl-flet ((release ()
+                  (unless done
+                    (setq done t)
+                    (dovecote--expect -1)
+                    (when buffer (dovecote--hold buffer -1))))
+                (failed (why)
+                  (when overlay (delete-overlay overlay))
+                  (message "dovecote: the call was not made: %s" why)))
+        (jsonrpc-async-request
+         conn 'command/submit params
+         :success-fn
+         (lambda (result)
+           (dovecote--claim (plist-get result :commandId)
+                            (list :buffer buffer :overlay overlay
+                                  :callback callback))
+           (release))
+         :error-fn (lambda (err) (release) (failed (plist-get err :message)))
+         :timeout-fn (lambda () (release) (failed "no answer from the server")))))
+    nil))
+
+(defun dovecote--clip (start end)
+  "Return (START . END) clipped to the accessible part of the buffer."
+  (cons (max start (point-min)) (min end (point-max))))
+
+(defun dovecote-correct-region (start end)
+  "Ask for corrections of the region from START to END; return at once.
+The region's text goes unchanged as the one user message, with
+`dovecote-correction-instruction' as the system prompt, to
+`dovecote-adapter'.  Keep typing: the reply is merged into the region
+as it is when the reply arrives."
+  (interactive "r")
+  (pcase-let ((`(,start . ,end) (dovecote--clip (min start end)
+                                                (max start end))))
+    (when (= start end)
+      (user-error "The region is empty"))
+    (unless dovecote-mode (dovecote-mode 1))
+    (dovecote-submit
+     dovecote-adapter
+     (list :system dovecote-correction-instruction
+           :messages (vector (list :role "user"
+                                   :content (buffer-substring-no-properties
+                                             start end))))
+     :buffer (current-buffer) :start start :end end)
+    (when (called-interactively-p 'interactive)
+      (deactivate-mark)
+      (message "dovecote: correction asked (%d pending)"
+               (dovecote-pending-count)))))
+
+;;;; The minor mode
+
+(defun dovecote--before-major-mode-change ()
+  "Turn `dovecote-mode' off before the major mode wipes its variables."
+  (dovecote-mode -1))
+
+;;;###autoload
+(define-minor-mode dovecote-mode
+  "Mirror this buffer to the dovecote server for asynchronous LLM calls.
+The server is started once per Emacs, and its connection is shared by
+every buffer.  Every change is reported to it, and the merged replies
+of calls about this buffer (see `dovecote-correct-region') are applied
+here.  The mode line shows the number of pending calls, and `!' while
+the server is not connected."
+  :lighter (:eval (dovecote--mode-line))
+  (if dovecote-mode
+      (condition-case err
+          (progn
+            (setq dovecote--uri (dovecote--buffer-uri)
+                  dovecote--version (1+ dovecote--version)
+                  dovecote--holds 0
+                  dovecote--held nil
+                  dovecote--opened nil)
+            (add-hook 'after-change-functions #'dovecote--after-change nil t)
+            (add-hook 'kill-buffer-hook #'dovecote--close nil t)
+            (add-hook 'change-major-mode-hook
+                      #'dovecote--before-major-mode-change nil t)
+            (let ((conn (dovecote--ensure)))
+              (unless (dovecote--opened-p) (dovecote--open conn))))
+        (error (dovecote-mode -1)
+               (signal (car err) (cdr err))))
+    (dovecote--close)
+    (remove-hook 'after-change-functions #'dovecote--after-change t)
+    (remove-hook 'kill-buffer-hook #'dovecote--close t)
+    (remove-hook 'change-major-mode-hook #'dovecote--before-major-mode-change t)
+    (setq dovecote--uri nil)))
+
+;;;; People
+
+(defun dovecote-read-human-answer (question &optional _params)
+  "Ask QUESTION in the minibuffer; return the answer, or nil if empty."
+  (let ((answer (read-string (format "dovecote asks: %s\nYour answer: "
+                                     question))))
+    (unless (string-empty-p answer) answer)))
+
+(defun dovecote--question (params)
+  "Return the question of the `human/ask' PARAMS as one string."
+  (string-join
+   (delq nil
+         (cons (plist-get params :system)
+               (mapcar (lambda (message) (plist-get message :content))
+                       (plist-get params :messages))))
+   "\n\n"))
+
+(defun dovecote--on-human-ask (params)
+  "Put the question in PARAMS to a person and send the answer back."
+  (let* ((id (plist-get params :commandId))
+         (answer (condition-case err
+                     (with-local-quit
+                       (funcall dovecote-human-answer-function
+                                (dovecote--question params) params))
+                   (error (message "dovecote: no answer: %s"
+                                   (error-message-string err))
+                          nil))))
+    (when (stringp answer)
+      (if-let ((conn (dovecote--live)))
+          (jsonrpc-async-request
+           conn 'command/reply (list :commandId id :reply (list :text answer))
+           :success-fn
+           (lambda (result)
+             (unless (eq (plist-get result :accepted) t)
+               (message "dovecote: the answer came too late; it is kept with the dead call")))
+           :error-fn (lambda (err)
+                       (message "dovecote: the answer was refused: %s"
+                                (plist-get err :message)))
+           :timeout-fn #'ignore)
+        (message "dovecote: not connected; the question will be asked again")))))
+
+;;;; Conflicts
+
+(defvar-local dovecote--conflict-id nil
+  "The call whose conflicts this buffer resolves.")
+
+(defvar-local dovecote--conflict-spans nil
+  "The conflicts of this buffer: a list of (INDEX START END OURS THEIRS).
+START and END are markers around the conflict's block.")
+
+(defvar dovecote-conflict-mode-map
+  (let ((map (make-sparse-keymap)))
+    (define-key map (kbd "C-c C-c") #'dovecote-conflict-finish)
+    (define-key map (kbd "C-c C-k") #'dovecote-conflict-abort)
+    map)
+  "Keymap of `dovecote-conflict-mode'.")
+
+(define-derived-mode dovecote-conflict-mode text-mode "Dove-Conflict"
+  "Resolve the collisions of a correction with your edits.
+Each block shows your text (upper), the original (middle) and the
+model's (lower).  Keep one with the `smerge-mode' commands
+\(\\[smerge-keep-upper], \\[smerge-keep-lower]) or edit the block into
+the text you want, then send the choices with \\[dovecote-conflict-finish].
+\\[dovecote-conflict-abort] keeps your text everywhere.
+
+\\{dovecote-conflict-mode-map}")
+
+(defun dovecote--side (text)
+  "Return TEXT as one side of a conflict block, on lines of its own."
+  (if (string-empty-p text) "" (concat text "\n")))
+
+(defun dovecote--show-conflicts (id buffer result)
+  "Open the kept conflicts of the call ID about BUFFER, from RESULT.
+RESULT is the call's `command/show' result."
+  (let* ((conflicts (append (plist-get result :conflicts) nil))
+         (count (length conflicts))
+         (name (format "*dovecote conflict %s*" id))
+         (conflict-buffer (get-buffer-create name))
+         spans)
+    (with-current-buffer conflict-buffer
+      (let ((inhibit-read-only t))
+        (erase-buffer)
+        (dovecote-conflict-mode)
+        (setq dovecote--conflict-id id)
+        (insert (propertize
+                 (format "Conflicts of the correction of %s.\n\
+Keep a side of each block with %s or %s, or edit it; then %s sends them.\n\n"
+                         (if (buffer-live-p buffer) (buffer-name buffer) "a buffer")
+                         (substitute-command-keys "\\[smerge-keep-upper]")
+                         (substitute-command-keys "\\[smerge-keep-lower]")
+                         (substitute-command-keys
+                          "\\<dovecote-conflict-mode-map>\\[dovecote-conflict-finish]"))
+                 'face 'font-lock-comment-face))
+        (cl-loop
+         for conflict in conflicts
+         for index from 0
+         do (insert (propertize (format "Conflict %d of %d:\n" (1+ index) count)
+                                'face 'bold))
+         (let ((start (point))
+               (ours (plist-get conflict :ours))
+               (theirs (plist-get conflict :theirs)))
+           (insert "<<<<<<< yours\n" (dovecote--side ours)
+                   "||||||| original\n" (dovecote--side (plist-get conflict :base))
+                   "=======\n" (dovecote--side theirs)
+                   ">>>>>>> model\n")
+           (push (list index start (point) ours theirs) spans)
+           (insert "\n")))
+        (setq dovecote--conflict-spans
+              (mapcar (pcase-lambda (`(,index ,start ,end ,ours ,theirs))
+                        (list index (copy-marker start) (copy-marker end t)
+                              ours theirs))
+                      spans))
+        (smerge-mode 1)
+        (goto-char (point-min))
+        (ignore-errors (smerge-next))))
+    (display-buffer conflict-buffer)
+    (message "dovecote: %d conflict%s to resolve in %s" count
+             (if (= count 1) "" "s") name)))
+
+(defun dovecote--conflict-choices ()
+  "Return the choices made in this conflict buffer, last conflict first.
+Each is a list (INDEX CHOICE TEXT) as `conflict/resolve' takes them."
+  (mapcar
+   (pcase-lambda (`(,index ,start ,end ,ours ,theirs))
+     (let ((text (buffer-substring-no-properties start end)))
+       (when (string-match-p "^\\(<<<<<<< \\|>>>>>>> \\||||||||\\)" text)
+         (user-error "Conflict %d is not resolved yet" (1+ index)))
+       (when (string-suffix-p "\n" text)
+         (setq text (substring text 0 -1)))
+       (cond ((equal text ours) (list index "ours" nil))
+             ((equal text theirs) (list index "theirs" nil))
+             (t (list index "text" text)))))
+   (sort (copy-sequence dovecote--conflict-spans)
+         (lambda (a b) (> (car a) (car b))))))
+
+(defun dovecote-conflict-finish ()
+  "Send the resolution of every conflict in this buffer to the server.
+A block left as your text keeps it (\"ours\"), one left as the model's
+takes it (\"theirs\"), and any other text replaces the conflict."
+  (interactive)
+  (unless dovecote--conflict-id
+    (user-error "Not a dovecote conflict buffer"))
+  (let ((id dovecote--conflict-id)
+        (choices (dovecote--conflict-choices))
+        (conn (dovecote--ensure))
+        (conflict-buffer (current-buffer)))
+    ;; One by one, last first: resolving one renumbers those after it.
+    (cl-labels
+        ((next (remaining)
+           (if (null remaining)
+               (progn
+                 (dovecote--kill-conflict-buffer conflict-buffer)
+                 (message "dovecote: conflicts of %s resolved" id))
+             (pcase-let* ((`(,index ,choice ,text) (car remaining))
+                          (params (list :commandId id :choice choice
+                                        :index index)))
+               (when text (setq params (plist-put params :text text)))
+               (jsonrpc-async-request
+                conn 'conflict/resolve params
+                :success-fn
+                (lambda (result)
+                  (if (eq (plist-get result :applied) t)
+                      (next (cdr remaining))
+                    (message "dovecote: conflict %d could not be applied; \
+resolve it again" (1+ index))))
+                :error-fn (lambda (err)
+                            (message "dovecote: conflict/resolve failed: %s"
+                                     (plist-get err :message)))
+                :timeout-fn (lambda ()
+                              (message "dovecote: conflict/resolve timed out"))
+                :timeout 60)))))
+      (next choices))))
+
+(defun dovecote-conflict-abort ()
+  "Close this conflict buffer; your text stays where the conflicts were.
+The server keeps the conflicts; nothing is sent."
+  (interactive)
+  (dovecote--kill-conflict-buffer (current-buffer)))
+
+(defun dovecote--kill-conflict-buffer (buffer)
+  "Close the windows on the conflict BUFFER and kill it."
+  (when (buffer-live-p buffer)
+    (quit-windows-on buffer)
+    (kill-buffer buffer)))
+
+;;;; Dead letters
+
+(defvar-local dovecote--marked nil
+  "Ids of the dead letters marked in this buffer.")
+
+(defvar dovecote-dead-letters-mode-map
+  (let ((map (make-sparse-keymap)))
+    (set-keymap-parent map tabulated-list-mode-map)
+    (define-key map "r" #'dovecote-dead-letters-replay)
+    (define-key map "R" #'dovecote-dead-letters-replay-marked)
+    (define-key map "m" #'dovecote-dead-letters-mark)
+    (define-key map "u" #'dovecote-dead-letters-unmark)
+    map)
+  "Keymap of `dovecote-dead-letters-mode'.")
+
+(define-derived-mode dovecote-dead-letters-mode tabulated-list-mode
+  "Dove-Dead"
+  "The calls that died (timed out, failed) and can be replayed.
+\\[dovecote-dead-letters-replay] replays the call at point,
+\\[dovecote-dead-letters-mark] marks one and
+\\[dovecote-dead-letters-unmark] unmarks it,
+\\[dovecote-dead-letters-replay-marked] replays the marked ones,
+\\[revert-buffer] refreshes the list.  With a prefix argument, a
+replay asks for its timeout; otherwise `dovecote-replay-timeout'.
+
+\\{dovecote-dead-letters-mode-map}"
+  (setq tabulated-list-format
+        [("Id" 36 t) ("Adapter" 10 t) ("Reason" 17 t)
+         ("Age" 6 dovecote--age-less-p :right-align t) ("Prompt" 0 nil)])
+  (setq tabulated-list-padding 2)
+  (setq-local revert-buffer-function #'dovecote--dead-letters-revert)
+  (tabulated-list-init-header))
+
+(defun dovecote--age (created)
+  "Return how long ago the epoch time CREATED was, in short words."
+  (let ((seconds (if (numberp created) (max 0 (- (float-time) created)) 0)))
+    (cond ((< seconds 60) (format "%ds" (floor seconds)))
+          ((< seconds 3600) (format "%dm" (floor seconds 60)))
+          ((< seconds 86400) (format "%dh" (floor seconds 3600)))
+          (t (format "%dd" (floor seconds 86400))))))
+
+(defun dovecote--age-less-p (a b)
+  "Return non-nil if the entry A is younger than the entry B."
+  (> (or (get-text-property 0 'dovecote-created (aref (cadr a) 3)) 0)
+     (or (get-text-property 0 'dovecote-created (aref (cadr b) 3)) 0)))
+
+(defun dovecote--prompt-line (command)
+  "Return the first line of the last message of COMMAND's request."
+  (let* ((messages (plist-get (plist-get command :request) :messages))
+         (last (and (> (length messages) 0) (aref messages (1- (length messages)))))
+         (content (or (plist-get last :content) "")))
+    (car (split-string content "\n"))))
+
+(defun dovecote--dead-letter-entry (command)
+  "Return the `tabulated-list-entries' entry of the dead COMMAND."
+  (let ((created (plist-get command :createdAt)))
+    (list (plist-get command :id)
+          (vector (plist-get command :id)
+                  (or (plist-get command :adapter) "")
+                  (or (plist-get command :reason) "")
+                  (propertize (dovecote--age created) 'dovecote-created created)
+                  (dovecote--prompt-line command)))))
+
+(defun dovecote--dead-letters-show (commands)
+  "Show the dead COMMANDS (a vector) in the current buffer."
+  (setq tabulated-list-entries
+        (mapcar #'dovecote--dead-letter-entry (append commands nil)))
+  (setq dovecote--marked
+        (cl-intersection dovecote--marked (mapcar #'car tabulated-list-entries)
+                         :test #'equal))
+  (tabulated-list-print t)
+  (save-excursion
+    (goto-char (point-min))
+    (while (not (eobp))
+      (when (member (tabulated-list-get-id) dovecote--marked)
+        (tabulated-list-put-tag "*"))
+      (forward-line 1))))
+
+(defun dovecote--dead-letters-fetch ()
+  "Fetch the dead letters from the server into the current buffer."
+  (let ((result (jsonrpc-request (dovecote--ensure) 'deadletter/list nil
+                                 :timeout 30)))
+    (dovecote--dead-letters-show (plist-get result :commands))))
+
+(defun dovecote--dead-letters-revert (&rest _ignored)
+  "Fetch the dead letters again, keeping the marked ones."
+  (dovecote--dead-letters-fetch))
+
+(defun dovecote--refresh-dead-letters-soon ()
+  "Refresh the dead letters buffer, if there is one, without waiting."
+  (let ((buffer (get-buffer "*dovecote dead letters*"))
+        (conn (dovecote--live)))
+    (when (and buffer conn)
+      (jsonrpc-async-request
+       conn 'deadletter/list nil
+       :success-fn (lambda (result)
+                     (when (buffer-live-p buffer)
+                       (with-current-buffer buffer
+                         (dovecote--dead-letters-show
+                          (plist-get result :commands)))))
+       :error-fn #'ignore
+       :timeout-fn #'ignore))))
+
+;;;###autoload
+(defun dovecote-list-dead-letters ()
+  "List the dead-lettered commands in the buffer `*dovecote dead letters*'."
+  (interactive)
+  (let ((buffer (get-buffer-create "*dovecote dead letters*")))
+    (with-current-buffer buffer
+      (unless (derived-mode-p 'dovecote-dead-letters-mode)
+        (dovecote-dead-letters-mode))
+      (dovecote--dead-letters-fetch))
+    (pop-to-buffer buffer)
+    buffer))
+
+(defun dovecote--replay-timeout (arg)
+  "Return the replay timeout: asked for with a prefix ARG, else the default."
+  (if arg
+      (read-number "Timeout of the replay (seconds): "
+                   (or dovecote-replay-timeout dovecote-default-timeout 60))
+    (or dovecote-replay-timeout dovecote-default-timeout)))
+
+(defun dovecote-replay (ids &optional timeout)
+  "Replay the dead commands IDS, with TIMEOUT seconds each if non-nil.
+Return the new calls' ids; their replies land like the originals'."
+  (let* ((conn (dovecote--ensure))
+         (params (list :commandIds (vconcat ids)))
+         result)
+    (when timeout (setq params (plist-put params :timeout timeout)))
+    (dovecote--expect (length ids))
+    (unwind-protect
+        (progn
+          (setq result (jsonrpc-request conn 'deadletter/replay params
+                                        :timeout 30))
+          (mapcar (lambda (pair)
+                    (let ((new (plist-get pair :to)))
+                      (dovecote--claim new (list :replay-of
+                                                 (plist-get pair :from)))
+                      new))
+                  (plist-get result :replayed)))
+      (dovecote--expect (- (length ids))))))
+
+(defun dovecote--dead-letters-replay-ids (ids timeout)
+  "Replay IDS with TIMEOUT from the dead letters buffer, and refresh it."
+  (let ((new (dovecote-replay ids timeout)))
+    (setq dovecote--marked (cl-set-difference dovecote--marked ids :test #'equal))
+    (dovecote--dead-letters-fetch)
+    (message "dovecote: replayed %d call%s" (length new)
+             (if (= (length new) 1) "" "s"))
+    new))
+
+(defun dovecote-dead-letters-replay (&optional timeout)
+  "Replay the dead letter at point, with TIMEOUT seconds if non-nil.
+Interactively, a prefix argument asks for the timeout; otherwise it is
+`dovecote-replay-timeout'."
+  (interactive (list (dovecote--replay-timeout current-prefix-arg))
+               dovecote-dead-letters-mode)
+  (let ((id (tabulated-list-get-id)))
+    (unless id (user-error "No dead letter on this line"))
+    (dovecote--dead-letters-replay-ids (list id) timeout)))
+
+(defun dovecote-dead-letters-replay-marked (&optional timeout)
+  "Replay the marked dead letters, with TIMEOUT seconds if non-nil.
+Interactively, a prefix argument asks for the timeout; otherwise it is
+`dovecote-replay-timeout'."
+  (interactive (list (dovecote--replay-timeout current-prefix-arg))
+               dovecote-dead-letters-mode)
+  (unless dovecote--marked (user-error "No dead letter is marked"))
+  (dovecote--dead-letters-replay-ids dovecote--marked timeout))
+
+(defun dovecote-dead-letters-mark ()
+  "Mark the dead letter at point and move to the next line."
+  (interactive nil dovecote-dead-letters-mode)
+  (when-let ((id (tabulated-list-get-id)))
+    (cl-pushnew id dovecote--marked :test #'equal)
+    (tabulated-list-put-tag "*" t)))
+
+(defun dovecote-dead-letters-unmark ()
+  "Unmark the dead letter at point and move to the next line."
+  (interactive nil dovecote-dead-letters-mode)
+  (when-let ((id (tabulated-list-get-id)))
+    (setq dovecote--marked (delete id dovecote--marked))
+    (tabulated-list-put-tag " " t)))
+
+(provide 'dovecote)
+;;; dovecote.el ends here

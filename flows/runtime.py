@@ -1,0 +1,470 @@
+"""Flows: multi-step work that survives a crash without paying twice.
+
+Two ways to write a flow, one runtime, one table (``flows``), one machine
+(``FLOW_TRANSITIONS`` in flows/states.py):
+
+* **scripted**: ``@flows.flow("name")`` on ``async def f(ctx, **params)``.
+  Each ``await ctx.call(...)`` is a step: a command whose ``flow_id`` and
+  ``step`` tie it to the flow, recorded in ``flow_steps`` in the same
+  transaction that stores the command. After a crash the script runs again
+  from the top; a step already recorded returns its recorded reply (or
+  waits for its command still in flight) instead of calling the model, so
+  the script runs on from the first unfinished step. ``ctx.now()``,
+  ``ctx.random()`` and ``ctx.sleep()`` are journaled the same way, so the
+  script takes the same path again. A script that changed so that step N
+  is no longer what was recorded is stopped, its flow ``failed`` with an
+  error naming the step.
+* **declared** (flows.declared): stages and transitions as data; entering a
+  stage submits its command with the ``flow.advance`` reply handler, which
+  picks the event from the reply and enters the next stage. No task, no
+  closure: everything needed to go on is in the database.
+
+A step that is dead-lettered leaves its flow ``stalled``. Replaying the
+dead letter (``dovecote replay``, ``deadletter/replay``, ``flow retry``)
+makes a command that takes over the step, and the flow resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import attrs
+import trio
+
+from adapters.base import Reply, Request
+from flows.records import Flow, FlowChange, FlowStep, new_id
+from flows.snapshots import Snapshot
+from flows.states import (
+    CANCEL,
+    CANCELLED,
+    COMPLETE,
+    COMPLETED,
+    DEAD,
+    DONE,
+    FAIL,
+    FLOW_TERMINAL_STATES,
+    FLOW_TRANSITIONS,
+    RESUME,
+    RETRY,
+    RUNNING,
+    STALL,
+    STALLED,
+    WAIT,
+    WAITING,
+    IllegalTransition,
+    next_state,
+)
+from flows.store import (
+    CopySteps,
+    Insert,
+    InsertFlow,
+    MoveFlow,
+    Operation,
+    RecordStep,
+    owner_is_gone,
+)
+
+if TYPE_CHECKING:
+    from flows.engine import Engine
+    from flows.records import Command
+
+log = logging.getLogger("dovecote.flows")
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+@attrs.frozen
+class ScriptedFlow:
+    name: str
+    function: Callable[..., Awaitable[Any]]
+
+
+REGISTRY: dict[str, Any] = {}
+"""Flow definitions by name: ``ScriptedFlow`` or ``flows.declared.DeclaredFlow``."""
+
+
+def register(definition: Any) -> None:
+    existing = REGISTRY.get(definition.name)
+    if existing is not None and existing != definition:
+        raise ValueError(f"a different flow is already registered as {definition.name!r}")
+    REGISTRY[definition.name] = definition
+
+
+def flow(name: str) -> Callable[[F], F]:
+    """Register ``async def f(ctx, **params)`` as the scripted flow ``name``."""
+
+    def decorate(function: F) -> F:
+        register(ScriptedFlow(name, function))
+        return function
+
+    return decorate
+
+
+class FlowFailed(Exception):
+    """``wait_flow`` on a flow that failed or was cancelled; ``flow`` says why."""
+
+    def __init__(self, flow: Flow) -> None:
+        super().__init__(f"flow {flow.id} ({flow.name}) {flow.state}: {flow.error or flow.state}")
+        self.flow = flow
+
+
+class JournalMismatch(Exception):
+    """The script no longer does what its journal recorded at a step."""
+
+
+class StepCancelled(Exception):
+    """A step's command was cancelled: the flow cannot go on."""
+
+
+class FlowContext:
+    """What a scripted flow's steps go through. Every method is a journaled
+    step: on a resumed run it returns what the first run got."""
+
+    def __init__(self, runner: FlowRunner, flow: Flow) -> None:
+        self._runner = runner
+        self._engine = runner.engine
+        self.flow_id = flow.id
+        self.params: Mapping[str, Any] = flow.params or {}
+        self._step = 0
+        self._recorded = {s.step: s for s in self._engine.store.flow_steps(flow.id)}
+
+    def _next(self, kind: str) -> tuple[int, FlowStep | None]:
+        self._step += 1
+        recorded = self._recorded.get(self._step)
+        if recorded is not None and recorded.kind != kind:
+            raise JournalMismatch(
+                f"step {self._step} was a {recorded.kind} when this flow first ran, and is "
+                f"now a {kind}: the script changed in a way its journal cannot follow"
+            )
+        return self._step, recorded
+
+    async def call(
+        self,
+        adapter: str,
+        request: Request | Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+        max_attempts: int = 3,
+        handler: str | None = None,
+        handler_args: Any = None,
+        snapshot_id: str | None = None,
+    ) -> Reply:
+        """One model call as one step; its reply (recorded, after a crash)."""
+        if not isinstance(request, Request):
+            request = Request.from_json(request)
+        step, recorded = self._next("call")
+        if recorded is None:
+            command_id = await self._runner.submit_step(
+                self.flow_id,
+                step,
+                adapter,
+                request,
+                timeout=timeout,
+                max_attempts=max_attempts,
+                handler=handler,
+                handler_args=handler_args,
+                snapshot_id=snapshot_id,
+            )
+        else:
+            assert recorded.command_id is not None
+            command_id = recorded.command_id
+            first = self._engine.store.get(command_id)
+            if (first.adapter, first.request) != (adapter, request):
+                raise JournalMismatch(
+                    f"step {step} called {first.adapter!r} with a different request when this "
+                    "flow first ran: the script changed, so its recorded replies no longer fit"
+                )
+        return await self._runner.await_step(self.flow_id, step, command_id)
+
+    async def now(self) -> float:
+        """Wall-clock time, the same on every run of this step."""
+        return float(await self._value("now", self._engine.now))
+
+    async def random(self) -> float:
+        """A random float in [0, 1), the same on every run of this step."""
+        return float(await self._value("random", random.random))
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep until a wake-up time fixed on the first run: a resumed
+        flow sleeps only what is left."""
+        wake_at = float(await self._value("sleep", lambda: self._engine.now() + seconds))
+        await trio.sleep_until(self._engine._trio_time(wake_at))
+
+    async def ask_human(
+        self, question: str, *, adapter: str = "human", timeout: float = 3600.0
+    ) -> str:
+        """A step served by a person (the ``human`` adapter)."""
+        reply = await self.call(
+            adapter, {"messages": [{"role": "user", "content": question}]}, timeout=timeout
+        )
+        return reply.text
+
+    async def _value(self, kind: str, make: Callable[[], float]) -> Any:
+        step, recorded = self._next(kind)
+        if recorded is not None:
+            return recorded.value
+        value = make()
+        await self._runner.record(
+            FlowStep(self.flow_id, step, kind, None, value, self._engine.now())
+        )
+        return value
+
+
+class FlowRunner:
+    """Runs the flows of one engine; the engine's flow methods delegate here."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._tasks: dict[str, trio.CancelScope] = {}
+        self._changed: dict[str, trio.Event] = {}
+
+    # --- public, via the engine ----------------------------------------------
+
+    async def start(
+        self,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        snapshot: Snapshot | None = None,
+        forked_from: str | None = None,
+        reuse_before: int | None = None,
+    ) -> str:
+        definition = REGISTRY.get(name)
+        if definition is None:
+            known = ", ".join(sorted(REGISTRY)) or "none"
+            raise ValueError(f"no flow registered as {name!r} (registered: {known})")
+        params = dict(params or {})
+        try:
+            json.dumps(params)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"flow params must be JSON: {exc}") from None
+        now = self.engine.now()
+        scripted = isinstance(definition, ScriptedFlow)
+        flow = Flow(
+            id=new_id(),
+            name=name,
+            state=RUNNING,
+            created_at=now,
+            updated_at=now,
+            params=params,
+            vars={} if not scripted else None,
+            forked_from=forked_from,
+            owner=self.engine.owner if scripted else None,
+            lease_until=now + self.engine._lease if scripted else None,
+        )
+        operations: list[Operation] = [InsertFlow(flow, snapshot)]
+        if forked_from is not None and reuse_before is not None:
+            operations.append(CopySteps(forked_from, flow.id, reuse_before))
+        results = await self.engine._committer.commit_many(operations)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        self._published(flow, results[0])
+        if scripted:
+            self.engine._nursery.start_soon(self._run, flow)
+        else:
+            await definition.enter(self, flow, definition.initial)
+        return flow.id
+
+    async def wait(self, flow_id: str) -> Any:
+        flow = self.get(flow_id)
+        while flow.state not in FLOW_TERMINAL_STATES:
+            await self._wait_change(flow_id)
+            flow = self.get(flow_id)
+        if flow.state != COMPLETED:
+            raise FlowFailed(flow)
+        return flow.result
+
+    async def cancel(self, flow_id: str) -> Flow:
+        while True:
+            flow = self.get(flow_id)
+            next_state(flow.state, CANCEL, command_id=flow.id, table=FLOW_TRANSITIONS, what="flow")
+            try:
+                cancelled = await self.move(flow, CANCEL, error="cancelled", owner=None)
+                break
+            except IllegalTransition:
+                continue
+        scope = self._tasks.pop(flow_id, None)
+        if scope is not None:
+            scope.cancel()
+        for command in self.engine.store.list(["pending", "sent"], flow_id=flow_id):
+            with contextlib.suppress(IllegalTransition):  # it finished meanwhile
+                await self.engine.cancel(command.id)
+        return cancelled
+
+    def get(self, flow_id: str) -> Flow:
+        flow = self.engine.store.find_flow(flow_id)
+        if flow is None:
+            raise UnknownFlow(flow_id)
+        return flow
+
+    # --- steps ---------------------------------------------------------------
+
+    async def submit_step(
+        self, flow_id: str, step: int, adapter: str, request: Request, **options: Any
+    ) -> str:
+        """Store the step's command and move the flow to ``waiting``, in one
+        transaction."""
+        snapshot_id = options.pop("snapshot_id", None)
+        command = self.engine._new_command(
+            adapter,
+            request,
+            priority=options.pop("priority", 0),
+            expires_at=None,
+            flow_id=flow_id,
+            step=step,
+            snapshot_id=snapshot_id,
+            **options,
+        )
+        flow = self.get(flow_id)
+        moved = attrs.evolve(
+            flow,
+            state=next_state(flow.state, WAIT, table=FLOW_TRANSITIONS, what="flow"),
+            step=step,
+            updated_at=self.engine.now(),
+        )
+        results = await self.engine._committer.commit_many(
+            [MoveFlow(flow, moved, WAIT, {"step": step}), Insert(command)]
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        self._published(moved, results[0])
+        self.engine._committed(command, results[1])
+        self.engine._dispatch_wanted.set()
+        return command.id
+
+    async def await_step(self, flow_id: str, step: int, command_id: str) -> Reply:
+        """The reply of step ``step``, following replays of its command:
+        ``waiting`` while it is out, ``stalled`` while it is a dead letter."""
+        while True:
+            command = await self.engine.wait(command_id)
+            if command.state == CANCELLED:
+                raise StepCancelled(f"step {step}'s command {command.id} was cancelled")
+            flow = self.get(flow_id)
+            if command.state == DONE and command.reply is not None:
+                if flow.state == STALLED:
+                    flow = await self.move(flow, RETRY, {"step": step, "command": command.id})
+                if flow.state == WAITING:
+                    await self.move(flow, RESUME, {"step": step})
+                return command.reply
+            if flow.state == RUNNING:  # resumed after a crash onto a dead step
+                flow = await self.move(flow, WAIT, {"step": step})
+            if flow.state == WAITING:
+                await self.move(flow, STALL, {"step": step, "dead_letter": command.id})
+            command_id = await self._replacement(flow_id, step, command_id)
+
+    async def _replacement(self, flow_id: str, step: int, dead_id: str) -> str:
+        """Wait until a replay takes over the dead step; its command id."""
+        while True:
+            for recorded in self.engine.store.flow_steps(flow_id):
+                if recorded.step == step and recorded.command_id not in (None, dead_id):
+                    return recorded.command_id
+            await self._wait_change(flow_id)
+
+    async def record(self, step: FlowStep) -> None:
+        flow = self.get(step.flow_id)
+        moved = attrs.evolve(flow, step=step.step, updated_at=self.engine.now())
+        results = await self.engine._committer.commit_many(
+            [RecordStep(step), MoveFlow(flow, moved, "record")]
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def move(self, flow: Flow, event: str, detail: Any = None, **changes: Any) -> Flow:
+        after = attrs.evolve(
+            flow,
+            state=next_state(
+                flow.state, event, command_id=flow.id, table=FLOW_TRANSITIONS, what="flow"
+            ),
+            updated_at=self.engine.now(),
+            **changes,
+        )
+        journal = await self.engine._committer.commit(MoveFlow(flow, after, event, detail))
+        self._published(after, journal)
+        return after
+
+    # --- running scripts -----------------------------------------------------
+
+    async def _run(self, flow: Flow) -> None:
+        definition = REGISTRY[flow.name]
+        with trio.CancelScope() as scope:
+            self._tasks[flow.id] = scope
+            try:
+                result = await definition.function(FlowContext(self, flow), **(flow.params or {}))
+                json.dumps(result)
+            except (JournalMismatch, StepCancelled) as exc:
+                await self._fail(flow.id, str(exc))
+            except Exception as exc:
+                log.exception("flow %s (%s) failed", flow.id, flow.name)
+                await self._fail(flow.id, f"{type(exc).__name__}: {exc}")
+            else:
+                current = self.get(flow.id)
+                await self.move(current, COMPLETE, result=result, owner=None, lease_until=None)
+            finally:
+                self._tasks.pop(flow.id, None)
+
+    async def _fail(self, flow_id: str, error: str) -> None:
+        current = self.get(flow_id)
+        if current.state not in FLOW_TERMINAL_STATES:
+            await self.move(
+                current, FAIL, {"error": error}, error=error, owner=None, lease_until=None
+            )
+
+    async def resume(self) -> int:
+        """Take over the scripted flows whose runner is gone; run them again."""
+        now = self.engine.now()
+        taken = 0
+        for flow in self.engine.store.abandoned_flows(self.engine.owner, now, owner_is_gone):
+            if not isinstance(REGISTRY.get(flow.name), ScriptedFlow) or flow.id in self._tasks:
+                continue
+            mine = attrs.evolve(flow, owner=self.engine.owner, lease_until=now + self.engine._lease)
+            try:
+                await self.engine._committer.commit(MoveFlow(flow, mine, "take over"))
+            except IllegalTransition:
+                continue
+            taken += 1
+            self.engine._nursery.start_soon(self._run, mine)
+        return taken
+
+    # --- change notices ------------------------------------------------------
+
+    def _published(self, flow: Flow, event: Any) -> None:
+        self._wake(flow.id)
+        if event is not None:
+            self.engine._publish(FlowChange(flow, event))
+
+    def on_command(self, command: Command) -> None:
+        """Called for every committed command transition."""
+        if command.flow_id is None:
+            return
+        self._wake(command.flow_id)
+        if command.state != DEAD and command.replay_of is None:
+            return
+        # A declared flow has no task watching its steps: tell its definition.
+        flow = self.engine.store.find_flow(command.flow_id)
+        definition = REGISTRY.get(flow.name) if flow else None
+        if definition is not None and not isinstance(definition, ScriptedFlow):
+            self.engine._nursery.start_soon(definition.step_changed, self, command)
+
+    def _wake(self, flow_id: str) -> None:
+        event = self._changed.pop(flow_id, None)
+        if event is not None:
+            event.set()
+
+    async def _wait_change(self, flow_id: str) -> None:
+        event = self._changed.setdefault(flow_id, trio.Event())
+        with trio.move_on_after(self.engine._poll_interval):
+            await event.wait()
+
+
+class UnknownFlow(LookupError):
+    def __init__(self, flow_id: str) -> None:
+        super().__init__(f"no flow with id {flow_id!r}")
+        self.flow_id = flow_id
