@@ -356,9 +356,11 @@ async def test_max_in_flight_and_priority(
         for command_id in [*batch, urgent]:
             await engine.wait(command_id)
     assert recorder.peak == 2
-    order = [s[0] for s in recorder.sent]
-    # The first two were claimed before the urgent one existed; it goes next.
-    assert order.index(urgent) == 2
+    sent_at = {command_id: at for command_id, _, at in recorder.sent}
+    # The first two were claimed before the urgent one existed; it takes the
+    # first free slot, ahead of the older batch work still waiting.
+    assert sent_at[urgent] == min(sent_at[b] for b in batch[2:])
+    assert sent_at[urgent] < max(sent_at[b] for b in batch[2:])
 
 
 async def test_expires_at_bounds_the_whole_life(
