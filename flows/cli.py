@@ -28,6 +28,7 @@ from adapters.scripted import ScriptedAdapter
 from flows.engine import default_db_path, open_engine
 from flows.errors import IllegalTransition, StoreError, UnknownCommand
 from flows.render import COMMAND_HEADERS, command_rows, show, table
+from flows.runtime import UnknownFlow
 from flows.states import PENDING, REPLIED, SENT, TERMINAL_STATES
 from flows.store import Store
 
@@ -348,6 +349,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows import flowcli
+
+    return trio.run(flowcli.run_file, args, _adapters(args))
+
+
+def cmd_flow(args: argparse.Namespace) -> int:
+    from flows import flowcli
+
+    if args.action == "list":
+        return flowcli.listing(args)
+    if args.action == "show":
+        return flowcli.show(args)
+    if args.action == "graph":
+        return flowcli.graph(args)
+    act = {"retry": flowcli.retry, "fork": flowcli.fork, "cancel": flowcli.cancel}[args.action]
+    return trio.run(act, args, _adapters(args))
+
+
 # --- plumbing ----------------------------------------------------------------
 
 
@@ -445,6 +465,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("show", cmd_show, "one command and its journal")
     p.add_argument("id")
 
+    p = add("run", cmd_run, "run a flow defined in a Python file, a line per step")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--flow", default=None, help="which flow, when FILE defines several")
+    p.add_argument("--param", action="append", metavar="K=V", help="a parameter (JSON or text)")
+    p.add_argument("--adapter", default=None, help="pass adapter=NAME to the flow")
+
+    p = add("flow", cmd_flow, "list, show, retry, cancel, fork or draw flows")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("list", parents=[common], help="flows and their states")
+    a.add_argument("--state", action="append", help="only these states (repeatable)")
+    a = actions.add_parser("show", parents=[common], help="a flow, its steps and its path")
+    a.add_argument("id")
+    a = actions.add_parser("retry", parents=[common], help="replay a stalled flow's dead step")
+    a.add_argument("id")
+    a.add_argument("--file", default=None, help="the file defining the flow, to run it on")
+    a.add_argument("--timeout", type=positive_seconds, default=None)
+    a = actions.add_parser("cancel", parents=[common], help="cancel a flow and its calls")
+    a.add_argument("id")
+    a = actions.add_parser("fork", parents=[common], help="a new flow reusing steps before N")
+    a.add_argument("id")
+    a.add_argument("--from-step", type=int, required=True, metavar="N")
+    a.add_argument("--file", default=None, help="the file defining the flow")
+    a = actions.add_parser("graph", parents=[common], help="a declared flow as DOT and Mermaid")
+    a.add_argument("name")
+    a.add_argument("--file", default=None, help="the file defining the flow")
+
     add("stats", cmd_stats, "counts by state; tokens and cost by adapter, flow and day")
 
     p = add("export", cmd_export, "every command with its journal, one JSON object a line")
@@ -464,7 +510,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args))
     except UsageError as exc:
         parser.error(str(exc))
-    except (UnknownCommand, IllegalTransition, StoreError, config.ConfigError, ValueError) as exc:
+    except (
+        UnknownCommand,
+        UnknownFlow,
+        IllegalTransition,
+        StoreError,
+        config.ConfigError,
+        ValueError,
+    ) as exc:
         print(f"dovecote: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
