@@ -44,6 +44,8 @@ from flows.errors import IllegalTransition, StoreError, UnknownCommand
 from flows.handlers import handler
 from flows.merge import Conflict, apply_policy, three_way
 from flows.records import Command, FlowChange, StateChange, new_id
+from flows.runtime import REGISTRY as FLOWS
+from flows.runtime import UnknownFlow
 from flows.snapshots import Change, Snapshot
 from flows.states import COMMAND_STATES
 
@@ -137,6 +139,10 @@ class Server:
             "deadletter/list": self.deadletter_list,
             "deadletter/replay": self.deadletter_replay,
             "conflict/resolve": self.conflict_resolve,
+            "flow/start": self.flow_start,
+            "flow/list": self.flow_list,
+            "flow/show": self.flow_show,
+            "flow/cancel": self.flow_cancel,
         }
 
     # --- running -------------------------------------------------------------
@@ -187,6 +193,8 @@ class Server:
             return await run(session, Params(method, params))
         except UnknownCommand as exc:
             raise RpcError(wire.UNKNOWN_COMMAND, str(exc)) from None
+        except UnknownFlow as exc:
+            raise RpcError(wire.UNKNOWN_FLOW, str(exc)) from None
         except IllegalTransition as exc:
             raise RpcError(wire.ILLEGAL_TRANSITION, str(exc)) from None
         except DocumentError as exc:
@@ -265,7 +273,7 @@ class Server:
         return {
             "serverInfo": {"name": SERVER_NAME, "version": self.version},
             "adapters": sorted(self.engine.adapters),
-            "flows": [],
+            "flows": sorted(FLOWS),
         }
 
     async def shutdown(self, session: Session, p: Params) -> Any:
@@ -314,32 +322,37 @@ class Server:
 
     # --- commands ------------------------------------------------------------
 
+    def _snapshot(self, target: Params | None) -> Snapshot | None:
+        """Take the region's snapshot and start moving it with the text; the
+        caller stores it with its command or flow, in one transaction."""
+        if target is None:
+            return None
+        uri, start, end = target.string("uri"), target.integer("start"), target.integer("end")
+        document = self.mirror.get(uri)
+        if not start <= end <= len(document.text):
+            raise DocumentError(
+                f"target [{start}, {end}) is outside {uri!r} ({len(document.text)} code points)"
+            )
+        snapshot = Snapshot(
+            id=new_id(),
+            uri=uri,
+            version=document.version,
+            start=start,
+            end=end,
+            text=document.text[start:end],
+            created_at=self.engine.now(),
+            document=document.text,
+        )
+        self.mirror.track(uri, snapshot.id, start, end)
+        return snapshot
+
     async def command_submit(self, session: Session, p: Params) -> Any:
         adapter = p.string("adapter")
         request = wire.request_from_wire(p.method, p.raw.get("request"))
         timeout = p.number("timeout", optional=True)
         max_attempts = p.integer("maxAttempts", optional=True, minimum=1)
         policy = p.choice("onConflict", POLICIES, default="drop")
-        target = p.section("target", optional=True)
-        snapshot = None
-        if target is not None:
-            uri, start, end = target.string("uri"), target.integer("start"), target.integer("end")
-            document = self.mirror.get(uri)
-            if not start <= end <= len(document.text):
-                raise DocumentError(
-                    f"target [{start}, {end}) is outside {uri!r} ({len(document.text)} code points)"
-                )
-            snapshot = Snapshot(
-                id=new_id(),
-                uri=uri,
-                version=document.version,
-                start=start,
-                end=end,
-                text=document.text[start:end],
-                created_at=self.engine.now(),
-                document=document.text,
-            )
-            self.mirror.track(uri, snapshot.id, start, end)
+        snapshot = self._snapshot(p.section("target", optional=True))
         options: dict[str, Any] = {"priority": PRIORITY_INTERACTIVE}
         if timeout is not None:
             options["timeout"] = timeout
@@ -442,6 +455,56 @@ class Server:
         for new_id_ in new_ids:
             self._own(session, new_id_)
         return {"replayed": [{"from": a, "to": b} for a, b in zip(ids, new_ids, strict=True)]}
+
+    # --- flows ---------------------------------------------------------------
+
+    async def flow_start(self, session: Session, p: Params) -> Any:
+        name = p.string("flow")
+        params = p.raw.get("params") or {}
+        if not isinstance(params, dict):
+            raise RpcError(INVALID_PARAMS, "flow/start: params must be an object")
+        policy = p.choice("onConflict", POLICIES, default="drop")
+        snapshot = self._snapshot(p.section("target", optional=True))
+        if snapshot is not None:
+            params = {
+                "text": snapshot.text,
+                **params,
+                "target": {"snapshot": snapshot.id, "policy": policy},
+            }
+        try:
+            flow_id = await self.engine._flows.start(name, params, snapshot=snapshot)
+        except BaseException:
+            if snapshot is not None:
+                self.mirror.untrack(snapshot.uri, snapshot.id)
+            raise
+        self.flow_owner[flow_id] = session
+        return {"flowId": flow_id}
+
+    async def flow_list(self, session: Session, p: Params) -> Any:
+        states = p.strings("states", optional=True)
+        return {"flows": [wire.flow(f) for f in self.engine.list_flows(states)]}
+
+    async def flow_show(self, session: Session, p: Params) -> Any:
+        flow = self.engine.get_flow(p.string("flowId"))
+        steps = self.engine.store.flow_steps(flow.id)
+        return {
+            **wire.flow(flow),
+            "steps": [
+                {
+                    "step": s.step,
+                    "kind": s.kind,
+                    "commandId": s.command_id,
+                    "value": s.value,
+                    "state": self.engine.get(s.command_id).state if s.command_id else None,
+                }
+                for s in steps
+            ],
+            "events": [wire.event(e) for e in self.engine.flow_history(flow.id)],
+        }
+
+    async def flow_cancel(self, session: Session, p: Params) -> Any:
+        flow = await self.engine.cancel_flow(p.string("flowId"))
+        return wire.flow(flow)
 
     # --- applying replies ----------------------------------------------------
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from editor_bridge.rpc import INVALID_PARAMS, RpcError
-from flows.records import Command, Event
+from flows.records import Command, Event, Flow
 
 # Application error codes (JSON-RPC reserves -32000 to -32099 for servers).
 UNKNOWN_COMMAND: Final = -32000
@@ -51,6 +51,13 @@ def command(c: Command) -> dict[str, Any]:
         if reply["usage"] is not None:
             reply["usage"] = _camel_keys(reply["usage"])
         data["reply"] = reply
+    return data
+
+
+def flow(f: Flow) -> dict[str, Any]:
+    data = _camel_keys(f.to_json())
+    data.pop("owner", None)
+    data.pop("leaseUntil", None)
     return data
 
 

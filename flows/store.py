@@ -142,6 +142,22 @@ class Insert:
         if self.snapshot is not None:
             self._snapshot(cursor, self.snapshot)
         cursor.execute(_INSERT_COMMAND, command_row(cmd))
+        if cmd.flow_id is not None and cmd.step is not None:
+            if cmd.replay_of is None:
+                # A flow's call and the step that records it commit together:
+                # a crash can never leave a call its flow does not know of.
+                cursor.execute(
+                    "INSERT INTO flow_steps (flow_id, step, kind, command_id, value, created_at) "
+                    "VALUES (?, ?, 'call', ?, NULL, ?)",
+                    (cmd.flow_id, cmd.step, cmd.id, cmd.created_at),
+                )
+            else:
+                # A replay takes its dead original's step over: the flow resumes.
+                cursor.execute(
+                    "UPDATE flow_steps SET command_id = ? "
+                    "WHERE flow_id = ? AND step = ? AND command_id = ?",
+                    (cmd.id, cmd.flow_id, cmd.step, cmd.replay_of),
+                )
         return _journal(
             cursor, cmd.id, cmd.flow_id, cmd.created_at, None, cmd.state, "submit", self.detail
         )
