@@ -5,11 +5,13 @@ Every provider module is a subclass of ``HttpAdapter`` that only knows its own
 dialect: the endpoint, the headers, the body, and how to read a reply or a
 stream. The rules that must hold for *every* provider live here once:
 
-* a send never outlives its command's deadline: the whole exchange runs under
-  a trio cancel scope that ends a little before ``context.deadline`` (and no
-  later than ``settings.timeout``), and httpx's own timeouts use the same
-  budget, so a silent server, a slow-drip stream and a full connection pool
-  all end in a ``RetryableError`` before the engine's timer fires;
+* the command's deadline belongs to the engine: when it passes, the engine's
+  timer dead-letters the command with reason ``timeout`` (not retried) and
+  cancels the send, which lets the cancellation through. The adapter's own
+  limit, ``settings.timeout``, applies when it is nearer than the deadline:
+  then a silent server, a slow-drip stream or a full pool ends in a
+  ``RetryableError`` and the engine tries again. httpx's timeouts use the same
+  budget, so they never fire before the scope that owns the send;
 * failures are classified the same way for everyone (``error_for_status``),
   with the provider's own words in the message;
 * an API key never reaches a message, an exception's args or a repr: every
@@ -42,9 +44,10 @@ from adapters.base import (
 )
 
 DEADLINE_MARGIN = 0.1
-"""Seconds a send leaves between its own timeout and the command's deadline,
-so that the adapter reports a retryable timeout before the engine's timer
-dead-letters the command and cancels the task."""
+"""Seconds past the command's deadline before a send gives up by itself. The
+engine's timer fires first; the margin only matters to a caller with no
+engine behind it, which then gets a ``RetryableError`` just after the
+deadline instead of a send that never ends."""
 
 PROGRESS_INTERVAL = 0.05
 """At most ~20 progress reports a second: the engine journals and publishes
@@ -63,14 +66,16 @@ T = TypeVar("T")
 
 
 def time_budget(deadline: float, timeout: float, now: float | None = None) -> float:
-    """Seconds one send may take: ``timeout``, or less when the deadline is nearer.
+    """Seconds one send may take: ``timeout`` when it ends before the
+    command's deadline; otherwise a little past the deadline, which the
+    engine enforces itself (see the module docstring).
 
     ``deadline`` is wall-clock (epoch seconds) because the engine stores it;
     the budget is turned into a relative trio deadline at once, so a clock
     step during the send cannot stretch it.
     """
-    remaining = deadline - (time.time() if now is None else now) - DEADLINE_MARGIN
-    return min(timeout, remaining)
+    remaining = deadline - (time.time() if now is None else now)
+    return timeout if timeout < remaining else remaining + DEADLINE_MARGIN
 
 
 @attrs.define
@@ -313,7 +318,7 @@ class HttpAdapter:
         if budget <= 0:
             raise RetryableError(f"{self.settings.name}: no time left before the deadline")
         with trio.move_on_after(budget):
-            return await self._exchange(body, context, budget)
+            return self._redact_reply(await self._exchange(body, context, budget))
         raise RetryableError(
             f"{self.settings.name}: no complete reply from {self.safe_url()} "
             f"within {budget:.2f}s (the command's deadline or the adapter's timeout)"
@@ -411,6 +416,16 @@ class HttpAdapter:
         if self.api_key:
             text = text.replace(self.api_key, "[redacted]")
         return text
+
+    def _redact_reply(self, reply: Reply) -> Reply:
+        """A server that echoes what it received (a debugging proxy, an echo
+        server) must not get the key into the database through ``raw``."""
+        if not self.api_key:
+            return reply
+        raw = json.dumps(reply.raw, ensure_ascii=False)
+        if self.api_key not in raw and self.api_key not in reply.text:
+            return reply
+        return attrs.evolve(reply, text=self._redact(reply.text), raw=json.loads(self._redact(raw)))
 
 
 class StreamCut(Exception):

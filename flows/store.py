@@ -54,11 +54,13 @@ from flows.records import Command, CommandError, Event, Flow, FlowStep, LateRepl
 from flows.snapshots import Snapshot
 from flows.states import (
     FLOW_TERMINAL_STATES,
+    FLOW_TRANSITIONS,
     PENDING,
     REPLIED,
     SENT,
     TERMINAL_STATES,
     IllegalTransition,
+    next_state,
 )
 
 SCHEMA_VERSION: Final = 2
@@ -187,6 +189,16 @@ class Move:
 
     def apply(self, cursor: sqlite3.Cursor) -> Event:
         b, a = self.before, self.after
+        # The table is enforced here too, not only by the engine: no caller
+        # can move a terminal command or journal an event that lies.
+        if next_state(b.state, self.event, command_id=b.id) != a.state:
+            raise IllegalTransition(
+                f"command {b.id}: {self.event} from {b.state!r} leads to "
+                f"{next_state(b.state, self.event)!r}, not {a.state!r}",
+                command_id=b.id,
+                state=b.state,
+                event=self.event,
+            )
         cursor.execute(
             _MOVE_COMMAND, (*command_row(a, _MUTABLE), b.id, b.state, b.attempt, b.owner)
         )
@@ -333,6 +345,9 @@ class CopySteps:
         )
 
 
+_FLOW_BOOKKEEPING: Final = frozenset({"take over", "record"})
+"""Flow updates that are not transitions: a new owner, a step counted."""
+
 _FLOW_MUTABLE: Final = tuple(
     c for c in _FLOW_COLUMNS if c not in ("id", "name", "created_at", "params", "forked_from")
 )
@@ -350,6 +365,16 @@ class MoveFlow:
 
     def apply(self, cursor: sqlite3.Cursor) -> Event | None:
         b, a = self.before, self.after
+        if self.event in _FLOW_BOOKKEEPING:
+            if a.state != b.state:
+                raise IllegalTransition(f"flow {b.id}: {self.event} cannot change its state")
+        elif next_state(b.state, self.event, table=FLOW_TRANSITIONS, what="flow") != a.state:
+            raise IllegalTransition(
+                f"flow {b.id}: {self.event} from {b.state!r} does not lead to {a.state!r}",
+                command_id=b.id,
+                state=b.state,
+                event=self.event,
+            )
         cursor.execute(
             f"UPDATE flows SET {', '.join(f'{c} = ?' for c in _FLOW_MUTABLE)} "
             "WHERE id = ? AND state = ? AND owner IS ?",

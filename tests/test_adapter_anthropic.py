@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+import trio
 
 from adapters.anthropic import AnthropicAdapter
 from adapters.base import (
@@ -251,14 +252,22 @@ async def test_a_stream_without_message_stop_is_retryable(server: FakeProvider, 
     assert "before the message_stop event" in error.message
 
 
-async def test_a_slow_server_fails_retryably_before_the_deadline(
+async def test_a_slow_server_is_left_to_the_engine_at_the_deadline(
     server: FakeProvider, make: Make
 ) -> None:
-    server.queue(canned(STREAM["response"], delay=5))
+    """The command's deadline is the engine's: the send does not end itself
+    before it (the engine cancels it and dead-letters the command with reason
+    timeout); on its own it gives up only just after the deadline."""
+    server.queue(canned(STREAM["response"], delay=5), canned(STREAM["response"], delay=5))
+    adapter = make(stream=True)
     start = time.monotonic()
-    error = await fails(make(stream=True), seconds=0.5)
+    with trio.move_on_after(0.5) as engine_timer:
+        await adapter.send(HELLO, context(0.5))
+    assert engine_timer.cancelled_caught and time.monotonic() - start < 0.55
+    start = time.monotonic()
+    error = await fails(adapter, seconds=0.3)
     assert isinstance(error, RetryableError)
-    assert time.monotonic() - start < 0.5
+    assert 0.3 <= time.monotonic() - start < 0.3 + 0.25
 
 
 def test_model_is_required_and_repr_hides_the_key() -> None:

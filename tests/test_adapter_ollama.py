@@ -251,13 +251,22 @@ async def test_cancellation_while_streaming_gets_through_promptly(
     assert scope.cancelled_caught and time.monotonic() - start < 0.5
 
 
-async def test_a_slow_server_fails_retryably_before_the_deadline(
+async def test_a_slow_server_is_left_to_the_engine_at_the_deadline(
     server: FakeProvider, make: Make
 ) -> None:
-    server.queue(canned(CHAT["response"], delay=5))
+    """The command's deadline is the engine's: the send does not end itself
+    before it (the engine cancels it and dead-letters the command with reason
+    timeout); on its own it gives up only just after the deadline."""
+    server.queue(canned(CHAT["response"], delay=5), canned(CHAT["response"], delay=5))
+    adapter = make()
     start = time.monotonic()
-    error = await fails(make(), seconds=0.5)
-    assert isinstance(error, RetryableError) and time.monotonic() - start < 0.5
+    with trio.move_on_after(0.5) as engine_timer:
+        await adapter.send(HELLO, context(0.5))
+    assert engine_timer.cancelled_caught and time.monotonic() - start < 0.55
+    start = time.monotonic()
+    error = await fails(adapter, seconds=0.3)
+    assert isinstance(error, RetryableError)
+    assert 0.3 <= time.monotonic() - start < 0.3 + 0.25
 
 
 def test_defaults() -> None:
