@@ -271,9 +271,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from editor_bridge.demo import editing_session
     from flows.demo import run_demo
 
-    return trio.run(run_demo, args.db, args.adapter, _adapters(args))
+    return trio.run(
+        partial(run_demo, args.db, args.adapter, _adapters(args), epilogue=editing_session)
+    )
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -123,7 +123,11 @@ async def run_demo(
     adapter: str = "scripted",
     adapters: Sequence[Adapter] = (),
     out: TextIO = sys.stdout,
+    epilogue: Callable[[Engine, TextIO], Awaitable[None]] | None = None,
 ) -> int:
+    """The demo; ``epilogue`` runs last on the same engine (the CLI passes
+    the editor bridge's editing session, which ``flows`` cannot import)."""
+
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
 
@@ -227,6 +231,9 @@ async def run_demo(
             f"{sum(c.attempt for c in final if c.sent_at)} sends, {elapsed:.1f} s."
         )
         assert all(c.state in TERMINAL_STATES for c in final)
+        if epilogue is not None and adapter == "scripted":
+            say("")
+            await epilogue(engine, out)
         say("")
         say("Look around:")
         say("  dovecote dead                 the dead letters still waiting for a decision")
