@@ -401,25 +401,11 @@ class _Differ:
         )
         oa = list(accumulate(map(len, ta), initial=0))
         ob = list(accumulate(map(len, tb), initial=0))
-        ia = ib = 0
-        run: tuple[int, int] | None = None
-        for op, chars in diffs:
-            k = len(chars)
-            if op == 0:
-                if run is not None:
-                    self._emit(alo, oa, run[0], ia, b_seg, ob, run[1], ib)
-                    run = None
-                ia += k
-                ib += k
-                continue
-            if run is None:
-                run = (ia, ib)
-            if op < 0:
-                ia += k
-            else:
-                ib += k
-        if run is not None:
-            self._emit(alo, oa, run[0], ia, b_seg, ob, run[1], ib)
+        blocks = _changed_blocks(diffs, ta)
+        if time.time() < self.deadline:  # past the deadline, coarse it stays
+            blocks = _refine(blocks, ta, tb)
+        for ia0, ia1, ib0, ib1 in blocks:
+            self._emit(alo, oa, ia0, ia1, b_seg, ob, ib0, ib1)
 
     def _emit(
         self,
@@ -433,6 +419,126 @@ class _Differ:
         ib1: int,
     ) -> None:
         self.edits.append(Edit(alo + oa[ia0], alo + oa[ia1], b_seg[ob[ib0] : ob[ib1]]))
+
+
+Block = tuple[int, int, int, int]
+"""A changed run of tokens: ``a[ia0:ia1]`` became ``b[ib0:ib1]``."""
+
+_REFINE_LIMIT = 40_000
+"""Largest block (tokens of one side times the other's) aligned word by word."""
+
+
+def _changed_blocks(diffs: Sequence[tuple[int, str]], ta: Sequence[str]) -> list[Block]:
+    """The changed runs of a token diff, with runs that only whitespace
+    separates joined into one: such a separator is a weak match (any space
+    equals any other), and the next step aligns the words around it better."""
+    blocks: list[Block] = []
+    ia = ib = 0
+    run: tuple[int, int] | None = None
+    for op, chars in [*diffs, (0, "")]:
+        k = len(chars)
+        if op == 0:
+            if run is not None:
+                block = (run[0], ia, run[1], ib)
+                if blocks and _only_space(ta, blocks[-1][1], run[0]):
+                    block = (blocks[-1][0], ia, blocks[-1][2], ib)
+                    blocks.pop()
+                blocks.append(block)
+                run = None
+            ia += k
+            ib += k
+            continue
+        if run is None:
+            run = (ia, ib)
+        if op < 0:
+            ia += k
+        else:
+            ib += k
+    return blocks
+
+
+def _only_space(tokens: Sequence[str], start: int, end: int) -> bool:
+    return start < end and all(t.isspace() for t in tokens[start:end])
+
+
+def _refine(blocks: Iterable[Block], ta: Sequence[str], tb: Sequence[str]) -> list[Block]:
+    """Split each block where its tokens align: identical tokens stay, and a
+    word pairs with a similar word (a misspelling and its fix), so that
+    "#delay 1\nTeh wierd" -> "The weird" is three edits (the line deleted,
+    Teh->The, wierd->weird), not one, and not words shifted against each
+    other. An LCS over the block where a pair scores 3 for an identical
+    word, 2 for a similar one and 1 for identical whitespace."""
+    out: list[Block] = []
+    for ia0, ia1, ib0, ib1 in blocks:
+        n, m = ia1 - ia0, ib1 - ib0
+        if n == 0 or m == 0 or n * m > _REFINE_LIMIT:
+            out.append((ia0, ia1, ib0, ib1))
+            continue
+        a, b = ta[ia0:ia1], tb[ib0:ib1]
+        score = [[0] * (m + 1) for _ in range(n + 1)]
+        for i in range(n - 1, -1, -1):
+            for j in range(m - 1, -1, -1):
+                best = max(score[i + 1][j], score[i][j + 1])
+                pair = _pair_score(a[i], b[j])
+                if pair:
+                    best = max(best, pair + score[i + 1][j + 1])
+                score[i][j] = best
+        i = j = 0
+        start: tuple[int, int] | None = None
+        while i < n or j < m:
+            pair = _pair_score(a[i], b[j]) if i < n and j < m else 0
+            if pair and score[i][j] == pair + score[i + 1][j + 1]:
+                if a[i] == b[j]:
+                    if start is not None:
+                        out.append((ia0 + start[0], ia0 + i, ib0 + start[1], ib0 + j))
+                        start = None
+                else:
+                    if start is not None:
+                        out.append((ia0 + start[0], ia0 + i, ib0 + start[1], ib0 + j))
+                    out.append((ia0 + i, ia0 + i + 1, ib0 + j, ib0 + j + 1))
+                    start = None
+                i += 1
+                j += 1
+                continue
+            if start is None:
+                start = (i, j)
+            if i < n and (j == m or score[i][j] == score[i + 1][j]):
+                i += 1
+            else:
+                j += 1
+        if start is not None:
+            out.append((ia0 + start[0], ia0 + n, ib0 + start[1], ib0 + m))
+    # One side's edits never touch (the merge relies on it): join those that do.
+    joined: list[Block] = []
+    for block in out:
+        if joined and joined[-1][1] == block[0] and joined[-1][3] == block[2]:
+            previous = joined.pop()
+            block = (previous[0], block[1], previous[2], block[3])
+        joined.append(block)
+    return joined
+
+
+@functools.lru_cache(maxsize=4096)
+def _pair_score(x: str, y: str) -> int:
+    if x == y:
+        return 1 if x.isspace() else 3
+    if x.isspace() or y.isspace() or min(len(x), len(y)) < 3:
+        return 0
+    return 2 if _similar(x.lower(), y.lower()) else 0
+
+
+def _similar(x: str, y: str) -> bool:
+    """Close enough to be the same word misspelt: an edit distance of at most
+    a third of the longer word."""
+    if abs(len(x) - len(y)) * 3 > max(len(x), len(y)):
+        return False
+    previous = list(range(len(y) + 1))
+    for i, cx in enumerate(x, 1):
+        current = [i]
+        for j, cy in enumerate(y, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (cx != cy)))
+        previous = current
+    return previous[-1] * 3 <= max(len(x), len(y))
 
 
 def _check_timeout(timeout: float) -> None:
