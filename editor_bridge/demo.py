@@ -11,6 +11,7 @@ edits in ⟦ ⟧ and the collision in ⟪ ⟫.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from functools import partial
 from typing import Any, TextIO
 
@@ -38,7 +39,15 @@ class Person:
         self.applied: list[dict[str, Any]] = []
         self.connection: Connection | None = None
 
-    async def handle(self, connection: Connection, method: str, params: Any, request: bool) -> Any:
+    async def handle(
+        self,
+        connection: Connection,
+        method: str,
+        params: Any,
+        request: bool,
+        ready: Callable[[], None],
+    ) -> Any:
+        ready()
         if method != "document/applyEdit":
             return None
         if params["version"] != self.version:

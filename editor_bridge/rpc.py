@@ -4,6 +4,10 @@ Requests from the client run each in their own task, so a slow one (a
 submit waiting for its commit, a replay of thousands) never blocks the
 reading of the next frame. Notifications run inline, in the order they
 arrive: ``document/change`` must be applied in exactly the editor's order.
+A request may have a part that must also happen in frame order (taking the
+snapshot of a region, before the next change moves the text): the next
+frame is read only once the handler calls ``ready()``; a handler that has
+no such part calls it at once.
 Requests from the server to the client (``document/applyEdit``) carry
 their own ids (``s1``, ``s2``...) and a timeout of their own.
 
@@ -48,9 +52,10 @@ class RpcError(Exception):
         return error
 
 
-Handler = Callable[["Connection", str, Any, bool], Awaitable[Any]]
-"""``handler(connection, method, params, is_request)``: the result for a
-request (ignored for a notification), or raise ``RpcError``."""
+Handler = Callable[["Connection", str, Any, bool, Callable[[], None]], Awaitable[Any]]
+"""``handler(connection, method, params, is_request, ready)``: the result for
+a request (ignored for a notification), or raise ``RpcError``; ``ready()``
+lets the next frame be read (see the module docstring)."""
 
 
 class Connection:
@@ -125,29 +130,48 @@ class Connection:
             return
         method, params = message["method"], message.get("params")
         if "id" in message:
-            nursery.start_soon(self._serve, request_id, method, params)
+            await nursery.start(self._serve, request_id, method, params)
         else:
             try:
-                await self._handler(self, method, params, False)
+                await self._handler(self, method, params, False, _nothing)
             except RpcError as exc:
                 # A notification has no response; say what was refused anyway,
                 # so that an editor can resynchronise instead of drifting.
                 log.warning("notification %s refused: %s", method, exc.message)
-                await self.notify(
-                    "server/error", {"method": method, "code": exc.code, "message": exc.message}
-                )
+                refused = {"method": method, "code": exc.code, "message": exc.message}
+                if isinstance(params, dict) and isinstance(params.get("uri"), str):
+                    refused["uri"] = params["uri"]  # which document to re-open
+                await self.notify("server/error", refused)
             except Exception:
                 log.exception("notification %s failed", method)
 
-    async def _serve(self, request_id: Any, method: str, params: Any) -> None:
+    async def _serve(
+        self,
+        request_id: Any,
+        method: str,
+        params: Any,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        started = False
+
+        def ready() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
         try:
-            result = await self._handler(self, method, params, True)
+            result = await self._handler(self, method, params, True, ready)
         except RpcError as exc:
+            ready()
             await self._reply_error(request_id, exc)
         except Exception as exc:
+            ready()
             log.exception("request %s failed", method)
             await self._reply_error(request_id, RpcError(INTERNAL_ERROR, f"internal error: {exc}"))
         else:
+            ready()
             await self.send({"jsonrpc": "2.0", "id": request_id, "result": result})
 
     async def _reply_error(self, request_id: Any, error: RpcError) -> None:
@@ -205,6 +229,10 @@ class Connection:
             error = answer["error"] if isinstance(answer["error"], dict) else {}
             raise RpcError(int(error.get("code", INTERNAL_ERROR)), str(error.get("message", "")))
         return answer.get("result")
+
+
+def _nothing() -> None:
+    pass
 
 
 def _valid_id(value: Any) -> bool:

@@ -54,6 +54,8 @@ log = logging.getLogger("dovecote.bridge")
 SERVER_NAME: Final = "dovecote"
 APPLY_HANDLER: Final = "editor.apply"
 POLICIES: Final = ("drop", "ask", "markers", "theirs")
+ORDERED: Final = frozenset({"command/submit", "flow/start"})
+"""Methods whose snapshot must be taken before the next frame is read."""
 
 _servers: weakref.WeakKeyDictionary[Engine, Server] = weakref.WeakKeyDictionary()
 
@@ -88,6 +90,7 @@ class KeptConflict:
     key: str
     uri: str
     conflict: Conflict
+    index: int  # its place in command/show's conflicts, stable as others resolve
 
 
 Method = Callable[[Session, Params], Awaitable[Any]]
@@ -176,9 +179,16 @@ class Server:
                     self.mirror.close(uri)
 
     async def _dispatch(
-        self, connection: Connection, method: str, params: Any, request: bool
+        self,
+        connection: Connection,
+        method: str,
+        params: Any,
+        request: bool,
+        ready: Callable[[], None],
     ) -> Any:
         session = next(s for s in self.sessions if s.connection is connection)
+        if method not in ORDERED:
+            ready()
         run = self.methods.get(method)
         if run is None:
             raise RpcError(METHOD_NOT_FOUND, f"no method {method!r}; see the dovecote protocol")
@@ -190,7 +200,7 @@ class Server:
             if not session.initialized:
                 raise RpcError(wire.NOT_INITIALIZED, f"{method}: send initialize first")
         try:
-            return await run(session, Params(method, params))
+            return await run(session, Params(method, params, ready))
         except UnknownCommand as exc:
             raise RpcError(wire.UNKNOWN_COMMAND, str(exc)) from None
         except UnknownFlow as exc:
@@ -328,7 +338,13 @@ class Server:
         if target is None:
             return None
         uri, start, end = target.string("uri"), target.integer("start"), target.integer("end")
+        version = target.integer("version", optional=True)
         document = self.mirror.get(uri)
+        if version is not None and version != document.version:
+            raise DocumentError(
+                f"target refers to version {version} of {uri!r}, which is at version "
+                f"{document.version}: send the changes in between first"
+            )
         if not start <= end <= len(document.text):
             raise DocumentError(
                 f"target [{start}, {end}) is outside {uri!r} ({len(document.text)} code points)"
@@ -353,6 +369,7 @@ class Server:
         max_attempts = p.integer("maxAttempts", optional=True, minimum=1)
         policy = p.choice("onConflict", POLICIES, default="drop")
         snapshot = self._snapshot(p.section("target", optional=True))
+        p.ready()
         options: dict[str, Any] = {"priority": PRIORITY_INTERACTIVE}
         if timeout is not None:
             options["timeout"] = timeout
@@ -465,6 +482,7 @@ class Server:
             raise RpcError(INVALID_PARAMS, "flow/start: params must be an object")
         policy = p.choice("onConflict", POLICIES, default="drop")
         snapshot = self._snapshot(p.section("target", optional=True))
+        p.ready()
         if snapshot is not None:
             params = {
                 "text": snapshot.text,
@@ -608,7 +626,7 @@ class Server:
         kept = []
         for (key, (s, e)), conflict in zip(spans.items(), conflicts, strict=True):
             document.regions[key] = (start + s, start + e)
-            kept.append(KeptConflict(key, uri, conflict))
+            kept.append(KeptConflict(key, uri, conflict, len(kept)))
         self.kept[command_id] = kept
 
     async def conflict_resolve(self, session: Session, p: Params) -> Any:
@@ -619,7 +637,7 @@ class Server:
         kept = self.kept.get(command_id)
         if not kept:
             raise RpcError(wire.NO_CONFLICT, f"command {command_id} has no conflict to resolve")
-        chosen = kept if index is None else [k for i, k in enumerate(kept) if i == index]
+        chosen = kept if index is None else [k for k in kept if k.index == index]
         if not chosen:
             raise RpcError(INVALID_PARAMS, f"conflict/resolve: no conflict number {index}")
         if choice == "text":

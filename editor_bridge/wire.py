@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from editor_bridge.rpc import INVALID_PARAMS, RpcError
@@ -79,15 +79,19 @@ def request_from_wire(method: str, value: Any) -> dict[str, Any]:
 
 
 class Params:
-    """Checked access to a method's params; every complaint names the field."""
+    """Checked access to a method's params; every complaint names the field.
 
-    def __init__(self, method: str, params: Any) -> None:
+    ``ready()`` is the connection's: a method that must do part of its work
+    in frame order (a snapshot) calls it when that part is done."""
+
+    def __init__(self, method: str, params: Any, ready: Callable[[], None] = lambda: None) -> None:
         if params is None:
             params = {}
         if not isinstance(params, Mapping):
             raise RpcError(INVALID_PARAMS, f"{method}: params must be an object")
         self.method = method
         self.raw: Mapping[str, Any] = params
+        self.ready = ready
 
     def _bad(self, name: str, expected: str) -> RpcError:
         value = self.raw.get(name)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from editor_bridge.framing import encode
 from tests.editor import RemoteError, served
 
 URI = "file:///tmp/letter.txt"
@@ -263,3 +264,64 @@ async def test_cancel_over_rpc(db_path: Path, text: str) -> None:
         assert caught.value.code == -32001
         with trio.fail_after(5):
             await editor.wait_state(result["commandId"], ("cancelled",))
+
+
+async def test_a_change_sent_right_after_a_submit_does_not_move_its_snapshot(
+    db_path: Path,
+) -> None:
+    """The editor does not wait for command/submit's answer before sending
+    its next change: the snapshot must be taken in frame order."""
+    region = "I recieve teh letter."
+    async with served(db_path) as (editor, _):
+        await editor.initialize()
+        for attempt in range(10):
+            uri = f"file:///race-{attempt}.txt"
+            await editor.open(uri, "Dear Ann,\n" + region)
+            start = len("Dear Ann,\n")
+            editor.next_id += 1
+            request_id = editor.next_id
+            answered, box = trio.Event(), list[dict[str, object]]()
+            editor.waiting[request_id] = (answered, box)
+            submit = {
+                "jsonrpc": "2.0",
+                "id": request_id,
+                "method": "command/submit",
+                "params": {
+                    "adapter": "scripted",
+                    "request": correction(region),
+                    "target": {"uri": uri, "start": start, "end": start + len(region)},
+                },
+            }
+            change = {
+                "jsonrpc": "2.0",
+                "method": "document/change",
+                "params": {
+                    "uri": uri,
+                    "version": 2,
+                    "changes": [{"start": 0, "end": 0, "text": "Re: your note\n"}],
+                },
+            }
+            # Both frames in one write, as an editor's buffered output arrives.
+            editor.documents[uri] = [2, "Re: your note\n" + editor.text(uri)]
+            await editor.write_raw(encode(submit) + encode(change))
+            await answered.wait()
+            command_id = box[0]["result"]["commandId"]  # type: ignore[index]
+            await editor.wait_state(str(command_id))
+            assert editor.text(uri) == "Re: your note\nDear Ann,\nI receive the letter."
+
+
+async def test_a_target_at_an_old_version_is_refused(db_path: Path) -> None:
+    async with served(db_path) as (editor, _):
+        await editor.initialize()
+        await editor.open(URI, "Teh end.")
+        await editor.type(URI, 0, 0, "x")
+        with pytest.raises(RemoteError) as caught:
+            await editor.request(
+                "command/submit",
+                {
+                    "adapter": "scripted",
+                    "request": correction("Teh end."),
+                    "target": {"uri": URI, "start": 1, "end": 9, "version": 1},
+                },
+            )
+        assert caught.value.code == -32005 and "version 1" in caught.value.message

@@ -1,4 +1,4 @@
-;;; dovecote-tests.el --- ERT tests of dovecote.el against a real server -*- lexical-binding: t; -*-
+;;; dovecote-tests.el --- ERT tests of dovecote.el  -*- lexical-binding: t; -*-
 
 ;; Copyright (C) 2025 The dovecote authors
 
@@ -9,13 +9,13 @@
 ;; End-to-end tests: each test starts `dovecote serve --stdio' on a
 ;; fresh database and drives dovecote.el as a person would, typing into
 ;; buffers while the scripted model is slow.  Run them with
+;; `make emacs-test', or by hand from the top of the repository:
 ;;
-;;   DOVECOTE=/path/to/.venv/bin/dovecote \
-;;     emacs --batch -Q -L editor_bridge/emacs -l dovecote-tests \
-;;           -f ert-run-tests-batch-and-exit
+;;   DOVECOTE=$PWD/.venv/bin/dovecote $EMACS --batch -Q \
+;;     -L editor_bridge/emacs -l dovecote-tests -f ert-run-tests-batch-and-exit
 ;;
 ;; DOVECOTE names the dovecote executable; without it, `dovecote' is
-;; looked up on the PATH.  `make emacs-test' does all of this.
+;; looked up on the PATH.
 
 ;;; Code:
 
@@ -30,7 +30,7 @@
   "The temporary directory of the current test's database.")
 
 (defun dovecote-test--wait (predicate timeout what)
-  "Wait until PREDICATE returns non-nil, at most TIMEOUT seconds.
+  "Wait until PREDICATE gives non-nil, at most TIMEOUT seconds.
 Return PREDICATE's value; fail the test naming WHAT on timeout."
   (let ((deadline (+ (float-time) timeout))
         value)
@@ -139,7 +139,8 @@ Process output and timers run meanwhile.  Return FORM's value."
   (dovecote-test--with-server
     (with-current-buffer
         (dovecote-test--buffer
-         "Ça va? 🦆🦆 日本語のテキスト: teh duck.\n#delay 0.5\nCafé: recieve 🦆 teh 文字.\nEnd 🎉")
+         (concat "Ça va? 🦆🦆 日本語のテキスト: teh duck.\n"
+                 "#delay 0.5\nCafé: recieve 🦆 teh 文字.\nEnd 🎉"))
       (pcase-let ((`(,start . ,end) (dovecote-test--region "#delay" "文字.")))
         (dovecote-correct-region start end))
       (goto-char (point-min))
@@ -151,7 +152,9 @@ Process output and timers run meanwhile.  Return FORM's value."
                              "Café: receive 🦆 the 文字.\n終わり 🎉"))))))
 
 (ert-deftest dovecote-test-pending-count-and-mode-line ()
-  "The pending count goes up with each call and back to 0 as they land."
+  "The pending count goes up with each call and back to 0 as they land.
+What is typed between two calls while the first is being submitted
+waits with the second call for the server's snapshot of the first."
   (dovecote-test--with-server
     (with-current-buffer
         (dovecote-test--buffer
@@ -161,16 +164,21 @@ Process output and timers run meanwhile.  Return FORM's value."
       (pcase-let ((`(,start . ,end) (dovecote-test--region "#delay" "first line.\n")))
         (dovecote-correct-region start end))
       (should (= (dovecote-pending-count) 1))
+      (should (equal (dovecote-test--lighter) " Dove:1"))
+      (goto-char (point-max))
+      (insert "Teh end.\n")
       (pcase-let ((`(,start . ,end)
                    (dovecote-test--region "#delay 0.5\nTeh second" "line.\n")))
         (dovecote-correct-region start end))
+      (should (= (length dovecote--queue) 1))
       (should (= (dovecote-pending-count) 2))
       (should (equal (dovecote-test--lighter) " Dove:2"))
       (dovecote-test--wait-until (equal (dovecote-test--states) '("sent" "sent")))
       (should (= (dovecote-pending-count) 2))
       (dovecote-test--wait-until (zerop (dovecote-pending-count)))
       (should (equal (dovecote-test--lighter) " Dove"))
-      (should (equal (buffer-string) "The first line.\nThe second line.\n")))))
+      (should (equal (buffer-string)
+                     "The first line.\nThe second line.\nTeh end.\n")))))
 
 (ert-deftest dovecote-test-apply-edit-checks-the-version ()
   "An edit for another version is refused; a matching one is applied and reported."
@@ -284,7 +292,9 @@ Process output and timers run meanwhile.  Return FORM's value."
           (should (derived-mode-p 'dovecote-conflict-mode))
           (goto-char (point-min))
           (smerge-next)
-          (should (looking-at-p "<<<<<<< yours\nodd\n||||||| original\nwierd\n=======\nweird\n>>>>>>> model\n"))
+          (should (looking-at-p (concat "<<<<<<< yours\nodd\n"
+                                        "||||||| original\nwierd\n"
+                                        "=======\nweird\n>>>>>>> model\n")))
           (smerge-keep-lower)
           (smerge-next)
           (should (looking-at-p "<<<<<<< yours\nget\n"))
@@ -295,7 +305,7 @@ Process output and timers run meanwhile.  Return FORM's value."
           (dovecote-conflict-finish))
         (dovecote-test--wait-until
           (equal (buffer-string) "The plan is definitely weird, we obtain it."))
-        (should-not (buffer-live-p conflicts))))))
+        (dovecote-test--wait-until (not (buffer-live-p conflicts)))))))
 
 (ert-deftest dovecote-test-server-killed-and-restarted ()
   "When the server dies, the client restarts it and the pending call lands."

@@ -1,4 +1,4 @@
-;;; dovecote.el --- Asynchronous LLM corrections merged into what you typed since -*- lexical-binding: t; -*-
+;;; dovecote.el --- Asynchronous LLM corrections, merged as you type  -*- lexical-binding: t; -*-
 
 ;; Copyright (C) 2025 The dovecote authors
 
@@ -35,13 +35,15 @@
 ;; `smerge-mode' buffer, resolved with the usual smerge keys and sent
 ;; back with \\[dovecote-conflict-finish].
 ;;
-;; A minimal set-up:
+;; A minimal set-up (dovecote checked out in ~/src/dovecote, where
+;; `make demo' made the .venv):
 ;;
-;;   (add-to-list 'load-path "/path/to/dovecote/editor_bridge/emacs")
-;;   (autoload 'dovecote-mode "dovecote" nil t)
-;;   (autoload 'dovecote-correct-region "dovecote" nil t)
-;;   (setq dovecote-server-command '("dovecote" "serve" "--stdio"))
+;;   (add-to-list 'load-path "~/src/dovecote/editor_bridge/emacs")
+;;   (require 'dovecote)
+;;   (setq dovecote-server-command
+;;         '("~/src/dovecote/.venv/bin/dovecote" "serve" "--stdio"))
 ;;   (add-hook 'text-mode-hook #'dovecote-mode)
+;;   (global-set-key (kbd "C-c d") #'dovecote-correct-region)
 
 ;;; Code:
 
@@ -63,6 +65,13 @@
 The server must speak JSON-RPC on its standard input and output; add
 \"--db\" and a file name to use another database than the default."
   :type '(repeat string))
+
+(defcustom dovecote-server-directory "~/"
+  "The directory the server runs in.
+Its default database is .dovecote/dovecote.db there (unless
+`dovecote-server-command' gives \"--db\" or DOVECOTE_DB is set).  A
+fixed directory makes a restarted server find the calls still pending."
+  :type 'directory)
 
 (defcustom dovecote-adapter "scripted"
   "The name of the adapter (model provider) that serves corrections.
@@ -173,6 +182,10 @@ the server takes the call's snapshot before it sees any later change.")
 (defvar-local dovecote--holds 0
   "Number of submissions of this buffer's regions in flight.")
 
+(defvar-local dovecote--queue nil
+  "Submissions waiting for the one in flight, oldest first.
+Each is a function of one argument: non-nil to send, nil to give up.")
+
 ;;;; Connection
 
 (defun dovecote--live ()
@@ -200,6 +213,13 @@ still pending are watched on it."
   (unwind-protect (dovecote--connect-1)
     (setq dovecote--connecting nil)))
 
+(defun dovecote--server-command ()
+  "Return `dovecote-server-command', its program's file name expanded."
+  (let ((program (car-safe dovecote-server-command)))
+    (if (and (stringp program) (file-name-directory program))
+        (cons (expand-file-name program) (cdr dovecote-server-command))
+      dovecote-server-command)))
+
 (defun dovecote--connect-1 ()
   "Do the work of `dovecote--connect'."
   (when dovecote--reconnect-timer
@@ -210,28 +230,34 @@ still pending are watched on it."
     (let ((dovecote--shutting-down t))
       (ignore-errors (jsonrpc-shutdown old))))
   (let* ((name "dovecote")
-         (command dovecote-server-command)
-         (default-directory (if (file-directory-p default-directory)
-                                default-directory
-                              temporary-file-directory))
+         (command (dovecote--server-command))
+         (default-directory
+           (file-name-as-directory
+            (expand-file-name (if (file-directory-p dovecote-server-directory)
+                                  dovecote-server-directory
+                                temporary-file-directory))))
          (conn
           (condition-case err
-              (make-instance
-               'jsonrpc-process-connection
-               :name name
-               :events-buffer-scrollback-size dovecote-events-buffer-size
-               :process (lambda ()
-                          (make-process
-                           :name name
-                           :command command
-                           :connection-type 'pipe
-                           :coding 'utf-8-emacs-unix
-                           :noquery t
-                           :stderr (get-buffer-create
-                                    (format "*%s stderr*" name))))
-               :request-dispatcher #'dovecote--handle-request
-               :notification-dispatcher #'dovecote--handle-notification
-               :on-shutdown #'dovecote--on-shutdown)
+              (progn
+                (unless (and (consp command) (stringp (car command))
+                             (executable-find (car command)))
+                  (error "No program %S" (car-safe command)))
+                (make-instance
+                 'jsonrpc-process-connection
+                 :name name
+                 :events-buffer-scrollback-size dovecote-events-buffer-size
+                 :process (lambda ()
+                            (make-process
+                             :name name
+                             :command command
+                             :connection-type 'pipe
+                             :coding 'utf-8-emacs-unix
+                             :noquery t
+                             :stderr (get-buffer-create
+                                      (format "*%s stderr*" name))))
+                 :request-dispatcher #'dovecote--handle-request
+                 :notification-dispatcher #'dovecote--handle-notification
+                 :on-shutdown #'dovecote--on-shutdown))
             (error
              (user-error "Cannot start the dovecote server %S: %s \
 \(see `dovecote-server-command')"
@@ -242,10 +268,11 @@ still pending are watched on it."
                                (list :name "emacs" :version emacs-version))
                          :timeout 30)
       (error
-       (let ((dovecote--shutting-down t))
-         (ignore-errors (jsonrpc-shutdown conn)))
-       (user-error "The dovecote server %S did not initialize: %s"
-                   command (error-message-string err))))
+       (let ((dovecote--shutting-down t)
+             (stderr (dovecote--stderr conn)))
+         (ignore-errors (jsonrpc-shutdown conn t))
+         (user-error "The dovecote server %S did not start: %s%s"
+                     command (error-message-string err) stderr))))
     (setq dovecote--connection conn
           dovecote--reconnect-wait nil)
     (dolist (buffer (dovecote--buffers))
@@ -253,6 +280,19 @@ still pending are watched on it."
     (dovecote--watch conn)
     (force-mode-line-update t)
     conn))
+
+(defun dovecote--stderr (conn)
+  "Return the end of what the server of CONN wrote to its stderr, or \"\"."
+  (let ((buffer (ignore-errors (jsonrpc-stderr-buffer conn))))
+    (if (not (buffer-live-p buffer))
+        ""
+      ;; Let the pipe deliver what the dying server wrote.
+      (accept-process-output nil 0.1)
+      (with-current-buffer buffer
+        (let ((text (string-trim (buffer-substring-no-properties
+                                  (max (point-min) (- (point-max) 400))
+                                  (point-max)))))
+          (if (string-empty-p text) "" (concat "\n" text)))))))
 
 (defun dovecote--on-shutdown (conn)
   "Forget CONN, whose server process died; restart it unless on purpose."
@@ -434,14 +474,24 @@ Offsets are code points from the start of the whole buffer."
                  (dovecote--schedule-reconnect)))))))
 
 (defun dovecote--hold (buffer delta)
-  "Add DELTA to BUFFER's count of held submissions; flush when it is 0."
+  "Add DELTA to BUFFER's count of submissions in flight.
+At 0, send the held changes, then the next queued submission."
   (when (buffer-live-p buffer)
     (with-current-buffer buffer
       (setq dovecote--holds (max 0 (+ dovecote--holds delta)))
-      (dovecote--flush))))
+      (when (zerop dovecote--holds)
+        (dovecote--flush)
+        (when-let ((next (pop dovecote--queue)))
+          (funcall next t))))))
+
+(defun dovecote--abandon-queue ()
+  "Give up the current buffer's queued submissions."
+  (while dovecote--queue
+    (funcall (pop dovecote--queue) nil)))
 
 (defun dovecote--close ()
   "Close the current buffer's document on the server."
+  (dovecote--abandon-queue)
   (when (and dovecote--uri (dovecote--opened-p))
     (ignore-errors
       (jsonrpc-notify dovecote--opened 'document/close
@@ -598,56 +648,96 @@ REQUEST is a plist as on the wire: `:messages' (a vector of plists with
 `:role' and `:content'), and maybe `:system', `:maxTokens',
 `:temperature'.  With BUFFER, START and END the reply replaces that
 region (positions in BUFFER) through the three-way merge, colliding
-edits handled by ON-CONFLICT (see `dovecote-on-conflict').  TIMEOUT
-defaults to `dovecote-default-timeout'; MAX-ATTEMPTS to the server's.
-CALLBACK, if non-nil, is called with the `command/show' result once
-the call is over."
+edits handled by ON-CONFLICT (see `dovecote-on-conflict'); REQUEST
+may then be a function, called with the region's text when the call
+is sent, that returns the plist.  TIMEOUT defaults to
+`dovecote-default-timeout'; MAX-ATTEMPTS to the server's.  CALLBACK,
+if non-nil, is called with the `command/show' result once the call is
+over."
   (let* ((conn (dovecote--ensure))
          (timeout (or timeout dovecote-default-timeout))
-         (params (list :adapter adapter :request request))
-         overlay)
-    (when timeout (setq params (plist-put params :timeout timeout)))
-    (when max-attempts
-      (setq params (plist-put params :maxAttempts max-attempts)))
-    (when buffer
+         (options (append (and timeout (list :timeout timeout))
+                          (and max-attempts (list :maxAttempts max-attempts))))
+         (info (list :buffer buffer :callback callback)))
+    (if (not buffer)
+        (progn
+          (dovecote--expect 1)
+          (dovecote--send conn (append (list :adapter adapter :request request)
+                                       options)
+                          info))
       (with-current-buffer buffer
         (unless dovecote-mode (dovecote-mode 1))
         (unless (dovecote--opened-p) (dovecote--open conn))
-        (setq params
-              (plist-put params :target
-                         (list :uri dovecote--uri :start (1- start) :end (1- end))))
-        (setq params (plist-put params :onConflict
-                                (or on-conflict dovecote-on-conflict)))
-        (setq overlay (make-overlay start end nil nil t))
-        (overlay-put overlay 'face 'dovecote-pending)
-        (overlay-put overlay 'help-echo "dovecote: correction pending")
-        (dovecote--hold buffer 1)))
-    (dovecote--expect 1)
-    (let ((done nil))
-      (cl-flet ((release ()
-                  (unless done
-                    (setq done t)
-                    (dovecote--expect -1)
-                    (when buffer (dovecote--hold buffer -1))))
-                (failed (why)
-                  (when overlay (delete-overlay overlay))
-                  (message "dovecote: the call was not made: %s" why)))
-        (jsonrpc-async-request
-         conn 'command/submit params
-         :success-fn
-         (lambda (result)
-           (dovecote--claim (plist-get result :commandId)
-                            (list :buffer buffer :overlay overlay
-                                  :callback callback))
-           (release))
-         :error-fn (lambda (err) (release) (failed (plist-get err :message)))
-         :timeout-fn (lambda () (release) (failed "no answer from the server")))))
+        (let ((overlay (make-overlay start end nil t nil))
+              (on-conflict (or on-conflict dovecote-on-conflict)))
+          (overlay-put overlay 'face 'dovecote-pending)
+          (overlay-put overlay 'help-echo "dovecote: call pending")
+          (setq info (plist-put info :overlay overlay))
+          (dovecote--expect 1)
+          (let ((send
+                 (lambda (go)
+                   (let ((start (overlay-start overlay))
+                         (end (overlay-end overlay)))
+                     (dovecote--send
+                      (and go start (dovecote--live))
+                      (and go start
+                           (with-current-buffer buffer
+                             (append
+                              (list :adapter adapter
+                                    :request
+                                    (if (functionp request)
+                                        (funcall request
+                                                 (buffer-substring-no-properties
+                                                  start end))
+                                      request)
+                                    :target (list :uri dovecote--uri
+                                                  :start (1- start)
+                                                  :end (1- end))
+                                    :onConflict on-conflict)
+                              options)))
+                      info)))))
+            ;; What was typed since the call in flight is held back until
+            ;; the server has its snapshot; this call's offsets count it, so
+            ;; it waits its turn.
+            (if (and (> dovecote--holds 0) dovecote--held)
+                (setq dovecote--queue (append dovecote--queue (list send)))
+              (funcall send t))))))
     nil))
+
+(defun dovecote--send (conn params info)
+  "Send the `command/submit' PARAMS on CONN for the call INFO describes.
+With CONN nil, give the call up.  Until the server answers, the
+changes of INFO's buffer are held back."
+  (let ((buffer (and conn (plist-get info :buffer)))
+        (overlay (plist-get info :overlay))
+        (done nil))
+    (when buffer (dovecote--hold buffer 1))
+    (cl-flet ((release ()
+                       (unless done
+                         (setq done t)
+                         (when buffer (dovecote--hold buffer -1))
+                         (dovecote--expect -1)))
+              (failed (why)
+                      (when overlay (delete-overlay overlay))
+                      (message "dovecote: the call may not have been made: %s" why)))
+      (if (not conn)
+          (progn (release) (failed "not connected"))
+        (condition-case err
+            (jsonrpc-async-request
+             conn 'command/submit params
+             :success-fn
+             (lambda (result)
+               (dovecote--claim (plist-get result :commandId) info)
+               (release))
+             :error-fn (lambda (err) (release) (failed (plist-get err :message)))
+             :timeout-fn (lambda () (release) (failed "no answer from the server")))
+          (error (release) (failed (error-message-string err))))))))
 
 (defun dovecote--clip (start end)
   "Return (START . END) clipped to the accessible part of the buffer."
   (cons (max start (point-min)) (min end (point-max))))
 
+;;;###autoload
 (defun dovecote-correct-region (start end)
   "Ask for corrections of the region from START to END; return at once.
 The region's text goes unchanged as the one user message, with
@@ -662,10 +752,9 @@ as it is when the reply arrives."
     (unless dovecote-mode (dovecote-mode 1))
     (dovecote-submit
      dovecote-adapter
-     (list :system dovecote-correction-instruction
-           :messages (vector (list :role "user"
-                                   :content (buffer-substring-no-properties
-                                             start end))))
+     (lambda (text)
+       (list :system dovecote-correction-instruction
+             :messages (vector (list :role "user" :content text))))
      :buffer (current-buffer) :start start :end end)
     (when (called-interactively-p 'interactive)
       (deactivate-mark)
@@ -693,6 +782,7 @@ the server is not connected."
             (setq dovecote--uri (dovecote--buffer-uri)
                   dovecote--version (1+ dovecote--version)
                   dovecote--holds 0
+                  dovecote--queue nil
                   dovecote--held nil
                   dovecote--opened nil)
             (add-hook 'after-change-functions #'dovecote--after-change nil t)
@@ -743,7 +833,8 @@ the server is not connected."
            :success-fn
            (lambda (result)
              (unless (eq (plist-get result :accepted) t)
-               (message "dovecote: the answer came too late; it is kept with the dead call")))
+               (message "dovecote: the answer came too late; %s"
+                        "it is kept with the dead call")))
            :error-fn (lambda (err)
                        (message "dovecote: the answer was refused: %s"
                                 (plist-get err :message)))
@@ -858,28 +949,35 @@ takes it (\"theirs\"), and any other text replaces the conflict."
     ;; One by one, last first: resolving one renumbers those after it.
     (cl-labels
         ((next (remaining)
-           (if (null remaining)
-               (progn
-                 (dovecote--kill-conflict-buffer conflict-buffer)
-                 (message "dovecote: conflicts of %s resolved" id))
-             (pcase-let* ((`(,index ,choice ,text) (car remaining))
-                          (params (list :commandId id :choice choice
-                                        :index index)))
-               (when text (setq params (plist-put params :text text)))
-               (jsonrpc-async-request
-                conn 'conflict/resolve params
-                :success-fn
-                (lambda (result)
-                  (if (eq (plist-get result :applied) t)
-                      (next (cdr remaining))
-                    (message "dovecote: conflict %d could not be applied; \
+               (if (null remaining)
+                   (progn
+                     (dovecote--kill-conflict-buffer conflict-buffer)
+                     (message "dovecote: conflicts of %s resolved" id))
+                 (pcase-let* ((`(,index ,choice ,text) (car remaining))
+                              (params (list :commandId id :choice choice
+                                            :index index)))
+                   (when text (setq params (plist-put params :text text)))
+                   (jsonrpc-async-request
+                    conn 'conflict/resolve params
+                    :success-fn
+                    (lambda (result)
+                      (if (eq (plist-get result :applied) t)
+                          (progn
+                            ;; Done with: a retry must not send it again.
+                            (when (buffer-live-p conflict-buffer)
+                              (with-current-buffer conflict-buffer
+                                (setq dovecote--conflict-spans
+                                      (cl-remove index dovecote--conflict-spans
+                                                 :key #'car))))
+                            (next (cdr remaining)))
+                        (message "dovecote: conflict %d could not be applied; \
 resolve it again" (1+ index))))
-                :error-fn (lambda (err)
-                            (message "dovecote: conflict/resolve failed: %s"
-                                     (plist-get err :message)))
-                :timeout-fn (lambda ()
-                              (message "dovecote: conflict/resolve timed out"))
-                :timeout 60)))))
+                    :error-fn (lambda (err)
+                                (message "dovecote: conflict/resolve failed: %s"
+                                         (plist-get err :message)))
+                    :timeout-fn (lambda ()
+                                  (message "dovecote: conflict/resolve timed out"))
+                    :timeout 60)))))
       (next choices))))
 
 (defun dovecote-conflict-abort ()
