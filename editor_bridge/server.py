@@ -623,7 +623,7 @@ class Server:
         start, end = document.regions[region]
         spans = {f"{command_id}#{i}": (c.start, c.end) for i, c in enumerate(conflicts)}
         rebase(spans, merged, document.text[start:end])
-        kept = []
+        kept: list[KeptConflict] = []
         for (key, (s, e)), conflict in zip(spans.items(), conflicts, strict=True):
             document.regions[key] = (start + s, start + e)
             kept.append(KeptConflict(key, uri, conflict, len(kept)))
