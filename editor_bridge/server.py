@@ -146,6 +146,7 @@ class Server:
             "flow/list": self.flow_list,
             "flow/show": self.flow_show,
             "flow/cancel": self.flow_cancel,
+            "flow/watch": self.flow_watch,
         }
 
     # --- running -------------------------------------------------------------
@@ -174,6 +175,8 @@ class Server:
             self.sessions.remove(session)
             for command_id in [i for i, s in self.owner_of.items() if s is session]:
                 del self.owner_of[command_id]
+            for flow_id in [i for i, s in self.flow_owner.items() if s is session]:
+                del self.flow_owner[flow_id]
             for uri in session.uris:
                 if not any(uri in s.uris for s in self.sessions):
                     self.mirror.close(uri)
@@ -519,6 +522,15 @@ class Server:
             ],
             "events": [wire.event(e) for e in self.engine.flow_history(flow.id)],
         }
+
+    async def flow_watch(self, session: Session, p: Params) -> Any:
+        """Receive these flows' flow/state notifications (after a reconnect)."""
+        ids = p.strings("flowIds")
+        for flow_id in ids:
+            self.engine.get_flow(flow_id)
+        for flow_id in ids:
+            self.flow_owner[flow_id] = session
+        return {"watching": len(ids)}
 
     async def flow_cancel(self, session: Session, p: Params) -> Any:
         flow = await self.engine.cancel_flow(p.string("flowId"))

@@ -769,18 +769,21 @@ class Engine:
                 reason = REASON_RETRIES_EXHAUSTED
             else:
                 reason = REASON_ERROR
-            await self._move(
-                command,
-                FAIL,
-                {"error": error.to_json()},
-                reason=reason,
-                error=error,
-                finished_at=self.now(),
-                owner=None,
-                lease_until=None,
-            )
+            await self._dead_letter(command, reason, error)
         except IllegalTransition:
             pass  # it was timed out or cancelled meanwhile
+
+    async def _dead_letter(self, command: Command, reason: str, error: CommandError) -> None:
+        await self._move(
+            command,
+            FAIL,
+            {"error": error.to_json()},
+            reason=reason,
+            error=error,
+            finished_at=self.now(),
+            owner=None,
+            lease_until=None,
+        )
 
     async def _complete(self, command: Command) -> None:
         """Run a replied command's handler; done, or dead with handler_error."""
@@ -809,16 +812,7 @@ class Engine:
                     lease_until=None,
                 )
             else:
-                await self._move(
-                    command,
-                    FAIL,
-                    {"error": error.to_json()},
-                    reason=REASON_HANDLER_ERROR,
-                    error=error,
-                    finished_at=self.now(),
-                    owner=None,
-                    lease_until=None,
-                )
+                await self._dead_letter(command, REASON_HANDLER_ERROR, error)
         except IllegalTransition:
             pass  # another engine took it over meanwhile and will finish it
 

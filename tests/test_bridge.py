@@ -325,3 +325,38 @@ async def test_a_target_at_an_old_version_is_refused(db_path: Path) -> None:
                 },
             )
         assert caught.value.code == -32005 and "version 1" in caught.value.message
+
+
+async def test_flow_over_rpc_with_a_target_and_watch_after_reconnect(db_path: Path) -> None:
+    region = "Teh quick fox."
+    async with served(db_path) as (editor, _):
+        await editor.initialize()
+        await editor.open(URI, region)
+        started = await editor.request(
+            "flow/start",
+            {
+                "flow": "corrections",
+                "params": {"adapter": "scripted"},
+                "target": {"uri": URI, "start": 0, "end": len(region)},
+            },
+        )
+        flow_id = started["flowId"]
+        await editor.wait_for(
+            lambda m: (
+                m["method"] == "flow/state"
+                and m["params"]["flowId"] == flow_id
+                and m["params"]["state"] == "completed"
+            )
+        )
+        shown = await editor.request("flow/show", {"flowId": flow_id})
+        assert editor.text(URI) == "The quick fox."
+        assert shown["state"] == "completed" and shown["result"] == {"text": "The quick fox."}
+        assert [s["kind"] for s in shown["steps"]] == ["call"]
+        listed = await editor.request("flow/list", {"states": ["completed"]})
+        assert [f["id"] for f in listed["flows"]] == [flow_id]
+    async with served(db_path) as (editor, _):
+        await editor.initialize()
+        assert await editor.request("flow/watch", {"flowIds": [flow_id]}) == {"watching": 1}
+        with pytest.raises(RemoteError) as caught:
+            await editor.request("flow/watch", {"flowIds": ["nope"]})
+        assert caught.value.code == -32007

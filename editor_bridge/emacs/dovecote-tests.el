@@ -105,11 +105,22 @@ Process output and timers run meanwhile.  Return FORM's value."
     (eval (cadr lighter) t)))
 
 (defun dovecote-test--states ()
-  "Return the states of this Emacs' pending commands."
+  "Return the states of the pending LLM jobs of this Emacs.
+That of a correction is its step command's, or nil before it is known."
   (let (states)
     (maphash (lambda (_id info) (push (plist-get info :state) states))
              dovecote--commands)
+    (maphash (lambda (_id info) (push (plist-get info :command-state) states))
+             dovecote--flows)
     states))
+
+(defun dovecote-test--flows (&rest states)
+  "Return the server's flows, as `flow/list' gives them, in STATES if any."
+  (append (plist-get (jsonrpc-request (dovecote--live) 'flow/list
+                                      (and states
+                                           (list :states (vconcat states))))
+                     :flows)
+          nil))
 
 (ert-deftest dovecote-test-typing-before-inside-and-after ()
   "A correction lands while the person types before, inside and after it."
@@ -153,32 +164,46 @@ Process output and timers run meanwhile.  Return FORM's value."
 
 (ert-deftest dovecote-test-pending-count-and-mode-line ()
   "The pending count goes up with each call and back to 0 as they land.
-What is typed between two calls while the first is being submitted
-waits with the second call for the server's snapshot of the first."
+What is typed right after asking is sent at once, before the server
+has answered: the server takes the region's snapshot first, so the
+model never sees it (the typed typo stays), and the next call's
+offsets, which count it, are right."
   (dovecote-test--with-server
     (with-current-buffer
         (dovecote-test--buffer
          "#delay 0.5\nTeh first line.\n#delay 0.5\nTeh second line.\n")
       (should (= (dovecote-pending-count) 0))
       (should (equal (dovecote-test--lighter) " Dove"))
-      (pcase-let ((`(,start . ,end) (dovecote-test--region "#delay" "first line.\n")))
-        (dovecote-correct-region start end))
-      (should (= (dovecote-pending-count) 1))
-      (should (equal (dovecote-test--lighter) " Dove:1"))
-      (goto-char (point-max))
-      (insert "Teh end.\n")
+      (let ((version dovecote--version))
+        (pcase-let ((`(,start . ,end) (dovecote-test--region "#delay" "first line.\n")))
+          (dovecote-correct-region start end))
+        (should (= (dovecote-pending-count) 1))
+        (should (equal (dovecote-test--lighter) " Dove:1"))
+        ;; Not answered yet: the flow's id has not come back.
+        (should (= dovecote--expected 1))
+        (dovecote-test--replace "first line" "first recieve line")
+        (goto-char (point-max))
+        (insert "Teh end.\n")
+        (should (= dovecote--version (+ version 2))))
       (pcase-let ((`(,start . ,end)
                    (dovecote-test--region "#delay 0.5\nTeh second" "line.\n")))
         (dovecote-correct-region start end))
-      (should (= (length dovecote--queue) 1))
       (should (= (dovecote-pending-count) 2))
       (should (equal (dovecote-test--lighter) " Dove:2"))
       (dovecote-test--wait-until (equal (dovecote-test--states) '("sent" "sent")))
       (should (= (dovecote-pending-count) 2))
+      (should (= (length (dovecote-test--flows "waiting")) 2))
       (dovecote-test--wait-until (zerop (dovecote-pending-count)))
       (should (equal (dovecote-test--lighter) " Dove"))
       (should (equal (buffer-string)
-                     "The first line.\nThe second line.\nTeh end.\n")))))
+                     "The first recieve line.\nThe second line.\nTeh end.\n"))
+      (let ((flows (dovecote-test--flows)))
+        (should (= (length flows) 2))
+        (dolist (flow flows)
+          (should (equal (plist-get flow :name) "corrections"))
+          (should (equal (plist-get flow :state) "completed"))
+          (should (equal (plist-get (plist-get flow :params) :instruction)
+                         dovecote-correction-instruction)))))))
 
 (ert-deftest dovecote-test-apply-edit-checks-the-version ()
   "An edit for another version is refused; a matching one is applied and reported."
@@ -213,6 +238,14 @@ waits with the second call for the server's snapshot of the first."
         (let ((dovecote-default-timeout 0.3))
           (dovecote-correct-region (point-min) (point-max)))
         (dovecote-test--wait-until dead)
+        ;; Stalled: waiting for a decision, not pending.
+        (should (= (dovecote-pending-count) 0))
+        (should (equal (dovecote-test--lighter) " Dove"))
+        (should (= (hash-table-count dovecote--flows) 1))
+        (dovecote-test--wait-until
+          (equal (mapcar (lambda (flow) (plist-get flow :state))
+                         (dovecote-test--flows))
+                 '("stalled")))
         (should (= (dovecote-pending-count) 0))
         (should (equal (buffer-string) "#delay 1\nTeh end."))
         (goto-char (point-min))
@@ -232,8 +265,19 @@ waits with the second call for the server's snapshot of the first."
           (should (= (dovecote-pending-count) 1))
           (should (null tabulated-list-entries))
           (should (equal (buffer-string) "")))
+        (should (equal (dovecote-test--lighter) " Dove:1"))
         (dovecote-test--wait-until (zerop (dovecote-pending-count)))
-        (should (equal (buffer-string) "P.S. The end."))))))
+        (should (equal (buffer-string) "P.S. The end."))
+        (should (zerop (hash-table-count dovecote--flows)))
+        (let ((flow (car (dovecote-test--flows))))
+          (should (equal (plist-get flow :state) "completed"))
+          (should (equal (mapcar (lambda (event) (plist-get event :to))
+                                 (plist-get (jsonrpc-request
+                                             (dovecote--live) 'flow/show
+                                             (list :flowId (plist-get flow :id)))
+                                            :events))
+                         '("running" "waiting" "stalled" "waiting" "running"
+                           "completed"))))))))
 
 (ert-deftest dovecote-test-replay-marked-dead-letters ()
   "Marked dead letters are replayed together with `R'."
@@ -284,7 +328,16 @@ waits with the second call for the server's snapshot of the first."
                 (cl-find-if (lambda (buffer)
                               (string-prefix-p "*dovecote conflict " (buffer-name buffer)))
                             (buffer-list))))
-        (should (zerop (dovecote-pending-count)))
+        ;; Named after the flow's step command, whose conflicts they are.
+        (let ((steps (plist-get (jsonrpc-request
+                                 (dovecote--live) 'flow/show
+                                 (list :flowId (plist-get (car (dovecote-test--flows))
+                                                          :id)))
+                                :steps)))
+          (should (equal (buffer-name conflicts)
+                         (format "*dovecote conflict %s*"
+                                 (plist-get (aref steps 0) :commandId)))))
+        (dovecote-test--wait-until (zerop (dovecote-pending-count)))
         ;; Until resolved, the person's words stay.
         (should (equal (buffer-string) "The plan is definitely odd, we get it."))
         (with-current-buffer conflicts
@@ -325,7 +378,138 @@ waits with the second call for the server's snapshot of the first."
         (should (= (dovecote-pending-count) 1))
         (dovecote-test--wait-until (zerop (dovecote-pending-count)))
         (should (equal (buffer-string) "Note: We believe in the plan."))
-        (should (equal (dovecote-test--lighter) " Dove"))))))
+        (should (equal (dovecote-test--lighter) " Dove"))
+        (should (zerop (hash-table-count dovecote--flows)))
+        (should (equal (mapcar (lambda (flow) (plist-get flow :state))
+                               (dovecote-test--flows))
+                       '("completed")))))))
+
+(ert-deftest dovecote-test-stalled-correction-after-a-restart ()
+  "A correction stalled before a restart is found stalled; replayed, it lands.
+The new server does not send the flow's `flow/state' to this Emacs
+\(it did not start it): the client asks with `flow/show'."
+  (dovecote-test--with-server
+    (with-current-buffer (dovecote-test--buffer "#delay 1\nWe beleive teh plan.")
+      (let* ((dead nil)
+             (dovecote-finished-functions
+              (list (lambda (id state) (when (equal state "dead") (setq dead id))))))
+        (let ((dovecote-default-timeout 0.3))
+          (dovecote-correct-region (point-min) (point-max)))
+        (dovecote-test--wait-until dead)
+        (should (= (dovecote-pending-count) 0))
+        (let ((old (dovecote--process)))
+          (kill-process old)
+          (dovecote-test--wait-until (not (process-live-p old)))
+          (goto-char (point-max))
+          (insert " Really.")
+          (dovecote-test--wait-until (and (dovecote--live)
+                                          (not (eq (dovecote--process) old)))))
+        ;; Still ours, still stalled on the same dead command.
+        (should (= (hash-table-count dovecote--flows) 1))
+        (should (= (dovecote-pending-count) 0))
+        (let ((info (car (hash-table-values dovecote--flows))))
+          (dovecote-test--wait-until (equal (plist-get info :state) "stalled"))
+          (should (equal (plist-get info :command) dead))
+          (should (equal (plist-get info :command-state) "dead")))
+        (let ((new (dovecote-replay (list dead) 10)))
+          (should (equal new (list (plist-get (car (hash-table-values dovecote--flows))
+                                              :command)))))
+        (should (= (dovecote-pending-count) 1))
+        (dovecote-test--wait-until (zerop (dovecote-pending-count)))
+        (should (equal (buffer-string) "We believe the plan. Really."))
+        (should (zerop (hash-table-count dovecote--flows)))
+        (should (equal (mapcar (lambda (flow) (plist-get flow :state))
+                               (dovecote-test--flows))
+                       '("completed")))))))
+
+(ert-deftest dovecote-test-failed-correction ()
+  "A correction whose flow fails is no longer pending and changes nothing."
+  (dovecote-test--with-server
+    (with-current-buffer (dovecote-test--buffer "Teh end.")
+      (let ((dovecote-adapter "no-such-adapter"))
+        (dovecote-correct-region (point-min) (point-max)))
+      (should (= (dovecote-pending-count) 1))
+      (should (overlays-in (point-min) (point-max)))
+      (dovecote-test--wait-until (zerop (dovecote-pending-count)))
+      (should (zerop (hash-table-count dovecote--flows)))
+      (should-not (overlays-in (point-min) (point-max)))
+      (should (equal (buffer-string) "Teh end."))
+      (let ((flow (car (dovecote-test--flows))))
+        (should (equal (plist-get flow :state) "failed"))
+        (should (string-match-p "no-such-adapter" (plist-get flow :error)))))))
+
+(ert-deftest dovecote-test-flow-notifications-are-matched-by-flow ()
+  "Notifications that overtake `flow/start''s answer are kept for it;
+those of flows not ours (another editor's, on the same document) are
+ignored."
+  (dovecote-test--with-server
+    (let* ((finished nil)
+           (dovecote-finished-functions
+            (list (lambda (id state) (push (cons id state) finished)))))
+      ;; Nothing is being asked for: a stranger's step is ignored.
+      (dovecote--handle-notification
+       nil 'command/state (list :commandId "c0" :state "sent" :flowId "f0"))
+      (dovecote--handle-notification
+       nil 'flow/state (list :flowId "f0" :state "waiting" :step 1))
+      (should (= (dovecote-pending-count) 0))
+      (should (null finished))
+      ;; A flow/start in flight: its notifications come before its id.
+      (dovecote--expect 1)
+      (dovecote--handle-notification
+       nil 'flow/state (list :flowId "f1" :state "waiting" :step 1))
+      (dovecote--handle-notification
+       nil 'command/state (list :commandId "c1" :state "dead" :reason "timeout"
+                                :flowId "f1"))
+      (dovecote--handle-notification
+       nil 'command/state (list :commandId "c2" :state "sent" :flowId "f2"))
+      (should (= (dovecote-pending-count) 1))
+      (dovecote--claim-flow "f1" (list :state "running" :command nil
+                                       :command-state nil :conn (dovecote--live)))
+      (dovecote--expect -1)
+      (should (equal finished '(("c1" . "dead"))))
+      ;; Stalled: not pending, still ours.
+      (should (= (dovecote-pending-count) 0))
+      (should (gethash "f1" dovecote--flows))
+      (should-not (gethash "f2" dovecote--flows))
+      (should-not (gethash "c2" dovecote--step-commands))
+      (dovecote--handle-notification
+       nil 'flow/state (list :flowId "f1" :state "stalled" :step 1))
+      (should (= (dovecote-pending-count) 0))
+      ;; Replayed elsewhere: the flow goes on, pending again.
+      (dovecote--handle-notification
+       nil 'flow/state (list :flowId "f1" :state "waiting" :step 1))
+      (should (= (dovecote-pending-count) 1))
+      (dovecote--handle-notification
+       nil 'flow/state (list :flowId "f1" :state "completed" :step 1))
+      (should (= (dovecote-pending-count) 0))
+      (should (zerop (hash-table-count dovecote--flows)))
+      (should (zerop (hash-table-count dovecote--step-commands))))))
+
+(ert-deftest dovecote-test-submit-a-plain-call ()
+  "`dovecote-submit' still sends `command/submit', without a flow."
+  (dovecote-test--with-server
+    (with-current-buffer (dovecote-test--buffer "Intro.\n#delay 0.3\nTeh end.")
+      (let ((shown nil)
+            (text nil))
+        (pcase-let ((`(,start . ,end) (dovecote-test--region "#delay" "end.")))
+          (dovecote-submit "scripted"
+                           (lambda (region)
+                             (setq text region)
+                             (list :messages (vector (list :role "user"
+                                                           :content region))))
+                           :buffer (current-buffer) :start start :end end
+                           :callback (lambda (result) (setq shown result))))
+        (should (equal text "#delay 0.3\nTeh end."))
+        (goto-char (point-min))
+        (insert "🐣 ")
+        (should (= (dovecote-pending-count) 1))
+        (dovecote-test--wait-until shown)
+        (should (zerop (dovecote-pending-count)))
+        (should (equal (buffer-string) "🐣 Intro.\nThe end."))
+        (let ((command (plist-get shown :command)))
+          (should (equal (plist-get command :state) "done"))
+          (should (null (plist-get command :flowId))))
+        (should (null (dovecote-test--flows)))))))
 
 (ert-deftest dovecote-test-human-ask-is-answered ()
   "A question to a person is answered through the answer function."

@@ -22,14 +22,16 @@
 ;;
 ;; Turn on `dovecote-mode' in a buffer: the buffer becomes a document
 ;; the server mirrors, change by change.  Select a region and run
-;; `dovecote-correct-region': the call returns at once, you keep typing
-;; (before, inside or after the region), and when the model's reply
-;; arrives the server merges it three ways (the region as it was when
-;; you asked, as it is now, and the reply) and the merged edit lands in
-;; the buffer.  The mode line shows how many calls are pending.
+;; `dovecote-correct-region': it starts the server's built-in
+;; "corrections" flow on the region and returns at once; you keep
+;; typing (before, inside or after the region), and when the model's
+;; reply arrives the server merges it three ways (the region as it was
+;; when you asked, as it is now, and the reply) and the merged edit
+;; lands in the buffer.  The mode line shows how many calls are pending.
 ;;
-;; A call that misses its deadline is dead-lettered:
-;; `dovecote-list-dead-letters' lists them, and `r' replays one.
+;; A call that misses its deadline is dead-lettered (a correction's flow
+;; then stalls): `dovecote-list-dead-letters' lists them, and `r'
+;; replays one; a stalled correction then goes on and lands.
 ;; Where your edit and the model's collide, `dovecote-on-conflict'
 ;; decides; with "ask" (the default) the collisions open in a
 ;; `smerge-mode' buffer, resolved with the usual smerge keys and sent
@@ -125,7 +127,8 @@ Each failed attempt doubles the wait, up to a minute."
 (defcustom dovecote-finished-functions nil
   "Functions called when one of this Emacs' calls reaches a terminal state.
 Each is called with the call's id and its state, \"done\", \"dead\" or
-\"cancelled\"."
+\"cancelled\".  The call of a correction is the command of its flow's
+step: a dead one stalls the correction until it is replayed."
   :type 'hook)
 
 (defface dovecote-pending
@@ -147,8 +150,34 @@ The plist has `:state', and maybe `:buffer', `:overlay', `:callback'.")
   "Last `command/state' params of calls whose id has not come back yet.
 A state notification may overtake the response that names the call.")
 
+(defvar dovecote--flows (make-hash-table :test #'equal)
+  "This Emacs' corrections whose flows are not yet terminal: id -> plist.
+The plist has `:state' (the flow's last known state), `:command' and
+`:command-state' (its step's command, once known), `:buffer',
+`:overlay', `:conn' (the connection that started the flow, the only
+one the server sends its `flow/state' to) and `:asking' (the
+connection on which a `flow/show' about it is in flight, or nil).")
+
+(defvar dovecote--step-commands (make-hash-table :test #'equal)
+  "Command id -> flow id, for the step commands of `dovecote--flows'.")
+
+(defvar dovecote--unclaimed-flows (make-hash-table :test #'equal)
+  "Notifications about flows whose id has not come back yet.
+Flow id -> list of (METHOD . PARAMS), the most recent first.")
+
 (defvar dovecote--expected 0
-  "Number of calls asked for whose ids have not come back yet.")
+  "Number of calls and flows asked for whose ids have not come back yet.")
+
+(defvar dovecote--poll-timer nil
+  "Timer that asks the server about flows it does not report, or nil.")
+
+(defvar dovecote--poll-due 0
+  "When `dovecote--poll-timer' runs, as a `float-time'.")
+
+(defvar dovecote--poll-interval 1.0
+  "Seconds between two `flow/show' of a flow whose state is not reported.
+The server sends `flow/state' only to the connection that started the
+flow; after a reconnect the client asks instead.")
 
 (defvar dovecote--reconnect-timer nil
   "Timer that restarts a server that died, or nil.")
@@ -169,22 +198,10 @@ A state notification may overtake the response that names the call.")
   "The document version of this buffer; it grows with every change.")
 
 (defvar-local dovecote--size 0
-  "The buffer's size after the last change reported or held.")
+  "The buffer's size after the last change reported.")
 
 (defvar-local dovecote--opened nil
   "The connection on which this buffer's document is open, or nil.")
-
-(defvar-local dovecote--held nil
-  "Changes not sent yet, most recent first.
-They wait while a call about this buffer is being submitted, so that
-the server takes the call's snapshot before it sees any later change.")
-
-(defvar-local dovecote--holds 0
-  "Number of submissions of this buffer's regions in flight.")
-
-(defvar-local dovecote--queue nil
-  "Submissions waiting for the one in flight, oldest first.
-Each is a function of one argument: non-nil to send, nil to give up.")
 
 ;;;; Connection
 
@@ -300,7 +317,7 @@ still pending are watched on it."
     (setq dovecote--connection nil)
     (dolist (buffer (dovecote--buffers))
       (with-current-buffer buffer
-        (setq dovecote--opened nil dovecote--held nil)))
+        (setq dovecote--opened nil)))
     (unless dovecote--shutting-down
       (dovecote--schedule-reconnect))
     (force-mode-line-update t)))
@@ -312,7 +329,8 @@ still pending are watched on it."
              (not dovecote--reconnect-timer)
              (not (dovecote--live))
              (or (dovecote--buffers)
-                 (> (hash-table-count dovecote--commands) 0)))
+                 (> (hash-table-count dovecote--commands) 0)
+                 (> (hash-table-count dovecote--flows) 0)))
     (setq dovecote--reconnect-timer
           (run-at-time (or dovecote--reconnect-wait dovecote-reconnect-delay)
                        nil #'dovecote--reconnect))))
@@ -333,7 +351,13 @@ still pending are watched on it."
        (dovecote--schedule-reconnect)))))
 
 (defun dovecote--watch (conn)
-  "Watch this Emacs' pending commands on CONN and refresh their states."
+  "Watch this Emacs' pending commands and flows on CONN; refresh their states.
+The flows were started on an earlier connection: CONN's server does
+not send their `flow/state', so they are asked about (see
+`dovecote--poll-interval') until they are over."
+  (dolist (id (hash-table-keys dovecote--flows))
+    (dovecote--ask-flow conn id t))
+  (dovecote--schedule-poll)
   (let ((ids (hash-table-keys dovecote--commands)))
     (when ids
       (jsonrpc-async-request
@@ -374,8 +398,16 @@ the server picks them up."
     (when dovecote--reconnect-timer
       (cancel-timer dovecote--reconnect-timer)
       (setq dovecote--reconnect-timer nil))
+    (when dovecote--poll-timer
+      (cancel-timer dovecote--poll-timer)
+      (setq dovecote--poll-timer nil))
     (dolist (buffer (dovecote--buffers))
       (with-current-buffer buffer (dovecote-mode -1)))
+    (dolist (table (list dovecote--commands dovecote--flows))
+      (maphash (lambda (_id info)
+                 (when-let ((overlay (plist-get info :overlay)))
+                   (delete-overlay overlay)))
+               table))
     (when-let ((conn dovecote--connection))
       (setq dovecote--connection nil)
       (let ((process (jsonrpc--process conn))
@@ -387,6 +419,9 @@ the server picks them up."
         (ignore-errors (jsonrpc-shutdown conn t))))
     (clrhash dovecote--commands)
     (clrhash dovecote--unclaimed)
+    (clrhash dovecote--flows)
+    (clrhash dovecote--step-commands)
+    (clrhash dovecote--unclaimed-flows)
     (setq dovecote--expected 0
           dovecote--reconnect-wait nil)
     (force-mode-line-update t)))
@@ -414,8 +449,7 @@ the server picks them up."
   "Open the current buffer's document on CONN with its whole text."
   (save-restriction
     (widen)
-    (setq dovecote--held nil
-          dovecote--size (buffer-size)
+    (setq dovecote--size (buffer-size)
           dovecote--opened nil)
     (condition-case err
         (progn
@@ -451,52 +485,28 @@ Offsets are code points from the start of the whole buffer."
                       :text (buffer-substring-no-properties
                              (point-min) (point-max)))))))
       (setq dovecote--size size)
+      ;; Sent at once, even while a call about this buffer is being
+      ;; asked for: the server takes a call's snapshot before it reads
+      ;; the next message, so the change lands after the snapshot.
       (if (dovecote--opened-p)
-          (progn (push change dovecote--held)
-                 (dovecote--flush))
+          (condition-case nil
+              (jsonrpc-notify dovecote--opened 'document/change
+                              (list :uri dovecote--uri
+                                    :version dovecote--version
+                                    :changes (vector change)))
+            (error (setq dovecote--opened nil)
+                   (dovecote--schedule-reconnect)))
         ;; Disconnected: the next connection opens the whole text.
-        (setq dovecote--held nil dovecote--opened nil)
+        (setq dovecote--opened nil)
         (dovecote--schedule-reconnect)))))
-
-(defun dovecote--flush ()
-  "Send the current buffer's held edits, unless a submission is in flight."
-  (when (and dovecote--held (<= dovecote--holds 0))
-    (if (not (dovecote--opened-p))
-        (setq dovecote--held nil)
-      (let ((changes (vconcat (reverse dovecote--held))))
-        (setq dovecote--held nil)
-        (condition-case nil
-            (jsonrpc-notify dovecote--opened 'document/change
-                            (list :uri dovecote--uri
-                                  :version dovecote--version
-                                  :changes changes))
-          (error (setq dovecote--opened nil)
-                 (dovecote--schedule-reconnect)))))))
-
-(defun dovecote--hold (buffer delta)
-  "Add DELTA to BUFFER's count of submissions in flight.
-At 0, send the held changes, then the next queued submission."
-  (when (buffer-live-p buffer)
-    (with-current-buffer buffer
-      (setq dovecote--holds (max 0 (+ dovecote--holds delta)))
-      (when (zerop dovecote--holds)
-        (dovecote--flush)
-        (when-let ((next (pop dovecote--queue)))
-          (funcall next t))))))
-
-(defun dovecote--abandon-queue ()
-  "Give up the current buffer's queued submissions."
-  (while dovecote--queue
-    (funcall (pop dovecote--queue) nil)))
 
 (defun dovecote--close ()
   "Close the current buffer's document on the server."
-  (dovecote--abandon-queue)
   (when (and dovecote--uri (dovecote--opened-p))
     (ignore-errors
       (jsonrpc-notify dovecote--opened 'document/close
                       (list :uri dovecote--uri))))
-  (setq dovecote--opened nil dovecote--held nil))
+  (setq dovecote--opened nil))
 
 (defun dovecote--replace (start end text)
   "Replace the text from START to END with TEXT, moving markers sensibly."
@@ -515,7 +525,6 @@ moved on (or is gone) and the server must merge again."
           (and buffer
                (with-current-buffer buffer
                  (and (dovecote--opened-p)
-                      (null dovecote--held)
                       (eql (plist-get params :version) dovecote--version)
                       (vectorp edits)
                       (save-restriction
@@ -555,6 +564,7 @@ moved on (or is gone) and the server must merge again."
   "Handle the server's notification METHOD with PARAMS."
   (pcase method
     ('command/state (dovecote--on-state params))
+    ('flow/state (dovecote--on-flow-state params))
     ('human/ask (run-at-time 0 nil #'dovecote--on-human-ask params))
     ('server/error (dovecote--on-server-error params))
     (_ nil)))
@@ -569,15 +579,34 @@ moved on (or is gone) and the server must merge again."
     (when-let ((conn (dovecote--live)))
       (dolist (buffer (dovecote--buffers))
         (with-current-buffer buffer
-          (unless (> dovecote--holds 0)
-            (cl-incf dovecote--version)
-            (dovecote--open conn)))))))
+          (cl-incf dovecote--version)
+          (dovecote--open conn))))))
 
 ;;;; Calls
 
+(defun dovecote--flow-stalled-p (info)
+  "Return non-nil if the correction INFO describes waits for a decision.
+That is when its step's command is dead (a dead letter to replay), or
+its flow is stalled on a command not known here."
+  (let ((command-state (plist-get info :command-state)))
+    (or (equal command-state "dead")
+        (and (null command-state)
+             (equal (plist-get info :state) "stalled")))))
+
 (defun dovecote-pending-count ()
-  "Return the number of this Emacs' commands not yet in a terminal state."
-  (+ dovecote--expected (hash-table-count dovecote--commands)))
+  "Return the number of pending LLM jobs of this Emacs.
+A plain call (`dovecote-submit') counts until it is in a terminal
+state.  A correction (`dovecote-correct-region') counts from the
+moment it is asked for until its flow is completed, failed or
+cancelled, except while it is stalled: its step's call died, and it
+waits for a decision, the dead letter being listed by
+`dovecote-list-dead-letters'.  Once the dead letter is replayed, the
+correction counts again."
+  (let ((flows 0))
+    (maphash (lambda (_id info)
+               (unless (dovecote--flow-stalled-p info) (cl-incf flows)))
+             dovecote--flows)
+    (+ dovecote--expected (hash-table-count dovecote--commands) flows)))
 
 (defun dovecote--mode-line ()
   "Return the `dovecote-mode' lighter: the pending count, `!' offline."
@@ -587,10 +616,12 @@ moved on (or is gone) and the server must merge again."
             (if (dovecote--live) "" "!"))))
 
 (defun dovecote--expect (count)
-  "Count COUNT more commands whose ids are still to come back."
+  "Count COUNT more commands or flows whose ids are still to come back."
   (setq dovecote--expected (max 0 (+ dovecote--expected count)))
   (when (zerop dovecote--expected)
-    (clrhash dovecote--unclaimed))
+    (clrhash dovecote--unclaimed)
+    (clrhash dovecote--unclaimed-flows)
+    (dovecote--forget-steps))
   (force-mode-line-update t))
 
 (defun dovecote--claim (id info)
@@ -605,8 +636,11 @@ moved on (or is gone) and the server must merge again."
   "Record the `command/state' PARAMS of a call."
   (let* ((id (plist-get params :commandId))
          (state (plist-get params :state))
-         (info (gethash id dovecote--commands)))
+         (info (gethash id dovecote--commands))
+         (flow-id (plist-get params :flowId)))
     (cond
+     ((and (null info) flow-id)
+      (dovecote--on-step-state flow-id params))
      ((null info)
       (when (> dovecote--expected 0)
         (puthash id params dovecote--unclaimed)))
@@ -620,26 +654,32 @@ moved on (or is gone) and the server must merge again."
   "Wind up the call ID (with INFO), now in terminal STATE (from PARAMS)."
   (when-let ((overlay (plist-get info :overlay)))
     (delete-overlay overlay))
-  (let ((callback (plist-get info :callback)))
-    (pcase state
-      ("dead"
-       (message "dovecote: call %s is dead (%s); %s replays it" id
-                (or (plist-get params :reason) "?")
-                (substitute-command-keys "\\[dovecote-list-dead-letters]"))
-       (dovecote--refresh-dead-letters-soon))
-      ("cancelled" (message "dovecote: call %s was cancelled" id)))
-    (when-let ((conn (and (or callback (equal state "done")) (dovecote--live))))
-      (jsonrpc-async-request
-       conn 'command/show (list :commandId id)
-       :success-fn
-       (lambda (result)
-         (let ((unresolved (plist-get result :unresolved)))
-           (when (and (equal state "done") (numberp unresolved) (> unresolved 0))
-             (dovecote--show-conflicts id (plist-get info :buffer) result)))
-         (when callback (funcall callback result)))
-       :error-fn #'ignore
-       :timeout-fn #'ignore)))
+  (pcase state
+    ("dead"
+     (message "dovecote: call %s is dead (%s); %s replays it" id
+              (or (plist-get params :reason) "?")
+              (substitute-command-keys "\\[dovecote-list-dead-letters]"))
+     (dovecote--refresh-dead-letters-soon))
+    ("cancelled" (message "dovecote: call %s was cancelled" id)))
+  (dovecote--show-result id state (plist-get info :buffer)
+                         (plist-get info :callback))
   (run-hook-with-args 'dovecote-finished-functions id state))
+
+(defun dovecote--show-result (id state buffer callback)
+  "Fetch the result of the call ID, over in STATE, about BUFFER.
+Open its kept conflicts, if any, and call CALLBACK, if non-nil, with
+the `command/show' result."
+  (when-let ((conn (and (or callback (equal state "done")) (dovecote--live))))
+    (jsonrpc-async-request
+     conn 'command/show (list :commandId id)
+     :success-fn
+     (lambda (result)
+       (let ((unresolved (plist-get result :unresolved)))
+         (when (and (equal state "done") (numberp unresolved) (> unresolved 0))
+           (dovecote--show-conflicts id buffer result)))
+       (when callback (funcall callback result)))
+     :error-fn #'ignore
+     :timeout-fn #'ignore)))
 
 (cl-defun dovecote-submit (adapter request &key buffer start end on-conflict
                                    timeout max-attempts callback)
@@ -674,64 +714,287 @@ over."
           (overlay-put overlay 'help-echo "dovecote: call pending")
           (setq info (plist-put info :overlay overlay))
           (dovecote--expect 1)
-          (let ((send
-                 (lambda (go)
-                   (let ((start (overlay-start overlay))
-                         (end (overlay-end overlay)))
-                     (dovecote--send
-                      (and go start (dovecote--live))
-                      (and go start
-                           (with-current-buffer buffer
-                             (append
-                              (list :adapter adapter
-                                    :request
-                                    (if (functionp request)
-                                        (funcall request
-                                                 (buffer-substring-no-properties
-                                                  start end))
-                                      request)
-                                    :target (list :uri dovecote--uri
-                                                  :start (1- start)
-                                                  :end (1- end))
-                                    :onConflict on-conflict)
-                              options)))
-                      info)))))
-            ;; What was typed since the call in flight is held back until
-            ;; the server has its snapshot; this call's offsets count it, so
-            ;; it waits its turn.
-            (if (and (> dovecote--holds 0) dovecote--held)
-                (setq dovecote--queue (append dovecote--queue (list send)))
-              (funcall send t))))))
+          ;; What is typed from now on is sent at once: the server takes
+          ;; the region's snapshot before it reads that change.
+          (dovecote--send
+           conn
+           (append (list :adapter adapter
+                         :request (if (functionp request)
+                                      (funcall request
+                                               (buffer-substring-no-properties
+                                                start end))
+                                    request)
+                         :target (list :uri dovecote--uri
+                                       :start (1- start)
+                                       :end (1- end))
+                         :onConflict on-conflict)
+                   options)
+           info))))
     nil))
 
 (defun dovecote--send (conn params info)
-  "Send the `command/submit' PARAMS on CONN for the call INFO describes.
-With CONN nil, give the call up.  Until the server answers, the
-changes of INFO's buffer are held back."
-  (let ((buffer (and conn (plist-get info :buffer)))
-        (overlay (plist-get info :overlay))
+  "Send the `command/submit' PARAMS on CONN for the call INFO describes."
+  (let ((overlay (plist-get info :overlay))
         (done nil))
-    (when buffer (dovecote--hold buffer 1))
     (cl-flet ((release ()
                        (unless done
                          (setq done t)
-                         (when buffer (dovecote--hold buffer -1))
                          (dovecote--expect -1)))
               (failed (why)
                       (when overlay (delete-overlay overlay))
                       (message "dovecote: the call may not have been made: %s" why)))
-      (if (not conn)
-          (progn (release) (failed "not connected"))
-        (condition-case err
-            (jsonrpc-async-request
-             conn 'command/submit params
-             :success-fn
-             (lambda (result)
-               (dovecote--claim (plist-get result :commandId) info)
-               (release))
-             :error-fn (lambda (err) (release) (failed (plist-get err :message)))
-             :timeout-fn (lambda () (release) (failed "no answer from the server")))
-          (error (release) (failed (error-message-string err))))))))
+      (condition-case err
+          (jsonrpc-async-request
+           conn 'command/submit params
+           :success-fn
+           (lambda (result)
+             (dovecote--claim (plist-get result :commandId) info)
+             (release))
+           :error-fn (lambda (err) (release) (failed (plist-get err :message)))
+           :timeout-fn (lambda () (release) (failed "no answer from the server")))
+        (error (release) (failed (error-message-string err)))))))
+
+;;;; Corrections: the server's "corrections" flow
+
+(defun dovecote--flow-put (id &rest pairs)
+  "Set the PAIRS (keys and values) in the plist of the flow ID, if ours."
+  (when-let ((info (gethash id dovecote--flows)))
+    (while pairs
+      (setq info (plist-put info (pop pairs) (pop pairs))))
+    (puthash id info dovecote--flows)))
+
+(defun dovecote--heard-p (info)
+  "Return non-nil if the live connection reports the flow INFO describes."
+  (let ((conn (plist-get info :conn)))
+    (and conn (eq conn (dovecote--live)))))
+
+(defun dovecote--start-correction (buffer start end)
+  "Start the \"corrections\" flow on the region START..END of BUFFER."
+  (let ((conn (dovecote--ensure)))
+    (with-current-buffer buffer
+      (unless (dovecote--opened-p) (dovecote--open conn))
+      (let* ((overlay (make-overlay start end nil t nil))
+             (info (list :state "running" :command nil :command-state nil
+                         :buffer buffer :overlay overlay :conn conn
+                         :asking nil))
+             (params (append (list :instruction dovecote-correction-instruction
+                                   :adapter dovecote-adapter)
+                             (and dovecote-default-timeout
+                                  (list :timeout dovecote-default-timeout))))
+             (done nil))
+        (overlay-put overlay 'face 'dovecote-pending)
+        (overlay-put overlay 'help-echo "dovecote: correction pending")
+        (dovecote--expect 1)
+        (cl-flet ((release ()
+                           (unless done
+                             (setq done t)
+                             (dovecote--expect -1)))
+                  (failed (why)
+                          (delete-overlay overlay)
+                          (message "dovecote: the correction may not have \
+been asked for: %s" why)))
+          (condition-case err
+              ;; What is typed from now on is sent at once: the server
+              ;; takes the region's snapshot before it reads that change.
+              (jsonrpc-async-request
+               conn 'flow/start
+               (list :flow "corrections"
+                     :params params
+                     :target (list :uri dovecote--uri
+                                   :start (1- start)
+                                   :end (1- end)
+                                   :version dovecote--version)
+                     :onConflict dovecote-on-conflict)
+               :success-fn
+               (lambda (result)
+                 (dovecote--claim-flow (plist-get result :flowId) info)
+                 (release))
+               :error-fn (lambda (err) (release) (failed (plist-get err :message)))
+               :timeout-fn (lambda () (release) (failed "no answer from the server")))
+            (error (release) (failed (error-message-string err)))))))))
+
+(defun dovecote--claim-flow (id info)
+  "Make the flow ID one of our corrections, with INFO.
+Replay the notifications about it that overtook the response."
+  (let ((early (reverse (gethash id dovecote--unclaimed-flows))))
+    (remhash id dovecote--unclaimed-flows)
+    (puthash id info dovecote--flows)
+    (pcase-dolist (`(,method . ,params) early)
+      (pcase method
+        ('flow/state (dovecote--on-flow-state params))
+        ('command/state (dovecote--on-step-state id params))))
+    (force-mode-line-update t)))
+
+(defun dovecote--on-flow-state (params)
+  "Record the `flow/state' PARAMS of a correction."
+  (let* ((id (plist-get params :flowId))
+         (state (plist-get params :state))
+         (info (gethash id dovecote--flows)))
+    (cond
+     ((null info)
+      (when (> dovecote--expected 0)
+        (push (cons 'flow/state params)
+              (gethash id dovecote--unclaimed-flows))))
+     ((member state '("completed" "failed" "cancelled"))
+      (remhash id dovecote--flows)
+      (dovecote--flow-finished id info state))
+     (t
+      (when (and (equal (plist-get info :state) "stalled")
+                 (member state '("waiting" "running"))
+                 (equal (plist-get info :command-state) "dead"))
+        ;; The dead step was taken over by a replay asked elsewhere.
+        (dovecote--flow-put id :command-state nil))
+      (dovecote--flow-put id :state state)))
+    (force-mode-line-update t)))
+
+(defun dovecote--on-step-state (flow-id params)
+  "Record the `command/state' PARAMS of a step command of the flow FLOW-ID.
+The server sends them to every connection that has the document open:
+those of flows not ours are ignored."
+  (let* ((id (plist-get params :commandId))
+         (state (plist-get params :state))
+         (info (gethash flow-id dovecote--flows))
+         (terminal '("done" "dead" "cancelled")))
+    (cond
+     ((null info)
+      (when (> dovecote--expected 0)
+        ;; Maybe ours, its flow/start (or replay) not answered yet.
+        (puthash id params dovecote--unclaimed)
+        (push (cons 'command/state params)
+              (gethash flow-id dovecote--unclaimed-flows))))
+     ((and (equal id (plist-get info :command))
+           (or (equal state (plist-get info :command-state))
+               ;; Terminal states are final; an older report is stale.
+               (member (plist-get info :command-state) terminal))))
+     (t
+      (puthash id flow-id dovecote--step-commands)
+      (dovecote--flow-put flow-id :command id :command-state state)
+      (force-mode-line-update t)
+      (when (member state terminal)
+        (dovecote--step-finished (gethash flow-id dovecote--flows)
+                                 id state params))))))
+
+(defun dovecote--step-finished (info id state params)
+  "Wind up the step command ID of the correction INFO describes.
+The command is now in terminal STATE (from PARAMS)."
+  (pcase state
+    ("dead"
+     (message "dovecote: a correction is stalled: its call %s is dead (%s); \
+%s replays it" id (or (plist-get params :reason) "?")
+              (substitute-command-keys "\\[dovecote-list-dead-letters]"))
+     (dovecote--refresh-dead-letters-soon))
+    ("cancelled" (message "dovecote: call %s was cancelled" id)))
+  (dovecote--show-result id state (plist-get info :buffer) nil)
+  (run-hook-with-args 'dovecote-finished-functions id state)
+  (unless (dovecote--heard-p info)
+    ;; No flow/state will say the flow is over: ask soon.
+    (dovecote--schedule-poll 0.05)))
+
+(defun dovecote--flow-finished (id info state)
+  "Wind up the correction of the flow ID (with INFO), now in terminal STATE."
+  (when-let ((overlay (plist-get info :overlay)))
+    (delete-overlay overlay))
+  (unless (> dovecote--expected 0)
+    (dovecote--forget-steps))
+  (pcase state
+    ("cancelled" (message "dovecote: correction %s was cancelled" id))
+    ("failed"
+     (if-let ((conn (dovecote--live)))
+         (jsonrpc-async-request
+          conn 'flow/show (list :flowId id)
+          :success-fn (lambda (result)
+                        (message "dovecote: correction %s failed: %s" id
+                                 (or (plist-get result :error) "?")))
+          :error-fn (lambda (_err)
+                      (message "dovecote: correction %s failed" id))
+          :timeout-fn #'ignore)
+       (message "dovecote: correction %s failed" id)))))
+
+(defun dovecote--forget-steps ()
+  "Forget the step commands of flows no longer ours."
+  (dolist (id (hash-table-keys dovecote--step-commands))
+    (unless (gethash (gethash id dovecote--step-commands) dovecote--flows)
+      (remhash id dovecote--step-commands))))
+
+(defun dovecote--ask-flow (conn id &optional watch)
+  "Ask CONN for the state of the flow ID and record it.
+With WATCH, also watch its step's command, to hear of it even without
+the document open."
+  (let ((info (gethash id dovecote--flows)))
+    (when (and info (not (eq (plist-get info :asking) conn)))
+      (dovecote--flow-put id :asking conn)
+      (jsonrpc-async-request
+       conn 'flow/show (list :flowId id)
+       :success-fn
+       (lambda (result)
+         (dovecote--flow-put id :asking nil)
+         (dovecote--sync-flow id result)
+         (let ((info (gethash id dovecote--flows)))
+           (when (and watch info (plist-get info :command)
+                      (not (member (plist-get info :command-state)
+                                   '("done" "dead" "cancelled")))
+                      (eq conn (dovecote--live)))
+             (jsonrpc-async-request
+              conn 'command/watch
+              (list :commandIds (vector (plist-get info :command)))
+              :success-fn #'ignore :error-fn #'ignore :timeout-fn #'ignore))))
+       :error-fn
+       (lambda (err)
+         (dovecote--flow-put id :asking nil)
+         (when (and (eql (plist-get err :code) -32007) ; Unknown flow.
+                    (gethash id dovecote--flows))
+           ;; The server does not know it: nothing will ever finish it.
+           (let ((info (gethash id dovecote--flows)))
+             (remhash id dovecote--flows)
+             (dovecote--flow-finished id info "failed"))))
+       :timeout-fn (lambda () (dovecote--flow-put id :asking nil))))))
+
+(defun dovecote--sync-flow (id result)
+  "Record the state of the flow ID from its `flow/show' RESULT."
+  (when (gethash id dovecote--flows)
+    (let ((step (car (last (cl-remove-if-not
+                            (lambda (step) (plist-get step :commandId))
+                            (append (plist-get result :steps) nil))))))
+      (when (and step (stringp (plist-get step :state)))
+        (dovecote--on-step-state
+         id (list :commandId (plist-get step :commandId)
+                  :state (plist-get step :state)
+                  :flowId id))))
+    (let ((info (gethash id dovecote--flows))
+          (state (plist-get result :state)))
+      (when (and info (stringp state)
+                 (not (equal state (plist-get info :state))))
+        (dovecote--on-flow-state (list :flowId id :state state
+                                       :step (plist-get result :step)))))))
+
+(defun dovecote--unheard-flows ()
+  "Return the ids of our flows whose `flow/state' the server does not send."
+  (let (ids)
+    (maphash (lambda (id info) (unless (dovecote--heard-p info) (push id ids)))
+             dovecote--flows)
+    ids))
+
+(defun dovecote--schedule-poll (&optional delay)
+  "Ask about the unheard flows in DELAY seconds, or `dovecote--poll-interval'.
+A poll already due later is brought forward."
+  (let ((delay (or delay dovecote--poll-interval)))
+    (when (and dovecote--poll-timer
+               (< (+ (float-time) delay) dovecote--poll-due))
+      (cancel-timer dovecote--poll-timer)
+      (setq dovecote--poll-timer nil))
+    (when (and (not dovecote--poll-timer)
+               (dovecote--live)
+               (dovecote--unheard-flows))
+      (setq dovecote--poll-due (+ (float-time) delay)
+            dovecote--poll-timer (run-at-time delay nil #'dovecote--poll)))))
+
+(defun dovecote--poll ()
+  "Ask the server about the flows it does not report; again later."
+  (setq dovecote--poll-timer nil)
+  (when-let ((conn (dovecote--live)))
+    (dolist (id (dovecote--unheard-flows))
+      (dovecote--ask-flow conn id)))
+  (dovecote--schedule-poll))
 
 (defun dovecote--clip (start end)
   "Return (START . END) clipped to the accessible part of the buffer."
@@ -740,22 +1003,21 @@ changes of INFO's buffer are held back."
 ;;;###autoload
 (defun dovecote-correct-region (start end)
   "Ask for corrections of the region from START to END; return at once.
-The region's text goes unchanged as the one user message, with
+This starts the server's \"corrections\" flow on the region: its text
+goes unchanged as the one user message, with
 `dovecote-correction-instruction' as the system prompt, to
-`dovecote-adapter'.  Keep typing: the reply is merged into the region
-as it is when the reply arrives."
+`dovecote-adapter', with the timeout `dovecote-default-timeout'.  Keep
+typing: the reply is merged into the region as it is when the reply
+arrives, colliding edits handled as `dovecote-on-conflict' says.  If
+the call dies, the correction stalls until its dead letter is
+replayed (see `dovecote-list-dead-letters')."
   (interactive "r")
   (pcase-let ((`(,start . ,end) (dovecote--clip (min start end)
                                                 (max start end))))
     (when (= start end)
       (user-error "The region is empty"))
     (unless dovecote-mode (dovecote-mode 1))
-    (dovecote-submit
-     dovecote-adapter
-     (lambda (text)
-       (list :system dovecote-correction-instruction
-             :messages (vector (list :role "user" :content text))))
-     :buffer (current-buffer) :start start :end end)
+    (dovecote--start-correction (current-buffer) start end)
     (when (called-interactively-p 'interactive)
       (deactivate-mark)
       (message "dovecote: correction asked (%d pending)"
@@ -781,9 +1043,6 @@ the server is not connected."
           (progn
             (setq dovecote--uri (dovecote--buffer-uri)
                   dovecote--version (1+ dovecote--version)
-                  dovecote--holds 0
-                  dovecote--queue nil
-                  dovecote--held nil
                   dovecote--opened nil)
             (add-hook 'after-change-functions #'dovecote--after-change nil t)
             (add-hook 'kill-buffer-hook #'dovecote--close nil t)
@@ -1116,7 +1375,9 @@ replay asks for its timeout; otherwise `dovecote-replay-timeout'.
 
 (defun dovecote-replay (ids &optional timeout)
   "Replay the dead commands IDS, with TIMEOUT seconds each if non-nil.
-Return the new calls' ids; their replies land like the originals'."
+Return the new calls' ids; their replies land like the originals'.  A
+dead step of one of our stalled corrections is taken over by its
+replay: the correction is pending again and goes on."
   (let* ((conn (dovecote--ensure))
          (params (list :commandIds (vconcat ids)))
          result)
@@ -1127,12 +1388,25 @@ Return the new calls' ids; their replies land like the originals'."
           (setq result (jsonrpc-request conn 'deadletter/replay params
                                         :timeout 30))
           (mapcar (lambda (pair)
-                    (let ((new (plist-get pair :to)))
-                      (dovecote--claim new (list :replay-of
-                                                 (plist-get pair :from)))
+                    (let* ((old (plist-get pair :from))
+                           (new (plist-get pair :to))
+                           (flow-id (or (gethash new dovecote--step-commands)
+                                        (gethash old dovecote--step-commands))))
+                      (if (and flow-id (gethash flow-id dovecote--flows))
+                          (dovecote--step-replayed flow-id old new)
+                        (dovecote--claim new (list :replay-of old)))
                       new))
                   (plist-get result :replayed)))
       (dovecote--expect (- (length ids))))))
+
+(defun dovecote--step-replayed (flow-id _old new)
+  "Record that NEW, a replay of OLD, takes over the step of the flow FLOW-ID."
+  (puthash new flow-id dovecote--step-commands)
+  (let ((info (gethash flow-id dovecote--flows)))
+    ;; Its notifications may have overtaken the answer: then it is known.
+    (unless (equal (plist-get info :command) new)
+      (dovecote--flow-put flow-id :command new :command-state "pending")))
+  (force-mode-line-update t))
 
 (defun dovecote--dead-letters-replay-ids (ids timeout)
   "Replay IDS with TIMEOUT from the dead letters buffer, and refresh it."
