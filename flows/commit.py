@@ -6,10 +6,13 @@ tasks have queued what they have, commits the whole queue in one
 transaction, and hands each waiter its own result. Under load, hundreds of
 transitions share one commit; alone, a transition waits one scheduling round.
 
-Waiting is shielded from cancellation on purpose: once an operation is
-queued it will be committed, and a caller that was cancelled meanwhile must
-still learn the outcome, or it would act as if the transition had not
-happened (a reply committed as ``replied`` whose handler then never runs).
+Waiting cannot be cancelled, on purpose: once an operation is queued it
+will be committed, and a caller that was cancelled meanwhile must still
+learn the outcome, or it would act as if the transition had not happened (a
+reply committed as ``replied`` whose handler then never runs). The wait is
+trio's lowest-level one (``wait_task_rescheduled`` with an abort that
+refuses), because the committer wakes hundreds of waiters per transaction
+and a cancel scope and an event for each cost more than the SQL.
 """
 
 from __future__ import annotations
@@ -17,23 +20,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import outcome
 import trio
 
 from flows.store import Operation, Store
 
 
-class _Slot:
-    __slots__ = ("done", "result")
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.result: Any = None
+def _refuse(_: Any) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
 
 
 class Committer:
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._queue: list[tuple[Operation, _Slot]] = []
+        self._queue: list[tuple[list[Operation], trio.lowlevel.Task]] = []
         self._queued = trio.Event()
         self.batches = 0
 
@@ -43,11 +43,12 @@ class Committer:
             await self._queued.wait()
             self._queued = trio.Event()
             batch, self._queue = self._queue, []
-            results = self._store.commit([op for op, _ in batch])
+            results = self._store.commit([op for ops, _ in batch for op in ops])
             self.batches += 1
-            for (_, slot), result in zip(batch, results, strict=True):
-                slot.result = result
-                slot.done.set()
+            at = 0
+            for ops, task in batch:
+                trio.lowlevel.reschedule(task, outcome.Value(results[at : at + len(ops)]))
+                at += len(ops)
             # Let the woken callers run (and queue their next transitions)
             # before the next batch is cut.
             await trio.lowlevel.checkpoint()
@@ -55,16 +56,10 @@ class Committer:
     async def commit_many(self, operations: Sequence[Operation]) -> list[Any]:
         """Commit ``operations`` in one transaction; each result is a value
         or the exception its operation raised (not raised here)."""
-        slots = []
-        for op in operations:
-            slot = _Slot()
-            self._queue.append((op, slot))
-            slots.append(slot)
+        self._queue.append((list(operations), trio.lowlevel.current_task()))
         self._queued.set()
-        with trio.CancelScope(shield=True):
-            for slot in slots:
-                await slot.done.wait()
-        return [slot.result for slot in slots]
+        results: list[Any] = await trio.lowlevel.wait_task_rescheduled(_refuse)
+        return results
 
     async def commit(self, operation: Operation) -> Any:
         """Commit one operation; raise what it raised."""

@@ -732,6 +732,9 @@ class Engine:
             return  # timed out, cancelled or answered elsewhere: they moved it
         if reply is not None:
             try:
+                if command.handler is None:
+                    await self._reply_and_finish(command, reply)
+                    return
                 replied = await self._accept(command, reply)
             except IllegalTransition:
                 # It stopped waiting meanwhile (timeout, cancel): keep the reply.
@@ -740,6 +743,27 @@ class Engine:
             await self._complete(replied)
         elif failure is not None:
             await self._failed(command, failure)
+
+    async def _reply_and_finish(self, command: Command, reply: Reply) -> None:
+        """sent -> replied -> done in one commit, for a command with no
+        handler: both transitions journaled, one transaction, one wait."""
+        now = self.now()
+        replied = attrs.evolve(
+            command,
+            state=REPLIED,
+            reply=reply,
+            replied_at=now,
+            cost=self._cost(command.adapter, reply),
+        )
+        done = attrs.evolve(replied, state=DONE, finished_at=now, owner=None, lease_until=None)
+        results = await self._committer.commit_many(
+            [Move(command, replied, REPLY, now), Move(replied, done, FINISH, now)]
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        self._committed(replied, results[0])
+        self._committed(done, results[1])
 
     async def _failed(self, command: Command, failure: BaseException) -> None:
         error = CommandError(

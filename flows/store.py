@@ -36,6 +36,7 @@ transactions may be rolled back, never half-applied.
 from __future__ import annotations
 
 import builtins
+import functools
 import json
 import os
 import socket
@@ -75,13 +76,21 @@ _JSON_COLUMNS: Final = frozenset({"request", "reply", "error", "handler_args"})
 _INSERT_COMMAND: Final = (
     f"INSERT INTO commands ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
 )
-_MOVE_COMMAND: Final = (
-    f"UPDATE commands SET {', '.join(f'{c} = ?' for c in _MUTABLE)} "
-    "WHERE id = ? AND state = ? AND attempt = ? AND owner IS ?"
-)
+
+
+@functools.lru_cache(maxsize=64)
+def _move_sql(columns: tuple[str, ...]) -> str:
+    """The compare-and-set UPDATE of these columns (a transition touches a
+    few: writing only those spares re-encoding the reply's JSON each time)."""
+    return (
+        f"UPDATE commands SET {', '.join(f'{c} = ?' for c in columns)} "
+        "WHERE id = ? AND state = ? AND attempt = ? AND owner IS ?"
+    )
+
+
 _INSERT_EVENT: Final = (
-    "INSERT INTO events (command_id, flow_id, at, from_state, to_state, event, detail) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO events (id, command_id, flow_id, at, from_state, to_state, event, detail) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -199,8 +208,10 @@ class Move:
                 state=b.state,
                 event=self.event,
             )
+        # attrs.evolve keeps every field it was not given: identity tells.
+        changed = tuple(c for c in _MUTABLE if getattr(a, c) is not getattr(b, c))
         cursor.execute(
-            _MOVE_COMMAND, (*command_row(a, _MUTABLE), b.id, b.state, b.attempt, b.owner)
+            _move_sql(changed), (*command_row(a, changed), b.id, b.state, b.attempt, b.owner)
         )
         if cursor.rowcount != 1:
             raise _lost_race(cursor, b, self.event)
@@ -425,6 +436,17 @@ Operation = (
 )
 
 
+class _Batch(sqlite3.Cursor):
+    """The cursor of one ``commit``: journal rows wait in ``rows`` and are
+    written by one ``executemany`` before the commit. Their ids are given
+    here, from the highest id at the start of the transaction (we hold the
+    write lock, so these are the ids SQLite would give), because a caller
+    sees its journal row's ``seq`` before the batch is written."""
+
+    next_seq = 0
+    rows: list[tuple[Any, ...]]
+
+
 def _journal(
     cursor: sqlite3.Cursor,
     command_id: str | None,
@@ -435,11 +457,13 @@ def _journal(
     event: str,
     detail: Any,
 ) -> Event:
-    cursor.execute(
-        _INSERT_EVENT, (command_id, flow_id, at, from_state, to_state, event, _dumps(detail))
+    assert isinstance(cursor, _Batch)
+    cursor.next_seq += 1
+    cursor.rows.append(
+        (cursor.next_seq, command_id, flow_id, at, from_state, to_state, event, _dumps(detail))
     )
     return Event(
-        seq=int(cursor.lastrowid or 0),
+        seq=cursor.next_seq,
         command_id=command_id,
         flow_id=flow_id,
         at=at,
@@ -718,9 +742,13 @@ class Store:
     def _commit(self, operations: Iterable[Operation]) -> builtins.list[Any]:
         conn = self._conn
         results: builtins.list[Any] = []
-        cursor = conn.cursor()
+        cursor = conn.cursor(_Batch)
         cursor.execute("BEGIN IMMEDIATE")
         try:
+            cursor.next_seq = cursor.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[
+                0
+            ]
+            cursor.rows = []
             for op in operations:
                 try:
                     results.append(op.apply(cursor))
@@ -728,6 +756,7 @@ class Store:
                     results.append(exc)
                 except sqlite3.IntegrityError as exc:
                     results.append(StoreError(f"database {self.path}: {exc}"))
+            cursor.executemany(_INSERT_EVENT, cursor.rows)
             cursor.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
