@@ -95,7 +95,8 @@ MISSPELLINGS: dict[str, str] = {
 }
 
 _MISSPELLED = re.compile(r"\b(" + "|".join(map(re.escape, MISSPELLINGS)) + r")\b", re.IGNORECASE)
-_DIRECTIVE = re.compile(r"#(delay|hang|fail|fail-times|reply)(?:[ \t]+(\S*))?[ \t]*")
+_DIRECTIVE = re.compile(r"#(delay|hang|fail|fail-times|reply)(?=[ \t]|$)(.*)")
+_ARGUMENTS = {"delay": 1, "hang": 0, "fail": 1, "fail-times": 1, "reply": 0}
 
 
 def correct(text: str) -> str:
@@ -103,7 +104,11 @@ def correct(text: str) -> str:
 
     def fix(match: re.Match[str]) -> str:
         word = match.group(0)
-        right = MISSPELLINGS[word.lower()]
+        # IGNORECASE also matches letters that lower() keeps apart (ſ, ı):
+        # such a word is not one of ours; leave it as it is.
+        right = MISSPELLINGS.get(word.lower())
+        if right is None:
+            return word
         return right[0].upper() + right[1:] if word[0].isupper() else right
 
     return _MISSPELLED.sub(fix, text)
@@ -134,7 +139,11 @@ def parse(message: str) -> Script:
         match = _DIRECTIVE.fullmatch(line.rstrip("\r"))
         if match is None:
             break
-        name, arg = match.group(1), match.group(2)
+        name, words = match.group(1), match.group(2).split()
+        if len(words) != _ARGUMENTS[name]:
+            wanted = f"{_ARGUMENTS[name]} argument" + ("" if _ARGUMENTS[name] == 1 else "s")
+            raise PermanentError(f"#{name} takes {wanted}, got {line.strip()!r}", status=400)
+        arg = words[0] if words else None
         if name == "reply":
             return Script(after, delay, hang, fail, fail_times, verbatim=True)
         if name == "hang":
@@ -143,6 +152,10 @@ def parse(message: str) -> Script:
             delay = _number(name, arg)
         elif name == "fail":
             fail = int(_number(name, arg, integer=True))
+            if not 400 <= fail <= 599:
+                raise PermanentError(
+                    f"#fail needs an HTTP error status (400-599), got {fail}", status=400
+                )
         else:
             fail_times = int(_number(name, arg, integer=True))
         rest = after if newline else ""

@@ -38,7 +38,7 @@ def _print_json(value: Any) -> None:
 
 
 def _open_store(args: argparse.Namespace) -> Store:
-    return Store(args.db)
+    return Store.existing(args.db)
 
 
 def _adapters(args: argparse.Namespace) -> list[Adapter]:
@@ -389,21 +389,34 @@ class _closing:
         self.store.close()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common_options(defaults: bool) -> argparse.ArgumentParser:
+    """--db, --config and --json, accepted before and after the command. The
+    command's copy has no defaults of its own (SUPPRESS), or it would undo
+    what was given before the command."""
     common = argparse.ArgumentParser(add_help=False)
+    unset = None if defaults else argparse.SUPPRESS
     common.add_argument(
         "--db",
         type=Path,
-        default=None,
+        default=unset,
         help="database file (default: $DOVECOTE_DB or ./.dovecote/dovecote.db)",
     )
-    common.add_argument("--config", default=None, help="dovecote.toml with provider settings")
-    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    common.add_argument("--config", default=unset, help="dovecote.toml with provider settings")
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=False if defaults else argparse.SUPPRESS,
+        help="print JSON for scripts",
+    )
+    return common
 
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options(defaults=False)
     parser = argparse.ArgumentParser(
         prog="dovecote",
         description="Durable, replayable LLM calls: a pending table, dead letters and replay.",
-        parents=[common],
+        parents=[_common_options(defaults=True)],
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -513,18 +526,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args))
     except UsageError as exc:
         parser.error(str(exc))
-    except (
-        UnknownCommand,
-        UnknownFlow,
-        IllegalTransition,
-        StoreError,
-        config.ConfigError,
-        ValueError,
-    ) as exc:
+    except USER_ERRORS as exc:
         print(f"dovecote: {exc}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:
+        # An error raised inside an engine's nursery arrives wrapped.
+        mistake = _first(group)
+        if mistake is None:
+            raise
+        print(f"dovecote: {mistake}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+USER_ERRORS = (
+    UnknownCommand,
+    UnknownFlow,
+    IllegalTransition,
+    StoreError,
+    config.ConfigError,
+    ValueError,
+)
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first(exc)
+            if found is not None:
+                return found
+        elif isinstance(exc, USER_ERRORS):
+            return exc
+    return None
 
 
 if __name__ == "__main__":

@@ -548,6 +548,15 @@ class Store:
             conn.close()
             raise
 
+    @classmethod
+    def existing(cls, path: str | os.PathLike[str]) -> Store:
+        """The database at ``path``, which must exist: a command that only
+        looks never creates one (a mistyped path is an error, not an empty
+        answer)."""
+        if not Path(path).exists():
+            raise StoreError(f"no database at {path} (check --db or $DOVECOTE_DB)")
+        return cls(path)
+
     def close(self) -> None:
         self._conn.close()
 

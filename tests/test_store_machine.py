@@ -75,7 +75,7 @@ ENGINE = "host:1:engine-0"
 # Hypothesis' own default is 100 examples. A profile that asks for more (the
 # conftest's "thorough", chosen with --hypothesis-profile) gets what it asks
 # for; otherwise this suite stays quick.
-_PROFILE_EXAMPLES = settings.default.max_examples
+_PROFILE_EXAMPLES = settings().max_examples
 MAX_EXAMPLES = _PROFILE_EXAMPLES if _PROFILE_EXAMPLES > 100 else 50
 STEPS = 30
 
@@ -127,6 +127,12 @@ class StoreMachine(RuleBasedStateMachine):
     def fresh(self, prefix: str) -> str:
         self.counter += 1
         return f"{prefix}-{self.counter}"
+
+    def new_owner(self, host: int) -> str:
+        """Another engine: every engine process names itself afresh."""
+        owner = f"host:{host}:{self.fresh('engine')}"
+        self.owners.append(owner)
+        return owner
 
     def ids_in(self, *states: str) -> list[str]:
         return sorted(i for i, c in self.commands.items() if c.state in states)
@@ -412,8 +418,7 @@ class StoreMachine(RuleBasedStateMachine):
         """Another engine takes over work in flight (always a new owner, as
         every engine process names itself afresh)."""
         command = self.commands[data.draw(st.sampled_from(self.ids_in(SENT, REPLIED)))]
-        owner = f"host:2:{self.fresh('engine')}"
-        self.owners.append(owner)
+        owner = self.new_owner(2)
         [result] = self.commit([TakeOver(command, owner, self.tick() + LEASE)])
         assert result is None
 
@@ -504,7 +509,8 @@ class StoreMachine(RuleBasedStateMachine):
     def forbidden_move(self, data: st.DataObject) -> None:
         """Any (state, event) not in the table raises before anything is
         committed, whether or not a command is in that state."""
-        if self.commands and data.draw(st.booleans(), label="existing command"):
+        existing = bool(self.commands) and data.draw(st.booleans(), label="existing command")
+        if existing:
             command_id = data.draw(st.sampled_from(sorted(self.commands)))
             state = self.commands[command_id].state
         else:
@@ -540,11 +546,19 @@ class StoreMachine(RuleBasedStateMachine):
             operations.append(first)
 
         def again() -> Operation:
-            # A second engine's move from the same read: one of the two loses.
+            # Another engine's move from the same read: one of the two loses.
+            # Its result never has the same compare-and-set key as the first's
+            # (another owner; not the same retry), so that a move chained to
+            # the loser's result cannot win: no engine builds on a lost move.
             first = data.draw(st.sampled_from(firsts))
-            return self.after(
-                first.before, data.draw(st.sampled_from(self.legal_events(first.before)))
-            )
+            events = self.legal_events(first.before)
+            if first.event == RETRY:
+                events.remove(RETRY)
+            event = data.draw(st.sampled_from(events))
+            if event not in (DISPATCH, REPLY):
+                return self.after(first.before, event)
+            rival = self.new_owner(3)
+            return self.after(first.before, event, owner=rival, lease_until=self.clock + LEASE)
 
         def chained() -> Operation:
             # A move from another's result: it wins only if it comes after it.
