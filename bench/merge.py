@@ -138,7 +138,7 @@ def time_git(base: str, ours: str, theirs: str) -> list[float]:
     return times
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     rng = random.Random(20240503)
     base = document(rng)
     ours, theirs, both = edited(base, rng)

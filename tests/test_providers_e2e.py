@@ -57,6 +57,10 @@ class Server(FakeProvider):
         self._queued: deque[Canned] = deque()
         self._mine = threading.Lock()
 
+    def __enter__(self) -> Server:
+        super().__enter__()
+        return self
+
     def queue(self, *answers: Canned) -> None:
         with self._mine:
             self._queued.extend(answers)
@@ -216,7 +220,11 @@ async def test_stream_publishes_growing_progress_and_stores_the_reply_once(
                     if isinstance(notice, flows.Progress):
                         assert notice.command_id == command_id
                         seen.append(notice.text)
-                    elif notice.command.id == command_id and notice.command.is_terminal:
+                    elif (
+                        isinstance(notice, flows.StateChange)
+                        and notice.command.id == command_id
+                        and notice.command.is_terminal
+                    ):
                         break
         command = await engine.wait(command_id)
         history = engine.history(command_id)
@@ -346,7 +354,7 @@ async def test_a_slow_server_is_dead_lettered_then_replay_with_a_longer_timeout_
             await engine.submit("p", provider.chat["request"], timeout=0.5, max_attempts=1)
         )
         took = time.monotonic() - started
-        assert command.state == "dead", command
+        assert command.state == "dead" and command.reason == "timeout", command
         assert command.reply is None and command.sent_at is not None
         assert command.finished_at is not None
         assert command.finished_at - command.sent_at <= 0.5 + 0.05
@@ -401,6 +409,45 @@ async def test_a_malformed_reply_is_dead_with_error_naming_what_was_wrong(
     assert command.error is not None and command.error.type == "PermanentError"
     assert command.error.message.startswith("p: malformed reply: "), command.error.message
     assert words in command.error.message
+
+
+async def test_cancelling_an_in_flight_call_stops_it_at_once(server: Server, db_path: Path) -> None:
+    server.queue(attrs.evolve(ok(OPENAI), delay=3.0))
+    adapter = OPENAI.adapter(server.url)
+    async with flows.open_engine(db_path, adapters=[adapter], backoff=FAST_RETRIES) as engine:
+        with engine.subscribe() as notices:
+            command_id = await engine.submit("p", OPENAI.chat["request"], timeout=10)
+            with trio.fail_after(5):
+                async for notice in notices:
+                    if isinstance(notice, flows.StateChange) and notice.command.state == "sent":
+                        break
+        while not server.requests:  # the request is on the wire
+            await trio.sleep(0.01)
+        started = time.monotonic()
+        cancelled = await engine.cancel(command_id)
+        command = await engine.wait(command_id)
+        took = time.monotonic() - started
+        await trio.sleep(0.3)
+    assert cancelled.state == command.state == "cancelled", command
+    assert command.reason == "cancelled_by_user" and command.attempt == 1
+    assert took < 0.5
+    assert len(server.requests) == 1, "a cancelled call is not sent again"
+
+
+async def test_max_in_flight_bounds_the_calls_a_server_sees_at_once(
+    server: Server, db_path: Path
+) -> None:
+    server.default = lambda request: attrs.evolve(ok(OPENAI), delay=0.25)
+    adapter = OPENAI.adapter(server.url, max_in_flight=2)
+    async with flows.open_engine(db_path, adapters=[adapter]) as engine:
+        ids = [await engine.submit("p", OPENAI.chat["request"], timeout=10) for _ in range(6)]
+        commands = [await engine.wait(i) for i in ids]
+    assert all(c.state == "done" for c in commands)
+    times = sorted(server.arrived)
+    assert len(times) == 6
+    # Two at a time: the third call can only start when one of the first two ended.
+    assert all(times[i + 2] - times[i] >= 0.25 - 0.02 for i in range(4)), times
+    assert times[1] - times[0] < 0.1, "the two slots were not used together"
 
 
 # --- rate limits ----------------------------------------------------------------------------

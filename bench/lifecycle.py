@@ -1,0 +1,492 @@
+"""Command lifecycle throughput: dovecote against SQLite task queues and raw ``sqlite3``.
+
+Run from the repository root::
+
+    .venv/bin/pip install huey persist-queue litequeue pyinstrument
+    .venv/bin/python -m bench.lifecycle [--n 20000] [--runs 5] [--budget 1.5] [--profile]
+
+(``litequeue`` resolves to 0.9 on Python 3.11: later releases need 3.12. ``pyinstrument`` is
+only needed for ``--profile``.)
+
+What is measured
+----------------
+Commands per second through a whole life, every step durable before the next:
+
+* **dovecote**: inside ``trio.run``, ``flows.open_engine`` on a fresh file with one
+  in-process adapter that answers at once (``InstantAdapter``: ``max_in_flight`` 1024,
+  no checkpoint). N commands go ``submit -> sent -> replied -> done``: per command one
+  insert of the command row, three compare-and-set updates and four journal rows, in
+  the engine's group-commit transactions. Two ways of submitting: 200 submitter tasks
+  in a nursery (``concurrent``), and one task submitting one command after another
+  (``sequential``; neither waits for replies). The clock runs from the first
+  ``submit`` to the N-th terminal ``StateChange`` seen by an ``engine.subscribe()``
+  subscriber; opening and closing the engine are not timed. After each run the file
+  is checked: N ``done`` rows and 4N journal rows.
+* **huey** 3 (``SqliteHuey``, result store on): enqueue N tasks (one ``INSERT`` each),
+  then an in-process consumer loop ``huey.dequeue()`` + ``huey.execute(task)``. Per
+  task, four transactions: the enqueue, the dequeue (``BEGIN EXCLUSIVE``; select and
+  ``DELETE`` of the task row), the revoke-flag check inside ``execute`` (``BEGIN
+  EXCLUSIVE``, no row written) and the result (``INSERT OR REPLACE`` into ``kv``: the
+  durable "done" write). Checked: N results stored. No journal; a dequeued task is
+  deleted, so there is no durable "sent" state.
+* **persist-queue** (``SQLiteAckQueue``): ``put`` N, then ``get`` + ``ack`` each. Per
+  item three transactions: insert, status -> unack, status -> acked. Checked: N acked.
+* **litequeue**: ``put`` N, then ``pop`` + ``done`` each. Per item three
+  transactions: insert, ``UPDATE ... RETURNING`` (ready -> locked), locked -> done.
+  Checked: N rows done.
+* **raw sqlite3**: the floor. dovecote's own schema (created by ``flows.Store``), and
+  the same statements the engine's store runs: one full-row ``INSERT`` of the command
+  plus its journal row, then three full-row compare-and-set ``UPDATE``s each with its
+  journal row; the parameters are built per command in Python, the unchanging JSON
+  (request, reply, detail) is encoded once. Two variants: one transaction per
+  transition (4 per command: each row change with its journal row, the unit dovecote
+  commits atomically; autocommitting each of the 8 statements alone measured the same
+  within noise, so it is not a row), and grouped: 1024 commands at a time, one
+  transaction per lifecycle step (4 per 1024 commands, the best group commit can do).
+
+Fairness
+--------
+Every system writes a fresh database file in a new temporary directory per run, in WAL
+mode with ``synchronous=NORMAL``: dovecote and litequeue set it themselves; huey (which
+only offers FULL or OFF) and persist-queue (which leaves SQLite's default, FULL) get
+``PRAGMA synchronous = NORMAL`` on their connection right after they open it. The
+table prints the values read back from each connection after the run. Every system
+carries the same ~100-byte user message (dovecote and litequeue store it as JSON, huey
+and persist-queue pickle it) and, where a result is stored, a ~100-byte answer. All
+run single-process on the same machine; the peers' loops are synchronous Python and do
+no work per task. Runs are interleaved round-robin (run 1 of every system, then run 2,
+...) after the warm-up runs described below, and each row reports the median and the
+min/max over the runs.
+
+N per system: dovecote ``concurrent`` and raw ``grouped`` plan N commands per run;
+the peers, dovecote ``sequential`` and raw per-transition plan N/10 (2,000 by default).
+Every system first does one untimed warm-up run of 1,000 commands, whose rate also
+decides N: a row whose run would take longer than ``--budget`` seconds (1.5; 3 for
+dovecote ``concurrent``, which so runs the full 20,000 from about 6,700 commands/s on)
+does fewer commands (marked ``*``), so that the whole benchmark stays under a minute on
+2 cores.
+Rates are per second, so rows stay comparable; but persist-queue's ``get`` scans past
+every acked row and litequeue's ``pop`` sorts every ready row, so both slow down as the
+table grows: measured at N/10 they look faster than they would at N. The smaller N
+favours the peers.
+
+Targets (issue 2): dovecote >= 10,000 commands/s and >= 3x the best peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import trio
+
+import flows
+from bench._common import (
+    REPLY_TEXT,
+    REQUEST,
+    InstantAdapter,
+    Row,
+    fmt_int,
+    fmt_str,
+    fresh_dir,
+    pragmas,
+    print_table,
+    rate_row,
+)
+from flows.records import new_id
+from flows.store import COLUMNS
+
+BENCH = "lifecycle"
+SUBMITTERS = 200
+GROUP = 1024  # commands per transaction in the grouped raw variant (= max_in_flight)
+SMALL_FRACTION = 10  # the slower systems do n // SMALL_FRACTION commands per run
+WARM_UP_N = 1000  # untimed first run of each system, also the rate estimate for the budget
+BUDGET = 1.5  # seconds a measured run may take before its row does fewer commands
+HEADLINE_FACTOR = 2.0  # dovecote concurrent may take twice that: N=20,000 from 6,700/s on
+MIN_N = 500
+TARGET_RATE = 10_000.0
+TARGET_RATIO = 3.0
+
+
+# --- dovecote ----------------------------------------------------------------------
+
+
+async def _submit_many(engine: flows.Engine, count: int) -> None:
+    for _ in range(count):
+        await engine.submit("instant", REQUEST)
+
+
+async def _dovecote_async(path: Path, n: int, submitters: int) -> tuple[float, str, str]:
+    async with flows.open_engine(path, adapters=[InstantAdapter()]) as engine:
+        # Room for every notice (4 per command): a subscriber that falls behind is dropped.
+        with engine.subscribe(buffer=4 * n + 64) as notices:
+            started = time.perf_counter()
+            finished = 0
+            async with trio.open_nursery() as nursery:
+                share, extra = divmod(n, submitters)
+                for i in range(submitters):
+                    nursery.start_soon(_submit_many, engine, share + (i < extra))
+                async for notice in notices:
+                    if isinstance(notice, flows.StateChange) and notice.command.is_terminal:
+                        finished += 1
+                        if finished == n:
+                            break
+            elapsed = time.perf_counter() - started
+        if finished != n:
+            raise RuntimeError(f"dovecote: saw {finished} of {n} commands finish")
+        counts = engine.store.counts()
+        events = engine.store.db.execute("SELECT count(*) FROM events").fetchone()[0]
+        if counts != {("instant", "done"): n} or events != 4 * n:
+            raise RuntimeError(f"dovecote: wrong end state {counts}, {events} events")
+        journal, synchronous = pragmas(engine.store.db.conn)
+    return elapsed, journal, synchronous
+
+
+def dovecote_once(directory: Path, n: int, submitters: int) -> tuple[float, str, str]:
+    """One measured dovecote run: (seconds, journal_mode, synchronous)."""
+    return trio.run(_dovecote_async, directory / "dovecote.db", n, submitters)
+
+
+# --- peers -------------------------------------------------------------------------
+
+
+def huey_once(directory: Path, n: int) -> tuple[float, str, str]:
+    from huey import SqliteHuey  # type: ignore[import-untyped]
+
+    huey = SqliteHuey("bench", filename=str(directory / "huey.db"), results=True)
+    storage: Any = huey.storage
+    storage.conn.execute("PRAGMA synchronous = NORMAL")
+
+    @huey.task()  # type: ignore[untyped-decorator]
+    def answer(request: dict[str, Any]) -> str:
+        return REPLY_TEXT
+
+    started = time.perf_counter()
+    for _ in range(n):
+        answer(REQUEST)
+    for _ in range(n):
+        huey.execute(huey.dequeue())
+    elapsed = time.perf_counter() - started
+    stored = storage.result_store_size()
+    if stored != n:
+        raise RuntimeError(f"huey: {stored} results stored, expected {n}")
+    journal, synchronous = pragmas(storage.conn)
+    storage.close()
+    return elapsed, journal, synchronous
+
+
+def persist_queue_once(directory: Path, n: int) -> tuple[float, str, str]:
+    from persistqueue import SQLiteAckQueue
+
+    queue = SQLiteAckQueue(str(directory / "pq"), auto_resume=False)
+    conn: Any = queue._conn  # persist-queue offers no way to choose `synchronous`
+    conn.execute("PRAGMA synchronous = NORMAL")
+    started = time.perf_counter()
+    for _ in range(n):
+        queue.put(REQUEST)
+    for _ in range(n):
+        item = queue.get(block=False, raw=True)
+        queue.ack(id=item["pqid"])
+    elapsed = time.perf_counter() - started
+    acked = queue.acked_count()
+    if acked != n:
+        raise RuntimeError(f"persist-queue: {acked} acked, expected {n}")
+    journal, synchronous = pragmas(conn)
+    queue.close()
+    return elapsed, journal, synchronous
+
+
+def litequeue_once(directory: Path, n: int) -> tuple[float, str, str]:
+    from litequeue import LiteQueue  # type: ignore[import-untyped]
+
+    queue = LiteQueue(str(directory / "litequeue.db"))
+    payload = json.dumps(REQUEST)
+    started = time.perf_counter()
+    for _ in range(n):
+        queue.put(payload)
+    for _ in range(n):
+        message = queue.pop()
+        queue.done(message.message_id)
+    elapsed = time.perf_counter() - started
+    done = queue.conn.execute("SELECT count(*) FROM Queue WHERE status = 2").fetchone()[0]
+    if done != n:
+        raise RuntimeError(f"litequeue: {done} done, expected {n}")
+    journal, synchronous = pragmas(queue.conn)
+    queue.close()
+    return elapsed, journal, synchronous
+
+
+# --- raw sqlite3 -------------------------------------------------------------------
+
+_MUTABLE = tuple(c for c in COLUMNS if c not in ("id", "adapter", "request", "created_at"))
+_INSERT = f"INSERT INTO commands ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
+_UPDATE = (
+    f"UPDATE commands SET {', '.join(f'{c} = ?' for c in _MUTABLE)} "
+    "WHERE id = ? AND state = ? AND attempt = ? AND owner IS ?"
+)
+_EVENT = (
+    "INSERT INTO events (command_id, flow_id, at, from_state, to_state, event, detail) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_OWNER = "bench-host:1:raw"
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+_REQUEST_JSON = _compact(REQUEST)
+_REPLY_JSON = _compact({"text": REPLY_TEXT, "usage": None, "raw": None})
+_OWNER_JSON = _compact({"owner": _OWNER})
+_BASE: dict[str, Any] = dict.fromkeys(COLUMNS)
+_BASE.update(
+    adapter="instant", request=_REQUEST_JSON, state="pending", timeout=60.0, attempt=1,
+    max_attempts=3, priority=0,
+)  # fmt: skip
+
+# One step of a command's life: (command SQL, its parameters, the journal row's parameters).
+Step = tuple[str, tuple[Any, ...], tuple[Any, ...]]
+
+
+def _life(now: float) -> list[Step]:
+    """The four transitions of one command, as dovecote's store writes them."""
+    cid = new_id()
+    pending = {**_BASE, "id": cid, "created_at": now}
+    sent = {**pending, "state": "sent", "sent_at": now, "deadline": now + 60.0,
+            "owner": _OWNER, "lease_until": now + 30.0}  # fmt: skip
+    replied = {**sent, "state": "replied", "reply": _REPLY_JSON, "replied_at": now}
+    done = {**replied, "state": "done", "finished_at": now, "owner": None, "lease_until": None}
+    steps: list[Step] = [
+        (
+            _INSERT,
+            tuple(pending[c] for c in COLUMNS),
+            (cid, None, now, None, "pending", "submit", None),
+        )
+    ]
+    for before, after, event, detail in (
+        (pending, sent, "dispatch", _OWNER_JSON),
+        (sent, replied, "reply", None),
+        (replied, done, "finish", None),
+    ):
+        params = (*(after[c] for c in _MUTABLE), cid, before["state"], 1, before["owner"])
+        steps.append(
+            (_UPDATE, params, (cid, None, now, before["state"], after["state"], event, detail))
+        )
+    return steps
+
+
+def _apply(cursor: Any, step: Step) -> None:
+    sql, params, journal = step
+    cursor.execute(sql, params)
+    if cursor.rowcount != 1:
+        raise RuntimeError("raw sqlite3: lost a compare-and-set")
+    cursor.execute(_EVENT, journal)
+
+
+def raw_once(directory: Path, n: int, mode: str) -> tuple[float, str, str]:
+    """``mode``: ``transition`` (a transaction per transition: the update or insert and
+    its journal row) or ``grouped`` (``GROUP`` commands per transaction, one per step)."""
+    import sqlite3
+
+    path = directory / "raw.db"
+    flows.Store(path).close()  # dovecote's schema, tables and indexes
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    cursor = conn.cursor()
+    started = time.perf_counter()
+    if mode == "grouped":
+        for first in range(0, n, GROUP):
+            lives = [_life(time.time()) for _ in range(min(GROUP, n - first))]
+            for stage in range(4):
+                cursor.execute("BEGIN IMMEDIATE")
+                for life in lives:
+                    _apply(cursor, life[stage])
+                cursor.execute("COMMIT")
+    else:
+        for _ in range(n):
+            for step in _life(time.time()):
+                cursor.execute("BEGIN IMMEDIATE")
+                _apply(cursor, step)
+                cursor.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    done = conn.execute("SELECT count(*) FROM commands WHERE state = 'done'").fetchone()[0]
+    events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    if done != n or events != 4 * n:
+        raise RuntimeError(f"raw sqlite3 ({mode}): {done} done, {events} events")
+    journal, synchronous = pragmas(conn)
+    conn.close()
+    return elapsed, journal, synchronous
+
+
+# --- the benchmark -----------------------------------------------------------------
+
+Measure = Callable[[Path, int], tuple[float, str, str]]
+
+
+class System(NamedTuple):
+    name: str
+    variant: str
+    planned: int  # commands per run, before the time budget
+    measure: Measure
+    txns: str
+    writes: str
+    budget_factor: float = 1.0  # times the budget a run of this row may take
+
+
+def _systems(n: int) -> list[System]:
+    small = max(1, n // SMALL_FRACTION)
+    dovecote_writes = "1 ins + 3 CAS upd + 4 journal"
+    raw_writes = "dovecote's SQL, no engine"
+
+    def dovecote(submitters: int) -> Measure:
+        return lambda d, k: dovecote_once(d, k, submitters)
+
+    def raw(mode: str) -> Measure:
+        return lambda d, k: raw_once(d, k, mode)
+
+    return [
+        System("dovecote", f"concurrent ({SUBMITTERS} submitters)", n, dovecote(SUBMITTERS),
+               "group commit", dovecote_writes, HEADLINE_FACTOR),
+        System("dovecote", "sequential (1 submitter)", small, dovecote(1),
+               "group commit", dovecote_writes),
+        System("huey", "SqliteHuey enqueue; dequeue+execute", small, huey_once,
+               "4 per task", "ins; sel+del; revoke chk; result"),
+        System("persist-queue", "SQLiteAckQueue put; get+ack", small, persist_queue_once,
+               "3 per item", "ins; upd; upd"),
+        System("litequeue", "put; pop+done", small, litequeue_once, "3 per item", "ins; upd; upd"),
+        System("raw sqlite3", "txn per transition", small, raw("transition"),
+               "4 per command", raw_writes),
+        System("raw sqlite3", f"grouped ({GROUP} cmds/txn)", n, raw("grouped"),
+               f"4 per {GROUP} cmds", raw_writes),
+    ]  # fmt: skip
+
+
+def run(n: int = 20_000, runs: int = 5, budget: float = BUDGET) -> list[Row]:
+    """Measure every system ``runs`` times (interleaved) and return one row per system.
+
+    A row whose warm-up rate says a run would take longer than ``budget`` seconds
+    (``HEADLINE_FACTOR`` times that for dovecote ``concurrent``) does fewer commands per
+    run (a multiple of 500, at least 500); its row says so."""
+    systems = _systems(n)
+    counts: list[int] = []
+    for system in systems:
+        warm = min(WARM_UP_N, system.planned)
+        with fresh_dir(f"{system.name.replace(' ', '-')}-warm") as directory:
+            elapsed, _, _ = system.measure(directory, warm)
+        fits = int(warm / elapsed * budget * system.budget_factor) // 500 * 500
+        counts.append(min(system.planned, max(MIN_N, fits)))
+    seconds: list[list[float]] = [[] for _ in systems]
+    read_back: list[tuple[str, str]] = [("", "")] * len(systems)
+    for _ in range(runs):
+        for index, system in enumerate(systems):
+            with fresh_dir(system.name.replace(" ", "-")) as directory:
+                elapsed, journal, synchronous = system.measure(directory, counts[index])
+            seconds[index].append(elapsed)
+            read_back[index] = (journal, synchronous)
+    rows = []
+    for index, system in enumerate(systems):
+        row = rate_row(
+            BENCH, system.name, system.variant, counts[index], seconds[index],
+            journal=read_back[index][0], synchronous=read_back[index][1], txns=system.txns,
+            notes=system.writes,
+        )  # fmt: skip
+        row["planned_n"] = system.planned
+        row["reduced"] = counts[index] < system.planned
+        rows.append(row)
+    return rows
+
+
+def summary(rows: Sequence[Row]) -> list[str]:
+    """Ratio and target lines for the printed report."""
+    ours = max((r for r in rows if r["system"] == "dovecote"), key=lambda r: r["median"])
+    peers = [r for r in rows if r["system"] not in ("dovecote", "raw sqlite3")]
+    best = max(peers, key=lambda r: r["median"])
+    lines = [f"dovecote, best mode: {ours['variant']}, median {ours['median']:,.0f} commands/s"]
+    lines.append(
+        f"ratio dovecote / best peer ({best['system']}, {best['median']:,.0f}/s): "
+        f"{ours['median'] / best['median']:.2f}x"
+    )
+    for raw in (r for r in rows if r["system"] == "raw sqlite3"):
+        lines.append(
+            f"ratio dovecote / raw sqlite3 {raw['variant']} ({raw['median']:,.0f}/s): "
+            f"{ours['median'] / raw['median']:.2f}x"
+        )
+    rate_ok = ours["median"] >= TARGET_RATE
+    ratio_ok = ours["median"] >= TARGET_RATIO * best["median"]
+    lines.append(
+        f"targets: >= {TARGET_RATE:,.0f} commands/s {'met' if rate_ok else 'MISSED'}; "
+        f">= {TARGET_RATIO:.0f}x best peer {'met' if ratio_ok else 'MISSED'}"
+    )
+    return lines
+
+
+COLUMNS_SHOWN = (
+    ("system", "system", fmt_str),
+    ("variant", "variant", fmt_str),
+    ("n_shown", "N/run", fmt_str),
+    ("median", "median/s", fmt_int),
+    ("min", "min/s", fmt_int),
+    ("max", "max/s", fmt_int),
+    ("journal_mode", "journal", fmt_str),
+    ("synchronous", "synchronous", fmt_str),
+    ("txns", "transactions", fmt_str),
+    ("notes", "writes", fmt_str),
+)
+
+
+def profile(n: int) -> None:
+    """One dovecote ``concurrent`` run of ``n`` commands under pyinstrument."""
+    try:
+        from pyinstrument import Profiler
+    except ImportError:
+        sys.exit("--profile needs pyinstrument: .venv/bin/pip install pyinstrument")
+    with fresh_dir("profile") as directory:
+        profiler = Profiler(interval=0.001)
+        profiler.start()
+        elapsed, _, _ = dovecote_once(directory, n, SUBMITTERS)
+        profiler.stop()
+    print(f"profiled run: {n:,} commands in {elapsed:.2f} s (slowed by the profiler)")
+    print(profiler.output_text(unicode=False, color=False))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.lifecycle", description=__doc__)
+    parser.add_argument("--n", type=int, default=20_000, help="commands per run (default 20000)")
+    parser.add_argument("--runs", type=int, default=5, help="measured runs per system (default 5)")
+    parser.add_argument(
+        "--budget", type=float, default=BUDGET, help=f"seconds per measured run ({BUDGET})"
+    )
+    parser.add_argument("--profile", action="store_true", help="profile one dovecote run instead")
+    args = parser.parse_args(argv)
+    if args.profile:
+        profile(args.n)
+        return
+    started = time.perf_counter()
+    rows = run(args.n, args.runs, args.budget)
+    print(
+        f"command lifecycle, submit -> sent -> replied -> done; {args.runs} runs per row, "
+        f"commands/s (median, min, max); N={args.n:,}, slower rows N/{SMALL_FRACTION}"
+    )
+    shown = [{**r, "n_shown": f"{r['n']:,}{'*' if r['reduced'] else ''}"} for r in rows]
+    print_table(shown, COLUMNS_SHOWN)
+    if any(r["reduced"] for r in rows):
+        print(
+            f"* fewer commands per run than planned, to keep a run under {args.budget} s "
+            f"({args.budget * HEADLINE_FACTOR} s for dovecote concurrent)"
+        )
+    for line in summary(rows):
+        print(line)
+    spread = statistics.median(r["max"] / r["min"] for r in rows)
+    wall = time.perf_counter() - started
+    print(f"median max/min spread across rows: {spread:.2f}; wall time {wall:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

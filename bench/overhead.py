@@ -1,0 +1,678 @@
+"""What dovecote adds to an HTTP call: dovecote against raw ``httpx`` on one local server.
+
+Run from the repository root::
+
+    .venv/bin/python -m bench.overhead [--n 1000] [--runs 5] [--serial 15] [--warm]
+        [--transport stack|httpcore] [--json] [--profile]
+
+(``--profile`` needs ``pyinstrument``: ``.venv/bin/pip install pyinstrument``.)
+
+What is measured
+----------------
+A local OpenAI-compatible server answers every ``POST /v1/chat/completions`` 50 ms
+after the request has arrived, with a fixed ~400-byte completion (usage included). It
+is an ``asyncio.Protocol`` (no task per request: a ``call_later`` per answer, HTTP/1.1
+keep-alive, backlog 4096) in its own process, so that it shares no GIL with the
+client; a raw-socket client gets 1,000 concurrent answers from it in under 0.1 s.
+
+* **dovecote**: ``flows.open_engine`` on a fresh SQLite file with one ``OpenAIAdapter``
+  (``max_in_flight`` = N, ``stream = false``); N tasks each ``submit`` a call and
+  ``wait`` for it: every call is a durable command going ``pending -> sent -> replied
+  -> done`` with its journal, and is checked afterwards (``done``, the server's text).
+* **raw httpx**: one ``httpx.AsyncClient`` with the same limits
+  (``max_connections`` = ``max_keepalive_connections`` = N), the same body, headers and
+  JSON decoding of the answer; N tasks each ``POST`` once.
+
+Both run inside ``trio.run`` in this process, one after the other (runs alternate which
+goes first), each run with a fresh engine on a fresh file or a fresh client: a round
+starts cold, opening its connections as it goes, unless ``--warm`` first runs an untimed
+round to open and pool N of them.
+
+Transport (``--transport``). ``httpcore`` is httpx's own pool, which the adapter builds
+for itself (``HttpAdapter.http_client``). httpcore 1.0.x scans every pooled connection,
+and for each idle one every connection again, on each request and each release
+(``httpcore/_async/connection_pool.py``, the ``len([... is_idle() ...])`` keep-alive
+check; encode/httpcore#1035): at 1,000 connections both raw httpx and dovecote fall to
+a few dozen calls a second and a round takes ~30 s, which hides everything else. So
+by default (``stack``) both systems use the same ``httpx.AsyncClient`` whose transport
+keeps httpcore's connections and HTTP/1.1 code but pools them in ``StackPool`` (O(1) a
+request); dovecote's adapter is given that client (``OpenAIAdapter(client=...)``).
+
+* **throughput**: N / (seconds from the first submit or POST to the last answer);
+  dovecote's ratio to raw is taken per run (same server, same moment), then the median.
+* **added latency with N in flight**: per call, dovecote's ``replied_at - sent_at`` (the
+  adapter's send as the engine sees it) and ``finished_at - created_at`` (the whole life,
+  queueing and commits included) against raw's request time; p50/p99 per run, the
+  median over runs, and the difference of the p50s (and p99s).
+* **added latency, one call at a time** (``--serial`` calls): the same three times with a
+  single call in flight, where they are not blurred by N calls sharing a CPU.
+
+Every row reports the median over ``--runs`` (>= 5) with min and max. Targets: added
+p50 latency <= 1 ms; dovecote >= 80% of raw throughput.
+
+``run(...) -> list[dict]`` returns the rows for a later ``python -m bench`` runner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpcore
+import httpx
+import trio
+
+import flows
+from adapters.base import AdapterSettings
+from adapters.openai import OpenAIAdapter
+from bench._common import (
+    REPLY_TEXT,
+    REQUEST,
+    Row,
+    fmt_str,
+    fresh_dir,
+    percentile,
+    print_table,
+)
+
+BENCH = "overhead"
+DELAY = 0.05
+MODEL = "bench-model"
+TARGET_ADDED_P50 = 0.001
+TARGET_RATIO = 0.80
+ROOT = Path(__file__).resolve().parent.parent
+
+COMPLETION = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1741570283,
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": REPLY_TEXT},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 25, "completion_tokens": 25, "total_tokens": 50},
+    }
+).encode()
+
+
+# --- the server (its own process) ----------------------------------------------------------
+
+
+class _Connection(asyncio.Protocol):
+    """HTTP/1.1 with keep-alive: each request (headers + Content-Length body) is answered
+    ``delay`` seconds after it is complete, in arrival order per connection."""
+
+    response = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(COMPLETION)}\r\n".encode()
+        + b"connection: keep-alive\r\n\r\n"
+        + COMPLETION
+    )
+
+    def __init__(self, delay: float, counter: list[int]) -> None:
+        self.delay = delay
+        self.counter = counter
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        loop = asyncio.get_running_loop()
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            length = 0
+            for line in self.buffer[:end].split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if len(self.buffer) < end + 4 + length:
+                return
+            self.buffer = self.buffer[end + 4 + length :]
+            self.counter[0] += 1
+            loop.call_later(self.delay, self._answer)
+
+    def _answer(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(self.response)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+
+async def _serve(delay: float) -> None:
+    loop = asyncio.get_running_loop()
+    counter = [0]
+    server = await loop.create_server(
+        lambda: _Connection(delay, counter), "127.0.0.1", 0, backlog=4096, reuse_address=True
+    )
+    port = server.sockets[0].getsockname()[1]
+    print(f"PORT {port}", flush=True)
+    stop = asyncio.Event()
+    # The parent closes our stdin to stop us (or dies, which closes it too).
+    threading.Thread(
+        target=lambda: (sys.stdin.read(), loop.call_soon_threadsafe(stop.set)), daemon=True
+    ).start()
+    async with server:
+        await stop.wait()
+    print(f"SERVED {counter[0]}", flush=True)
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@contextmanager
+def server_process(delay: float = DELAY) -> Iterator[str]:
+    """The server in a child process; yields its ``base_url`` (``.../v1``)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.overhead", "--serve", "--delay", str(delay)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+        text=True,
+    )
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        line = process.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"the benchmark server did not start: {line!r}")
+        yield f"http://127.0.0.1:{int(line.split()[1])}/v1"
+    finally:
+        process.stdin.close()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# --- the two clients -----------------------------------------------------------------------
+
+
+def _limits(n: int) -> httpx.Limits:
+    """What ``HttpAdapter.http_client`` gives an adapter with ``max_in_flight = n``."""
+    return httpx.Limits(max_connections=n, max_keepalive_connections=n)
+
+
+class StackPool:
+    """A connection pool for ``httpx.AsyncHTTPTransport`` that costs O(1) a request: a
+    stack of idle ``httpcore.AsyncHTTPConnection`` (HTTP/1.1, one origin) and a
+    ``trio.Semaphore`` of ``max_connections``. httpcore's own pool scans every connection
+    (and, per idle one, every connection again) on each request and each release, which
+    at 1,000 connections costs seconds per 1,000 calls and would hide what is measured
+    here; see ``--transport``."""
+
+    def __init__(self, max_connections: int) -> None:
+        self._idle: list[httpcore.AsyncHTTPConnection] = []
+        self._slots = trio.Semaphore(max_connections)
+
+    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
+        await self._slots.acquire()
+        try:
+            while self._idle:
+                connection = self._idle.pop()
+                if connection.is_idle() and not connection.has_expired():
+                    break
+                await connection.aclose()
+            else:
+                connection = httpcore.AsyncHTTPConnection(request.url.origin)
+            response = await connection.handle_async_request(request)
+        except BaseException:
+            self._slots.release()
+            raise
+        assert isinstance(response.stream, AsyncIterable)
+        return httpcore.Response(
+            status=response.status,
+            headers=response.headers,
+            content=_Released(self, connection, response.stream),
+            extensions=response.extensions,
+        )
+
+    async def release(self, connection: httpcore.AsyncHTTPConnection) -> None:
+        try:
+            if connection.is_idle():
+                self._idle.append(connection)
+            else:
+                await connection.aclose()
+        finally:
+            self._slots.release()
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await connection.aclose()
+
+    async def __aenter__(self) -> StackPool:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class _Released:
+    """A response body that gives its connection back to the pool when closed."""
+
+    def __init__(
+        self, pool: StackPool, connection: httpcore.AsyncHTTPConnection, body: AsyncIterable[bytes]
+    ) -> None:
+        self.pool = pool
+        self.connection = connection
+        self.body = body
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for part in self.body:
+            yield part
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            aclose = getattr(self.body, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            await self.pool.release(self.connection)
+
+
+TRANSPORTS = ("stack", "httpcore")
+
+
+def make_client(n: int, transport: str) -> httpx.AsyncClient:
+    """The client both systems use: httpx's own (``httpcore``: what an adapter builds
+    for itself) or httpx with the ``StackPool`` transport (``stack``); same limits."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}")
+    limits = _limits(n)
+    if transport == "httpcore":
+        return httpx.AsyncClient(limits=limits, headers={"user-agent": "dovecote"})
+    stack = httpx.AsyncHTTPTransport(limits=limits)
+    stack._pool = StackPool(n)  # type: ignore[assignment]
+    return httpx.AsyncClient(transport=stack, limits=limits, headers={"user-agent": "dovecote"})
+
+
+class Round:
+    """One timed round: its wall time and, per call, the send and whole-life latencies
+    (the same list twice for raw httpx, whose call is its request)."""
+
+    def __init__(self, seconds: float, send: list[float], life: list[float]) -> None:
+        self.seconds = seconds
+        self.send = send
+        self.life = life
+
+
+BODY: dict[str, Any] = {"model": MODEL, **REQUEST}
+
+
+async def _raw_call(client: httpx.AsyncClient, url: str) -> float:
+    started = time.perf_counter()
+    response = await client.post(
+        url, json=BODY, headers={"accept": "application/json"}, timeout=httpx.Timeout(60)
+    )
+    response.raise_for_status()
+    text = response.json()["choices"][0]["message"]["content"]
+    elapsed = time.perf_counter() - started
+    if text != REPLY_TEXT:
+        raise RuntimeError(f"raw httpx: unexpected answer {text!r}")
+    return elapsed
+
+
+async def _raw_round(client: httpx.AsyncClient, url: str, n: int) -> Round:
+    latencies = [0.0] * n
+
+    async def one(index: int) -> None:
+        latencies[index] = await _raw_call(client, url)
+
+    started = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for index in range(n):
+            nursery.start_soon(one, index)
+    return Round(time.perf_counter() - started, latencies, latencies)
+
+
+async def raw_run(
+    base_url: str, n: int, rounds: int, serial: int, transport: str, warm: bool
+) -> tuple[list[Round], Round]:
+    """A fresh client: a warm-up round if ``warm``, ``rounds`` timed rounds, then
+    ``serial`` calls one at a time."""
+    url = f"{base_url}/chat/completions"
+    async with make_client(n, transport) as client:
+        if warm:
+            await _raw_round(client, url, n)
+        timed = [await _raw_round(client, url, n) for _ in range(rounds)]
+        started = time.perf_counter()
+        one_by_one = [await _raw_call(client, url) for _ in range(serial)]
+        alone = Round(time.perf_counter() - started, one_by_one, one_by_one)
+    return timed, alone
+
+
+def _checked(engine: flows.Engine, ids: Sequence[str], seconds: float) -> Round:
+    send, life = [], []
+    for command_id in ids:
+        command = engine.get(command_id)
+        if command.state != "done" or command.reply is None or command.reply.text != REPLY_TEXT:
+            raise RuntimeError(f"dovecote: command {command_id} ended {command.state}: {command}")
+        assert command.sent_at and command.replied_at and command.finished_at
+        send.append(command.replied_at - command.sent_at)
+        life.append(command.finished_at - command.created_at)
+    return Round(seconds, send, life)
+
+
+async def _dovecote_round(engine: flows.Engine, n: int) -> Round:
+    ids = [""] * n
+
+    async def one(index: int) -> None:
+        ids[index] = await engine.submit("bench", REQUEST, timeout=60)
+        await engine.wait(ids[index])
+
+    started = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for index in range(n):
+            nursery.start_soon(one, index)
+    return _checked(engine, ids, time.perf_counter() - started)
+
+
+def _adapter(base_url: str, n: int, client: httpx.AsyncClient | None) -> OpenAIAdapter:
+    settings = AdapterSettings(name="bench", max_in_flight=n, timeout=60.0)
+    return OpenAIAdapter(settings, base_url=base_url, model=MODEL, stream=False, client=client)
+
+
+async def dovecote_run(
+    base_url: str, n: int, rounds: int, serial: int, transport: str, warm: bool
+) -> tuple[list[Round], Round]:
+    """A fresh engine on a fresh file: a warm-up round if ``warm``, ``rounds`` timed
+    rounds, then ``serial`` calls one at a time. With ``httpcore`` the adapter makes its own client
+    (what a user gets); otherwise it is given one (an injected client stays open)."""
+    client = None if transport == "httpcore" else make_client(n, transport)
+    with fresh_dir(BENCH) as directory:
+        adapters = [_adapter(base_url, n, client)]
+        async with flows.open_engine(directory / "dovecote.db", adapters=adapters) as engine:
+            if warm:
+                await _dovecote_round(engine, n)
+            timed = [await _dovecote_round(engine, n) for _ in range(rounds)]
+            ids = []
+            started = time.perf_counter()
+            for _ in range(serial):
+                ids.append(await engine.submit("bench", REQUEST, timeout=60))
+                await engine.wait(ids[-1])
+            alone = _checked(engine, ids, time.perf_counter() - started)
+    if client is not None:
+        await client.aclose()
+    return timed, alone
+
+
+# --- runs and rows -------------------------------------------------------------------------
+
+
+def _row(system: str, variant: str, measure: str, unit: str, values: Sequence[float]) -> Row:
+    return {
+        "bench": BENCH,
+        "system": system,
+        "variant": variant,
+        "measure": measure,
+        "unit": unit,
+        "runs": len(values),
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def _latency_rows(
+    variant: str, raw: Sequence[Round], ours: Sequence[Round], quantiles: Sequence[float]
+) -> list[Row]:
+    """Per run: p-quantiles of raw's request time, dovecote's send and life times, and the
+    differences (dovecote minus raw, same run)."""
+    rows = []
+    for q in quantiles:
+        name = f"p{q:g}"
+        raw_q = [percentile(r.send, q) for r in raw]
+        send_q = [percentile(r.send, q) for r in ours]
+        life_q = [percentile(r.life, q) for r in ours]
+        rows += [
+            _row("raw httpx", variant, f"{name} request", "s", raw_q),
+            _row("dovecote", variant, f"{name} send (replied_at - sent_at)", "s", send_q),
+            _row("dovecote", variant, f"{name} life (finished_at - created_at)", "s", life_q),
+            _row(
+                "dovecote - raw",
+                variant,
+                f"{name} added: send",
+                "s",
+                [a - b for a, b in zip(send_q, raw_q, strict=True)],
+            ),
+            _row(
+                "dovecote - raw",
+                variant,
+                f"{name} added: life",
+                "s",
+                [a - b for a, b in zip(life_q, raw_q, strict=True)],
+            ),
+        ]
+    return rows
+
+
+def run(
+    n: int = 1000,
+    runs: int = 5,
+    rounds: int = 1,
+    serial: int = 15,
+    delay: float = DELAY,
+    transport: str = "stack",
+    warm: bool = False,
+) -> list[Row]:
+    """Both systems ``runs`` times, alternating which goes first; one row per measure."""
+    _raise_fd_limit()
+    raw_rounds: list[list[Round]] = []
+    our_rounds: list[list[Round]] = []
+    raw_alone: list[Round] = []
+    our_alone: list[Round] = []
+    with server_process(delay) as base_url:
+        for index in range(runs):
+            order = ("raw", "dovecote") if index % 2 == 0 else ("dovecote", "raw")
+            for system in order:
+                if system == "raw":
+                    timed, alone = trio.run(raw_run, base_url, n, rounds, serial, transport, warm)
+                    raw_rounds.append(timed)
+                    raw_alone.append(alone)
+                else:
+                    timed, alone = trio.run(
+                        dovecote_run, base_url, n, rounds, serial, transport, warm
+                    )
+                    our_rounds.append(timed)
+                    our_alone.append(alone)
+
+    def rate(timed: list[Round]) -> float:
+        return n * len(timed) / sum(r.seconds for r in timed)
+
+    def merged(timed: list[Round]) -> Round:
+        return Round(
+            sum(r.seconds for r in timed),
+            [x for r in timed for x in r.send],
+            [x for r in timed for x in r.life],
+        )
+
+    variant = f"{n} in flight"
+    raw_rates = [rate(t) for t in raw_rounds]
+    our_rates = [rate(t) for t in our_rounds]
+    rows = [
+        _row("raw httpx", variant, "throughput", "calls/s", raw_rates),
+        _row("dovecote", variant, "throughput", "calls/s", our_rates),
+        _row(
+            "dovecote / raw",
+            variant,
+            "throughput ratio",
+            "x",
+            [a / b for a, b in zip(our_rates, raw_rates, strict=True)],
+        ),
+    ]
+    rows += _latency_rows(
+        variant, [merged(t) for t in raw_rounds], [merged(t) for t in our_rounds], (50, 99)
+    )
+    if serial:
+        rows += _latency_rows("1 in flight", raw_alone, our_alone, (50, 99))
+    for row in rows:
+        row.update(n=n, rounds=rounds, serial=serial, delay=delay, transport=transport, warm=warm)
+    return rows
+
+
+def _find(rows: Sequence[Row], system: str, variant: str, measure: str) -> Row:
+    return next(
+        r
+        for r in rows
+        if r["system"] == system and r["variant"] == variant and r["measure"] == measure
+    )
+
+
+def summary(rows: Sequence[Row]) -> list[str]:
+    """Ratio, added latencies, and each target met or MISSED."""
+    variant = next(r["variant"] for r in rows if r["measure"] == "throughput")
+    ratio = _find(rows, "dovecote / raw", variant, "throughput ratio")
+    ratio_ok = ratio["median"] >= TARGET_RATIO
+    lines = [
+        f"throughput, {variant}: dovecote / raw httpx = {ratio['median']:.2f}x "
+        f"(runs {ratio['min']:.2f}..{ratio['max']:.2f}); target >= {TARGET_RATIO:.2f}x "
+        + ("met" if ratio_ok else "MISSED"),
+    ]
+    for where in (variant, "1 in flight"):
+        if not any(r["variant"] == where and r["system"] == "dovecote - raw" for r in rows):
+            continue
+        parts = []
+        for what in ("send", "life"):
+            added = _find(rows, "dovecote - raw", where, f"p50 added: {what}")["median"]
+            verdict = "met" if added <= TARGET_ADDED_P50 else "MISSED"
+            parts.append(f"{what} {added * 1000:+.2f} ms ({verdict})")
+        lines.append(
+            f"added p50 latency, {where}: {', '.join(parts)}; "
+            f"target <= {TARGET_ADDED_P50 * 1000:g} ms"
+        )
+    return lines
+
+
+def _fmt_value(row: Row, key: str) -> str:
+    value = row[key]
+    if row["unit"] == "s":
+        return (
+            f"{value * 1000:+.2f} ms"
+            if row["system"] == "dovecote - raw"
+            else f"{value * 1000:.2f} ms"
+        )
+    if row["unit"] == "x":
+        return f"{value:.2f}x"
+    return f"{value:,.0f}/s"
+
+
+def print_rows(rows: Sequence[Row]) -> None:
+    shown = [
+        {**r, **{f"{k}_shown": _fmt_value(r, k) for k in ("median", "min", "max")}} for r in rows
+    ]
+    print_table(
+        shown,
+        (
+            ("variant", "variant", fmt_str),
+            ("system", "system", fmt_str),
+            ("measure", "measure", fmt_str),
+            ("median_shown", "median", fmt_str),
+            ("min_shown", "min", fmt_str),
+            ("max_shown", "max", fmt_str),
+        ),
+    )
+
+
+# --- profile and command line ----------------------------------------------------------------
+
+
+def profile(n: int, transport: str) -> None:
+    """One dovecote run (warm-up and one timed round of ``n``) under pyinstrument."""
+    try:
+        from pyinstrument import Profiler
+    except ImportError:
+        sys.exit("--profile needs pyinstrument: .venv/bin/pip install pyinstrument")
+    _raise_fd_limit()
+    with server_process() as base_url:
+        profiler = Profiler(interval=0.0005, async_mode="disabled")
+        profiler.start()
+        timed, _ = trio.run(dovecote_run, base_url, n, 1, 0, transport, False)
+        profiler.stop()
+    print(f"profiled: {n:,} calls in {timed[0].seconds:.2f} s (slowed by the profiler)")
+    print(profiler.output_text(unicode=False, color=False))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__)
+    parser.add_argument("--n", type=int, default=1000, help="calls in flight (default 1000)")
+    parser.add_argument("--runs", type=int, default=5, help="runs per system (default 5)")
+    parser.add_argument("--rounds", type=int, default=1, help="timed rounds per run (default 1)")
+    parser.add_argument(
+        "--serial", type=int, default=15, help="calls one at a time per run (default 15)"
+    )
+    parser.add_argument("--delay", type=float, default=DELAY, help="server delay (0.05 s)")
+    parser.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="stack",
+        help="stack: httpx with an O(1) pool, the same for both (default); httpcore: "
+        "httpx's own pool, what an adapter builds for itself (slow at 1,000 connections)",
+    )
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="before the timed rounds, one untimed round to open and pool N connections",
+    )
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--profile", action="store_true", help="profile one dovecote run")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        _raise_fd_limit()
+        asyncio.run(_serve(args.delay))
+        return
+    if args.profile:
+        profile(args.n, args.transport)
+        return
+    started = time.perf_counter()
+    rows = run(args.n, args.runs, args.rounds, args.serial, args.delay, args.transport, args.warm)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(
+        f"bench.overhead: {args.n} calls in flight against a local OpenAI-compatible server "
+        f"answering after {args.delay * 1000:g} ms; transport {args.transport}; "
+        f"median of {args.runs} runs "
+        f"(min..max), {args.rounds} timed round(s) + {args.serial} one-at-a-time calls per run"
+    )
+    print()
+    print_rows(rows)
+    print()
+    for line in summary(rows):
+        print(line)
+    print(f"(whole benchmark: {time.perf_counter() - started:.1f} s, pid {os.getpid()})")
+
+
+if __name__ == "__main__":
+    main()
