@@ -8,6 +8,7 @@ dict it has not validated.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -31,6 +32,7 @@ _CAPS = re.compile(r"_([a-z])")
 _HUMPS = re.compile(r"(?<!^)([A-Z])")
 
 
+@functools.lru_cache(maxsize=256)
 def camel(name: str) -> str:
     return _CAPS.sub(lambda m: m.group(1).upper(), name)
 

@@ -23,6 +23,7 @@ from typing import Any
 import outcome
 import trio
 
+from flows.errors import EngineClosing
 from flows.store import Operation, Store
 
 
@@ -36,26 +37,40 @@ class Committer:
         self._queue: list[tuple[list[Operation], trio.lowlevel.Task]] = []
         self._queued = trio.Event()
         self.batches = 0
+        self.closed = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        while True:
-            await self._queued.wait()
-            self._queued = trio.Event()
-            batch, self._queue = self._queue, []
-            results = self._store.commit([op for ops, _ in batch for op in ops])
-            self.batches += 1
-            at = 0
-            for ops, task in batch:
-                trio.lowlevel.reschedule(task, outcome.Value(results[at : at + len(ops)]))
-                at += len(ops)
-            # Let the woken callers run (and queue their next transitions)
-            # before the next batch is cut.
-            await trio.lowlevel.checkpoint()
+        try:
+            while True:
+                await self._queued.wait()
+                self._queued = trio.Event()
+                self._flush()
+                # Let the woken callers run (and queue their next transitions)
+                # before the next batch is cut.
+                await trio.lowlevel.checkpoint()
+        finally:
+            # The engine is closing. Its callers wait without a way out, so
+            # what they queued is committed now, and later calls are refused.
+            self.closed = True
+            self._flush()
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        if not batch:
+            return
+        results = self._store.commit([op for ops, _ in batch for op in ops])
+        self.batches += 1
+        at = 0
+        for ops, task in batch:
+            trio.lowlevel.reschedule(task, outcome.Value(results[at : at + len(ops)]))
+            at += len(ops)
 
     async def commit_many(self, operations: Sequence[Operation]) -> list[Any]:
         """Commit ``operations`` in one transaction; each result is a value
         or the exception its operation raised (not raised here)."""
+        if self.closed:
+            raise EngineClosing("the engine is closing: nothing more is committed")
         self._queue.append((list(operations), trio.lowlevel.current_task()))
         self._queued.set()
         results: list[Any] = await trio.lowlevel.wait_task_rescheduled(_refuse)

@@ -29,6 +29,7 @@ engine re-queues its work.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import inspect
 import json
 import logging
@@ -36,7 +37,15 @@ import math
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -55,7 +64,7 @@ from adapters.base import (
 from adapters.scripted import ScriptedAdapter
 from flows import handlers as handler_registry
 from flows.commit import Committer
-from flows.errors import CommandFailed
+from flows.errors import CommandFailed, EngineClosing
 from flows.ratelimit import RateLimit, estimate_tokens
 from flows.records import (
     Command,
@@ -310,7 +319,7 @@ class Engine:
             in_flight = self._sending.pop(command.id, None)
             if in_flight is not None:
                 in_flight[1].cancel()
-            self._nursery.start_soon(self._complete, replied)
+            self.spawn(self._complete, replied)
             return Delivery(accepted=True, late=False)
 
     async def cancel(self, command_id: str) -> Command:
@@ -400,7 +409,7 @@ class Engine:
             self._committed(fresh, results[0])
             if late:
                 self._committed(resolved, results[1])
-                self._nursery.start_soon(self._complete, resolved)
+                self.spawn(self._complete, resolved)
             new_ids.append(fresh.id)
         self._dispatch_wanted.set()
         return new_ids
@@ -530,6 +539,12 @@ class Engine:
             step=step,
             snapshot_id=snapshot_id,
         )
+
+    def spawn(self, function: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run ``function(*args)`` as one of the engine's background tasks.
+        A task the engine's closing catches half way just ends: what it had
+        committed stands, and recovery finishes the rest next time."""
+        self._nursery.start_soon(_until_closing, function, *args)
 
     def can_serve(self, command: Command) -> bool:
         """True when this engine has the command's adapter and its handler."""
@@ -691,7 +706,7 @@ class Engine:
                 self._timers.schedule(
                     self._trio_time(command.deadline), DEADLINE, command.id, command.attempt
                 )
-                self._nursery.start_soon(self._send, adapter, command, scope)
+                self.spawn(self._send, adapter, command, scope)
         return more
 
     def _within_limit(
@@ -953,7 +968,7 @@ class Engine:
             except IllegalTransition:
                 continue
             taken += 1
-            self._nursery.start_soon(
+            self.spawn(
                 self._complete,
                 attrs.evolve(command, owner=self.owner, lease_until=now + self._lease),
             )
@@ -968,11 +983,11 @@ class Engine:
             if not_before is not None:
                 self._timers.schedule(self._trio_time(not_before), RETRY_ALARM, command_id)
         await self._nursery.start(self._committer.run)
-        await self._nursery.start(self._timers.run)
+        await self._nursery.start(_service, self._timers.run)
         await self.recover()
         await self._flows.resume()
-        await self._nursery.start(self._dispatcher)
-        await self._nursery.start(self._keeper)
+        await self._nursery.start(_service, self._dispatcher)
+        await self._nursery.start(_service, self._keeper)
 
     def _release(self) -> None:
         """On a clean close, hand our in-flight work back at once rather
@@ -1010,6 +1025,20 @@ async def open_engine(
             for adapter in chosen.values():
                 await adapter.aclose()
         store.close()
+
+
+async def _service(
+    run: Callable[..., Awaitable[None]], *, task_status: trio.TaskStatus[None]
+) -> None:
+    """One of the engine's long-running tasks, which also just ends if the
+    engine's closing catches it about to commit."""
+    with contextlib.suppress(EngineClosing):
+        await run(task_status=task_status)
+
+
+async def _until_closing(function: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    with contextlib.suppress(EngineClosing):
+        await function(*args)
 
 
 def _check_timeout(timeout: Any) -> None:

@@ -10,7 +10,14 @@ from flows.states import IllegalTransition
 if TYPE_CHECKING:
     from flows.records import Command
 
-__all__ = ["CommandFailed", "IllegalTransition", "SchemaTooNew", "StoreError", "UnknownCommand"]
+__all__ = [
+    "CommandFailed",
+    "EngineClosing",
+    "IllegalTransition",
+    "SchemaTooNew",
+    "StoreError",
+    "UnknownCommand",
+]
 
 
 class UnknownCommand(LookupError):
@@ -33,6 +40,10 @@ class CommandFailed(Exception):
 
 class StoreError(Exception):
     """The database could not do what was asked (disk full, locked, corrupt...)."""
+
+
+class EngineClosing(StoreError):
+    """The engine is shutting down and commits nothing more."""
 
 
 class SchemaTooNew(StoreError):

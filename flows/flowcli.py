@@ -70,7 +70,7 @@ def terminal_asker(engine_box: list[Engine]) -> HumanAdapter:
 
     def ask(command_id: str, request: Request) -> None:
         engine = engine_box[0]
-        engine._nursery.start_soon(_ask_on_terminal, engine, command_id, request)
+        engine.spawn(_ask_on_terminal, engine, command_id, request)
 
     adapter.ask = ask
     return adapter

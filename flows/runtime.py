@@ -266,7 +266,7 @@ class FlowRunner:
                 raise result
         self._published(flow, results[0])
         if scripted:
-            self.engine._nursery.start_soon(self._run, flow)
+            self.engine.spawn(self._run, flow)
         else:
             await definition.enter(self, flow, definition.initial)
         return flow.id
@@ -430,7 +430,7 @@ class FlowRunner:
             except IllegalTransition:
                 continue
             taken += 1
-            self.engine._nursery.start_soon(self._run, mine)
+            self.engine.spawn(self._run, mine)
         return taken
 
     # --- change notices ------------------------------------------------------
@@ -451,7 +451,7 @@ class FlowRunner:
         flow = self.engine.store.find_flow(command.flow_id)
         definition = REGISTRY.get(flow.name) if flow else None
         if definition is not None and not isinstance(definition, ScriptedFlow):
-            self.engine._nursery.start_soon(definition.step_changed, self, command)
+            self.engine.spawn(definition.step_changed, self, command)
 
     def _wake(self, flow_id: str) -> None:
         event = self._changed.pop(flow_id, None)
