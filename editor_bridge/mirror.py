@@ -12,7 +12,7 @@ A batch of changes is checked whole before any of it is applied: a bad one
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import attrs
 import trio
@@ -127,10 +127,3 @@ def edits_between(old: str, new: str, offset: int = 0) -> list[Change]:
         Change(offset + e.start, offset + e.end, e.text)
         for e in sorted(diff(old, new), key=lambda e: e.start, reverse=True)
     ]
-
-
-def regions_of(documents: Iterable[Document], key: str) -> tuple[Document, tuple[int, int]] | None:
-    for document in documents:
-        if key in document.regions:
-            return document, document.regions[key]
-    return None

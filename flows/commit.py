@@ -76,9 +76,16 @@ class Committer:
         results: list[Any] = await trio.lowlevel.wait_task_rescheduled(_refuse)
         return results
 
+    async def commit_all(self, operations: Sequence[Operation]) -> list[Any]:
+        """``commit_many``, raising the first error among the results (the
+        operations that succeeded stay committed)."""
+        results = await self.commit_many(operations)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
+
     async def commit(self, operation: Operation) -> Any:
         """Commit one operation; raise what it raised."""
-        (result,) = await self.commit_many([operation])
-        if isinstance(result, BaseException):
-            raise result
+        (result,) = await self.commit_all([operation])
         return result

@@ -29,17 +29,14 @@ from flows.states import (
     DEAD,
     FAIL,
     FLOW_TERMINAL_STATES,
-    FLOW_TRANSITIONS,
     RESUME,
     RETRY,
     STALL,
     STALLED,
-    WAIT,
     WAITING,
     IllegalTransition,
     next_state,
 )
-from flows.store import Insert, MoveFlow
 
 if TYPE_CHECKING:
     from flows.engine import Engine
@@ -132,22 +129,7 @@ class DeclaredFlow:
             step=step,
             snapshot_id=None,
         )
-        moved = attrs.evolve(
-            flow,
-            state=next_state(flow.state, WAIT, table=FLOW_TRANSITIONS, what="flow"),
-            stage=stage_name,
-            step=step,
-            updated_at=engine.now(),
-        )
-        results = await engine._committer.commit_many(
-            [MoveFlow(flow, moved, WAIT, {"stage": stage_name, "step": step}), Insert(command)]
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        runner._published(moved, results[0])
-        engine._committed(command, results[1])
-        engine._dispatch_wanted.set()
+        await runner.wait_on(flow, command, {"stage": stage_name, "step": step}, stage=stage_name)
 
     async def advance(self, runner: FlowRunner, command: Command) -> Any:
         """The reply to a stage's command arrived: take the event it names."""

@@ -402,10 +402,7 @@ class Engine:
                     Move(fresh, resolved, RESOLVE, self.now(), {"late_reply": late[0].id})
                 )
                 operations.append(UseLateReply(late[0].id, fresh.id))
-            results = await self._committer.commit_many(operations)
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
+            results = await self._committer.commit_all(operations)
             self._committed(fresh, results[0])
             if late:
                 self._committed(resolved, results[1])
@@ -771,12 +768,9 @@ class Engine:
             cost=self._cost(command.adapter, reply),
         )
         done = attrs.evolve(replied, state=DONE, finished_at=now, owner=None, lease_until=None)
-        results = await self._committer.commit_many(
+        results = await self._committer.commit_all(
             [Move(command, replied, REPLY, now), Move(replied, done, FINISH, now)]
         )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
         self._committed(replied, results[0])
         self._committed(done, results[1])
 

@@ -260,10 +260,7 @@ class FlowRunner:
         operations: list[Operation] = [InsertFlow(flow, snapshot)]
         if forked_from is not None and reuse_before is not None:
             operations.append(CopySteps(forked_from, flow.id, reuse_before))
-        results = await self.engine._committer.commit_many(operations)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        results = await self.engine._committer.commit_all(operations)
         self._published(flow, results[0])
         if scripted:
             self.engine.spawn(self._run, flow)
@@ -321,23 +318,26 @@ class FlowRunner:
             snapshot_id=snapshot_id,
             **options,
         )
-        flow = self.get(flow_id)
+        await self.wait_on(self.get(flow_id), command, {"step": step})
+        return command.id
+
+    async def wait_on(self, flow: Flow, command: Command, detail: Any, **changes: Any) -> None:
+        """Move ``flow`` to ``waiting`` and store its step's ``command``, in
+        one transaction: a crash never leaves one without the other."""
+        assert command.step is not None
         moved = attrs.evolve(
             flow,
             state=next_state(flow.state, WAIT, table=FLOW_TRANSITIONS, what="flow"),
-            step=step,
+            step=command.step,
             updated_at=self.engine.now(),
+            **changes,
         )
-        results = await self.engine._committer.commit_many(
-            [MoveFlow(flow, moved, WAIT, {"step": step}), Insert(command)]
+        results = await self.engine._committer.commit_all(
+            [MoveFlow(flow, moved, WAIT, detail), Insert(command)]
         )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
         self._published(moved, results[0])
         self.engine._committed(command, results[1])
         self.engine._dispatch_wanted.set()
-        return command.id
 
     async def await_step(self, flow_id: str, step: int, command_id: str) -> Reply:
         """The reply of step ``step``, following replays of its command:
@@ -370,12 +370,7 @@ class FlowRunner:
     async def record(self, step: FlowStep) -> None:
         flow = self.get(step.flow_id)
         moved = attrs.evolve(flow, step=step.step, updated_at=self.engine.now())
-        results = await self.engine._committer.commit_many(
-            [RecordStep(step), MoveFlow(flow, moved, "record")]
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        await self.engine._committer.commit_all([RecordStep(step), MoveFlow(flow, moved, "record")])
 
     async def move(self, flow: Flow, event: str, detail: Any = None, **changes: Any) -> Flow:
         after = attrs.evolve(
