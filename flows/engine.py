@@ -106,6 +106,7 @@ from flows.states import (
 )
 from flows.store import (
     AddLateReply,
+    Chain,
     Insert,
     Move,
     Operation,
@@ -125,6 +126,7 @@ log = logging.getLogger("dovecote")
 DEFAULT_DB: Final = Path(".dovecote") / "dovecote.db"
 MAX_TIMEOUT: Final = 30 * 24 * 3600.0  # a month: a person may be the provider
 MAX_ATTEMPTS: Final = 100
+UNSENT_KEPT: Final = 10_000  # submitted commands kept in memory until claimed
 DEFAULT_MAX_ATTEMPTS: Final = 3
 PRIORITY_INTERACTIVE: Final = 10
 PRIORITY_BATCH: Final = 0
@@ -200,6 +202,10 @@ class Engine:
             for name, a in self.adapters.items()
             if a.settings.requests_per_minute or a.settings.tokens_per_minute
         }
+        # Commands this engine submitted that have not moved yet, so that the
+        # dispatcher claims them without decoding their rows (bounded: past
+        # that, rows are decoded as for any other process's commands).
+        self._unsent: dict[str, Command] = {}
         self._claiming: set[str] = set()
         self._dispatch_wanted = trio.Event()
         self._waiters: dict[str, trio.Event] = {}
@@ -252,12 +258,56 @@ class Engine:
             step=step,
             snapshot_id=snapshot.id if snapshot else None,
         )
-        event = await self._committer.commit(Insert(command, snapshot=snapshot))
-        self._committed(command, event)
-        if command.expires_at is not None:
-            self._timers.schedule(self._trio_time(command.expires_at), EXPIRY, command.id)
-        self._dispatch_wanted.set()
+        (event,) = await self._committer.commit_all([Insert(command, snapshot=snapshot)])
+        self._submitted([command], [event])
         return command.id
+
+    async def submit_many(
+        self,
+        adapter: str,
+        requests: Iterable[Request | Mapping[str, Any]],
+        *,
+        timeout: float | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        handler: str | None = None,
+        handler_args: Any = None,
+        priority: int = PRIORITY_BATCH,
+        expires_at: float | None = None,
+    ) -> builtins.list[str]:
+        """``submit`` for a batch of requests with the same options, stored
+        in one transaction, in order. Every request is validated first: one
+        bad request raises and stores nothing. A script with a thousand calls
+        to make pays for one commit, not a thousand."""
+        commands = [
+            self._new_command(
+                adapter,
+                request,
+                timeout=timeout,
+                max_attempts=max_attempts,
+                handler=handler,
+                handler_args=handler_args,
+                priority=priority,
+                expires_at=expires_at,
+                flow_id=None,
+                step=None,
+                snapshot_id=None,
+            )
+            for request in requests
+        ]
+        if not commands:
+            return []
+        events = await self._committer.commit_all([Insert(command) for command in commands])
+        self._submitted(commands, events)
+        return [command.id for command in commands]
+
+    def _submitted(self, commands: Sequence[Command], events: Sequence[Event]) -> None:
+        for command, event in zip(commands, events, strict=True):
+            if len(self._unsent) < UNSENT_KEPT:
+                self._unsent[command.id] = command
+            self._committed(command, event)
+            if command.expires_at is not None:
+                self._timers.schedule(self._trio_time(command.expires_at), EXPIRY, command.id)
+        self._dispatch_wanted.set()
 
     async def wait(self, command_id: str) -> Command:
         """The command once it is terminal (``done``, ``dead`` or ``cancelled``).
@@ -561,8 +611,8 @@ class Engine:
         self, command: Command, event: str, detail: Any = None, **changes: Any
     ) -> Command:
         """Commit one transition of ``command`` and act on it."""
-        after = attrs.evolve(
-            command, state=next_state(command.state, event, command_id=command.id), **changes
+        after = command.evolve(
+            state=next_state(command.state, event, command_id=command.id), **changes
         )
         journal = await self._committer.commit(Move(command, after, event, self.now(), detail))
         self._committed(after, journal)
@@ -575,7 +625,7 @@ class Engine:
         to a concurrent change."""
         now = self.now()
         afters = [
-            attrs.evolve(c, state=next_state(c.state, e, command_id=c.id), **changes)
+            c.evolve(state=next_state(c.state, e, command_id=c.id), **changes)
             for c, e, changes in moves
         ]
         results = await self._committer.commit_many(
@@ -599,6 +649,8 @@ class Engine:
     def _committed(self, command: Command, event: Event) -> None:
         """Everything that follows a committed transition: wake waiters,
         tell subscribers."""
+        if event.from_state is not None:
+            self._unsent.pop(command.id, None)
         if command.state in TERMINAL_STATES:
             waiter = self._waiters.pop(command.id, None)
             if waiter is not None:
@@ -660,7 +712,7 @@ class Engine:
             now = self.now()
             ready = [
                 c
-                for c in self.store.ready_to_send(name, now, room, handlers)
+                for c in self.store.ready_to_send(name, now, room, handlers, self._unsent)
                 if c.id not in self._claiming
             ]
             more = more or len(ready) == room
@@ -760,19 +812,18 @@ class Engine:
         """sent -> replied -> done in one commit, for a command with no
         handler: both transitions journaled, one transaction, one wait."""
         now = self.now()
-        replied = attrs.evolve(
-            command,
+        replied = command.evolve(
             state=REPLIED,
             reply=reply,
             replied_at=now,
             cost=self._cost(command.adapter, reply),
         )
-        done = attrs.evolve(replied, state=DONE, finished_at=now, owner=None, lease_until=None)
-        results = await self._committer.commit_all(
-            [Move(command, replied, REPLY, now), Move(replied, done, FINISH, now)]
+        done = replied.evolve(state=DONE, finished_at=now, owner=None, lease_until=None)
+        (journal,) = await self._committer.commit_all(
+            [Chain((Move(command, replied, REPLY, now), Move(replied, done, FINISH, now)))]
         )
-        self._committed(replied, results[0])
-        self._committed(done, results[1])
+        self._committed(replied, journal[0])
+        self._committed(done, journal[1])
 
     async def _failed(self, command: Command, failure: BaseException) -> None:
         error = CommandError(

@@ -37,11 +37,13 @@ from __future__ import annotations
 
 import builtins
 import functools
+import itertools
 import json
+import operator
 import os
 import socket
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -64,7 +66,7 @@ from flows.states import (
     next_state,
 )
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 BUSY_TIMEOUT_MS: Final = 10_000
 
 # Column order of ``commands``: the names of ``Command``'s fields, as-is.
@@ -94,8 +96,13 @@ _INSERT_EVENT: Final = (
 )
 
 
+# One encoder for every write: ``json.dumps`` with options builds a new one
+# per call, which costs more than encoding a small request.
+_encode: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return None if value is None else _encode(value)
 
 
 def _loads(text: str | None) -> Any:
@@ -197,9 +204,14 @@ class Move:
     detail: Any = None
 
     def apply(self, cursor: sqlite3.Cursor) -> Event:
+        self.check()
+        _compare_and_set(cursor, self.before, self.after, self.event)
+        return self.journal(cursor)
+
+    def check(self) -> None:
+        """The table is enforced here too, not only by the engine: no caller
+        can move a terminal command or journal an event that lies."""
         b, a = self.before, self.after
-        # The table is enforced here too, not only by the engine: no caller
-        # can move a terminal command or journal an event that lies.
         if next_state(b.state, self.event, command_id=b.id) != a.state:
             raise IllegalTransition(
                 f"command {b.id}: {self.event} from {b.state!r} leads to "
@@ -208,14 +220,52 @@ class Move:
                 state=b.state,
                 event=self.event,
             )
-        # attrs.evolve keeps every field it was not given: identity tells.
-        changed = tuple(c for c in _MUTABLE if getattr(a, c) is not getattr(b, c))
-        cursor.execute(
-            _move_sql(changed), (*command_row(a, changed), b.id, b.state, b.attempt, b.owner)
-        )
-        if cursor.rowcount != 1:
-            raise _lost_race(cursor, b, self.event)
+
+    def journal(self, cursor: sqlite3.Cursor) -> Event:
+        b, a = self.before, self.after
         return _journal(cursor, a.id, a.flow_id, self.at, b.state, a.state, self.event, self.detail)
+
+
+@attrs.frozen
+class Chain:
+    """Transitions of one command in a row, each starting where the one
+    before ended (``sent -> replied -> done`` for a reply with no handler):
+    every one is checked and journaled, the row is written once. The
+    compare-and-set is the first move's, so the chain is all or nothing."""
+
+    moves: tuple[Move, ...]
+
+    def apply(self, cursor: sqlite3.Cursor) -> builtins.list[Event]:
+        for move, following in itertools.pairwise(self.moves):
+            if following.before is not move.after:
+                raise ValueError("a chain's moves must follow one another")
+        for move in self.moves:
+            move.check()
+        first, last = self.moves[0], self.moves[-1]
+        _compare_and_set(cursor, first.before, last.after, first.event)
+        return [move.journal(cursor) for move in self.moves]
+
+
+_mutable_values: Final = operator.attrgetter(*_MUTABLE)
+
+
+def _compare_and_set(cursor: sqlite3.Cursor, before: Command, after: Command, event: str) -> None:
+    """Write ``after`` over ``before`` if the row is still ``before``'s
+    (state, attempt, owner); else raise the lost race."""
+    # Command.evolve keeps every field it was not given: identity tells.
+    changed = tuple(
+        column
+        for column, new, old in zip(
+            _MUTABLE, _mutable_values(after), _mutable_values(before), strict=True
+        )
+        if new is not old
+    )
+    cursor.execute(
+        _move_sql(changed),
+        (*command_row(after, changed), before.id, before.state, before.attempt, before.owner),
+    )
+    if cursor.rowcount != 1:
+        raise _lost_race(cursor, before, event)
 
 
 @attrs.frozen
@@ -424,6 +474,7 @@ class RecordStep:
 Operation = (
     Insert
     | Move
+    | Chain
     | TakeOver
     | AddLateReply
     | UseLateReply
@@ -579,6 +630,8 @@ class Store:
                 self._create_v1()
             if version < 2:
                 self._create_v2()
+            if version < 3:
+                self._create_v3()
             self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self._conn.execute("COMMIT")
         except BaseException:
@@ -724,6 +777,20 @@ class Store:
             not_null={"flow_id", "step", "kind", "created_at"},
         )
         db.table("flow_steps").create_index(["command_id"], index_name="flow_steps_by_command")
+
+    def _create_v3(self) -> None:
+        """Index only the rows that have what is indexed: most commands are
+        neither replays nor steps of a flow, and an index entry for their
+        NULLs cost a write per command and per journal row for nothing."""
+        for index, table, column in (
+            ("commands_by_replay_of", "commands", "replay_of"),
+            ("commands_by_flow", "commands", "flow_id"),
+            ("events_by_flow", "events", "flow_id"),
+        ):
+            self._conn.execute(f"DROP INDEX {index}")
+            self._conn.execute(
+                f"CREATE INDEX {index} ON {table} ({column}) WHERE {column} IS NOT NULL"
+            )
 
     # --- writes --------------------------------------------------------------
 
@@ -887,11 +954,17 @@ class Store:
         now: float,
         limit: int,
         handlers: Iterable[str] | None = None,
+        known: Mapping[str, Command] | None = None,
     ) -> builtins.list[Command]:
         """Pending commands for ``adapter`` that may be sent now, highest
         priority first, then oldest first. With ``handlers``, only commands
         whose handler is one of them (or none): an engine never claims a
-        command it could not finish."""
+        command it could not finish.
+
+        ``known`` holds commands as this process inserted them. A row still
+        pending on the attempt it was inserted with has never moved, so it is
+        exactly that record: it is taken from ``known`` rather than decoded
+        again (the request's JSON is most of a command's reading cost)."""
         sql = (
             "SELECT * FROM commands WHERE state = ? AND adapter = ? "
             "AND (not_before IS NULL OR not_before <= ?)"
@@ -903,7 +976,14 @@ class Store:
             params.extend(names)
         sql += " ORDER BY priority DESC, id LIMIT ?"
         params.append(limit)
-        return [command_from_row(r) for r in self._conn.execute(sql, params)]
+        known = known or {}
+        ready = []
+        for row in self._conn.execute(sql, params):
+            command = known.get(row["id"])
+            if command is None or command.attempt != row["attempt"]:
+                command = command_from_row(row)
+            ready.append(command)
+        return ready
 
     def timed_pending(self) -> builtins.list[tuple[str, float | None, float | None]]:
         """(id, expires_at, not_before) of every pending command with a time

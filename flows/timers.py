@@ -28,19 +28,20 @@ EXPIRY: Final = "expiry"  # a pending command's whole-life bound
 RETRY: Final = "retry"  # a backed-off command may be sent again
 
 
-@attrs.frozen(order=True)
+@attrs.frozen
 class Alarm:
     when: float
-    seq: int
-    kind: str = attrs.field(order=False)
-    command_id: str = attrs.field(order=False)
-    attempt: int = attrs.field(order=False, default=0)
+    kind: str
+    command_id: str
+    attempt: int = 0
 
 
 class Timers:
     def __init__(self, fire: Callable[[list[Alarm]], Awaitable[None]]) -> None:
         self._fire = fire
-        self._heap: list[Alarm] = []
+        # (when, tie-breaker, alarm): plain tuples compare in C, and the
+        # heap is pushed once per command.
+        self._heap: list[tuple[float, int, Alarm]] = []
         self._seq = itertools.count()
         self._earlier = trio.Event()
 
@@ -49,9 +50,9 @@ class Timers:
 
     def schedule(self, when: float, kind: str, command_id: str, attempt: int = 0) -> None:
         """Ring at trio time ``when`` (already past: at the next round)."""
-        alarm = Alarm(when, next(self._seq), kind, command_id, attempt)
-        heapq.heappush(self._heap, alarm)
-        if self._heap[0] is alarm:
+        entry = (when, next(self._seq), Alarm(when, kind, command_id, attempt))
+        heapq.heappush(self._heap, entry)
+        if self._heap[0] is entry:
             self._earlier.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -60,11 +61,11 @@ class Timers:
             self._earlier = trio.Event()
             now = trio.current_time()
             due = []
-            while self._heap and self._heap[0].when <= now:
-                due.append(heapq.heappop(self._heap))
+            while self._heap and self._heap[0][0] <= now:
+                due.append(heapq.heappop(self._heap)[2])
             if due:
                 await self._fire(due)
                 continue
-            next_when = self._heap[0].when if self._heap else math.inf
+            next_when = self._heap[0][0] if self._heap else math.inf
             with trio.move_on_at(next_when):
                 await self._earlier.wait()

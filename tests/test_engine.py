@@ -471,3 +471,31 @@ async def test_tokens_per_minute_hold_back_big_requests(
     times = [t for _, _, t in limited.sent]
     # One every 10 s, each allowed the 1 s burst early: t0, t0+9, t0+19, t0+29.
     assert [round(t - times[0], 6) for t in times] == [0, 9, 19, 29]
+
+
+async def test_submit_many_stores_a_batch_in_order_and_runs_it(db_path: Path) -> None:
+    async with flows.open_engine(db_path) as engine:
+        ids = await engine.submit_many(
+            "scripted", [ask(f"teh {i}") for i in range(50)], timeout=30, priority=5
+        )
+        assert ids == sorted(ids) and len(set(ids)) == 50
+        done = [await engine.wait(command_id) for command_id in ids]
+    assert [c.state for c in done] == ["done"] * 50
+    assert [c.reply.text if c.reply else None for c in done] == [f"the {i}" for i in range(50)]
+    assert {(c.timeout, c.priority) for c in done} == {(30.0, 5)}
+    assert await _no_submit_many_of_nothing(db_path) == []
+
+
+async def _no_submit_many_of_nothing(db_path: Path) -> list[str]:
+    async with flows.open_engine(db_path) as engine:
+        return await engine.submit_many("scripted", [])
+
+
+async def test_submit_many_with_one_bad_request_stores_none(db_path: Path) -> None:
+    async with flows.open_engine(db_path) as engine:
+        batch = [ask("fine"), {"messages": [{"role": "robot", "content": "x"}]}, ask("fine")]
+        with pytest.raises(ValueError, match="role"):
+            await engine.submit_many("scripted", batch)
+        with pytest.raises(ValueError, match="unknown adapter"):
+            await engine.submit_many("nope", [ask("x")])
+        assert engine.list() == []

@@ -19,7 +19,7 @@ from flows.states import (
     IllegalTransition,
     next_state,
 )
-from flows.store import Insert, Move, Store
+from flows.store import Chain, Insert, Move, Store
 
 ALLOWED = [(s, e, t) for s, moves in COMMAND_TRANSITIONS.items() for e, t in moves.items()]
 FORBIDDEN = [
@@ -102,3 +102,42 @@ def test_allowed_in_the_store(tmp_path: Path, state: str, event: str, target: st
         store.commit_one(Move(before, after, event, 3.0))
     assert len(store.history(before.id)) == 2
     store.close()
+
+
+def test_a_chain_writes_once_journals_each_and_is_all_or_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db")
+    sent = _command("sent")
+    store.commit_one(Insert(sent))
+    replied = sent.evolve(state="replied", replied_at=2.0)
+    done = replied.evolve(state="done", finished_at=2.0)
+    chain = Chain((Move(sent, replied, "reply", 2.0), Move(replied, done, "finish", 2.0)))
+    journal = store.commit_one(chain)
+    assert [(e.from_state, e.to_state, e.event) for e in journal] == [
+        ("sent", "replied", "reply"),
+        ("replied", "done", "finish"),
+    ]
+    assert store.get(sent.id) == done
+    # Replayed, the first move's compare-and-set fails: nothing is journaled.
+    with pytest.raises(IllegalTransition):
+        store.commit_one(chain)
+    assert len(store.history(sent.id)) == 3
+    # A step the table forbids refuses the whole chain before writing.
+    other = _command("sent")
+    store.commit_one(Insert(other))
+    dead = other.evolve(state="dead")
+    with pytest.raises(IllegalTransition):
+        store.commit_one(
+            Chain((Move(other, dead, "timeout", 2.0), Move(dead, dead, "finish", 2.0)))
+        )
+    assert store.get(other.id) == other
+    store.close()
+
+
+def test_evolve_is_attrs_evolve() -> None:
+    command = _command("pending")
+    changes = {"state": "sent", "owner": "me", "attempt": 2, "sent_at": 3.0}
+    assert command.evolve(**changes) == attrs.evolve(command, **changes)
+    with pytest.raises(ValueError, match="unknown command state"):
+        command.evolve(state="flying")
+    with pytest.raises(TypeError, match="no field"):
+        command.evolve(colour="blue")

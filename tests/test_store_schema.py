@@ -1,0 +1,59 @@
+"""The store's file format: a file written by an older dovecote is upgraded
+in place when it is opened, and keeps everything it held."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from adapters.base import Request
+from flows.records import Command, new_id
+from flows.store import SCHEMA_VERSION, Insert, Store
+
+PARTIAL = {
+    "commands_by_replay_of": ("commands", "replay_of"),
+    "commands_by_flow": ("commands", "flow_id"),
+    "events_by_flow": ("events", "flow_id"),
+}
+
+
+def _index_sql(path: Path) -> dict[str, str]:
+    conn = sqlite3.connect(path)
+    try:
+        return dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'"))
+    finally:
+        conn.close()
+
+
+def test_a_schema_2_file_is_upgraded_and_keeps_its_commands(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    store = Store(path)
+    command = Command(
+        id=new_id(),
+        adapter="scripted",
+        request=Request.from_json({"messages": [{"role": "user", "content": "keep me"}]}),
+        state="pending",
+        created_at=1.0,
+        timeout=5.0,
+    )
+    store.commit_one(Insert(command))
+    store.close()
+    # Turn the file back into what schema 2 wrote: full indexes, version 2.
+    conn = sqlite3.connect(path, isolation_level=None)
+    for index, (table, column) in PARTIAL.items():
+        conn.execute(f"DROP INDEX {index}")
+        conn.execute(f"CREATE INDEX {index} ON {table} ({column})")
+    conn.execute("PRAGMA user_version = 2")
+    conn.close()
+    assert all("WHERE" not in _index_sql(path)[index] for index in PARTIAL)
+
+    store = Store(path)
+    assert store.get(command.id) == command
+    assert [e.event for e in store.history(command.id)] == ["submit"]
+    store.close()
+    indexes = _index_sql(path)
+    for index, (_, column) in PARTIAL.items():
+        assert indexes[index].endswith(f"WHERE {column} IS NOT NULL"), indexes[index]
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
+    conn.close()
