@@ -208,7 +208,9 @@ class Engine:
         self._unsent: dict[str, Command] = {}
         self._claiming: set[str] = set()
         self._dispatch_wanted = trio.Event()
-        self._waiters: dict[str, trio.Event] = {}
+        # Tasks in ``wait``, by command: the event that wakes them, and the
+        # terminal command itself once this engine has committed it.
+        self._waiters: dict[str, _Waiter] = {}
         self._subscribers: builtins.list[trio.MemorySendChannel[Notice]] = []
         self._flows = FlowRunner(self)
 
@@ -316,10 +318,10 @@ class Engine:
         by another process on the same file are seen by polling."""
         command = self.store.get(command_id)
         while not command.is_terminal:
-            woken = self._waiters.setdefault(command_id, trio.Event())
+            waiter = self._waiters.setdefault(command_id, _Waiter())
             with trio.move_on_after(self._poll_interval):
-                await woken.wait()
-            command = self.store.get(command_id)
+                await waiter.woken.wait()
+            command = waiter.command or self.store.get(command_id)
         return command
 
     async def call(
@@ -654,7 +656,8 @@ class Engine:
         if command.state in TERMINAL_STATES:
             waiter = self._waiters.pop(command.id, None)
             if waiter is not None:
-                waiter.set()
+                waiter.command = command
+                waiter.woken.set()
         self._publish(StateChange(command, event))
         self._flows.on_command(command)
 
@@ -1070,6 +1073,12 @@ async def open_engine(
             for adapter in chosen.values():
                 await adapter.aclose()
         store.close()
+
+
+@attrs.define
+class _Waiter:
+    woken: trio.Event = attrs.Factory(trio.Event)
+    command: Command | None = None
 
 
 async def _service(

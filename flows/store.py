@@ -109,14 +109,24 @@ def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+_all_values: Final = operator.attrgetter(*COLUMNS)
+_JSON_AT: Final = tuple(i for i, name in enumerate(COLUMNS) if name in _JSON_COLUMNS)
+
+
+def _json_column(value: Any) -> str | None:
+    return _dumps(value.to_json() if hasattr(value, "to_json") else value)
+
+
 def command_row(command: Command, columns: Sequence[str] = COLUMNS) -> tuple[Any, ...]:
-    values = []
-    for name in columns:
-        value = getattr(command, name)
-        if name in _JSON_COLUMNS and value is not None:
-            value = _dumps(value.to_json() if hasattr(value, "to_json") else value)
-        values.append(value)
-    return tuple(values)
+    if columns is COLUMNS:  # a whole row, for an insert: every column at once
+        values = list(_all_values(command))
+        for i in _JSON_AT:
+            values[i] = _json_column(values[i])
+        return tuple(values)
+    return tuple(
+        _json_column(getattr(command, name)) if name in _JSON_COLUMNS else getattr(command, name)
+        for name in columns
+    )
 
 
 def command_from_row(row: sqlite3.Row) -> Command:
@@ -496,6 +506,9 @@ class _Batch(sqlite3.Cursor):
 
     next_seq = 0
     rows: list[tuple[Any, ...]]
+    # A batch of claims shares one detail object: it is encoded once.
+    last_detail: Any = None
+    last_detail_json: str | None = None
 
 
 def _journal(
@@ -510,8 +523,19 @@ def _journal(
 ) -> Event:
     assert isinstance(cursor, _Batch)
     cursor.next_seq += 1
+    if detail is not cursor.last_detail:
+        cursor.last_detail, cursor.last_detail_json = detail, _dumps(detail)
     cursor.rows.append(
-        (cursor.next_seq, command_id, flow_id, at, from_state, to_state, event, _dumps(detail))
+        (
+            cursor.next_seq,
+            command_id,
+            flow_id,
+            at,
+            from_state,
+            to_state,
+            event,
+            cursor.last_detail_json,
+        )
     )
     return Event(
         seq=cursor.next_seq,
