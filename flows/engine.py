@@ -127,6 +127,7 @@ DEFAULT_DB: Final = Path(".dovecote") / "dovecote.db"
 MAX_TIMEOUT: Final = 30 * 24 * 3600.0  # a month: a person may be the provider
 MAX_ATTEMPTS: Final = 100
 UNSENT_KEPT: Final = 10_000  # submitted commands kept in memory until claimed
+CLAIM_BATCH: Final = 1024  # most commands claimed in one dispatcher round
 DEFAULT_MAX_ATTEMPTS: Final = 3
 PRIORITY_INTERACTIVE: Final = 10
 PRIORITY_BATCH: Final = 0
@@ -712,6 +713,9 @@ class Engine:
             room = adapter.settings.max_in_flight - self._sending_per_adapter[name]
             if room <= 0:
                 continue
+            # A round claims a bounded batch: claiming a hundred thousand at
+            # once would hold the loop (and every timer) for seconds.
+            room = min(room, CLAIM_BATCH)
             now = self.now()
             ready = [
                 c

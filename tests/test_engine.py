@@ -499,3 +499,20 @@ async def test_submit_many_with_one_bad_request_stores_none(db_path: Path) -> No
         with pytest.raises(ValueError, match="unknown adapter"):
             await engine.submit_many("nope", [ask("x")])
         assert engine.list() == []
+
+
+async def test_claims_come_in_bounded_rounds_without_waiting_between(
+    db_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("flows.engine.CLAIM_BATCH", 7)
+    recorder = Recorder(max_in_flight=100)
+    recorder.answers = [1.0] * 50
+    async with flows.open_engine(db_path, adapters=[recorder]) as engine:
+        started = trio.current_time()
+        ids = await engine.submit_many("rec", [ask(f"x{i}") for i in range(50)])
+        finished = [await engine.wait(command_id) for command_id in ids]
+    assert [c.state for c in finished] == ["done"] * 50
+    # Eight rounds of at most seven claims, one after the other: every call
+    # was sent at once, none waited for the dispatcher's poll.
+    assert recorder.peak == 50
+    assert {when for _, _, when in recorder.sent} == {started}
