@@ -106,6 +106,11 @@ class FrameReader:
         return Frame(None, error)
 
 
+# One encoder for every frame: ``json.dumps`` with options builds a new one
+# per call, a cost on every message sent.
+_encoder: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def encode(message: Any) -> bytes:
-    body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+    body = _encoder.encode(message).encode()
     return b"Content-Length: %d\r\n\r\n%s" % (len(body), body)

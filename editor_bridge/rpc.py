@@ -8,8 +8,19 @@ A request may have a part that must also happen in frame order (taking the
 snapshot of a region, before the next change moves the text): the next
 frame is read only once the handler calls ``ready()``; a handler that has
 no such part calls it at once.
+Requests for the ``inline`` methods, whose handlers never wait (they only
+read and compute: ``command/list``), run inline too: a task of their own
+would cost more than their work and buy nothing, since a handler that never
+waits holds up everything else while it runs wherever it runs.
 Requests from the server to the client (``document/applyEdit``) carry
 their own ids (``s1``, ``s2``...) and a timeout of their own.
+
+Everything sent goes through one outbox, written by one writer task: the
+messages that are ready by the time it runs go out in one write, not one
+write (and one trip through the scheduler) each. Answers are posted without
+waiting for the write, so that reading never waits for a client slow to
+read; ``send()`` (notifications, requests to the client) waits for it, as
+a producer that must not outrun the client should.
 
 Every malformed input gets the JSON-RPC error its kind calls for and the
 connection goes on serving; only end-of-stream ends it.
@@ -20,7 +31,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import Any, Final
 
 import trio
@@ -34,6 +45,15 @@ INVALID_REQUEST: Final = -32600
 METHOD_NOT_FOUND: Final = -32601
 INVALID_PARAMS: Final = -32602
 INTERNAL_ERROR: Final = -32603
+
+YIELD_EVERY: Final = 32
+"""Frames read in a row without giving other tasks a turn: a burst of
+pipelined frames, all handled inline, would otherwise hold up the engine,
+the timers and the writer until the burst ends."""
+DRAIN_GRACE: Final = 5.0
+"""Seconds to go on writing what is queued once the client has closed its
+end: it may still read the answers, but one that does not must not keep
+the server alive."""
 
 
 class RpcError(Exception):
@@ -59,78 +79,98 @@ lets the next frame be read (see the module docstring)."""
 
 
 class Connection:
+    """One peer. Nothing is written unless ``run()`` is running: it reads,
+    and starts the writer."""
+
     def __init__(
         self,
         receive: trio.abc.ReceiveStream,
         send: trio.abc.SendStream,
         handler: Handler,
         *,
+        inline: Container[str] = frozenset(),
         max_frame: int = DEFAULT_MAX_FRAME,
         name: str = "client",
     ) -> None:
         self._reader = FrameReader(receive, max_frame)
         self._send_stream = send
         self._handler = handler
-        self._send_lock = trio.Lock()
+        self._inline = inline
         self._ids = itertools.count(1)
         self._waiting: dict[str, tuple[trio.Event, list[Any]]] = {}
         self.name = name
         self.closed = False
         self._scope: trio.CancelScope | None = None
+        # What the writer has yet to take, and the event set once it is
+        # written (or can never be): one per batch, shared by its senders.
+        self._outbox: list[bytes] = []
+        self._outbox_written = trio.Event()
+        self._has_output = trio.Event()
+        self._writing: trio.Event | None = None  # the batch being written's
 
     async def run(self) -> None:
         """Serve until the client closes its end."""
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
+                nursery.start_soon(self._write_out)
+                unyielded = 0
                 while True:
                     frame = await self._reader.read()
                     if frame is None:
                         break
                     if frame.body is None:
                         code = INVALID_REQUEST if frame.too_large else PARSE_ERROR
-                        await self._reply_error(None, RpcError(code, frame.error or "bad frame"))
-                        continue
-                    await self._receive(frame.body, nursery)
+                        self._reply_error(None, RpcError(code, frame.error or "bad frame"))
+                    else:
+                        await self._receive(frame.body, nursery)
+                    unyielded += 1
+                    if unyielded == YIELD_EVERY:
+                        unyielded = 0
+                        await trio.lowlevel.checkpoint()
+                # The answers of the requests already handled are queued: a
+                # client that closed our input may still be reading them.
+                with trio.move_on_after(DRAIN_GRACE):
+                    await self._drain()
                 nursery.cancel_scope.cancel()
         finally:
             self.closed = True
             for event, _ in self._waiting.values():
                 event.set()
+            self._outbox_written.set()
 
     async def _receive(self, body: bytes, nursery: trio.Nursery) -> None:
         try:
             message = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            await self._reply_error(None, RpcError(PARSE_ERROR, f"not valid UTF-8 JSON: {exc}"))
+            self._reply_error(None, RpcError(PARSE_ERROR, f"not valid UTF-8 JSON: {exc}"))
             return
         if isinstance(message, list):
-            await self._reply_error(
+            self._reply_error(
                 None,
                 RpcError(INVALID_REQUEST, "batch requests are not supported: send one at a time"),
             )
             return
         if not isinstance(message, dict):
-            await self._reply_error(
-                None, RpcError(INVALID_REQUEST, "a message must be a JSON object")
-            )
+            self._reply_error(None, RpcError(INVALID_REQUEST, "a message must be a JSON object"))
             return
         request_id = message.get("id")
         if "method" not in message and ("result" in message or "error" in message):
             self._answered(message)
             return
         if not _valid_id(request_id):
-            await self._reply_error(
-                None, RpcError(INVALID_REQUEST, "id must be a string or a number")
-            )
+            self._reply_error(None, RpcError(INVALID_REQUEST, "id must be a string or a number"))
             return
         problem = _check_request(message)
         if problem:
-            await self._reply_error(request_id, RpcError(INVALID_REQUEST, problem))
+            self._reply_error(request_id, RpcError(INVALID_REQUEST, problem))
             return
         method, params = message["method"], message.get("params")
         if "id" in message:
-            await nursery.start(self._serve, request_id, method, params)
+            if method in self._inline:
+                await self._answer(request_id, method, params, _nothing)
+            else:
+                await nursery.start(self._serve, request_id, method, params)
         else:
             try:
                 await self._handler(self, method, params, False, _nothing)
@@ -141,7 +181,7 @@ class Connection:
                 refused = {"method": method, "code": exc.code, "message": exc.message}
                 if isinstance(params, dict) and isinstance(params.get("uri"), str):
                     refused["uri"] = params["uri"]  # which document to re-open
-                await self.notify("server/error", refused)
+                self._post({"jsonrpc": "2.0", "method": "server/error", "params": refused})
             except Exception:
                 log.exception("notification %s failed", method)
 
@@ -161,21 +201,26 @@ class Connection:
                 started = True
                 task_status.started()
 
+        await self._answer(request_id, method, params, ready)
+
+    async def _answer(
+        self, request_id: Any, method: str, params: Any, ready: Callable[[], None]
+    ) -> None:
         try:
             result = await self._handler(self, method, params, True, ready)
         except RpcError as exc:
             ready()
-            await self._reply_error(request_id, exc)
+            self._reply_error(request_id, exc)
         except Exception as exc:
             ready()
             log.exception("request %s failed", method)
-            await self._reply_error(request_id, RpcError(INTERNAL_ERROR, f"internal error: {exc}"))
+            self._reply_error(request_id, RpcError(INTERNAL_ERROR, f"internal error: {exc}"))
         else:
             ready()
-            await self.send({"jsonrpc": "2.0", "id": request_id, "result": result})
+            self._post({"jsonrpc": "2.0", "id": request_id, "result": result})
 
-    async def _reply_error(self, request_id: Any, error: RpcError) -> None:
-        await self.send({"jsonrpc": "2.0", "id": request_id, "error": error.to_json()})
+    def _reply_error(self, request_id: Any, error: RpcError) -> None:
+        self._post({"jsonrpc": "2.0", "id": request_id, "error": error.to_json()})
 
     def _answered(self, message: dict[str, Any]) -> None:
         waiting = self._waiting.get(str(message.get("id")))
@@ -186,15 +231,43 @@ class Connection:
         box.append(message)
         event.set()
 
-    async def send(self, message: dict[str, Any]) -> None:
-        if self.closed:
-            return
-        data = encode(message)
-        async with self._send_lock:
+    def _post(self, message: dict[str, Any]) -> trio.Event:
+        """Queue ``message`` for the writer; the event is set once it is
+        written, or once it never will be (the connection closed)."""
+        if not self.closed:
+            self._outbox.append(encode(message))
+            self._has_output.set()
+        return self._outbox_written
+
+    async def _write_out(self) -> None:
+        """The writer: everything queued since its last write, in one write."""
+        while True:
+            await self._has_output.wait()
+            self._has_output = trio.Event()
+            batch, written = self._outbox, self._outbox_written
+            self._outbox, self._outbox_written = [], trio.Event()
+            self._writing = written
             try:
-                await self._send_stream.send_all(data)
+                await self._send_stream.send_all(b"".join(batch))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # The client is gone: nothing queued will ever be written.
                 self.closed = True
+                self._outbox_written.set()
+            finally:
+                self._writing = None
+                written.set()
+
+    async def _drain(self) -> None:
+        """Until everything queued so far is written (batches go in order)."""
+        if self._outbox:
+            await self._outbox_written.wait()
+        elif self._writing is not None:
+            await self._writing.wait()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """Send ``message``; return once it is written (or cannot be)."""
+        if not self.closed:
+            await self._post(message).wait()
 
     async def close(self) -> None:
         """Stop serving this connection (after ``exit``)."""

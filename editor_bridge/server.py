@@ -24,9 +24,10 @@ them.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Final
 
 import attrs
@@ -93,7 +94,10 @@ class KeptConflict:
     index: int  # its place in command/show's conflicts, stable as others resolve
 
 
-Method = Callable[[Session, Params], Awaitable[Any]]
+Method = Callable[[Session, Params], Any]
+"""A method: a plain function when it never waits (it only reads and
+computes), which the connection then runs inline, with no task of its own;
+a coroutine function otherwise."""
 
 
 class Server:
@@ -148,6 +152,9 @@ class Server:
             "flow/cancel": self.flow_cancel,
             "flow/watch": self.flow_watch,
         }
+        self.inline = frozenset(
+            name for name, run in self.methods.items() if not inspect.iscoroutinefunction(run)
+        )
 
     # --- running -------------------------------------------------------------
 
@@ -165,7 +172,8 @@ class Server:
     ) -> None:
         """Serve one editor connection until it closes."""
         session = Session(
-            Connection(receive, send, self._dispatch, max_frame=self.max_frame), needs_token
+            Connection(receive, send, self._dispatch, inline=self.inline, max_frame=self.max_frame),
+            needs_token,
         )
         session.authorized = not needs_token
         self.sessions.append(session)
@@ -203,7 +211,8 @@ class Server:
             if not session.initialized:
                 raise RpcError(wire.NOT_INITIALIZED, f"{method}: send initialize first")
         try:
-            return await run(session, Params(method, params, ready))
+            result = run(session, Params(method, params, ready))
+            return await result if inspect.iscoroutine(result) else result
         except UnknownCommand as exc:
             raise RpcError(wire.UNKNOWN_COMMAND, str(exc)) from None
         except UnknownFlow as exc:
@@ -270,7 +279,7 @@ class Server:
 
     # --- lifecycle methods ---------------------------------------------------
 
-    async def initialize(self, session: Session, p: Params) -> Any:
+    def initialize(self, session: Session, p: Params) -> Any:
         if session.needs_token:
             token = p.raw.get("token")
             if not isinstance(token, str) or token != self.token:
@@ -289,7 +298,7 @@ class Server:
             "flows": sorted(FLOWS),
         }
 
-    async def shutdown(self, session: Session, p: Params) -> Any:
+    def shutdown(self, session: Session, p: Params) -> Any:
         return None
 
     async def exit(self, session: Session, p: Params) -> Any:
@@ -298,7 +307,7 @@ class Server:
 
     # --- documents -----------------------------------------------------------
 
-    async def document_open(self, session: Session, p: Params) -> Any:
+    def document_open(self, session: Session, p: Params) -> Any:
         uri, version = p.string("uri"), p.integer("version")
         text = p.raw.get("text")
         if not isinstance(text, str):
@@ -309,7 +318,7 @@ class Server:
         self._opened = trio.Event()
         return None
 
-    async def document_change(self, session: Session, p: Params) -> Any:
+    def document_change(self, session: Session, p: Params) -> Any:
         uri, version = p.string("uri"), p.integer("version")
         raw = p.raw.get("changes")
         if not isinstance(raw, list):
@@ -326,7 +335,7 @@ class Server:
         self.mirror.change(uri, version, changes)
         return None
 
-    async def document_close(self, session: Session, p: Params) -> Any:
+    def document_close(self, session: Session, p: Params) -> Any:
         uri = p.string("uri")
         session.uris.discard(uri)
         if not any(uri in s.uris for s in self.sessions):
@@ -402,7 +411,7 @@ class Server:
         delivery = await self.engine.deliver(command_id, {"text": reply.text("text")})
         return {"accepted": delivery.accepted, "late": delivery.late}
 
-    async def command_list(self, session: Session, p: Params) -> Any:
+    def command_list(self, session: Session, p: Params) -> Any:
         states = p.strings("states", optional=True)
         for state in states or ():
             if state not in COMMAND_STATES:
@@ -417,7 +426,7 @@ class Server:
         )
         return {"commands": [wire.command(c) for c in commands]}
 
-    async def command_show(self, session: Session, p: Params) -> Any:
+    def command_show(self, session: Session, p: Params) -> Any:
         command = self.engine.get(p.string("commandId"))
         events = self.engine.history(command.id)
         result: dict[str, Any] = {
@@ -436,7 +445,7 @@ class Server:
             result["unresolved"] = len(self.kept.get(command.id, []))
         return result
 
-    async def command_watch(self, session: Session, p: Params) -> Any:
+    def command_watch(self, session: Session, p: Params) -> Any:
         """Receive the notifications of these commands (after a reconnect)."""
         ids = p.strings("commandIds")
         for command_id in ids:
@@ -445,7 +454,7 @@ class Server:
             self._own(session, command_id)
         return {"watching": len(ids)}
 
-    async def deadletter_list(self, session: Session, p: Params) -> Any:
+    def deadletter_list(self, session: Session, p: Params) -> Any:
         letters = self.engine.store.dead_letters(
             reason=p.string("reason", optional=True),
             adapter=p.string("adapter", optional=True),
@@ -501,11 +510,11 @@ class Server:
         self.flow_owner[flow_id] = session
         return {"flowId": flow_id}
 
-    async def flow_list(self, session: Session, p: Params) -> Any:
+    def flow_list(self, session: Session, p: Params) -> Any:
         states = p.strings("states", optional=True)
         return {"flows": [wire.flow(f) for f in self.engine.list_flows(states)]}
 
-    async def flow_show(self, session: Session, p: Params) -> Any:
+    def flow_show(self, session: Session, p: Params) -> Any:
         flow = self.engine.get_flow(p.string("flowId"))
         steps = self.engine.store.flow_steps(flow.id)
         return {
@@ -523,7 +532,7 @@ class Server:
             "events": [wire.event(e) for e in self.engine.flow_history(flow.id)],
         }
 
-    async def flow_watch(self, session: Session, p: Params) -> Any:
+    def flow_watch(self, session: Session, p: Params) -> Any:
         """Receive these flows' flow/state notifications (after a reconnect)."""
         ids = p.strings("flowIds")
         for flow_id in ids:

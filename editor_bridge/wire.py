@@ -41,18 +41,28 @@ def snake(name: str) -> str:
     return _HUMPS.sub(lambda m: "_" + m.group(1).lower(), name)
 
 
+_wire_names: dict[str, str] = {}
+"""snake_case -> camelCase for the keys ``_camel_keys`` renames: the fields
+of records, a small fixed set (a plain dict is cheaper to ask than even the
+cache of ``camel``, and every command listed asks it thirty times)."""
+
+
 def _camel_keys(value: Mapping[str, Any]) -> dict[str, Any]:
-    return {camel(k): v for k, v in value.items()}
+    names = _wire_names
+    try:
+        return {names[k]: v for k, v in value.items()}
+    except KeyError:  # a key seen for the first time
+        names.update((k, camel(k)) for k in value)
+        return {names[k]: v for k, v in value.items()}
 
 
 def command(c: Command) -> dict[str, Any]:
-    data = _camel_keys(c.to_json())
-    data["request"] = _camel_keys(c.request.to_json())
-    if c.reply is not None:
-        reply = c.reply.to_json()
-        if reply["usage"] is not None:
-            reply["usage"] = _camel_keys(reply["usage"])
-        data["reply"] = reply
+    record = c.to_json()  # request and reply in it already, as their to_json
+    data = _camel_keys(record)
+    data["request"] = _camel_keys(record["request"])
+    reply = record["reply"]
+    if reply is not None and reply["usage"] is not None:
+        reply["usage"] = _camel_keys(reply["usage"])
     return data
 
 

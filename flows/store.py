@@ -129,15 +129,28 @@ def command_row(command: Command, columns: Sequence[str] = COLUMNS) -> tuple[Any
     )
 
 
+_AT: Final = {name: i for i, name in enumerate(COLUMNS)}
+
+
 def command_from_row(row: sqlite3.Row) -> Command:
-    fields = dict(zip(row.keys(), row, strict=True))
-    fields["request"] = Request.from_json(json.loads(fields["request"]))
-    reply = _loads(fields["reply"])
-    fields["reply"] = Reply.from_json(reply) if reply is not None else None
-    error = _loads(fields["error"])
-    fields["error"] = CommandError.from_json(error) if error is not None else None
-    fields["handler_args"] = _loads(fields["handler_args"])
-    return Command(**{k: v for k, v in fields.items() if k in COLUMNS})
+    keys = row.keys()
+    if tuple(keys[: len(COLUMNS)]) == COLUMNS:  # ``commands.*`` leads: take it as is
+        values = list(row[: len(COLUMNS)])
+    else:
+        fields = dict(zip(keys, row, strict=True))
+        values = [fields[name] for name in COLUMNS]
+    values[_AT["request"]] = Request.from_json(json.loads(values[_AT["request"]]))
+    for name, decode in _DECODERS:
+        if values[_AT[name]] is not None:
+            values[_AT[name]] = decode(json.loads(values[_AT[name]]))
+    return Command(*values)
+
+
+_DECODERS: Final[tuple[tuple[str, Callable[[Any], Any]], ...]] = (
+    ("reply", Reply.from_json),
+    ("error", CommandError.from_json),
+    ("handler_args", lambda value: value),
+)
 
 
 def _event_from_row(row: sqlite3.Row) -> Event:
