@@ -50,6 +50,9 @@ YIELD_EVERY: Final = 32
 """Frames read in a row without giving other tasks a turn: a burst of
 pipelined frames, all handled inline, would otherwise hold up the engine,
 the timers and the writer until the burst ends."""
+OUTBOX_LIMIT: Final = 1024
+"""Messages queued and not yet written past which the next frame is not
+read until they are."""
 DRAIN_GRACE: Final = 5.0
 """Seconds to go on writing what is queued once the client has closed its
 end: it may still read the answers, but one that does not must not keep
@@ -124,6 +127,10 @@ class Connection:
                         self._reply_error(None, RpcError(code, frame.error or "bad frame"))
                     else:
                         await self._receive(frame.body, nursery)
+                    if len(self._outbox) >= OUTBOX_LIMIT:
+                        # A client that sends without reading gets no more
+                        # read from it until it catches up: memory stays bounded.
+                        await self._drain()
                     unyielded += 1
                     if unyielded == YIELD_EVERY:
                         unyielded = 0
