@@ -10,8 +10,11 @@ stream. The rules that must hold for *every* provider live here once:
   cancels the send, which lets the cancellation through. The adapter's own
   limit, ``settings.timeout``, applies when it is nearer than the deadline:
   then a silent server, a slow-drip stream or a full pool ends in a
-  ``RetryableError`` and the engine tries again. httpx's timeouts use the same
-  budget, so they never fire before the scope that owns the send;
+  ``RetryableError`` and the engine tries again. That one trio scope is the
+  only clock of a send: httpx's per-operation timeouts are switched off for
+  these requests (``NO_TIMEOUT``), since one of the same budget, started
+  later, could never fire first, and each would cost a trio deadline per
+  socket read and write;
 * failures are classified the same way for everyone (``error_for_status``),
   with the provider's own words in the message;
 * an API key never reaches a message, an exception's args or a repr: every
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -31,6 +35,7 @@ import attrs
 import httpx
 import trio
 
+from adapters._pool import PooledTransport
 from adapters.base import (
     AdapterError,
     AdapterSettings,
@@ -58,6 +63,9 @@ DRAIN_GRACE = 0.25
 the connection can go back to the pool; past it the connection is dropped."""
 
 SNIPPET = 200
+
+NO_TIMEOUT = httpx.Timeout(None)
+"""What a send asks of httpx: no timeouts of its own (see the module docstring)."""
 
 T = TypeVar("T")
 
@@ -251,6 +259,13 @@ def strip_slash(value: str) -> str:
     return value.rstrip("/")
 
 
+def environment_proxies() -> bool:
+    """Whether httpx would send some requests through a proxy named by the
+    environment (or, on macOS and Windows, the system settings)."""
+    proxies = urllib.request.getproxies()
+    return any(proxies.get(scheme) for scheme in ("http", "https", "all"))
+
+
 @attrs.define(eq=False)
 class HttpAdapter:
     """The part of every HTTP adapter that is not a provider's dialect.
@@ -277,6 +292,9 @@ class HttpAdapter:
         default=None, kw_only=True, alias="client", repr=False
     )
     _owns_client: bool = attrs.field(default=False, init=False, repr=False)
+    _parsed_target: tuple[str, dict[str, str], httpx.URL, httpx.Headers] | None = attrs.field(
+        default=None, init=False, repr=False
+    )
 
     # -- what a provider module supplies --
 
@@ -318,7 +336,7 @@ class HttpAdapter:
         if budget <= 0:
             raise RetryableError(f"{self.settings.name}: no time left before the deadline")
         with trio.move_on_after(budget):
-            return self._redact_reply(await self._exchange(body, context, budget))
+            return await self._exchange(body, context)
         raise RetryableError(
             f"{self.settings.name}: no complete reply from {self.safe_url()} "
             f"within {budget:.2f}s (the command's deadline or the adapter's timeout)"
@@ -331,11 +349,19 @@ class HttpAdapter:
             await client.aclose()
 
     def http_client(self) -> httpx.AsyncClient:
+        """The injected client, or this adapter's own: ``max_in_flight``
+        connections pooled in a ``StackPool`` (``adapters/_pool.py``), whose
+        cost per request does not grow with the number of connections as
+        httpcore's pool's does. When the environment names a proxy
+        (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``, as httpx reads them),
+        httpx's own transport is kept, since only it routes through proxies."""
         if self._client is None:
             size = max(1, self.settings.max_in_flight)
+            transport = None if environment_proxies() else PooledTransport(size)
             self._client = httpx.AsyncClient(
                 limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
                 headers={"user-agent": "dovecote"},
+                transport=transport,
             )
             self._owns_client = True
         return self._client
@@ -346,25 +372,46 @@ class HttpAdapter:
         port = f":{url.port}" if url.port is not None else ""
         return f"{url.scheme}://{url.host}{port}{url.path}"
 
-    async def _exchange(self, body: dict[str, Any], context: SendContext, budget: float) -> Reply:
+    def _target(self) -> tuple[httpx.URL, httpx.Headers]:
+        """The endpoint and this adapter's headers, parsed once and kept while
+        ``endpoint()`` and ``headers()`` give the same: httpx parses a URL
+        given as a string and normalises a dict of headers on every request."""
+        endpoint, headers = self.endpoint(), self.headers()
+        target = self._parsed_target
+        if target is None or target[0] != endpoint or target[1] != headers:
+            target = self._parsed_target = (
+                endpoint,
+                headers,
+                httpx.URL(endpoint),
+                httpx.Headers(headers),
+            )
+        return target[2], target[3]
+
+    async def _exchange(self, body: dict[str, Any], context: SendContext) -> Reply:
         name = self.settings.name
-        progress = ProgressThrottle(context.report_progress)
+        client = self.http_client()
+        url, headers = self._target()
         try:
-            async with self.http_client().stream(
-                "POST",
-                self.endpoint(),
-                json=body,
-                headers=self.headers(),
-                timeout=httpx.Timeout(budget),
-            ) as response:
+            request = client.build_request(
+                "POST", url, json=body, headers=headers, timeout=NO_TIMEOUT
+            )
+            response = await client.send(request, stream=True)
+            try:
                 if not 200 <= response.status_code <= 299:
                     raise self.status_error(response, await response.aread())
-                content_type = response.headers.get("content-type", "")
                 # A server may ignore "stream": true and answer whole; read
                 # what it sent rather than fail on a missing terminal event.
-                if self.stream and not content_type.startswith("application/json"):
-                    return await self.read_stream(response.aiter_lines(), progress)
-                return self.parse_reply(parse_json(await response.aread(), "the reply body"))
+                if self.stream and not response.headers.get("content-type", "").startswith(
+                    "application/json"
+                ):
+                    progress = ProgressThrottle(context.report_progress)
+                    reply = await self.read_stream(response.aiter_lines(), progress)
+                    return self._redact_reply(reply)
+                raw = await response.aread()
+                reply = self.parse_reply(parse_json(raw, "the reply body"))
+                return self._redact_reply(reply, raw)
+            finally:
+                await response.aclose()
         except Malformed as exc:
             raise PermanentError(self._redact(f"{name}: malformed reply: {exc}")) from None
         except StreamCut as exc:
@@ -417,15 +464,40 @@ class HttpAdapter:
             text = text.replace(self.api_key, "[redacted]")
         return text
 
-    def _redact_reply(self, reply: Reply) -> Reply:
+    def _redact_reply(self, reply: Reply, body: bytes | None = None) -> Reply:
         """A server that echoes what it received (a debugging proxy, an echo
-        server) must not get the key into the database through ``raw``."""
-        if not self.api_key:
+        server) must not get the key into the database through ``raw``.
+
+        ``body`` is the JSON text ``reply.raw`` was parsed from, when it was:
+        a key absent from it is absent from every string in ``raw``
+        (``absent_from_json``), which spares re-encoding ``raw`` to look."""
+        key = self.api_key
+        if not key:
+            return reply
+        if key not in reply.text and body is not None and absent_from_json(key, body):
             return reply
         raw = json.dumps(reply.raw, ensure_ascii=False)
-        if self.api_key not in raw and self.api_key not in reply.text:
+        if key not in raw and key not in reply.text:
             return reply
         return attrs.evolve(reply, text=self._redact(reply.text), raw=json.loads(self._redact(raw)))
+
+
+def absent_from_json(text: str, body: bytes) -> bool:
+    """True when no string (or number) in the JSON document ``body`` can contain
+    ``text``; False when it may.
+
+    A JSON string spells a character either literally or as an escape: ``\\uXXXX``
+    (any character) or one of ``\\" \\\\ \\/ \\b \\f \\n \\r \\t``. When ``body`` has no
+    ``\\u`` and ``text`` holds none of the characters the short escapes stand for,
+    every occurrence of ``text`` in a decoded string is spelled literally in
+    ``body``, so looking for its UTF-8 bytes in ``body`` settles it (a body
+    ``json.loads`` would read as UTF-16 or UTF-32 gets False).
+    """
+    if '"' in text or "\\" in text or "/" in text or not text.isprintable():
+        return False
+    if text.encode() in body or b"\\u" in body:
+        return False
+    return json.detect_encoding(body) in ("utf-8", "utf-8-sig")
 
 
 class StreamCut(Exception):

@@ -57,6 +57,7 @@ from bench._common import (
     fmt_ms,
     fmt_str,
     fresh_dir,
+    headline,
     percentile,
     pragmas,
     print_table,
@@ -312,7 +313,31 @@ COLUMNS_SHOWN = (
 )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def headlines(rows: Sequence[Row]) -> list[Row]:
+    """The summary-table rows: dovecote (``max_in_flight`` 4, submit -> send) against the
+    peer with the lowest p50 and p99 put -> get (lower is better; no target is set)."""
+    mine = next(
+        r
+        for r in rows
+        if r["system"] == f"dovecote, max_in_flight {CONSUMERS}" and r["variant"][0] == "s"
+    )
+    peers = [r for r in rows if not r["system"].startswith("dovecote")]
+    out = []
+    for key in ("p50", "p99"):
+        best = min(peers, key=lambda r: r[key])
+        out.append(
+            headline(
+                f"claim latency {key}, {PRODUCERS}x{CONSUMERS}, {mine['offered']:,.0f} jobs/s "
+                "(lower is better)",
+                f"{mine[key] * 1000:.2f} ms",
+                baseline=f"{best['system']} {best[key] * 1000:.2f} ms",
+                ratio=f"{mine[key] / best[key]:.2f}x",
+            )
+        )
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(prog="python -m bench.claims", description=__doc__)
     parser.add_argument("--n", type=int, default=2000, help="jobs per system per run (2000)")
     parser.add_argument("--runs", type=int, default=1, help="runs per system (1)")
@@ -334,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "(lower is better)"
             )
     print(f"wall time {time.perf_counter() - started:.1f} s")
+    return headlines(rows)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from bench._common import Row, headline
 from flows.merge import three_way
 
 TARGET_BYTES = 1_000_000
@@ -138,7 +139,7 @@ def time_git(base: str, ours: str, theirs: str) -> list[float]:
     return times
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[Row]:
     rng = random.Random(20240503)
     base = document(rng)
     ours, theirs, both = edited(base, rng)
@@ -178,6 +179,22 @@ def main(argv: list[str] | None = None) -> None:
         f"targets: median < 50 ms {'met' if med < 0.05 else 'MISSED'}, "
         f"peak < 10x {'met' if peak < 10 * size else 'MISSED'}"
     )
+    return [
+        headline(
+            f"three-way merge, {size / 1e6:.0f} MB, {EDITS_PER_SIDE} edits per side (median)",
+            f"{med * 1000:.1f} ms",
+            baseline=f"git merge-file {git_med * 1000:.1f} ms",
+            ratio=f"{med / git_med:.2f}x",
+            target="< 50 ms",
+            met=med < 0.05,
+        ),
+        headline(
+            "three-way merge peak memory",
+            f"{peak / size:.2f}x the base",
+            target="< 10x",
+            met=peak < 10 * size,
+        ),
+    ]
 
 
 if __name__ == "__main__":

@@ -28,15 +28,13 @@ goes first), each run with a fresh engine on a fresh file or a fresh client: a r
 starts cold, opening its connections as it goes, unless ``--warm`` first runs an untimed
 round to open and pool N of them.
 
-Transport (``--transport``). ``httpcore`` is httpx's own pool, which the adapter builds
-for itself (``HttpAdapter.http_client``). httpcore 1.0.x scans every pooled connection,
-and for each idle one every connection again, on each request and each release
-(``httpcore/_async/connection_pool.py``, the ``len([... is_idle() ...])`` keep-alive
-check; encode/httpcore#1035): at 1,000 connections both raw httpx and dovecote fall to
-a few dozen calls a second and a round takes ~30 s, which hides everything else. So
-by default (``stack``) both systems use the same ``httpx.AsyncClient`` whose transport
-keeps httpcore's connections and HTTP/1.1 code but pools them in ``StackPool`` (O(1) a
-request); dovecote's adapter is given that client (``OpenAIAdapter(client=...)``).
+Transport (``--transport``). ``stack`` (the default) is what an adapter builds for
+itself (``HttpAdapter.http_client``): httpx over ``adapters._pool.PooledTransport``,
+whose pool costs the same per request with 1 or 1,000 connections; raw httpx is given
+the same transport. ``httpcore`` gives both httpx's own pool, which in httpcore 1.0.x
+scans every pooled connection (and, for each idle one, every connection again) on each
+request and each release (encode/httpcore#1035): at 1,000 connections both fall to a
+few dozen calls a second, which hides everything else.
 
 * **throughput**: N / (seconds from the first submit or POST to the last answer);
   dovecote's ratio to raw is taken per run (same server, same moment), then the median.
@@ -65,16 +63,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpcore
 import httpx
 import trio
 
 import flows
+from adapters._pool import PooledTransport
 from adapters.base import AdapterSettings
 from adapters.openai import OpenAIAdapter
 from bench._common import (
@@ -83,6 +81,7 @@ from bench._common import (
     Row,
     fmt_str,
     fresh_dir,
+    headline,
     percentile,
     print_table,
 )
@@ -219,102 +218,21 @@ def _limits(n: int) -> httpx.Limits:
     return httpx.Limits(max_connections=n, max_keepalive_connections=n)
 
 
-class StackPool:
-    """A connection pool for ``httpx.AsyncHTTPTransport`` that costs O(1) a request: a
-    stack of idle ``httpcore.AsyncHTTPConnection`` (HTTP/1.1, one origin) and a
-    ``trio.Semaphore`` of ``max_connections``. httpcore's own pool scans every connection
-    (and, per idle one, every connection again) on each request and each release, which
-    at 1,000 connections costs seconds per 1,000 calls and would hide what is measured
-    here; see ``--transport``."""
-
-    def __init__(self, max_connections: int) -> None:
-        self._idle: list[httpcore.AsyncHTTPConnection] = []
-        self._slots = trio.Semaphore(max_connections)
-
-    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
-        await self._slots.acquire()
-        try:
-            while self._idle:
-                connection = self._idle.pop()
-                if connection.is_idle() and not connection.has_expired():
-                    break
-                await connection.aclose()
-            else:
-                connection = httpcore.AsyncHTTPConnection(request.url.origin)
-            response = await connection.handle_async_request(request)
-        except BaseException:
-            self._slots.release()
-            raise
-        assert isinstance(response.stream, AsyncIterable)
-        return httpcore.Response(
-            status=response.status,
-            headers=response.headers,
-            content=_Released(self, connection, response.stream),
-            extensions=response.extensions,
-        )
-
-    async def release(self, connection: httpcore.AsyncHTTPConnection) -> None:
-        try:
-            if connection.is_idle():
-                self._idle.append(connection)
-            else:
-                await connection.aclose()
-        finally:
-            self._slots.release()
-
-    async def aclose(self) -> None:
-        idle, self._idle = self._idle, []
-        for connection in idle:
-            await connection.aclose()
-
-    async def __aenter__(self) -> StackPool:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-
-class _Released:
-    """A response body that gives its connection back to the pool when closed."""
-
-    def __init__(
-        self, pool: StackPool, connection: httpcore.AsyncHTTPConnection, body: AsyncIterable[bytes]
-    ) -> None:
-        self.pool = pool
-        self.connection = connection
-        self.body = body
-        self.closed = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for part in self.body:
-            yield part
-
-    async def aclose(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            aclose = getattr(self.body, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        finally:
-            await self.pool.release(self.connection)
-
-
 TRANSPORTS = ("stack", "httpcore")
 
 
 def make_client(n: int, transport: str) -> httpx.AsyncClient:
-    """The client both systems use: httpx's own (``httpcore``: what an adapter builds
-    for itself) or httpx with the ``StackPool`` transport (``stack``); same limits."""
+    """The client both systems use: httpx over dovecote's constant-time pool
+    (``stack``: ``adapters._pool.PooledTransport``, what an adapter builds for itself)
+    or httpx's own (``httpcore``); same limits."""
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}")
     limits = _limits(n)
     if transport == "httpcore":
         return httpx.AsyncClient(limits=limits, headers={"user-agent": "dovecote"})
-    stack = httpx.AsyncHTTPTransport(limits=limits)
-    stack._pool = StackPool(n)  # type: ignore[assignment]
-    return httpx.AsyncClient(transport=stack, limits=limits, headers={"user-agent": "dovecote"})
+    return httpx.AsyncClient(
+        transport=PooledTransport(n), limits=limits, headers={"user-agent": "dovecote"}
+    )
 
 
 class Round:
@@ -407,9 +325,9 @@ async def dovecote_run(
     base_url: str, n: int, rounds: int, serial: int, transport: str, warm: bool
 ) -> tuple[list[Round], Round]:
     """A fresh engine on a fresh file: a warm-up round if ``warm``, ``rounds`` timed
-    rounds, then ``serial`` calls one at a time. With ``httpcore`` the adapter makes its own client
-    (what a user gets); otherwise it is given one (an injected client stays open)."""
-    client = None if transport == "httpcore" else make_client(n, transport)
+    rounds, then ``serial`` calls one at a time. The adapter is given the same kind of
+    client raw httpx gets (an injected client stays open)."""
+    client = make_client(n, transport)
     with fresh_dir(BENCH) as directory:
         adapters = [_adapter(base_url, n, client)]
         async with flows.open_engine(directory / "dovecote.db", adapters=adapters) as engine:
@@ -422,8 +340,7 @@ async def dovecote_run(
                 ids.append(await engine.submit("bench", REQUEST, timeout=60))
                 await engine.wait(ids[-1])
             alone = _checked(engine, ids, time.perf_counter() - started)
-    if client is not None:
-        await client.aclose()
+    await client.aclose()
     return timed, alone
 
 
@@ -574,6 +491,43 @@ def summary(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
+def headlines(rows: Sequence[Row]) -> list[Row]:
+    """The summary-table rows: the throughput ratio and the added p50 latencies, with
+    the same targets as ``summary``."""
+    variant = next(r["variant"] for r in rows if r["measure"] == "throughput")
+    ours = _find(rows, "dovecote", variant, "throughput")
+    raw = _find(rows, "raw httpx", variant, "throughput")
+    ratio = _find(rows, "dovecote / raw", variant, "throughput ratio")
+    out = [
+        headline(
+            f"HTTP throughput, {variant} (calls/s)",
+            f"{ours['median']:,.0f}/s",
+            baseline=f"raw httpx {raw['median']:,.0f}/s",
+            ratio=f"{ratio['median']:.2f}x",
+            target=f">= {TARGET_RATIO:.2f}x raw httpx",
+            met=ratio["median"] >= TARGET_RATIO,
+        )
+    ]
+    for where in (variant, "1 in flight"):
+        if not any(r["variant"] == where and r["system"] == "dovecote - raw" for r in rows):
+            continue
+        send, life = (
+            _find(rows, "dovecote - raw", where, f"p50 added: {what}")["median"]
+            for what in ("send", "life")
+        )
+        alone = _find(rows, "raw httpx", where, "p50 request")["median"]
+        out.append(
+            headline(
+                f"latency added to an HTTP call, p50, {where}",
+                f"send {send * 1000:+.2f} ms, life {life * 1000:+.2f} ms",
+                baseline=f"raw httpx p50 {alone * 1000:.2f} ms",
+                target=f"<= {TARGET_ADDED_P50 * 1000:g} ms (both)",
+                met=max(send, life) <= TARGET_ADDED_P50,
+            )
+        )
+    return out
+
+
 def _fmt_value(row: Row, key: str) -> str:
     value = row[key]
     if row["unit"] == "s":
@@ -623,7 +577,7 @@ def profile(n: int, transport: str) -> None:
     print(profiler.output_text(unicode=False, color=False))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__)
     parser.add_argument("--n", type=int, default=1000, help="calls in flight (default 1000)")
     parser.add_argument("--runs", type=int, default=5, help="runs per system (default 5)")
@@ -651,15 +605,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.serve:
         _raise_fd_limit()
         asyncio.run(_serve(args.delay))
-        return
+        return []
     if args.profile:
         profile(args.n, args.transport)
-        return
+        return []
     started = time.perf_counter()
     rows = run(args.n, args.runs, args.rounds, args.serial, args.delay, args.transport, args.warm)
     if args.json:
         print(json.dumps(rows, indent=2))
-        return
+        return headlines(rows)
     print(
         f"bench.overhead: {args.n} calls in flight against a local OpenAI-compatible server "
         f"answering after {args.delay * 1000:g} ms; transport {args.transport}; "
@@ -672,6 +626,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for line in summary(rows):
         print(line)
     print(f"(whole benchmark: {time.perf_counter() - started:.1f} s, pid {os.getpid()})")
+    return headlines(rows)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ the time budget)."""
 from __future__ import annotations
 
 import email.utils
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -15,7 +16,13 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters._http import ProgressThrottle, SSEDecoder, SSEEvent, time_budget
+from adapters._http import (
+    ProgressThrottle,
+    SSEDecoder,
+    SSEEvent,
+    absent_from_json,
+    time_budget,
+)
 from adapters.base import (
     AdapterError,
     AdapterSettings,
@@ -268,6 +275,103 @@ async def test_a_missing_key_variable_fails_without_a_request(
         await make(api_key=None, api_key_env="LOCAL_LLM_KEY").send(HELLO, context())
     assert "LOCAL_LLM_KEY" in caught.value.message
     assert server.requests == []
+
+
+# --- the key in a successful reply ----------------------------------------------------------
+
+
+def _completion(content: str, **extra: Any) -> dict[str, Any]:
+    body = CHAT["response"]["body"]
+    message = {**body["choices"][0]["message"], "content": content}
+    return {**body, "choices": [{**body["choices"][0], "message": message}], **extra}
+
+
+async def test_a_reply_that_echoes_the_key_is_redacted(server: FakeProvider, make: Make) -> None:
+    server.queue(json_response(_completion(f"you sent {SECRET}", echo={"auth": SECRET})))
+    reply = await make().send(HELLO, context())
+    assert reply.text == "you sent [redacted]"
+    assert reply.raw["echo"] == {"auth": "[redacted]"}
+    assert_secret_free(reply)
+
+
+async def test_a_reply_that_echoes_the_key_in_escapes_is_redacted(
+    server: FakeProvider, make: Make
+) -> None:
+    """``\\u002d`` is a ``-``: the key is not in the body's bytes, yet it is in
+    the parsed reply."""
+    escaped = SECRET.replace("-", "\\u002d")
+    body = json.dumps(_completion("fine", echo="KEY")).replace("KEY", escaped)
+    server.queue(Canned(headers={"content-type": "application/json"}, body=body.encode()))
+    reply = await make().send(HELLO, context())
+    assert SECRET.encode() not in body.encode()
+    assert reply.raw["echo"] == "[redacted]"
+    assert_secret_free(reply)
+
+
+async def test_a_reply_without_the_key_is_returned_as_parsed(
+    server: FakeProvider, make: Make
+) -> None:
+    server.queue(json_response(_completion('line one\nline "two" \u00e9 / ok')))
+    reply = await make().send(HELLO, context())
+    assert reply.text == 'line one\nline "two" \u00e9 / ok'
+    assert reply.raw == _completion(reply.text)
+
+
+_keyish = st.text(alphabet='sk-AB_/\\"\u00e9\n\u2028 01', min_size=1, max_size=6)
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    if isinstance(value, dict):
+        return [s for key, item in value.items() for s in [key, *_strings(item)]]
+    return [json.dumps(value)]
+
+
+@given(st.data())
+def test_absent_from_json_is_never_wrong(data: st.DataObject) -> None:
+    """When it says the key is absent, no string (nor number) of the parsed
+    document contains it, however the document spells its strings."""
+    key = data.draw(_keyish)
+    texts = _keyish | st.tuples(_keyish, _keyish).map(lambda ends: ends[0] + key + ends[1])
+    value = data.draw(
+        st.recursive(
+            st.none() | st.integers() | texts,
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
+            max_leaves=6,
+        )
+    )
+    ascii_only = data.draw(st.booleans())
+    body = json.dumps(value, ensure_ascii=ascii_only).encode(
+        data.draw(st.sampled_from(["utf-8", "utf-16", "utf-8-sig"]))
+    )
+    assert json.loads(body) == value
+    if absent_from_json(key, body):
+        assert not any(key in text for text in _strings(value))
+
+
+@pytest.mark.parametrize(
+    ("key", "body"),
+    [
+        ("ab", b'{"x": "a\\u0062"}'),
+        ("a/b", b'{"x": "a\\/b"}'),
+        ('a"b', b'{"x": "a\\"b"}'),
+        ("a\\b", b'{"x": "a\\\\b"}'),
+        ("a\tb", b'{"x": "a\\tb"}'),
+        ("ab", '{"x": "ab"}'.encode("utf-16")),
+        ("ab", '{"x": "ab"}'.encode("utf-32-le")),
+    ],
+)
+def test_absent_from_json_gives_up_on_a_key_that_may_be_escaped(key: str, body: bytes) -> None:
+    assert key in json.loads(body)["x"]
+    assert not absent_from_json(key, body)
+
+
+def test_absent_from_json_clears_an_ordinary_body() -> None:
+    body = '{"x": "no key here\\n\\"quoted\\" caf\u00e9 a/b", "n": 12}'.encode()
+    assert absent_from_json(SECRET, body)
 
 
 # --- streams that go wrong ----------------------------------------------------------------
