@@ -317,7 +317,9 @@ class Engine:
 
         Transitions made by this engine wake the waiter at once; those made
         by another process on the same file are seen by polling."""
-        command = self.store.get(command_id)
+        known = self._unsent.get(command_id) or self._sending.get(command_id, (None,))[0]
+        # One this engine holds is not terminal: no need to read it to know.
+        command = known or self.store.get(command_id)
         while not command.is_terminal:
             waiter = self._waiters.setdefault(command_id, _Waiter())
             with trio.move_on_after(self._poll_interval):
