@@ -961,11 +961,16 @@ class Engine:
         task_status.started()
         while True:
             await trio.sleep(self._lease / 3)
+            # Only sends claimed before the renewal can be judged by it: a
+            # claim committed in the same transaction, after it, is not in
+            # ``held`` yet may be in ``_sending`` by the time we resume.
+            sending = dict(self._sending)
             held = await self._committer.commit(RenewLeases(self.owner, self.now() + self._lease))
-            for command_id in list(self._sending):
-                if command_id not in held:
+            for command_id, in_flight in sending.items():
+                if command_id not in held and self._sending.get(command_id) is in_flight:
                     # Cancelled or answered by another process: stop sending.
-                    self._sending.pop(command_id)[1].cancel()
+                    del self._sending[command_id]
+                    in_flight[1].cancel()
             await self.recover()
             await self._flows.resume()
 

@@ -24,6 +24,8 @@ from adapters.base import (
 )
 from adapters.scripted import ScriptedAdapter
 from flows.engine import Backoff
+from flows.records import Command, new_id
+from flows.store import Insert
 from tests.conftest import ask
 
 WALL = 1_700_000_000.0
@@ -516,3 +518,44 @@ async def test_claims_come_in_bounded_rounds_without_waiting_between(
     # was sent at once, none waited for the dispatcher's poll.
     assert recorder.peak == 50
     assert {when for _, _, when in recorder.sent} == {started}
+
+
+class Hanging(Recorder):
+    """Every send hangs until the engine cancels it."""
+
+    async def send(self, request: Request, context: SendContext) -> Reply:
+        self.sent.append((context.command_id, context.attempt, trio.current_time()))
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_a_claim_committed_with_a_lease_renewal_still_times_out(
+    db_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Another process adds calls half-way between ticks; this engine claims
+    # them on its next poll (every 1 s), the very instant its keeper renews
+    # its leases (every lease / 3 = 1 s). Claim and renewal then share a
+    # transaction, in either order, and each task may resume first: a claim
+    # the renewal could not see must still be timed out, not left "sent".
+    adapter = Hanging(max_in_flight=1000)
+    other = flows.Store(db_path)
+    async with flows.open_engine(db_path, adapters=[adapter], lease=3.0) as engine:
+        ids = []
+        for tick in range(20):
+            await trio.sleep_until(tick + 0.5)
+            for _ in range(5):
+                command = Command(
+                    id=new_id(),
+                    adapter="rec",
+                    request=Request.from_json(ask("x")),
+                    state="pending",
+                    created_at=engine.now(),
+                    timeout=2.0,
+                )
+                other.commit_one(Insert(command))
+                ids.append(command.id)
+        await trio.sleep(5.0)
+        stuck = [c for c in map(engine.get, ids) if c.state != "dead"]
+    other.close()
+    assert stuck == []
+    assert len(adapter.sent) == len(ids) == 100
