@@ -128,6 +128,7 @@ MAX_TIMEOUT: Final = 30 * 24 * 3600.0  # a month: a person may be the provider
 MAX_ATTEMPTS: Final = 100
 UNSENT_KEPT: Final = 10_000  # submitted commands kept in memory until claimed
 CLAIM_BATCH: Final = 1024  # most commands claimed in one dispatcher round
+RENEW_BATCH: Final = 1024  # most leases renewed in one transaction
 DEFAULT_MAX_ATTEMPTS: Final = 3
 PRIORITY_INTERACTIVE: Final = 10
 PRIORITY_BATCH: Final = 0
@@ -208,6 +209,8 @@ class Engine:
         # that, rows are decoded as for any other process's commands).
         self._unsent: dict[str, Command] = {}
         self._claiming: set[str] = set()
+        # Replied commands whose handler runs in this engine: leased too.
+        self._handling: set[str] = set()
         self._dispatch_wanted = trio.Event()
         # Tasks in ``wait``, by command: the event that wakes them, and the
         # terminal command itself once this engine has committed it.
@@ -879,7 +882,15 @@ class Engine:
         )
 
     async def _complete(self, command: Command) -> None:
-        """Run a replied command's handler; done, or dead with handler_error."""
+        """Run a replied command's handler; done, or dead with handler_error.
+        Its lease is renewed meanwhile: a handler may take its time."""
+        self._handling.add(command.id)
+        try:
+            await self._handle(command)
+        finally:
+            self._handling.discard(command.id)
+
+    async def _handle(self, command: Command) -> None:
         error: CommandError | None = None
         outcome: Any = None
         if command.handler is not None:
@@ -961,18 +972,30 @@ class Engine:
         task_status.started()
         while True:
             await trio.sleep(self._lease / 3)
-            # Only sends claimed before the renewal can be judged by it: a
-            # claim committed in the same transaction, after it, is not in
-            # ``held`` yet may be in ``_sending`` by the time we resume.
-            sending = dict(self._sending)
-            held = await self._committer.commit(RenewLeases(self.owner, self.now() + self._lease))
-            for command_id, in_flight in sending.items():
-                if command_id not in held and self._sending.get(command_id) is in_flight:
+            await self._renew_leases()
+            await self.recover()
+            await self._flows.resume()
+
+    async def _renew_leases(self) -> None:
+        """Renew the lease of every send in flight and every handler running,
+        a slice per transaction; stop the sends another process took."""
+        # Only sends claimed before a slice's renewal can be judged by it: a
+        # claim committed later is not in ``held`` yet may be in ``_sending``
+        # by the time we resume.
+        sending = dict(self._sending)
+        ids = [*sending, *self._handling]
+        until = self.now() + self._lease
+        for first in range(0, max(len(ids), 1), RENEW_BATCH):
+            chunk = tuple(ids[first : first + RENEW_BATCH])
+            held = await self._committer.commit(RenewLeases(self.owner, until, chunk))
+            for command_id in chunk:
+                in_flight = sending.get(command_id)
+                if in_flight is None or command_id in held:
+                    continue
+                if self._sending.get(command_id) is in_flight:
                     # Cancelled or answered by another process: stop sending.
                     del self._sending[command_id]
                     in_flight[1].cancel()
-            await self.recover()
-            await self._flows.resume()
 
     async def recover(self) -> int:
         """Take over commands whose owner is gone; return how many.

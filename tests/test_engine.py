@@ -559,3 +559,31 @@ async def test_a_claim_committed_with_a_lease_renewal_still_times_out(
     other.close()
     assert stuck == []
     assert len(adapter.sent) == len(ids) == 100
+
+
+async def test_leases_of_long_sends_and_handlers_are_renewed_slice_by_slice(
+    db_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("flows.engine.RENEW_BATCH", 3)
+    adapter = Hanging(max_in_flight=100)
+    handler_may_end = trio.Event()
+
+    async def slow_handler(engine: flows.Engine, command: flows.Command) -> None:
+        await handler_may_end.wait()
+
+    recorder = Recorder(name="quick")
+    async with flows.open_engine(
+        db_path, adapters=[adapter, recorder], lease=3.0, handlers={"slow": slow_handler}
+    ) as engine:
+        sends = await engine.submit_many("rec", [ask("x")] * 10, timeout=60.0)
+        handled = await engine.submit("quick", ask("y"), handler="slow")
+        await trio.sleep(20.0)  # six lease lengths: only renewal keeps them
+        now = engine.now()
+        for command_id in [*sends, handled]:
+            command = engine.get(command_id)
+            assert command.state in ("sent", "replied")
+            assert command.owner == engine.owner
+            assert command.lease_until is not None and command.lease_until > now
+        handler_may_end.set()
+        assert (await engine.wait(handled)).state == "done"
+    assert len(adapter.sent) == 10  # never taken over, never re-sent

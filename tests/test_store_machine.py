@@ -315,7 +315,11 @@ class StoreMachine(RuleBasedStateMachine):
         elif isinstance(op, RenewLeases):
             held = set()
             for command_id, command in self.commands.items():
-                if command.owner == op.owner and command.state in (SENT, REPLIED):
+                if (
+                    command_id in op.ids
+                    and command.owner == op.owner
+                    and command.state in (SENT, REPLIED)
+                ):
                     self.commands[command_id] = attrs.evolve(command, lease_until=op.until)
                     held.add(command_id)
             assert result == held
@@ -426,7 +430,8 @@ class StoreMachine(RuleBasedStateMachine):
     def leases(self, data: st.DataObject) -> None:
         owner = data.draw(st.sampled_from(self.owners), label="owner")
         if data.draw(st.booleans(), label="renew"):
-            self.commit([RenewLeases(owner, self.tick() + LEASE)])
+            ids = data.draw(st.sets(st.sampled_from(sorted(self.commands) or ["none"])))
+            self.commit([RenewLeases(owner, self.tick() + LEASE, tuple(sorted(ids)))])
         else:
             self.commit([ReleaseLeases(owner)])
 
