@@ -43,6 +43,7 @@ import operator
 import os
 import socket
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -635,15 +636,30 @@ class Store:
         self.db = sqlite_utils.Database(conn)
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            self._migrate()
+            self._set_up()
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(f"{self.path} is not a usable dovecote database: {exc}") from exc
         except BaseException:
             conn.close()
             raise
+
+    def _set_up(self) -> None:
+        """WAL, and the schema brought up to date. SQLite may answer "locked"
+        at once, without waiting out the busy timeout, while another process
+        opens or checkpoints the same file (a WAL being set up or recovered):
+        that is retried, for as long as the busy timeout."""
+        give_up = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode = WAL")
+                self._conn.execute("PRAGMA synchronous = NORMAL")
+                self._migrate()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > give_up:
+                    raise
+                time.sleep(0.01)
 
     @classmethod
     def existing(cls, path: str | os.PathLike[str]) -> Store:

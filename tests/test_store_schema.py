@@ -6,7 +6,10 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from adapters.base import Request
+from flows.errors import StoreError
 from flows.records import Command, new_id
 from flows.store import SCHEMA_VERSION, Insert, Store
 
@@ -57,3 +60,31 @@ def test_a_schema_2_file_is_upgraded_and_keeps_its_commands(tmp_path: Path) -> N
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
     conn.close()
+
+
+def test_opening_retries_a_file_another_process_holds_for_a_moment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite can answer "locked" at once, busy timeout or not, while another
+    # process sets up or recovers the same WAL: opening tries again.
+    real = Store._migrate
+    refusals = iter([sqlite3.OperationalError("database is locked")] * 2)
+
+    def migrate(store: Store) -> None:
+        refusal = next(refusals, None)
+        if refusal is not None:
+            raise refusal
+        real(store)
+
+    monkeypatch.setattr(Store, "_migrate", migrate)
+    store = Store(tmp_path / "db")
+    assert next(refusals, None) is None  # both refusals were met, then it opened
+    store.close()
+
+    # Anything else is not waited out.
+    def broken(store: Store) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(Store, "_migrate", broken)
+    with pytest.raises(StoreError, match="disk I/O error"):
+        Store(tmp_path / "other")
