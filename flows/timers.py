@@ -40,9 +40,12 @@ class Alarm:
 class Timers:
     def __init__(self, fire: Callable[[list[Alarm]], Awaitable[None]]) -> None:
         self._fire = fire
-        # (when, tie-breaker, alarm): plain tuples compare in C, and the
-        # heap is pushed once per command.
-        self._heap: list[tuple[float, int, Alarm]] = []
+        # (when, tie-breaker, kind, command id, attempt): plain tuples
+        # compare in C, and a tuple of numbers and strings is one the garbage
+        # collector stops tracking. The heap holds an entry per command for
+        # as long as its timeout (a minute, say): as objects, a hundred
+        # thousand of them would be scanned by every full collection.
+        self._heap: list[tuple[float, int, str, str, int]] = []
         self._seq = itertools.count()
         self._earlier = trio.Event()
 
@@ -51,7 +54,7 @@ class Timers:
 
     def schedule(self, when: float, kind: str, command_id: str, attempt: int = 0) -> None:
         """Ring at trio time ``when`` (already past: at the next round)."""
-        entry = (when, next(self._seq), Alarm(when, kind, command_id, attempt))
+        entry = (when, next(self._seq), kind, command_id, attempt)
         heapq.heappush(self._heap, entry)
         if self._heap[0] is entry:
             self._earlier.set()
@@ -65,7 +68,8 @@ class Timers:
             # A bounded batch per ring: a backlog of thousands is handled in
             # rounds, so that replies and submits get turns in between.
             while self._heap and self._heap[0][0] <= now and len(due) < RING_BATCH:
-                due.append(heapq.heappop(self._heap)[2])
+                when, _, kind, command_id, attempt = heapq.heappop(self._heap)
+                due.append(Alarm(when, kind, command_id, attempt))
             if due:
                 await self._fire(due)
                 await trio.lowlevel.checkpoint()
