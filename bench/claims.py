@@ -3,7 +3,7 @@
 Run from the repository root::
 
     .venv/bin/pip install huey persist-queue litequeue pyinstrument
-    .venv/bin/python -m bench.claims [--n 2000] [--rate 1000] [--runs 1]
+    .venv/bin/python -m bench.claims [--n 2000] [--rate 1000] [--runs 5]
 
 What is measured
 ----------------
@@ -32,12 +32,14 @@ message as ``bench.lifecycle``.
 Fairness: fresh database file per run in a new temporary directory; WAL with
 ``synchronous=NORMAL`` everywhere (set by dovecote itself; set on huey's and
 persist-queue's connections right after opening; the values are read back and
-printed). Percentiles are nearest-rank over every job of every run.
+printed). Percentiles are nearest-rank over the jobs of one run; each row shows the
+median of the runs' p50 (and p99, and max) with the lowest and highest run's.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -54,7 +56,6 @@ from bench._common import (
     InstantAdapter,
     Row,
     fmt_int,
-    fmt_ms,
     fmt_str,
     fresh_dir,
     headline,
@@ -263,9 +264,9 @@ SYSTEMS: list[tuple[str, Measure, dict[str, str]]] = [
 ]
 
 
-def run(n: int = 2000, runs: int = 1, rate: float = 1000.0) -> list[Row]:
+def run(n: int = 2000, runs: int = 5, rate: float = 1000.0) -> list[Row]:
     """Measure every system ``runs`` times at ``rate`` jobs/s offered; one row per latency."""
-    pooled: dict[tuple[str, str], list[float]] = {}
+    per_run: dict[tuple[str, str], list[list[float]]] = {}
     achieved: dict[str, list[float]] = {}
     read_back: dict[str, tuple[str, str]] = {}
     for _ in range(runs):
@@ -273,13 +274,21 @@ def run(n: int = 2000, runs: int = 1, rate: float = 1000.0) -> list[Row]:
             with fresh_dir(system.split(",")[0]) as directory:
                 latencies, elapsed, journal, synchronous = measure(directory, n, rate)
             for label, values in latencies.items():
-                pooled.setdefault((system, label), []).extend(values)
+                per_run.setdefault((system, label), []).append(values)
             achieved.setdefault(system, []).append(n / elapsed)
             read_back[system] = (journal, synchronous)
     rows: list[Row] = []
     for system, _, labels in SYSTEMS:
         for label, variant in labels.items():
-            values = pooled[(system, label)]
+            runs_of = per_run[(system, label)]
+            spread = {
+                key: [statistic(values) for values in runs_of]
+                for key, statistic in (
+                    ("p50", lambda v: percentile(v, 50)),
+                    ("p99", lambda v: percentile(v, 99)),
+                    ("max", max),
+                )
+            }
             rows.append(
                 {
                     "bench": BENCH,
@@ -290,9 +299,9 @@ def run(n: int = 2000, runs: int = 1, rate: float = 1000.0) -> list[Row]:
                     "offered": rate,
                     "achieved": min(achieved[system]),
                     "unit": "seconds",
-                    "p50": percentile(values, 50),
-                    "p99": percentile(values, 99),
-                    "max": max(values),
+                    **{key: statistics.median(v) for key, v in spread.items()},
+                    **{f"{key}_min": min(v) for key, v in spread.items()},
+                    **{f"{key}_max": max(v) for key, v in spread.items()},
                     "journal_mode": read_back[system][0],
                     "synchronous": read_back[system][1],
                 }
@@ -305,9 +314,9 @@ COLUMNS_SHOWN = (
     ("variant", "latency measured", fmt_str),
     ("n", "jobs/run", fmt_int),
     ("achieved", "jobs/s", fmt_int),
-    ("p50", "p50 ms", fmt_ms),
-    ("p99", "p99 ms", fmt_ms),
-    ("max", "max ms", fmt_ms),
+    ("p50_shown", "p50 ms (runs)", fmt_str),
+    ("p99_shown", "p99 ms (runs)", fmt_str),
+    ("max_shown", "max ms (runs)", fmt_str),
     ("journal_mode", "journal", fmt_str),
     ("synchronous", "synchronous", fmt_str),
 )
@@ -340,7 +349,7 @@ def headlines(rows: Sequence[Row]) -> list[Row]:
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(prog="python -m bench.claims", description=__doc__)
     parser.add_argument("--n", type=int, default=2000, help="jobs per system per run (2000)")
-    parser.add_argument("--runs", type=int, default=1, help="runs per system (1)")
+    parser.add_argument("--runs", type=int, default=5, help="runs per system (5)")
     parser.add_argument("--rate", type=float, default=1000.0, help="offered jobs/s in all (1000)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -349,7 +358,18 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         f"claim latency, {PRODUCERS} producers / {CONSUMERS} consumers, offered "
         f"{args.rate:,.0f} jobs/s, {args.n:,} jobs x {args.runs} run(s) per system"
     )
-    print_table(rows, COLUMNS_SHOWN)
+    shown = [
+        {
+            **r,
+            **{
+                f"{key}_shown": f"{r[key] * 1000:.2f} "
+                f"({r[key + '_min'] * 1000:.2f}..{r[key + '_max'] * 1000:.2f})"
+                for key in ("p50", "p99", "max")
+            },
+        }
+        for r in rows
+    ]
+    print_table(shown, COLUMNS_SHOWN)
     ours = [r for r in rows if r["system"].startswith("dovecote") and r["variant"][0] == "s"]
     for mine in ours:
         for peer in (r for r in rows if not r["system"].startswith("dovecote")):
