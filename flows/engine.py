@@ -284,22 +284,16 @@ class Engine:
         in one transaction, in order. Every request is validated first: one
         bad request raises and stores nothing. A script with a thousand calls
         to make pays for one commit, not a thousand."""
-        commands = [
-            self._new_command(
-                adapter,
-                request,
-                timeout=timeout,
-                max_attempts=max_attempts,
-                handler=handler,
-                handler_args=handler_args,
-                priority=priority,
-                expires_at=expires_at,
-                flow_id=None,
-                step=None,
-                snapshot_id=None,
-            )
-            for request in requests
-        ]
+        commands = self._new_commands(
+            adapter,
+            requests,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            handler=handler,
+            handler_args=handler_args,
+            priority=priority,
+            expires_at=expires_at,
+        )
         if not commands:
             return []
         events = await self._committer.commit_all([Insert(command) for command in commands])
@@ -423,27 +417,7 @@ class Engine:
                 )
         new_ids = []
         for command in dead:
-            fresh = attrs.evolve(
-                command,
-                id=new_id(),
-                state=PENDING,
-                created_at=self.now(),
-                timeout=timeout if timeout is not None else command.timeout,
-                attempt=1,
-                reason=None,
-                expires_at=None,
-                sent_at=None,
-                deadline=None,
-                replied_at=None,
-                finished_at=None,
-                not_before=None,
-                reply=None,
-                error=None,
-                owner=None,
-                lease_until=None,
-                cost=None,
-                replay_of=command.id,
-            )
+            fresh = command.replayed(new_id(), self.now(), timeout)
             late = self.store.late_replies(command.id, unused_only=True) if use_late_reply else []
             operations: builtins.list[Operation] = [Insert(fresh, detail={"replay_of": command.id})]
             if late:
@@ -540,9 +514,15 @@ class Engine:
     # --- validation ----------------------------------------------------------
 
     def _new_command(
+        self, adapter: str, request: Request | Mapping[str, Any], **options: Any
+    ) -> Command:
+        (command,) = self._new_commands(adapter, [request], **options)
+        return command
+
+    def _new_commands(
         self,
         adapter: str,
-        request: Request | Mapping[str, Any],
+        requests: Iterable[Request | Mapping[str, Any]],
         *,
         timeout: float | None,
         max_attempts: int,
@@ -550,15 +530,15 @@ class Engine:
         handler_args: Any,
         priority: int,
         expires_at: float | None,
-        flow_id: str | None,
-        step: int | None,
-        snapshot_id: str | None,
-    ) -> Command:
+        flow_id: str | None = None,
+        step: int | None = None,
+        snapshot_id: str | None = None,
+    ) -> builtins.list[Command]:
+        """New pending commands, one per request, with the same options:
+        the options are checked once, every request on its own."""
         if adapter not in self.adapters:
             known = ", ".join(sorted(self.adapters))
             raise ValueError(f"unknown adapter {adapter!r}; this engine has: {known}")
-        if not isinstance(request, Request):
-            request = Request.from_json(request)
         if timeout is None:
             timeout = self.adapters[adapter].settings.timeout
         _check_timeout(timeout)
@@ -578,22 +558,26 @@ class Engine:
             isinstance(expires_at, int | float) and math.isfinite(expires_at)
         ):
             raise ValueError(f"expires_at must be epoch seconds, not {expires_at!r}")
-        return Command(
-            id=new_id(),
-            adapter=adapter,
-            request=request,
-            state=PENDING,
-            created_at=self.now(),
-            timeout=float(timeout),
-            max_attempts=max_attempts,
-            handler=handler,
-            handler_args=handler_args,
-            priority=priority,
-            expires_at=expires_at,
-            flow_id=flow_id,
-            step=step,
-            snapshot_id=snapshot_id,
-        )
+        now = self.now()
+        return [
+            Command(
+                id=new_id(),
+                adapter=adapter,
+                request=request if isinstance(request, Request) else Request.from_json(request),
+                state=PENDING,
+                created_at=now,
+                timeout=float(timeout),
+                max_attempts=max_attempts,
+                handler=handler,
+                handler_args=handler_args,
+                priority=priority,
+                expires_at=expires_at,
+                flow_id=flow_id,
+                step=step,
+                snapshot_id=snapshot_id,
+            )
+            for request in requests
+        ]
 
     def spawn(self, function: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Run ``function(*args)`` as one of the engine's background tasks.

@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 
 from adapters.base import JSON, Reply, Request
-from flows.states import COMMAND_STATES, TERMINAL_STATES
+from flows.states import COMMAND_STATES, PENDING, TERMINAL_STATES
 
 _id_lock = threading.Lock()
 _last_id_ms = 0
@@ -105,6 +105,26 @@ class Command:
     @property
     def is_terminal(self) -> bool:
         return self.state in TERMINAL_STATES
+
+    def replayed(self, command_id: str, at: float, timeout: float | None = None) -> Command:
+        """A new pending command asking again what this one asked, with the
+        same handling and place in its flow: a fresh life, ``replay_of`` this."""
+        return Command(
+            id=command_id,
+            adapter=self.adapter,
+            request=self.request,
+            state=PENDING,
+            created_at=at,
+            timeout=self.timeout if timeout is None else timeout,
+            max_attempts=self.max_attempts,
+            handler=self.handler,
+            handler_args=self.handler_args,
+            flow_id=self.flow_id,
+            step=self.step,
+            snapshot_id=self.snapshot_id,
+            replay_of=self.id,
+            priority=self.priority,
+        )
 
     def evolve(self, **changes: Any) -> Command:
         """A copy with ``changes``: ``attrs.evolve``, five times faster, which

@@ -445,26 +445,7 @@ class StoreMachine(RuleBasedStateMachine):
         assert [r.id for r in unused] == sorted(
             i for i, lr in self.late.items() if lr.command_id == dead.id and lr.used_by is None
         )
-        fresh = attrs.evolve(
-            dead,
-            id=new_id(),
-            state=PENDING,
-            created_at=self.tick(),
-            attempt=1,
-            reason=None,
-            expires_at=None,
-            sent_at=None,
-            deadline=None,
-            replied_at=None,
-            finished_at=None,
-            not_before=None,
-            reply=None,
-            error=None,
-            owner=None,
-            lease_until=None,
-            cost=None,
-            replay_of=dead.id,
-        )
+        fresh = dead.replayed(new_id(), self.tick())
         operations: list[Operation] = [Insert(fresh, detail={"replay_of": dead.id})]
         use_late = bool(unused) and data.draw(st.booleans(), label="use late reply")
         if use_late:
