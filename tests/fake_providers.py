@@ -20,14 +20,15 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import attrs
+import pytest
 
-from adapters.base import SendContext
+from adapters.base import Adapter, Message, PermanentError, Request, RetryableError, SendContext
 
 FIXTURES = Path(__file__).parent / "fixtures" / "providers"
 
@@ -244,6 +245,34 @@ class FakeProvider:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+A = TypeVar("A", bound=Adapter)
+
+HELLO = Request(messages=(Message("user", "hello"),))
+
+
+async def made_by(build: Callable[..., A]) -> AsyncIterator[Callable[..., A]]:
+    """The body of each test module's ``make`` fixture: a factory of adapters
+    (``build(**overrides)``), every one closed after the test."""
+    made: list[A] = []
+
+    def factory(**kwargs: Any) -> A:
+        adapter = build(**kwargs)
+        made.append(adapter)
+        return adapter
+
+    yield factory
+    for adapter in made:
+        await adapter.aclose()
+
+
+async def fails(adapter: Adapter, request: Request = HELLO, seconds: float = 5) -> Any:
+    """The error ``adapter.send`` raises, checked to carry no key."""
+    with pytest.raises((RetryableError, PermanentError)) as caught:
+        await adapter.send(request, context(seconds))
+    assert_secret_free(caught.value, adapter)
+    return caught.value
 
 
 def serve() -> Iterator[FakeProvider]:

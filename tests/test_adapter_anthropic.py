@@ -20,6 +20,7 @@ from adapters.base import (
     RetryableError,
 )
 from tests.fake_providers import (
+    HELLO,
     SECRET,
     Canned,
     FakeProvider,
@@ -27,8 +28,10 @@ from tests.fake_providers import (
     assert_wire,
     canned,
     context,
+    fails,
     json_response,
     load_fixture,
+    made_by,
     refused_url,
     serve,
     sse_bytes,
@@ -38,7 +41,6 @@ from tests.fake_providers import (
 MESSAGES = load_fixture("anthropic_messages.json")
 STREAM = load_fixture("anthropic_messages_stream.json")
 ERRORS = load_fixture("anthropic_errors.json")
-HELLO = Request(messages=(Message("user", "hello"),))
 SSE = "text/event-stream"
 
 
@@ -52,29 +54,17 @@ Make = Callable[..., AnthropicAdapter]
 
 @pytest.fixture
 async def make(server: FakeProvider) -> AsyncIterator[Make]:
-    made: list[AnthropicAdapter] = []
-
-    def factory(**kwargs: Any) -> AnthropicAdapter:
+    def build(**kwargs: Any) -> AnthropicAdapter:
         options: dict[str, Any] = {
             "base_url": server.url + "/",
             "model": "claude-sonnet-4-20250514",
             "api_key": SECRET,
             "stream": False,
         }
-        adapter = AnthropicAdapter(AdapterSettings(name="claude"), **{**options, **kwargs})
-        made.append(adapter)
-        return adapter
+        return AnthropicAdapter(AdapterSettings(name="claude"), **{**options, **kwargs})
 
-    yield factory
-    for adapter in made:
-        await adapter.aclose()
-
-
-async def fails(adapter: AnthropicAdapter, request: Request = HELLO, seconds: float = 5) -> Any:
-    with pytest.raises((RetryableError, PermanentError)) as caught:
-        await adapter.send(request, context(seconds))
-    assert_secret_free(caught.value, adapter)
-    return caught.value
+    async for factory in made_by(build):
+        yield factory
 
 
 # --- success ------------------------------------------------------------------------------

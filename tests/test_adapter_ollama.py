@@ -10,18 +10,20 @@ from typing import Any
 import pytest
 import trio
 
-from adapters.base import AdapterSettings, Message, PermanentError, Request, RetryableError
+from adapters.base import AdapterSettings, PermanentError, Request, RetryableError
 from adapters.ollama import OllamaAdapter
 from tests.fake_providers import (
+    HELLO,
     SECRET,
     Canned,
     FakeProvider,
-    assert_secret_free,
     assert_wire,
     canned,
     context,
+    fails,
     json_response,
     load_fixture,
+    made_by,
     ndjson_bytes,
     refused_url,
     serve,
@@ -31,7 +33,6 @@ from tests.fake_providers import (
 CHAT = load_fixture("ollama_chat.json")
 STREAM = load_fixture("ollama_chat_stream.json")
 ERRORS = load_fixture("ollama_errors.json")
-HELLO = Request(messages=(Message("user", "hello"),))
 NDJSON = "application/x-ndjson"
 
 
@@ -45,24 +46,12 @@ Make = Callable[..., OllamaAdapter]
 
 @pytest.fixture
 async def make(server: FakeProvider) -> AsyncIterator[Make]:
-    made: list[OllamaAdapter] = []
-
-    def factory(**kwargs: Any) -> OllamaAdapter:
+    def build(**kwargs: Any) -> OllamaAdapter:
         options: dict[str, Any] = {"base_url": server.url, "model": "llama3.2", "stream": False}
-        adapter = OllamaAdapter(AdapterSettings(name="ollama"), **{**options, **kwargs})
-        made.append(adapter)
-        return adapter
+        return OllamaAdapter(AdapterSettings(name="ollama"), **{**options, **kwargs})
 
-    yield factory
-    for adapter in made:
-        await adapter.aclose()
-
-
-async def fails(adapter: OllamaAdapter, request: Request = HELLO, seconds: float = 5) -> Any:
-    with pytest.raises((RetryableError, PermanentError)) as caught:
-        await adapter.send(request, context(seconds))
-    assert_secret_free(caught.value, adapter)
-    return caught.value
+    async for factory in made_by(build):
+        yield factory
 
 
 # --- success ------------------------------------------------------------------------------

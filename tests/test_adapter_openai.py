@@ -26,13 +26,13 @@ from adapters._http import (
 from adapters.base import (
     AdapterError,
     AdapterSettings,
-    Message,
     PermanentError,
     Request,
     RetryableError,
 )
 from adapters.openai import OpenAIAdapter
 from tests.fake_providers import (
+    HELLO,
     SECRET,
     Canned,
     FakeProvider,
@@ -42,6 +42,7 @@ from tests.fake_providers import (
     context,
     json_response,
     load_fixture,
+    made_by,
     refused_url,
     serve,
     sse_bytes,
@@ -51,7 +52,6 @@ from tests.fake_providers import (
 CHAT = load_fixture("openai_chat.json")
 STREAM = load_fixture("openai_chat_stream.json")
 ERRORS = load_fixture("openai_errors.json")
-HELLO = Request(messages=(Message("user", "hello"),))
 
 
 @pytest.fixture
@@ -64,9 +64,7 @@ Make = Callable[..., OpenAIAdapter]
 
 @pytest.fixture
 async def make(server: FakeProvider) -> AsyncIterator[Make]:
-    made: list[OpenAIAdapter] = []
-
-    def factory(**kwargs: Any) -> OpenAIAdapter:
+    def build(**kwargs: Any) -> OpenAIAdapter:
         options: dict[str, Any] = {
             "base_url": server.url + "/v1",
             "model": "gpt-4o-mini",
@@ -74,13 +72,10 @@ async def make(server: FakeProvider) -> AsyncIterator[Make]:
             "stream": False,
         }
         settings = kwargs.pop("settings", AdapterSettings(name="local"))
-        adapter = OpenAIAdapter(settings, **{**options, **kwargs})
-        made.append(adapter)
-        return adapter
+        return OpenAIAdapter(settings, **{**options, **kwargs})
 
-    yield factory
-    for adapter in made:
-        await adapter.aclose()
+    async for factory in made_by(build):
+        yield factory
 
 
 # --- success ------------------------------------------------------------------------------
