@@ -111,6 +111,7 @@ from flows.store import (
     Move,
     Operation,
     ReleaseLeases,
+    RenewFlowLeases,
     RenewLeases,
     Store,
     TakeOver,
@@ -961,15 +962,17 @@ class Engine:
             await self._flows.resume()
 
     async def _renew_leases(self) -> None:
-        """Renew the lease of every send in flight and every handler running,
-        a slice per transaction; stop the sends another process took."""
+        """Renew the lease of every flow this engine runs, and of every send
+        in flight and handler running, a slice per transaction; stop the
+        sends another process took."""
         # Only sends claimed before a slice's renewal can be judged by it: a
         # claim committed later is not in ``held`` yet may be in ``_sending``
         # by the time we resume.
         sending = dict(self._sending)
         ids = [*sending, *self._handling]
         until = self.now() + self._lease
-        for first in range(0, max(len(ids), 1), RENEW_BATCH):
+        await self._committer.commit(RenewFlowLeases(self.owner, until))
+        for first in range(0, len(ids), RENEW_BATCH):
             chunk = tuple(ids[first : first + RENEW_BATCH])
             held = await self._committer.commit(RenewLeases(self.owner, until, chunk))
             for command_id in chunk:

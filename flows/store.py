@@ -342,9 +342,9 @@ class UseLateReply:
 
 @attrs.frozen
 class RenewLeases:
-    """Extend the lease of the commands ``ids`` that ``owner`` still holds,
-    and of every flow it holds; returns the ids it still holds, so the
-    engine learns which ones were taken from it.
+    """Extend the lease of the commands ``ids`` that ``owner`` still holds;
+    returns the ids it still holds, so the engine learns which ones were
+    taken from it.
 
     By ids, not "all the owner holds", so that an engine with a hundred
     thousand calls in flight renews them a slice per transaction instead of
@@ -355,7 +355,6 @@ class RenewLeases:
     ids: tuple[str, ...]
 
     def apply(self, cursor: sqlite3.Cursor) -> frozenset[str]:
-        cursor.execute("UPDATE flows SET lease_until = ? WHERE owner = ?", (self.until, self.owner))
         if not self.ids:
             return frozenset()
         marks = ", ".join("?" for _ in self.ids)
@@ -368,6 +367,17 @@ class RenewLeases:
             f"SELECT id FROM commands WHERE {held}", (self.owner, SENT, REPLIED, *self.ids)
         )
         return frozenset(row[0] for row in cursor.fetchall())
+
+
+@attrs.frozen
+class RenewFlowLeases:
+    """Extend the lease of every flow ``owner`` holds."""
+
+    owner: str
+    until: float
+
+    def apply(self, cursor: sqlite3.Cursor) -> None:
+        cursor.execute("UPDATE flows SET lease_until = ? WHERE owner = ?", (self.until, self.owner))
 
 
 @attrs.frozen
@@ -512,6 +522,7 @@ Operation = (
     | AddLateReply
     | UseLateReply
     | RenewLeases
+    | RenewFlowLeases
     | ReleaseLeases
     | InsertFlow
     | CopySteps

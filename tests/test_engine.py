@@ -571,14 +571,22 @@ async def test_leases_of_long_sends_and_handlers_are_renewed_slice_by_slice(
     async def slow_handler(engine: flows.Engine, command: flows.Command) -> None:
         await handler_may_end.wait()
 
+    @flows.flow("test.long_call")
+    async def long_call(ctx: flows.FlowContext) -> str:
+        return (await ctx.call("rec", ask("z"), timeout=60.0)).text
+
     recorder = Recorder(name="quick")
     async with flows.open_engine(
         db_path, adapters=[adapter, recorder], lease=3.0, handlers={"slow": slow_handler}
     ) as engine:
         sends = await engine.submit_many("rec", [ask("x")] * 10, timeout=60.0)
         handled = await engine.submit("quick", ask("y"), handler="slow")
+        flow_id = await engine.start_flow("test.long_call")
         await trio.sleep(20.0)  # six lease lengths: only renewal keeps them
         now = engine.now()
+        flow = engine.get_flow(flow_id)
+        assert flow.owner == engine.owner
+        assert flow.lease_until is not None and flow.lease_until > now
         for command_id in [*sends, handled]:
             command = engine.get(command_id)
             assert command.state in ("sent", "replied")
@@ -586,4 +594,4 @@ async def test_leases_of_long_sends_and_handlers_are_renewed_slice_by_slice(
             assert command.lease_until is not None and command.lease_until > now
         handler_may_end.set()
         assert (await engine.wait(handled)).state == "done"
-    assert len(adapter.sent) == 10  # never taken over, never re-sent
+    assert len(adapter.sent) == 11  # never taken over, never re-sent
