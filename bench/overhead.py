@@ -2,8 +2,8 @@
 
 Run from the repository root::
 
-    .venv/bin/python -m bench.overhead [--n 1000] [--runs 5] [--serial 15] [--warm]
-        [--transport stack|httpcore] [--json] [--profile]
+    .venv/bin/python -m bench.overhead [--n 1000] [--runs 5] [--rounds 3] [--serial 15]
+        [--cold] [--delay 0.05] [--transport stack|httpcore] [--json] [--profile]
 
 (``--profile`` needs ``pyinstrument``: ``.venv/bin/pip install pyinstrument``.)
 
@@ -24,9 +24,12 @@ client; a raw-socket client gets 1,000 concurrent answers from it in under 0.1 s
   JSON decoding of the answer; N tasks each ``POST`` once.
 
 Both run inside ``trio.run`` in this process, one after the other (runs alternate which
-goes first), each run with a fresh engine on a fresh file or a fresh client: a round
-starts cold, opening its connections as it goes, unless ``--warm`` first runs an untimed
-round to open and pool N of them.
+goes first), each run with a fresh engine on a fresh file or a fresh client. A run first
+does one untimed round, which opens and pools N connections, then ``--rounds`` timed
+rounds (3): the figures are the steady state. With ``--cold`` the timed rounds open
+their connections as they go; a single cold round of about a second swung the ratio
+from 0.56x to 0.99x between runs on the 2-core machine, which says more about the
+machine than about either client.
 
 Transport (``--transport``). ``stack`` (the default) is what an adapter builds for
 itself (``HttpAdapter.http_client``): httpx over ``adapters._pool.PooledTransport``,
@@ -44,6 +47,18 @@ few dozen calls a second, which hides everything else.
   median over runs, and the difference of the p50s (and p99s).
 * **added latency, one call at a time** (``--serial`` calls): the same three times with a
   single call in flight, where they are not blurred by N calls sharing a CPU.
+* **client CPU per call**: this process's CPU time over a timed round, divided by N
+  (the server runs in another process and is not counted); and dovecote's minus raw's,
+  the CPU that a durable command costs on top of its HTTP call.
+
+Why the added latency with N in flight is the CPU added per call times about N/2: a
+round starts N calls at once, and a 2-core machine cannot send 1,000 requests in 50 ms
+(raw httpx alone needs about 0.5-1 ms of CPU a call, so its own p50 is hundreds of ms
+of queueing, not the server's 50 ms). The median call waits for about half the others
+to be processed before its own, so every microsecond a system adds to each call adds
+about N/2 microseconds to the median: 1 ms at N = 1,000 allows 2 us a call, less than
+one SQLite statement. The one-at-a-time rows are where the added latency of a single
+call shows; the N-in-flight rows show what the added CPU does to a burst.
 
 Every row reports the median over ``--runs`` (>= 5) with min and max. Targets: added
 p50 latency <= 1 ms; dovecote >= 80% of raw throughput.
@@ -88,6 +103,7 @@ from bench._common import (
 
 BENCH = "overhead"
 DELAY = 0.05
+ROUNDS = 3
 MODEL = "bench-model"
 TARGET_ADDED_P50 = 0.001
 TARGET_RATIO = 0.80
@@ -236,13 +252,15 @@ def make_client(n: int, transport: str) -> httpx.AsyncClient:
 
 
 class Round:
-    """One timed round: its wall time and, per call, the send and whole-life latencies
-    (the same list twice for raw httpx, whose call is its request)."""
+    """One timed round: its wall time, the CPU time this (client) process spent on it,
+    and, per call, the send and whole-life latencies (the same list twice for raw
+    httpx, whose call is its request)."""
 
-    def __init__(self, seconds: float, send: list[float], life: list[float]) -> None:
+    def __init__(self, seconds: float, send: list[float], life: list[float], cpu: float = 0.0):
         self.seconds = seconds
         self.send = send
         self.life = life
+        self.cpu = cpu
 
 
 BODY: dict[str, Any] = {"model": MODEL, **REQUEST}
@@ -267,11 +285,11 @@ async def _raw_round(client: httpx.AsyncClient, url: str, n: int) -> Round:
     async def one(index: int) -> None:
         latencies[index] = await _raw_call(client, url)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     async with trio.open_nursery() as nursery:
         for index in range(n):
             nursery.start_soon(one, index)
-    return Round(time.perf_counter() - started, latencies, latencies)
+    return Round(time.perf_counter() - started, latencies, latencies, time.process_time() - cpu)
 
 
 async def raw_run(
@@ -290,7 +308,7 @@ async def raw_run(
     return timed, alone
 
 
-def _checked(engine: flows.Engine, ids: Sequence[str], seconds: float) -> Round:
+def _checked(engine: flows.Engine, ids: Sequence[str], seconds: float, cpu: float = 0.0) -> Round:
     send, life = [], []
     for command_id in ids:
         command = engine.get(command_id)
@@ -299,7 +317,7 @@ def _checked(engine: flows.Engine, ids: Sequence[str], seconds: float) -> Round:
         assert command.sent_at and command.replied_at and command.finished_at
         send.append(command.replied_at - command.sent_at)
         life.append(command.finished_at - command.created_at)
-    return Round(seconds, send, life)
+    return Round(seconds, send, life, cpu)
 
 
 async def _dovecote_round(engine: flows.Engine, n: int) -> Round:
@@ -309,11 +327,11 @@ async def _dovecote_round(engine: flows.Engine, n: int) -> Round:
         ids[index] = await engine.submit("bench", REQUEST, timeout=60)
         await engine.wait(ids[index])
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     async with trio.open_nursery() as nursery:
         for index in range(n):
             nursery.start_soon(one, index)
-    return _checked(engine, ids, time.perf_counter() - started)
+    return _checked(engine, ids, time.perf_counter() - started, time.process_time() - cpu)
 
 
 def _adapter(base_url: str, n: int, client: httpx.AsyncClient | None) -> OpenAIAdapter:
@@ -397,11 +415,11 @@ def _latency_rows(
 def run(
     n: int = 1000,
     runs: int = 5,
-    rounds: int = 1,
+    rounds: int = ROUNDS,
     serial: int = 15,
     delay: float = DELAY,
     transport: str = "stack",
-    warm: bool = False,
+    warm: bool = True,
 ) -> list[Row]:
     """Both systems ``runs`` times, alternating which goes first; one row per measure."""
     _raise_fd_limit()
@@ -427,6 +445,9 @@ def run(
     def rate(timed: list[Round]) -> float:
         return n * len(timed) / sum(r.seconds for r in timed)
 
+    def cpu_per_call(timed: list[Round]) -> float:
+        return sum(r.cpu for r in timed) / (n * len(timed))
+
     def merged(timed: list[Round]) -> Round:
         return Round(
             sum(r.seconds for r in timed),
@@ -437,6 +458,8 @@ def run(
     variant = f"{n} in flight"
     raw_rates = [rate(t) for t in raw_rounds]
     our_rates = [rate(t) for t in our_rounds]
+    raw_cpu = [cpu_per_call(t) for t in raw_rounds]
+    our_cpu = [cpu_per_call(t) for t in our_rounds]
     rows = [
         _row("raw httpx", variant, "throughput", "calls/s", raw_rates),
         _row("dovecote", variant, "throughput", "calls/s", our_rates),
@@ -446,6 +469,15 @@ def run(
             "throughput ratio",
             "x",
             [a / b for a, b in zip(our_rates, raw_rates, strict=True)],
+        ),
+        _row("raw httpx", variant, "client CPU per call", "cpu", raw_cpu),
+        _row("dovecote", variant, "client CPU per call", "cpu", our_cpu),
+        _row(
+            "dovecote - raw",
+            variant,
+            "CPU added per call",
+            "cpu",
+            [a - b for a, b in zip(our_cpu, raw_cpu, strict=True)],
         ),
     ]
     rows += _latency_rows(
@@ -538,6 +570,12 @@ def _fmt_value(row: Row, key: str) -> str:
         )
     if row["unit"] == "x":
         return f"{value:.2f}x"
+    if row["unit"] == "cpu":
+        return (
+            f"{value * 1e6:+.0f} us"
+            if row["system"] == "dovecote - raw"
+            else f"{value * 1e6:.0f} us"
+        )
     return f"{value:,.0f}/s"
 
 
@@ -581,7 +619,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__)
     parser.add_argument("--n", type=int, default=1000, help="calls in flight (default 1000)")
     parser.add_argument("--runs", type=int, default=5, help="runs per system (default 5)")
-    parser.add_argument("--rounds", type=int, default=1, help="timed rounds per run (default 1)")
+    parser.add_argument(
+        "--rounds", type=int, default=ROUNDS, help=f"timed rounds per run (default {ROUNDS})"
+    )
     parser.add_argument(
         "--serial", type=int, default=15, help="calls one at a time per run (default 15)"
     )
@@ -594,9 +634,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         "httpx's own pool, what an adapter builds for itself (slow at 1,000 connections)",
     )
     parser.add_argument(
-        "--warm",
+        "--cold",
         action="store_true",
-        help="before the timed rounds, one untimed round to open and pool N connections",
+        help="no untimed warm-up round: the timed rounds open their connections as they go",
     )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--profile", action="store_true", help="profile one dovecote run")
@@ -610,7 +650,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         profile(args.n, args.transport)
         return []
     started = time.perf_counter()
-    rows = run(args.n, args.runs, args.rounds, args.serial, args.delay, args.transport, args.warm)
+    rows = run(
+        args.n, args.runs, args.rounds, args.serial, args.delay, args.transport, not args.cold
+    )
     if args.json:
         print(json.dumps(rows, indent=2))
         return headlines(rows)
