@@ -184,6 +184,18 @@ def print_table(
             print("  ".join("-" * width for width in widths))
 
 
+def print_spread(
+    rows: Sequence[Row],
+    leading: Sequence[tuple[str, str, Callable[[Any], str]]],
+    show: Callable[[Row, str], str],
+) -> None:
+    """Print ``rows`` as the ``leading`` columns, then each row's median, min and max
+    over its runs, as ``show(row, key)`` writes them."""
+    spread = ("median", "min", "max")
+    shown = [{**row, **{f"{key}_shown": show(row, key) for key in spread}} for row in rows]
+    print_table(shown, (*leading, *((f"{key}_shown", key, fmt_str) for key in spread)))
+
+
 def fmt_int(value: Any) -> str:
     return f"{value:,.0f}" if isinstance(value, int | float) and math.isfinite(value) else "-"
 

@@ -85,7 +85,7 @@ from bench._common import (
     headline,
     percentile,
     prefill,
-    print_table,
+    print_spread,
     verdict,
 )
 
@@ -360,22 +360,7 @@ def report(rows: Sequence[Row], submit_rate: float, lead: float, window: float) 
     )
     if rows[0]["gc"] == "freeze":
         print("DIAGNOSIS RUN: gc.freeze() once all N were sent; not the engine as shipped")
-    shown = [
-        {
-            **r,
-            **{f"{k}_shown": _shown(r[k], r["unit"]) for k in ("median", "min", "max")},
-        }
-        for r in rows
-    ]
-    print_table(
-        shown,
-        (
-            ("variant", "measure", fmt_str),
-            ("median_shown", "median", fmt_str),
-            ("min_shown", "min", fmt_str),
-            ("max_shown", "max", fmt_str),
-        ),
-    )
+    print_spread(rows, (("variant", "measure", fmt_str),), lambda r, k: _shown(r[k], r["unit"]))
     print(f"set-up: {n:,} submits at {submit_rate:,.0f}/s (submit_many, 20 tasks, adapter parked)")
     if _row(rows, "slack")["min"] <= 0:
         print(

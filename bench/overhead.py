@@ -98,7 +98,7 @@ from bench._common import (
     fresh_dir,
     headline,
     percentile,
-    print_table,
+    print_spread,
 )
 
 BENCH = "overhead"
@@ -580,19 +580,14 @@ def _fmt_value(row: Row, key: str) -> str:
 
 
 def print_rows(rows: Sequence[Row]) -> None:
-    shown = [
-        {**r, **{f"{k}_shown": _fmt_value(r, k) for k in ("median", "min", "max")}} for r in rows
-    ]
-    print_table(
-        shown,
+    print_spread(
+        rows,
         (
             ("variant", "variant", fmt_str),
             ("system", "system", fmt_str),
             ("measure", "measure", fmt_str),
-            ("median_shown", "median", fmt_str),
-            ("min_shown", "min", fmt_str),
-            ("max_shown", "max", fmt_str),
         ),
+        _fmt_value,
     )
 
 

@@ -140,6 +140,18 @@ def dead_ids(letters: list[dict[str, Any]]) -> dict[str, Any]:
     return {d["id"]: d for d in letters}
 
 
+def dead_with_a_late_reply(ws: Workspace, text: str, late: str) -> str:
+    """A call to ``text`` that timed out, and then got ``late`` as its reply; its id."""
+
+    async def body(engine: flows.Engine) -> str:
+        command_id = await engine.submit("scripted", ask(f"#hang\n{text}"), timeout=0.05)
+        await engine.wait(command_id)
+        await engine.deliver(command_id, {"text": late})
+        return command_id
+
+    return ws.engine(body)
+
+
 # --- demo ---------------------------------------------------------------------
 
 
@@ -286,13 +298,7 @@ def test_show_a_command_and_its_journal(ws: Workspace) -> None:
 
 
 def test_show_a_dead_letter_with_its_late_reply(ws: Workspace) -> None:
-    async def body(engine: flows.Engine) -> str:
-        command_id = await engine.submit("scripted", ask("#hang\nx"), timeout=0.05)
-        await engine.wait(command_id)
-        await engine.deliver(command_id, {"text": "too late, sorry"})
-        return command_id
-
-    command_id = ws.engine(body)
+    command_id = dead_with_a_late_reply(ws, "x", "too late, sorry")
     shown = ws.json("show", command_id)
     assert (shown["command"]["state"], shown["command"]["reason"]) == ("dead", "timeout")
     assert shown["command"]["reply"] is None  # the late reply is not applied
@@ -426,13 +432,7 @@ def test_replay_all_replays_every_waiting_dead_letter(ws: Workspace) -> None:
 
 
 def test_replay_with_the_late_reply_calls_no_model(ws: Workspace) -> None:
-    async def body(engine: flows.Engine) -> str:
-        command_id = await engine.submit("scripted", ask("#hang\nWich freind?"), timeout=0.05)
-        await engine.wait(command_id)
-        await engine.deliver(command_id, {"text": "Which friend, typed by a person"})
-        return command_id
-
-    dead_id = ws.engine(body)
+    dead_id = dead_with_a_late_reply(ws, "Wich freind?", "Which friend, typed by a person")
     log = ws.root / "calls.log"
     [replay] = ws.json("replay", dead_id, "--use-late-reply", DOVECOTE_SCRIPTED_LOG=str(log))
     new = replay["to"]

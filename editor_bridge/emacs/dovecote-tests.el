@@ -97,6 +97,16 @@ Process output and timers run meanwhile.  Return FORM's value."
     (search-forward old)
     (replace-match new t t)))
 
+(defun dovecote-test--correct-until-dead ()
+  "Correct the whole buffer with a 0.3 s timeout; return the dead call's id."
+  (let* ((dead nil)
+         (dovecote-finished-functions
+          (list (lambda (id state) (when (equal state "dead") (setq dead id))))))
+    (let ((dovecote-default-timeout 0.3))
+      (dovecote-correct-region (point-min) (point-max)))
+    (dovecote-test--wait-until dead)
+    dead))
+
 (defun dovecote-test--lighter ()
   "Return the `dovecote-mode' mode line text of the current buffer.
 `format-mode-line' gives nothing in batch mode: evaluate the lighter."
@@ -232,12 +242,7 @@ offsets, which count it, are right."
   "A call that times out is listed as a dead letter; `r' replays it."
   (dovecote-test--with-server
     (with-current-buffer (dovecote-test--buffer "#delay 1\nTeh end.")
-      (let* ((dead nil)
-             (dovecote-finished-functions
-              (list (lambda (id state) (when (equal state "dead") (setq dead id))))))
-        (let ((dovecote-default-timeout 0.3))
-          (dovecote-correct-region (point-min) (point-max)))
-        (dovecote-test--wait-until dead)
+      (let ((dead (dovecote-test--correct-until-dead)))
         ;; Stalled: waiting for a decision, not pending.
         (should (= (dovecote-pending-count) 0))
         (should (equal (dovecote-test--lighter) " Dove"))
@@ -390,12 +395,7 @@ The new server does not send the flow's `flow/state' to this Emacs
 \(it did not start it): the client asks with `flow/show'."
   (dovecote-test--with-server
     (with-current-buffer (dovecote-test--buffer "#delay 1\nWe beleive teh plan.")
-      (let* ((dead nil)
-             (dovecote-finished-functions
-              (list (lambda (id state) (when (equal state "dead") (setq dead id))))))
-        (let ((dovecote-default-timeout 0.3))
-          (dovecote-correct-region (point-min) (point-max)))
-        (dovecote-test--wait-until dead)
+      (let ((dead (dovecote-test--correct-until-dead)))
         (should (= (dovecote-pending-count) 0))
         (let ((old (dovecote--process)))
           (kill-process old)
