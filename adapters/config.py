@@ -21,7 +21,8 @@ file, the dotted key and what was expected, e.g.
 got "ten"``, so that one edit fixes them all.
 
 ``build_adapters`` builds the HTTP providers (``openai``, ``anthropic``,
-``ollama``). The ``scripted`` and ``human`` kinds belong to the engine, which
+``ollama``) and ``llamacpp``, a GGUF file whose llama.cpp server dovecote runs
+itself (``adapters/llamacpp.py``). The ``scripted`` and ``human`` kinds belong to the engine, which
 builds them itself from ``Config.providers`` (their ``settings`` are parsed
 here like everyone's); ``build_adapters`` skips them.
 """
@@ -40,18 +41,18 @@ from typing import Any, Literal, NamedTuple, cast
 
 import attrs
 
-from adapters import anthropic
-from adapters._http import HttpAdapter
+from adapters import anthropic, llamacpp
 from adapters.anthropic import AnthropicAdapter
 from adapters.base import Adapter, AdapterSettings, Price
+from adapters.llamacpp import LlamaCppAdapter
 from adapters.ollama import OllamaAdapter
 from adapters.openai import OpenAIAdapter
 
 FILE_NAME = "dovecote.toml"
 ENV_VAR = "DOVECOTE_CONFIG"
 
-Kind = Literal["openai", "anthropic", "ollama", "scripted", "human"]
-KINDS: tuple[Kind, ...] = ("openai", "anthropic", "ollama", "scripted", "human")
+Kind = Literal["openai", "anthropic", "ollama", "llamacpp", "scripted", "human"]
+KINDS: tuple[Kind, ...] = ("openai", "anthropic", "ollama", "llamacpp", "scripted", "human")
 HTTP_KINDS: tuple[Kind, ...] = ("openai", "anthropic", "ollama")
 ENGINE_KINDS: tuple[Kind, ...] = ("scripted", "human")
 """Kinds the engine builds itself; ``build_adapters`` leaves them out."""
@@ -69,10 +70,12 @@ COMMON_KEYS = (
     "on_interrupt",
 )
 HTTP_KEYS = ("base_url", "api_key_env", "model", "stream")
+LLAMACPP_KEYS = ("model_path", "n_ctx", "threads", "parallel", "stream")
 KIND_KEYS: dict[str, tuple[str, ...]] = {
     "openai": COMMON_KEYS + HTTP_KEYS,
     "anthropic": (*COMMON_KEYS, *HTTP_KEYS, "default_max_tokens"),
     "ollama": COMMON_KEYS + HTTP_KEYS,
+    "llamacpp": COMMON_KEYS + LLAMACPP_KEYS,
     "scripted": COMMON_KEYS,
     "human": COMMON_KEYS,
 }
@@ -114,6 +117,18 @@ class ProviderConfig:
     model: str | None = None
     stream: bool = True
     default_max_tokens: int | None = None
+    local: LocalModel | None = None
+    """For kind ``llamacpp``: the model file and how to run its server."""
+
+
+@attrs.frozen
+class LocalModel:
+    """A ``llamacpp`` table's own keys; ``None`` leaves a key to the adapter's default."""
+
+    model_path: str | None = None
+    n_ctx: int | None = None
+    threads: int | None = None
+    parallel: int | None = None
 
 
 @attrs.frozen
@@ -213,9 +228,11 @@ def build_adapters(config: Config, environ: Mapping[str, str] = os.environ) -> l
     return adapters
 
 
-def build_adapter(provider: ProviderConfig, environ: Mapping[str, str]) -> HttpAdapter | None:
+def build_adapter(provider: ProviderConfig, environ: Mapping[str, str]) -> Adapter | None:
     if provider.kind in ENGINE_KINDS:
         return None
+    if provider.local is not None:
+        return build_llamacpp(provider, provider.local)
     key = environ.get(provider.api_key_env) if provider.api_key_env else None
     common: dict[str, Any] = {
         "api_key": key or None,
@@ -235,6 +252,20 @@ def build_adapter(provider: ProviderConfig, environ: Mapping[str, str]) -> HttpA
             **common,
         )
     return OllamaAdapter(provider.settings, model=provider.model, **common)
+
+
+def build_llamacpp(provider: ProviderConfig, local: LocalModel) -> LlamaCppAdapter:
+    given: dict[str, Any] = {
+        "model_path": local.model_path,
+        "n_ctx": local.n_ctx,
+        "threads": local.threads,
+        "parallel": local.parallel,
+    }
+    return LlamaCppAdapter(
+        provider.settings,
+        stream=provider.stream,
+        **{key: value for key, value in given.items() if value is not None},
+    )
 
 
 def key_status(config: Config, environ: Mapping[str, str] = os.environ) -> list[KeyStatus]:
@@ -364,6 +395,18 @@ class _Checker:
             lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
             "a positive integer",
         )
+        positive = (
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+            "a positive integer",
+        )
+        local = LocalModel(
+            model_path=get(
+                "model_path", lambda v: isinstance(v, str) and v.strip(), "a path to a GGUF file"
+            ),
+            n_ctx=get("n_ctx", *positive),
+            threads=get("threads", *positive),
+            parallel=get("parallel", *positive),
+        )
         api_key_env = self.api_key_env(name, table)
         price = self.price(name, table)
         if len(self.problems) > before or kind is None:
@@ -371,10 +414,13 @@ class _Checker:
         # Only what the file sets is passed, so AdapterSettings keeps its own defaults.
         given: dict[str, Any] = {
             "max_in_flight": max_in_flight
-            or (SCRIPTED_MAX_IN_FLIGHT if kind == "scripted" else None),
+            or (SCRIPTED_MAX_IN_FLIGHT if kind == "scripted" else None)
+            # A llama.cpp server answers `parallel` calls at once; more would only queue there.
+            or ((local.parallel or llamacpp.DEFAULT_PARALLEL) if kind == "llamacpp" else None),
             "requests_per_minute": None if rpm is None else float(rpm),
             "tokens_per_minute": None if tpm is None else float(tpm),
-            "price": price,
+            # A model on the user's own machine costs nothing per token.
+            "price": price or (Price() if kind == "llamacpp" else None),
             "timeout": None if timeout is None else float(timeout),
             "on_interrupt": on_interrupt,
         }
@@ -390,6 +436,7 @@ class _Checker:
             model=model,
             stream=True if stream is None else stream,
             default_max_tokens=default_max_tokens,
+            local=local if kind == "llamacpp" else None,
         )
 
     def unknown_keys(self, name: str, table: dict[str, Any], kind: str | None) -> None:
@@ -464,9 +511,11 @@ __all__ = [
     "Config",
     "ConfigError",
     "KeyStatus",
+    "LocalModel",
     "ProviderConfig",
     "build_adapter",
     "build_adapters",
+    "build_llamacpp",
     "find_config",
     "key_status",
     "load_config",

@@ -253,9 +253,9 @@ def test_toml_syntax_errors_give_the_line(in_tmp: Path) -> None:
     ("text", "message"),
     [
         ('[adapters.x]\nmodel = "m"\n',
-         "adapters.x.kind: missing; expected one of openai, anthropic, ollama, scripted, human"),
+         "adapters.x.kind: missing; expected one of openai, anthropic, ollama, llamacpp, scripted, human"),
         ('[adapters.x]\nkind = "gemini"\n',
-         'adapters.x.kind: expected one of openai, anthropic, ollama, scripted, human, '
+         'adapters.x.kind: expected one of openai, anthropic, ollama, llamacpp, scripted, human, '
          'got "gemini"'),
         ('[adapters.x]\nkind = "openai"\n', "adapters.x.base_url: missing; kind openai needs it"),
         ('[adapters.x]\nkind = "anthropic"\n',
