@@ -419,8 +419,7 @@ class _Checker:
             or ((local.parallel or llamacpp.DEFAULT_PARALLEL) if kind == "llamacpp" else None),
             "requests_per_minute": None if rpm is None else float(rpm),
             "tokens_per_minute": None if tpm is None else float(tpm),
-            # A model on the user's own machine costs nothing per token.
-            "price": price or (Price() if kind == "llamacpp" else None),
+            "price": price,
             "timeout": None if timeout is None else float(timeout),
             "on_interrupt": on_interrupt,
         }

@@ -51,6 +51,7 @@ import trio
 from adapters.base import (
     AdapterSettings,
     PermanentError,
+    Price,
     Reply,
     Request,
     RetryableError,
@@ -158,6 +159,12 @@ class LlamaCppAdapter:
     _retired: list[OpenAIAdapter] = attrs.field(factory=list, init=False)
     starts: int = attrs.field(default=0, init=False)
     """How many servers this adapter has started (a restart adds one)."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.settings.price is None:
+            # A model on the user's own machine costs nothing per token, and
+            # says so: its calls' cost is 0, not unknown.
+            self.settings = attrs.evolve(self.settings, price=Price())
 
     # -- what tests and the curious may look at --
 
