@@ -119,11 +119,13 @@ def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> 
 @attrs.frozen
 class RunningServer:
     """One started server: its process, its address, and the OpenAI adapter
-    that talks to it (one per server, since a restarted server has a new port)."""
+    that talks to it (one per server, since a restarted server has a new port)
+    with the HTTP client it is given."""
 
     process: trio.Process
     url: str
     client: OpenAIAdapter
+    http: httpx.AsyncClient
 
 
 @attrs.define(eq=False)
@@ -156,7 +158,7 @@ class LlamaCppAdapter:
     _server: RunningServer | None = attrs.field(default=None, init=False)
     _lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
     _strikes: int = attrs.field(default=0, init=False)
-    _retired: list[OpenAIAdapter] = attrs.field(factory=list, init=False)
+    _retired: list[httpx.AsyncClient] = attrs.field(factory=list, init=False)
     starts: int = attrs.field(default=0, init=False)
     """How many servers this adapter has started (a restart adds one)."""
 
@@ -207,10 +209,10 @@ class LlamaCppAdapter:
         server, self._server = self._server, None
         if server is not None:
             await _stop(server.process)
-            self._retired.append(server.client)
+            self._retired.append(server.http)
         retired, self._retired = self._retired, []
-        for client in retired:
-            await client.aclose()
+        for http in retired:
+            await http.aclose()
 
     # -- the server's life --
 
@@ -222,7 +224,7 @@ class LlamaCppAdapter:
             if server is not None:
                 self._server = None
                 self._strikes += 1
-                self._retired.append(server.client)
+                self._retired.append(server.http)
             if self._strikes:
                 first, cap = RESTART_BACKOFF
                 await trio.sleep(min(cap, first * 2 ** (self._strikes - 1)))
@@ -275,9 +277,12 @@ class LlamaCppAdapter:
         try:
             with trio.move_on_after(self.start_timeout):
                 url = await self._address(process)
-                client = OpenAIAdapter(self.settings, base_url=f"{url}/v1", stream=self.stream)
-                await self._healthy(process, client, url)
-                return RunningServer(process, url, client)
+                http = _http_client(self.settings.max_in_flight)
+                client = OpenAIAdapter(
+                    self.settings, base_url=f"{url}/v1", stream=self.stream, client=http
+                )
+                await self._healthy(process, http, url)
+                return RunningServer(process, url, client, http)
             raise RetryableError(
                 f"{name}: llama.cpp's server did not become healthy within "
                 f"{self.start_timeout:g} s; its log: {self.log_path}"
@@ -302,9 +307,8 @@ class LlamaCppAdapter:
             raise RetryableError(f"{self.settings.name}: unexpected line from the server: {line!r}")
         return url
 
-    async def _healthy(self, process: trio.Process, client: OpenAIAdapter, url: str) -> None:
+    async def _healthy(self, process: trio.Process, http: httpx.AsyncClient, url: str) -> None:
         """Until ``/health`` says ok (it answers 503 while the model loads)."""
-        http = client.http_client()
         while True:
             if process.returncode is not None:
                 raise self._start_failed(process)
@@ -322,6 +326,20 @@ class LlamaCppAdapter:
             f"(exit status {process.returncode}): {_last_line(self.log_path)}; "
             f"its log: {self.log_path}"
         )
+
+
+def _http_client(size: int) -> httpx.AsyncClient:
+    """A client that opens a new connection for every request.
+
+    llama.cpp's server closes a connection after a streamed reply although
+    its headers offer keep-alive, so a pooled connection would be found dead
+    by the next request ("Server disconnected without sending a response")
+    and that call would fail for nothing. On the loopback a connection costs
+    a fraction of a millisecond; the model's time is counted in tens."""
+    return httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=max(1, size), max_keepalive_connections=0),
+        headers={"user-agent": "dovecote"},
+    )
 
 
 async def _stop(process: trio.Process) -> None:

@@ -27,7 +27,7 @@ import httpx
 import pytest
 import trio
 
-from adapters.base import AdapterSettings, Price
+from adapters.base import AdapterSettings, Price, Request, SendContext
 from adapters.config import build_adapter, parse_config
 from adapters.llamacpp import LlamaCppAdapter, default_model_path
 from flows.engine import Engine, Progress, open_engine
@@ -85,11 +85,26 @@ def ask(text: str = TYPO, max_tokens: int = 24, system: str | None = SYSTEM) -> 
     return request
 
 
-async def slots_busy(url: str) -> bool:
-    """Whether any of the server's slots is generating (llama.cpp's ``/slots``)."""
+async def slots(url: str) -> list[dict[str, Any]]:
+    """llama.cpp's own account of its slots (``/slots``)."""
     async with httpx.AsyncClient() as client:
         response = await client.get(f"{url}/slots")
-    return any(slot["is_processing"] for slot in response.json())
+    return list(response.json())
+
+
+async def slots_busy(url: str) -> bool:
+    """Whether any of the server's slots is generating."""
+    return any(slot["is_processing"] for slot in await slots(url))
+
+
+async def stopped_short(url: str) -> None:
+    """The server stops generating within 2 s, and its slot says the answer
+    was cut (it still had a next token) rather than finished."""
+    with trio.fail_after(2):
+        while await slots_busy(url):
+            await trio.sleep(0.05)
+    (slot,) = await slots(url)
+    assert slot["next_token"][0]["has_next_token"] is True, slot
 
 
 async def first_progress(engine: Engine, command_id: str, count: int = 1) -> list[str]:
@@ -135,8 +150,9 @@ async def test_a_call_corrects_and_records_usage_at_no_cost(tmp_path: Path) -> N
     assert command.reply.usage.input_tokens > 10 and 0 < command.reply.usage.output_tokens <= 24
     assert command.cost == 0.0
     assert command.reply.raw["object"] == "chat.completion"  # not streamed
-    # Closing the engine stopped the server: no orphan holds the model.
-    assert pid is not None and not alive(pid)
+    # Closing the engine stopped the server and reaped it: no orphan holds
+    # the model, no zombie is left.
+    assert pid is not None and not Path(f"/proc/{pid}").exists()
     assert adapter.server_pid is None
     log = tmp_path / "llamacpp.log"
     assert stat.S_IMODE(log.stat().st_mode) == 0o600
@@ -164,6 +180,19 @@ async def test_a_streamed_call_reports_progress(
     assert command.cost == 0.0
 
 
+async def test_calls_one_after_another_each_get_an_answer(tmp_path: Path) -> None:
+    """llama.cpp closes a connection after a streamed reply though it offers
+    keep-alive: a reused connection failed the next call at once."""
+    adapter = local(tmp_path)
+    try:
+        for attempt in range(3):
+            context = SendContext(f"c{attempt}", 1, time.time() + 60)
+            reply = await adapter.send(Request.from_json(ask(max_tokens=3)), context)
+            assert reply.usage is not None and reply.usage.output_tokens == 3
+    finally:
+        await adapter.aclose()
+
+
 # --- time and cancellation ---------------------------------------------------------------
 
 
@@ -178,9 +207,7 @@ async def test_a_timeout_shorter_than_the_generation_cancels_it(
     assert command.state == "dead" and command.reason == REASON_TIMEOUT
     # The engine's cancellation closed the connection, and llama.cpp stopped
     # generating (the whole answer takes seconds here).
-    with trio.fail_after(2):
-        while await slots_busy(adapter.server_url):
-            await trio.sleep(0.05)
+    await stopped_short(adapter.server_url)
     after = await engine_.call("local", ask(), timeout=60)
     assert after.text.strip() == FIXED
     assert adapter.starts == 1  # the same server, still healthy
@@ -195,9 +222,7 @@ async def test_cancel_mid_stream_stops_the_generation(
     assert adapter.server_url is not None and await slots_busy(adapter.server_url)
     cancelled = await engine_.cancel(command_id)
     assert cancelled.state == "cancelled"
-    with trio.fail_after(2):
-        while await slots_busy(adapter.server_url):
-            await trio.sleep(0.05)
+    await stopped_short(adapter.server_url)
     assert (await engine_.call("local", ask(), timeout=60)).text.strip() == FIXED
 
 
