@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 EMACS ?= emacs
 EL := editor_bridge/emacs
 
-.PHONY: demo demo-model model test lint typecheck pytest emacs-test bench clean
+.PHONY: demo demo-model model test lint typecheck pytest emacs-test emacs-model-test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ model: $(STAMP)
 demo-model: model
 	$(BIN)/dovecote demo --config examples/llamacpp.toml --db .dovecote/demo-model.db --adapter local
 
-test: lint typecheck emacs-test pytest
+test: lint typecheck emacs-test emacs-model-test pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check flows adapters editor_bridge tests bench examples
@@ -48,7 +48,7 @@ pytest: $(STAMP) model
 # The Emacs client (editor_bridge/emacs): byte-compile with warnings as errors,
 # checkdoc, then the ERT suite against the real `dovecote serve --stdio`.
 # A missing Emacs is installed when running as root, else this fails (never skips).
-emacs-test: $(STAMP) model
+emacs-test: $(STAMP)
 	@command -v $(EMACS) >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "emacs-test: $(EMACS) not found; installing emacs-nox" >&2; \
@@ -68,6 +68,17 @@ emacs-test: $(STAMP) model
 	  $(EL)/dovecote.el $(EL)/dovecote-tests.el && \
 	DOVECOTE=$(abspath $(BIN)/dovecote) $(EMACS) --batch -Q -L $(EL) \
 	  -l dovecote-tests -f ert-run-tests-batch-and-exit
+
+# The one ERT test on the real model (dovecote-model-tests.el): the same
+# byte-compile and checkdoc, then a region corrected by SmolLM2 in a real Emacs.
+emacs-model-test: emacs-test model
+	trap 'rm -f $(EL)/dovecote-model-tests.elc' EXIT; \
+	$(EMACS) --batch -Q -L $(EL) --eval '(setq byte-compile-error-on-warn t)' \
+	  -f batch-byte-compile $(EL)/dovecote-model-tests.el && \
+	$(EMACS) --batch -Q --eval '(let ((n 0)) (advice-add (quote checkdoc-error) :before (lambda (&rest _) (setq n (1+ n)))) (checkdoc-file (car command-line-args-left)) (setq command-line-args-left nil) (when (> n 0) (message "checkdoc: %d complaint(s)" n) (kill-emacs 1)))' \
+	  $(EL)/dovecote-model-tests.el && \
+	DOVECOTE=$(abspath $(BIN)/dovecote) $(EMACS) --batch -Q -L $(EL) \
+	  -l dovecote-model-tests -f ert-run-tests-batch-and-exit
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
