@@ -253,7 +253,8 @@ def test_toml_syntax_errors_give_the_line(in_tmp: Path) -> None:
     ("text", "message"),
     [
         ('[adapters.x]\nmodel = "m"\n',
-         "adapters.x.kind: missing; expected one of openai, anthropic, ollama, llamacpp, scripted, human"),
+         "adapters.x.kind: missing; expected one of openai, anthropic, ollama, llamacpp, "
+         "scripted, human"),
         ('[adapters.x]\nkind = "gemini"\n',
          'adapters.x.kind: expected one of openai, anthropic, ollama, llamacpp, scripted, human, '
          'got "gemini"'),

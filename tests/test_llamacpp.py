@@ -29,7 +29,7 @@ import pytest
 import trio
 
 from adapters.base import AdapterSettings, Price, Request, SendContext
-from adapters.config import build_adapter, parse_config
+from adapters.config import ConfigError, build_adapter, parse_config
 from adapters.llamacpp import LlamaCppAdapter, default_model_path
 from flows.demo import misspellings_fixed
 from flows.engine import Engine, Progress, open_engine
@@ -313,6 +313,54 @@ async def test_a_file_that_is_not_a_model_fails_to_start_with_backoff(tmp_path: 
     assert command.error is not None and "exited while starting" in command.error.message
     assert adapter.starts == 2
     assert took >= 0.25  # the restart waited for its backoff
+
+
+async def test_calls_that_arrive_together_share_one_server(tmp_path: Path) -> None:
+    adapter = local(tmp_path)
+    adapter.settings = AdapterSettings("local", max_in_flight=4)
+    async with open_engine(tmp_path / "dovecote.db", adapters=[adapter]) as engine:
+        ids = await engine.submit_many("local", [ask(max_tokens=3)] * 4, timeout=60)
+        commands = [await engine.wait(i) for i in ids]
+    assert [c.state for c in commands] == ["done"] * 4
+    assert adapter.starts == 1
+
+
+def _servers() -> list[int]:
+    """This process's children that run a llama.cpp server."""
+    found = []
+    for pid in _children(os.getpid()):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"adapters.llamacpp_server" in cmdline and alive(pid):
+            found.append(pid)
+    return found
+
+
+async def test_closing_the_engine_while_the_server_starts_leaves_none(tmp_path: Path) -> None:
+    adapter = local(tmp_path)
+    async with open_engine(tmp_path / "dovecote.db", adapters=[adapter]) as engine:
+        await engine.submit("local", ask(), timeout=60)
+        with trio.fail_after(10):
+            while not _servers():  # started, not yet answering
+                await trio.sleep(0.01)
+        assert adapter.server_pid is None
+    assert _servers() == []
+
+
+@pytest.mark.parametrize(
+    ("table", "problem"),
+    [
+        ("n_ctx = 0", "adapters.mine.n_ctx: expected a positive integer, got 0"),
+        ("threads = 1.5", "adapters.mine.threads: expected a positive integer, got 1.5"),
+        ("parallel = true", "adapters.mine.parallel: expected a positive integer, got true"),
+        ("model_path = 3", "adapters.mine.model_path: expected a path to a GGUF file, got 3"),
+        ('base_url = "http://x"', "adapters.mine.base_url: not used by kind llamacpp"),
+        ('model_pth = "m.gguf"', "adapters.mine.model_pth: unknown key; did you mean model_path?"),
+    ],
+)
+def test_config_refuses_a_bad_llamacpp_table(tmp_path: Path, table: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(f'[adapters.mine]\nkind = "llamacpp"\n{table}\n', tmp_path / "d.toml")
+    assert any(problem in line for line in caught.value.problems), caught.value.problems
 
 
 # --- through the editor bridge -----------------------------------------------------------
