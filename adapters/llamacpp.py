@@ -42,6 +42,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import attrs
@@ -100,7 +101,7 @@ def default_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def state_dir(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
+def state_dir(environ: Mapping[str, str] = os.environ) -> Path:
     """``$XDG_STATE_HOME/dovecote`` (default ``~/.local/state/dovecote``)."""
     xdg = environ.get("XDG_STATE_HOME", "")
     base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "state"
