@@ -21,10 +21,11 @@ file, the dotted key and what was expected, e.g.
 got "ten"``, so that one edit fixes them all.
 
 ``build_adapters`` builds the HTTP providers (``openai``, ``anthropic``,
-``ollama``) and ``llamacpp``, a GGUF file whose llama.cpp server dovecote runs
-itself (``adapters/llamacpp.py``). The ``scripted`` and ``human`` kinds belong to the engine, which
-builds them itself from ``Config.providers`` (their ``settings`` are parsed
-here like everyone's); ``build_adapters`` skips them.
+``ollama``) and ``llamacpp``, a GGUF file whose llama.cpp server dovecote
+runs itself (``adapters/llamacpp.py``). The ``scripted`` and ``human`` kinds
+belong to the engine, which builds them itself from ``Config.providers``
+(their ``settings`` are parsed here like everyone's); ``build_adapters``
+skips them.
 """
 
 from __future__ import annotations
@@ -374,11 +375,11 @@ class _Checker:
                 return None
             return value
 
-        max_in_flight = get(
-            "max_in_flight",
+        positive = (
             lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
             "a positive integer",
         )
+        max_in_flight = get("max_in_flight", *positive)
         rpm = get("requests_per_minute", lambda v: _is_number(v) and v > 0, "a positive number")
         tpm = get("tokens_per_minute", lambda v: _is_number(v) and v > 0, "a positive number")
         timeout = get("timeout", lambda v: _is_number(v) and v > 0, "a positive number of seconds")
@@ -390,15 +391,7 @@ class _Checker:
         )
         model = get("model", lambda v: isinstance(v, str) and v.strip(), "a model name")
         stream = get("stream", lambda v: isinstance(v, bool), "true or false")
-        default_max_tokens = get(
-            "default_max_tokens",
-            lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
-            "a positive integer",
-        )
-        positive = (
-            lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
-            "a positive integer",
-        )
+        default_max_tokens = get("default_max_tokens", *positive)
         local = LocalModel(
             model_path=get(
                 "model_path", lambda v: isinstance(v, str) and v.strip(), "a path to a GGUF file"
