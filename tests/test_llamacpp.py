@@ -87,6 +87,11 @@ def ask(text: str = TYPO, max_tokens: int = 24, system: str | None = SYSTEM) -> 
     return request
 
 
+def on_the_wire(request: dict[str, Any]) -> dict[str, Any]:
+    """``request`` as an editor sends it (camelCase)."""
+    return {"maxTokens" if k == "max_tokens" else k: v for k, v in request.items()}
+
+
 async def slots(url: str) -> list[dict[str, Any]]:
     """llama.cpp's own account of its slots (``/slots``)."""
     async with httpx.AsyncClient() as client:
@@ -408,14 +413,17 @@ async def test_a_correction_over_json_rpc_is_merged_while_the_text_is_edited(
             "command/submit",
             {
                 "adapter": "mine",
-                "request": ask(),
+                "request": on_the_wire(ask()),
                 "target": {"uri": uri, "start": start, "end": start + len(TYPO)},
                 "onConflict": "drop",
             },
         )
         command_id = result["commandId"]
-        # While the model thinks (and its server starts), the person types on.
+        # While the model thinks (and its server starts), the person types on:
+        # before the region, inside it and after it.
         await editor.type(uri, 0, 0, "My ")
+        sat = editor.text(uri).index("sat")
+        await editor.type(uri, sat, sat + len("sat"), "lay")
         end = len(editor.text(uri))
         await editor.type(uri, end, end, " Bye.")
         state = await editor.wait_state(command_id, timeout=60)
@@ -430,7 +438,7 @@ async def test_a_correction_over_json_rpc_is_merged_while_the_text_is_edited(
         await process.stdin.aclose()  # the editor goes: serve ends
         with trio.fail_after(15):
             await process.wait()
-    assert final == "My Notes\n" + FIXED + "\nEnd. Bye."
+    assert final == "My Notes\nThe cat lay on the mat.\nEnd. Bye."
     assert process.returncode == 0
     assert not alive(server[0])  # stopped with the engine
     log = tmp_path / "state" / "dovecote" / "llamacpp-mine.log"
@@ -454,7 +462,7 @@ async def test_a_killed_engine_leaves_no_orphan_server(tmp_path: Path) -> None:
     ):
         await editor.initialize()
         result = await editor.request(
-            "command/submit", {"adapter": "mine", "request": ask(max_tokens=4)}
+            "command/submit", {"adapter": "mine", "request": on_the_wire(ask(max_tokens=4))}
         )
         assert (await editor.wait_state(result["commandId"], timeout=60))["state"] == "done"
         (server,) = _children(process.pid)

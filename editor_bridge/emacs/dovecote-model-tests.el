@@ -59,16 +59,20 @@
           (let ((start (progn (search-forward "Teh") (match-beginning 0)))
                 (end (progn (search-forward "mat.") (point))))
             (dovecote-correct-region start end))
-          ;; While the model's server starts and the model thinks:
+          ;; While the model's server starts and the model thinks, type
+          ;; after the region, inside it and before it.
           (goto-char (point-max))
           (insert " Bye.")
+          (goto-char (point-min))
+          (search-forward "sat")
+          (replace-match "lay" t t)
           (goto-char (point-min))
           (insert "My ")
           (dovecote-model-test-wait
            (lambda () (and finished (zerop (dovecote-pending-count)))) 90)
           (should (equal finished "done"))
           (should (equal (buffer-string)
-                         "My Notes:\nThe cat sat on the mat.\nEnd. Bye."))
+                         "My Notes:\nThe cat lay on the mat.\nEnd. Bye."))
           ;; llama.cpp's own output went to its log, never to the editor.
           (let ((stderr (get-buffer "*dovecote stderr*")))
             (should-not (and stderr
