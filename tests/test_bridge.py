@@ -3,13 +3,14 @@ subprocess and an editor that types while corrections are pending."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
 
 from editor_bridge.framing import encode
-from tests.editor import RemoteError, served
+from tests.editor import Editor, RemoteError, served
 
 URI = "file:///tmp/letter.txt"
 
@@ -150,13 +151,109 @@ async def test_conflict_ask_waits_for_resolve(db_path: Path) -> None:
         answer = await editor.request(
             "conflict/resolve", {"commandId": result["commandId"], "choice": "theirs"}
         )
-        assert answer == {"applied": True}
+        assert answer == {"applied": True, "changed": []}
         assert editor.text(URI) == ">> The definitely weird plan."
         with pytest.raises(RemoteError) as caught:
             await editor.request(
                 "conflict/resolve", {"commandId": result["commandId"], "choice": "ours"}
             )
         assert caught.value.code == -32008
+
+
+async def ask_conflict(editor: Editor, region: str) -> str:
+    """Submit a correction of ``region`` (opened as the whole document) with
+    ``onConflict: ask``, retype "wierd" as "odd" meanwhile; the call's id once done."""
+    await editor.initialize()
+    await editor.open(URI, region)
+    result = await editor.request(
+        "command/submit",
+        {
+            "adapter": "scripted",
+            "request": correction(region),
+            "target": {"uri": URI, "start": 0, "end": len(region)},
+            "onConflict": "ask",
+        },
+    )
+    at = editor.text(URI).index("wierd")
+    await editor.type(URI, at, at + len("wierd"), "odd")
+    await editor.wait_state(result["commandId"])
+    return str(result["commandId"])
+
+
+@pytest.mark.parametrize(
+    ("retype", "expected"),
+    [
+        # One replacement of the word: the span holds "chilly".
+        (lambda at: [(at, at + 3, "chilly")], "The garden is chilly in winter."),
+        # Deleted, then typed letter by letter: the span is empty, "chilly" beside it.
+        (
+            lambda at: [(at, at + 3, "")] + [(at + i, at + i, ch) for i, ch in enumerate("chilly")],
+            "The garden is chilly in winter.",
+        ),
+    ],
+    ids=["replaced", "deleted-then-typed"],
+)
+async def test_resolving_after_the_word_was_edited_again_keeps_the_new_word(
+    db_path: Path, retype: Callable[[int], list[tuple[int, int, str]]], expected: str
+) -> None:
+    """Issue 14, finding 1: the person's second edit of the clashing word is kept, the
+    model's side is not written next to it (was: "chillyweird"), and the clash is said."""
+    async with served(db_path) as (editor, _):
+        command_id = await ask_conflict(editor, "Teh garden is wierd in winter.")
+        assert editor.text(URI) == "The garden is odd in winter."
+        for start, end, text in retype(editor.text(URI).index("odd")):
+            await editor.type(URI, start, end, text)
+        answer = await editor.request(
+            "conflict/resolve", {"commandId": command_id, "choice": "theirs"}
+        )
+        assert answer == {"applied": False, "changed": [0]}
+        assert editor.text(URI) == expected
+        shown = await editor.request("command/show", {"commandId": command_id})
+        assert shown["unresolved"] == 0
+
+
+async def test_resolving_merges_with_edits_beside_the_clash(db_path: Path) -> None:
+    async with served(db_path) as (editor, _):
+        command_id = await ask_conflict(editor, "Teh garden is wierd in winter.")
+        shown = await editor.request("command/show", {"commandId": command_id})
+        assert [(k["ours"], k["theirs"]) for k in shown["kept"]] == [("odd", "weird")]
+        at = editor.text(URI).index("odd")
+        await editor.type(URI, at + 1, at + 1, "d")  # "oddd": typed inside the span
+        shown = await editor.request("command/show", {"commandId": command_id})
+        assert shown["kept"][0]["ours"] == "oddd"
+        answer = await editor.request(
+            "conflict/resolve", {"commandId": command_id, "choice": "ours"}
+        )
+        assert answer == {"applied": True, "changed": []}
+        assert editor.text(URI) == "The garden is oddd in winter."
+
+
+async def test_markers_are_whole_lines_of_the_document(db_path: Path) -> None:
+    """Issue 14, finding 4: the block holds the whole line around the clash, even where
+    the region starts and ends mid-line, with the conflict buffer's labels."""
+    text = "Notes\nSo: teh garden is wierd in winter. (draft)\nEnd\n"
+    region = "teh garden is wierd in winter."
+    async with served(db_path) as (editor, _):
+        await editor.initialize()
+        await editor.open(URI, text)
+        start = text.index(region)
+        result = await editor.request(
+            "command/submit",
+            {
+                "adapter": "scripted",
+                "request": correction(region),
+                "target": {"uri": URI, "start": start, "end": start + len(region)},
+                "onConflict": "markers",
+            },
+        )
+        at = text.index("wierd")
+        await editor.type(URI, at, at + len("wierd"), "odd")
+        await editor.wait_state(result["commandId"])
+        assert editor.text(URI) == (
+            "Notes\n<<<<<<< yours\nSo: the garden is odd in winter. (draft)\n"
+            "||||||| original\nSo: the garden is wierd in winter. (draft)\n=======\n"
+            "So: the garden is weird in winter. (draft)\n>>>>>>> model\nEnd\n"
+        )
 
 
 async def test_timeout_dead_letter_and_replay_over_rpc(db_path: Path) -> None:
