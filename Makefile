@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The demo's database is the project's own (./.dovecote, found by the default
+# rule), never the user's data directory.
 demo: $(STAMP)
+	mkdir -p .dovecote
 	$(BIN)/dovecote demo
 
 test: lint typecheck emacs-test pytest
