@@ -80,7 +80,9 @@ Process output and timers run meanwhile.  Return FORM's value."
     (with-current-buffer buffer
       (insert text)
       (goto-char (point-min))
-      (dovecote-mode 1))
+      (dovecote-mode 1)
+      ;; The server starts in the background; its answer opens the buffer.
+      (dovecote-test--wait-until (dovecote--opened-p)))
     buffer))
 
 (defun dovecote-test--region (from to)
@@ -243,9 +245,13 @@ offsets, which count it, are right."
   (dovecote-test--with-server
     (with-current-buffer (dovecote-test--buffer "#delay 1\nTeh end.")
       (let ((dead (dovecote-test--correct-until-dead)))
-        ;; Stalled: waiting for a decision, not pending.
+        ;; Stalled: waiting for a decision, not pending; still shown, and
+        ;; the highlight says so (issue 14, finding 5).
         (should (= (dovecote-pending-count) 0))
-        (should (equal (dovecote-test--lighter) " Dove"))
+        (should (equal (dovecote-test--lighter) " Dove:1"))
+        (should (equal (mapcar (lambda (o) (overlay-get o 'face))
+                               (overlays-in (point-min) (point-max)))
+                       '(dovecote-stalled)))
         (should (= (hash-table-count dovecote--flows) 1))
         (dovecote-test--wait-until
           (equal (mapcar (lambda (flow) (plist-get flow :state))
@@ -262,8 +268,10 @@ offsets, which count it, are right."
           (should (equal (tabulated-list-get-id) dead))
           (let ((line (buffer-substring (line-beginning-position)
                                         (line-end-position))))
+            ;; A short id, the prompt next: readable at half width.
             (should (string-match-p
-                     (concat (regexp-quote dead) " +scripted +timeout +[0-9]+s +#delay 1$")
+                     (concat "\\`  " (regexp-quote (substring dead -8))
+                             " +#delay 1 +timeout +[0-9]+s +\\*dovecote-test\\* +scripted$")
                      line)))
           (let ((dovecote-replay-timeout 10))
             (call-interactively (key-binding "r")))
