@@ -636,8 +636,11 @@ never the person's typing around it."
   (setq undo-auto--last-boundary-cause nil)
   (when (and (not (bound-and-true-p smerge-mode))
              (cl-some (lambda (edit)
-                        (string-match-p "^<<<<<<< " (plist-get edit :text)))
-                      edits))
+                        (string-search "<<<<<<<" (plist-get edit :text)))
+                      edits)
+             (save-excursion
+               (goto-char (point-min))
+               (re-search-forward "^<<<<<<< yours$" nil t)))
     (smerge-mode 1)
     (message "dovecote: conflict markers written; %s keeps a side"
              (substitute-command-keys
@@ -1299,7 +1302,7 @@ replayed (see `dovecote-list-dead-letters') or cancelled
       (user-error "The region is empty"))
     (unless dovecote-mode (dovecote-mode 1))
     (dovecote--start-correction (current-buffer) start end)
-    (when (called-interactively-p 'interactive)
+    (when (called-interactively-p 'any)
       (deactivate-mark)
       (message "dovecote: correction asked (%d pending)"
                (dovecote-pending-count)))))
@@ -1552,6 +1555,7 @@ call of this Emacs that had conflicts.  A conflict buffer closed with
                   (plist-get (gethash (tabulated-list-get-id) dovecote--history)
                              :conflicts))
              (dovecote--last-conflicted))))
+  (setq id (or id (dovecote--last-conflicted)))
   (unless id (user-error "No call with conflicts to resolve"))
   (let* ((result (jsonrpc-request (dovecote--ensure) 'command/show
                                   (list :commandId id) :timeout 30))
