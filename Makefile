@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 EMACS ?= emacs
 EL := editor_bridge/emacs
 
-.PHONY: demo test lint typecheck pytest emacs-test bench clean
+.PHONY: demo test lint typecheck pytest emacs-test fuzz fuzz-emacs bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,16 @@ emacs-test: $(STAMP)
 	  $(EL)/dovecote.el $(EL)/dovecote-tests.el && \
 	DOVECOTE=$(abspath $(BIN)/dovecote) $(EMACS) --batch -Q -L $(EL) \
 	  -l dovecote-tests -f ert-run-tests-batch-and-exit
+
+# The randomized editing test of the Emacs client with a new seed and more
+# rounds (emacs-test runs it with a fixed seed); a failure names its seed:
+# DOVECOTE_FUZZ_SEED=that make fuzz-emacs plays it again.
+fuzz: fuzz-emacs
+fuzz-emacs: $(STAMP)
+	seed=$${DOVECOTE_FUZZ_SEED:-$$(date +%s%N)}; echo "fuzz-emacs: seed $$seed"; \
+	DOVECOTE_FUZZ_SEED=$$seed DOVECOTE_FUZZ_ROUNDS=$${DOVECOTE_FUZZ_ROUNDS:-30} \
+	DOVECOTE=$(abspath $(BIN)/dovecote) $(EMACS) --batch -Q -L $(EL) \
+	  -l dovecote-tests --eval '(ert-run-tests-batch-and-exit "randomized")'
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

@@ -915,5 +915,246 @@ without waiting for the server; a wrong server is reported once."
                   (should (string-match-p (regexp-quote dead) (buffer-string))))))))
       (delete-directory project t))))
 
+;;;; The randomized editing test
+
+(defvar dovecote-test--fuzz-seed (or (getenv "DOVECOTE_FUZZ_SEED") "14")
+  "The seed of the randomized editing test; `make fuzz' gives a new one.")
+
+(defvar dovecote-test--fuzz-rounds
+  (string-to-number (or (getenv "DOVECOTE_FUZZ_ROUNDS") "6"))
+  "How many random scenes the randomized editing test plays.")
+
+(defconst dovecote-test--fixes
+  '(("wierd" . "weird") ("recieve" . "receive") ("beleive" . "believe")
+    ("definately" . "definitely"))
+  "The misspellings of the scripted model, and its fixes (of equal length).
+None of the fixes can be made from pieces of the texts by deleting a
+few characters, so that undoing the fixes gives the person's text.")
+
+(defconst dovecote-test--words
+  '("wierd" "recieve" "beleive" "definately" "garden" "winter" "alpha" "🦆"
+    "ñandú" "lake")
+  "The words of the random texts.")
+
+(defconst dovecote-test--typed
+  '("P" "Q" "xyz" " " "ü" "🌊" "\n")
+  "What the person types: none of it a misspelling, a fix or a directive.")
+
+(defun dovecote-test--pick (list)
+  "Return a random element of LIST."
+  (nth (random (length list)) list))
+
+(defun dovecote-test--zones (&optional with-fixes)
+  "Return the (START . END) zones of the buffer a person never edits.
+Directive lines (the model removes them) and marker blocks, each with
+the line start after it: positions from 0, END inclusive.  WITH-FIXES
+adds the words the model fixed: the person's text is the buffer's with
+the fixes undone, which an edit of a fixed word would not tell."
+  (let (zones)
+    (save-excursion
+      (goto-char (point-min))
+      (while (re-search-forward
+              "^\\(#delay [0-9.]+\n\\|<<<<<<< yours\n\\(?:.*\n\\)*?>>>>>>> model\n\\)"
+              nil t)
+        (push (cons (1- (match-beginning 0)) (1- (match-end 0))) zones))
+      (when with-fixes
+        (goto-char (point-min))
+        (while (re-search-forward (regexp-opt (mapcar #'cdr dovecote-test--fixes)) nil t)
+          (push (cons (1- (match-beginning 0)) (1- (match-end 0))) zones))))
+    zones))
+
+(defun dovecote-test--normal ()
+  "Return the buffer's text as the person alone would have it, and its map.
+The value is (TEXT . MAP): directive lines out, each marker block as its
+yours side, every fix of the model undone (fixes keep the length);
+MAP is a vector from buffer offsets (from 0) to TEXT's offsets."
+  (let* ((text (buffer-substring-no-properties (point-min) (point-max)))
+         (map (make-vector (1+ (length text)) 0))
+         (out nil) (pos 0) (at 0))
+    (dolist (zone (sort (dovecote-test--zones) (lambda (a b) (< (car a) (car b)))))
+      (while (< pos (car zone))
+        (aset map pos at) (push (aref text pos) out) (cl-incf pos) (cl-incf at))
+      (let* ((block (substring text (car zone) (cdr zone)))
+             (yours (if (string-match "\\`<<<<<<< yours\n\\(\\(?:.*\n\\)*?\\)||||||| original\n"
+                                      block)
+                        ;; Your side as it was: a directive line in it is
+                        ;; one the model's side dropped, yours kept.
+                        (replace-regexp-in-string "^#delay [0-9.]+\n" ""
+                                                  (match-string 1 block))
+                      "")))
+        (while (< pos (cdr zone)) (aset map pos at) (cl-incf pos))
+        (dolist (char (string-to-list yours)) (push char out) (cl-incf at))))
+    (while (< pos (length text))
+      (aset map pos at) (push (aref text pos) out) (cl-incf pos) (cl-incf at))
+    (aset map pos at)
+    (let ((normal (concat (nreverse out))))
+      (pcase-dolist (`(,wrong . ,right) dovecote-test--fixes)
+        (setq normal (replace-regexp-in-string (regexp-quote right) wrong normal t t)))
+      (cons normal map))))
+
+(defun dovecote-test--free-p (from to)
+  "Return non-nil if the person may edit the buffer offsets FROM..TO."
+  (cl-notany (lambda (zone) (and (<= from (cdr zone)) (>= to (car zone))))
+             (dovecote-test--zones t)))
+
+(defun dovecote-test--highlights ()
+  "Return the highlights of the pending calls in the current buffer."
+  (cl-remove-if-not (lambda (o) (memq (overlay-get o 'face)
+                                      '(dovecote-pending dovecote-stalled)))
+                    (overlays-in (point-min) (point-max))))
+
+(defun dovecote-test--random-point ()
+  "Return a random buffer offset (from 0), near a pending region's edge often."
+  (let ((overlays (dovecote-test--highlights)))
+    (if (and overlays (< (random 3) 2))
+        (let ((o (dovecote-test--pick overlays)))
+          (max 0 (min (buffer-size)
+                      (+ (1- (dovecote-test--pick (list (overlay-start o) (overlay-end o))))
+                         (- (random 5) 2)))))
+      (random (1+ (buffer-size))))))
+
+(defun dovecote-test--person-edit (person touched)
+  "Make one random edit as a person would; return PERSON, their text, after it.
+TOUCHED is a list whose car gets the highlights of the pending calls
+whose region the edit meets."
+  (let* ((from (dovecote-test--random-point))
+         (to (min (buffer-size) (+ from (dovecote-test--pick '(0 0 1 2 4)))))
+         (typed (if (and (> to from) (zerop (random 2)))
+                    ""
+                  (dovecote-test--pick dovecote-test--typed))))
+    (if (not (dovecote-test--free-p from to))
+        person
+      (dolist (o (dovecote-test--highlights))
+        (when (and (<= (1+ from) (overlay-end o)) (>= (1+ to) (overlay-start o)))
+          (push o (car touched))))
+      (let* ((map (cdr (dovecote-test--normal)))
+             (nfrom (aref map from)) (nto (aref map to)))
+        (setq person (concat (substring person 0 nfrom) typed (substring person nto))))
+      (when (> to from)
+        (let ((this-command 'kill-region))
+          (delete-region (1+ from) (1+ to))
+          (undo-auto--add-boundary))
+        (setq last-command 'kill-region))
+      (goto-char (1+ from))
+      (dolist (char (string-to-list typed))
+        (dovecote-test--type-key char))
+      person)))
+
+(defun dovecote-test--fuzz-text ()
+  "Return a random text and the (START END POLICY) of 1 to 3 calls on it."
+  (let* ((lines (cl-loop repeat (+ 3 (random 3))
+                         collect (mapconcat (lambda (_) (dovecote-test--pick dovecote-test--words))
+                                            (make-list (+ 2 (random 4)) nil) " ")))
+         (starts (sort (cl-remove-duplicates
+                        (cl-loop repeat (1+ (random 3)) collect (random (length lines))))
+                       #'<))
+         (text "") calls)
+    (cl-loop for line in lines for n from 0
+             do (when (memq n starts)
+                  (push (list (length text) n) calls)
+                  (setq text (concat text (format "#delay %.1f\n" (* 0.1 (1+ (random 8)))))))
+             (setq text (concat text line "\n")))
+    ;; Each call ends at the end of a random line at or after its start.
+    (setq calls
+          (mapcar (pcase-lambda (`(,start ,line))
+                    (let* ((last (+ line (random (- (length lines) line))))
+                           (end (with-temp-buffer
+                                  (insert text)
+                                  (goto-char (1+ start))
+                                  (forward-line (1+ (- last line)))
+                                  (1- (line-end-position)))))
+                      (list start end (dovecote-test--pick '("drop" "ask" "markers")))))
+                  calls))
+    (cons text calls)))
+
+(ert-deftest dovecote-test-randomized-editing ()
+  "Random edits around pending calls keep the person's text exactly.
+Insertions, deletions and replacements before, inside, across and
+after one to three pending regions (overlapping ones too), replies
+after random delays, policies drop, ask or markers.  After every call
+has ended: the person's text is the buffer's with the model's edits
+taken out; a call whose region was not edited merged cleanly; every
+collision is reported (a conflict buffer with ask, markers with
+markers); and each edit of the model is one undo unit.  The seed is
+`dovecote-test--fuzz-seed'."
+  (random dovecote-test--fuzz-seed)
+  (dotimes (round dovecote-test--fuzz-rounds)
+    (dovecote-test--with-server
+      (pcase-let* ((`(,text . ,calls) (dovecote-test--fuzz-text))
+                   (touched (list nil))
+                   (applied nil)
+                   (steps nil)
+                   (dovecote-finished-functions
+                    (list (lambda (id _state)
+                            (push (cons id (gethash id dovecote--step-commands))
+                                  steps))))
+                   (record (lambda (apply edits)
+                             (let ((before (buffer-string)))
+                               (funcall apply edits)
+                               (push (cons before (buffer-string)) applied))))
+                   (last-command nil))
+        (advice-add 'dovecote--apply-edits :around record)
+        (unwind-protect
+            (with-current-buffer (dovecote-test--buffer text)
+              ;; A typed newline is then only a newline, as the model of
+              ;; the person's text has it.
+              (electric-indent-local-mode -1)
+              (setq buffer-undo-list nil)
+              (let ((person (car (dovecote-test--normal))))
+                (pcase-dolist (`(,start ,end ,policy) calls)
+                  (let ((dovecote-on-conflict policy))
+                    (dovecote-correct-region (1+ start) (1+ end))))
+                (let ((deadline (+ (float-time) 1.2)))
+                  (while (or (< (float-time) deadline) (> (dovecote-pending-count) 0))
+                    (when (< (random 3) 2)
+                      (let ((before (buffer-string)))
+                        (setq person (dovecote-test--person-edit person touched))
+                        ;; The test's own model of the person's text.
+                        (unless (equal (car (dovecote-test--normal)) person)
+                          (ert-fail (list "The test lost track of the person's edit"
+                                          :seed dovecote-test--fuzz-seed :round round
+                                          :before before :after (buffer-string)
+                                          :person person)))))
+                    (let ((before (buffer-string)))
+                      (accept-process-output nil (* 0.01 (random 8)))
+                      ;; Whatever lands meanwhile keeps the person's text.
+                      (unless (equal (car (dovecote-test--normal)) person)
+                        (ert-fail (list "A reply changed the person's text"
+                                        :seed dovecote-test--fuzz-seed :round round
+                                        :before before :after (buffer-string)
+                                        :person person))))))
+                (dovecote-test--wait-until (null (dovecote-test--flows "running" "waiting")))
+                (accept-process-output nil 0.2)
+                (let ((context (list :seed dovecote-test--fuzz-seed :round round
+                                     :text text :calls calls :now (buffer-string))))
+                  ;; The person's text, exactly: nothing lost, nothing doubled.
+                  (should (equal (list context (car (dovecote-test--normal)))
+                                 (list context person)))
+                  ;; Every collision reported; no collision without an edit.
+                  (pcase-dolist (`(,id . ,flow) steps)
+                    (let* ((shown (jsonrpc-request (dovecote--live) 'command/show
+                                                   (list :commandId id)))
+                           (merge (plist-get shown :merge))
+                           (conflicts (length (plist-get shown :conflicts))))
+                      (pcase (plist-get merge :policy)
+                        ("ask" (should (eq (> conflicts 0)
+                                           (and (get-buffer (format "*dovecote conflict %s*" id))
+                                                t))))
+                        ("markers" (when (> conflicts 0)
+                                     (should (string-match-p "^<<<<<<< yours$"
+                                                             (buffer-string))))))
+                      (unless (cl-find flow (car touched)
+                                       :key (lambda (o) (overlay-get o 'dovecote-id))
+                                       :test #'equal)
+                        (should (equal (list context id conflicts)
+                                       (list context id 0))))))
+                  ;; Each model edit is one undo unit of its own.
+                  (let ((states (dovecote-test--undo-states)))
+                    (pcase-dolist (`(,before . ,after) applied)
+                      (should (cl-loop for (a b) on states
+                                       thereis (and (equal a after) (equal b before)))))))))
+          (advice-remove 'dovecote--apply-edits record))))))
+
+
 (provide 'dovecote-tests)
 ;;; dovecote-tests.el ends here
