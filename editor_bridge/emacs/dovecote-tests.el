@@ -775,7 +775,7 @@ The text stays, the highlight goes, the mode line says none pending."
           (should (equal (buffer-string) "The late.")))))))
 
 (ert-deftest dovecote-test-reopen-a-closed-conflict-buffer ()
-  "Finding 5: a conflict buffer closed with C-c C-k opens again."
+  "Finding 5: a conflict buffer closed without resolving opens again."
   (dovecote-test--with-server
     (with-current-buffer (dovecote-test--buffer "#delay 0.3\nTeh plan is wierd.")
       (dovecote-correct-region (point-min) (point-max))
@@ -998,7 +998,7 @@ MAP is a vector from buffer offsets (from 0) to TEXT's offsets."
              (dovecote-test--zones t)))
 
 (defun dovecote-test--highlights ()
-  "Return the highlights of the pending calls in the current buffer."
+  "Return the overlays that highlight pending work in the current buffer."
   (cl-remove-if-not (lambda (o) (memq (overlay-get o 'face)
                                       '(dovecote-pending dovecote-stalled)))
                     (overlays-in (point-min) (point-max))))
@@ -1041,7 +1041,8 @@ whose region the edit meets."
       person)))
 
 (defun dovecote-test--fuzz-text ()
-  "Return a random text and the (START END POLICY) of 1 to 3 calls on it."
+  "Return a random text and where to correct it, a cons.
+Its car is the text, its cdr 1 to 3 lists (START END POLICY)."
   (let* ((lines (cl-loop repeat (+ 3 (random 3))
                          collect (mapconcat (lambda (_) (dovecote-test--pick dovecote-test--words))
                                             (make-list (+ 2 (random 4)) nil) " ")))
