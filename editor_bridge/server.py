@@ -43,7 +43,7 @@ from editor_bridge.wire import Params
 from flows.engine import PRIORITY_INTERACTIVE, Engine, Progress
 from flows.errors import IllegalTransition, StoreError, UnknownCommand
 from flows.handlers import handler
-from flows.merge import Conflict, apply_policy, three_way
+from flows.merge import Conflict, apply_policy, three_way, whole_lines
 from flows.records import Command, FlowChange, StateChange, new_id
 from flows.runtime import REGISTRY as FLOWS
 from flows.runtime import UnknownFlow
@@ -561,7 +561,7 @@ class Server:
             base, current, reply = snapshot.text, document.text[start:end], command.reply.text
             if policy == "markers":
                 # Marker blocks are whole lines of the document, not of the region.
-                start, end, pre, post = _whole_lines(document.text, start, end)
+                start, end, pre, post = whole_lines(document.text, start, end)
                 base, current, reply = pre + base + post, pre + current + post, pre + reply + post
             merge = apply_policy(three_way(base, current, reply), policy)
             edits = edits_between(current, merge.text, start)
@@ -760,12 +760,3 @@ class Server:
         audience = [owner] if owner else [s for s in self.sessions if s.initialized]
         for session in audience:
             await session.connection.notify("human/ask", params)
-
-
-def _whole_lines(text: str, start: int, end: int) -> tuple[int, int, str, str]:
-    """The whole lines of ``text`` around ``[start, end)``: their range and the text
-    before and after the region in them."""
-    line_start = text.rfind("\n", 0, start) + 1
-    at_line_end = end == len(text) or (end > line_start and text[end - 1] == "\n")
-    line_end = end if at_line_end else (text.find("\n", end) + 1 or len(text))
-    return line_start, line_end, text[line_start:start], text[end:line_end]

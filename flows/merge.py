@@ -760,6 +760,17 @@ def _check_fresh(merge: Merge) -> None:
         pos = c.end
 
 
+def whole_lines(text: str, start: int, end: int) -> tuple[int, int, str, str]:
+    """The whole lines of ``text`` around ``[start, end)``: their range, and the text
+    before and after the range in them.  A caller writing ``markers`` into a region of
+    a document merges over these lines, so that each block is whole lines of the
+    document, not of the region."""
+    line_start = text.rfind("\n", 0, start) + 1
+    at_line_end = end == len(text) or (end > line_start and text[end - 1] == "\n")
+    line_end = end if at_line_end else (text.find("\n", end) + 1 or len(text))
+    return line_start, line_end, text[line_start:start], text[end:line_end]
+
+
 def apply_policy(merge: Merge, policy: Policy) -> Merge:
     """The text a call's conflict policy yields; conflicts stay recorded in every policy.
 

@@ -993,9 +993,12 @@ MAP is a vector from buffer offsets (from 0) to TEXT's offsets."
       (cons normal map))))
 
 (defun dovecote-test--free-p (from to)
-  "Return non-nil if the person may edit the buffer offsets FROM..TO."
-  (cl-notany (lambda (zone) (and (<= from (cdr zone)) (>= to (car zone))))
-             (dovecote-test--zones t)))
+  "Return non-nil if the person may edit the buffer offsets FROM..TO.
+Never the last line end: a marker block at the end of a text without
+one would add it."
+  (and (< to (buffer-size))
+       (cl-notany (lambda (zone) (and (<= from (cdr zone)) (>= to (car zone))))
+                  (dovecote-test--zones t))))
 
 (defun dovecote-test--highlights ()
   "Return the overlays that highlight pending work in the current buffer."
