@@ -68,24 +68,34 @@ async def test_typing_before_inside_and_after_a_pending_correction(db_path: Path
     assert [e["to"] for e in shown["events"]] == ["pending", "sent", "replied", "done"]
 
 
+async def retyped_correction(
+    editor: Editor, region: str, word: str, typed: str, policy: str
+) -> str:
+    """Open ``region`` as the whole document and correct it with ``policy``, typing
+    ``typed`` over ``word`` meanwhile; the call's id once it is over."""
+    await editor.initialize()
+    await editor.open(URI, region)
+    result = await editor.request(
+        "command/submit",
+        {
+            "adapter": "scripted",
+            "request": correction(region),
+            "target": {"uri": URI, "start": 0, "end": len(region)},
+            "onConflict": policy,
+        },
+    )
+    at = editor.text(URI).index(word)
+    await editor.type(URI, at, at + len(word), typed)
+    await editor.wait_state(result["commandId"])
+    return str(result["commandId"])
+
+
 async def test_collision_with_drop_keeps_the_persons_text(db_path: Path) -> None:
-    region = "We will meet tommorow at noon."
     async with served(db_path) as (editor, _):
-        await editor.initialize()
-        await editor.open(URI, region)
-        result = await editor.request(
-            "command/submit",
-            {
-                "adapter": "scripted",
-                "request": correction(region),
-                "target": {"uri": URI, "start": 0, "end": len(region)},
-                "onConflict": "drop",
-            },
+        command_id = await retyped_correction(
+            editor, "We will meet tommorow at noon.", "tommorow", "on Friday", "drop"
         )
-        at = region.index("tommorow")
-        await editor.type(URI, at, at + len("tommorow"), "on Friday")
-        await editor.wait_state(result["commandId"])
-        shown = await editor.request("command/show", {"commandId": result["commandId"]})
+        shown = await editor.request("command/show", {"commandId": command_id})
         final = editor.text(URI)
     assert final == "We will meet on Friday at noon."
     [conflict] = shown["conflicts"]
@@ -128,56 +138,22 @@ async def test_stale_apply_edit_is_refused_and_merged_again(db_path: Path) -> No
 
 
 async def test_conflict_ask_waits_for_resolve(db_path: Path) -> None:
-    region = "Teh definately wierd plan."
     async with served(db_path) as (editor, _):
-        await editor.initialize()
-        await editor.open(URI, region)
-        result = await editor.request(
-            "command/submit",
-            {
-                "adapter": "scripted",
-                "request": correction(region),
-                "target": {"uri": URI, "start": 0, "end": len(region)},
-                "onConflict": "ask",
-            },
+        command_id = await retyped_correction(
+            editor, "Teh definately wierd plan.", "wierd", "odd", "ask"
         )
-        at = region.index("wierd")
-        await editor.type(URI, at, at + len("wierd"), "odd")
-        await editor.wait_state(result["commandId"])
         assert editor.text(URI) == "The definitely odd plan."
-        shown = await editor.request("command/show", {"commandId": result["commandId"]})
+        shown = await editor.request("command/show", {"commandId": command_id})
         assert shown["unresolved"] == 1
         await editor.type(URI, 0, 0, ">> ")  # the conflict's span moves with the text
         answer = await editor.request(
-            "conflict/resolve", {"commandId": result["commandId"], "choice": "theirs"}
+            "conflict/resolve", {"commandId": command_id, "choice": "theirs"}
         )
         assert answer == {"applied": True, "changed": []}
         assert editor.text(URI) == ">> The definitely weird plan."
         with pytest.raises(RemoteError) as caught:
-            await editor.request(
-                "conflict/resolve", {"commandId": result["commandId"], "choice": "ours"}
-            )
+            await editor.request("conflict/resolve", {"commandId": command_id, "choice": "ours"})
         assert caught.value.code == -32008
-
-
-async def ask_conflict(editor: Editor, region: str) -> str:
-    """Submit a correction of ``region`` (opened as the whole document) with
-    ``onConflict: ask``, retype "wierd" as "odd" meanwhile; the call's id once done."""
-    await editor.initialize()
-    await editor.open(URI, region)
-    result = await editor.request(
-        "command/submit",
-        {
-            "adapter": "scripted",
-            "request": correction(region),
-            "target": {"uri": URI, "start": 0, "end": len(region)},
-            "onConflict": "ask",
-        },
-    )
-    at = editor.text(URI).index("wierd")
-    await editor.type(URI, at, at + len("wierd"), "odd")
-    await editor.wait_state(result["commandId"])
-    return str(result["commandId"])
 
 
 @pytest.mark.parametrize(
@@ -199,7 +175,9 @@ async def test_resolving_after_the_word_was_edited_again_keeps_the_new_word(
     """Issue 14, finding 1: the person's second edit of the clashing word is kept, the
     model's side is not written next to it (was: "chillyweird"), and the clash is said."""
     async with served(db_path) as (editor, _):
-        command_id = await ask_conflict(editor, "Teh garden is wierd in winter.")
+        command_id = await retyped_correction(
+            editor, "Teh garden is wierd in winter.", "wierd", "odd", "ask"
+        )
         assert editor.text(URI) == "The garden is odd in winter."
         for start, end, text in retype(editor.text(URI).index("odd")):
             await editor.type(URI, start, end, text)
@@ -214,7 +192,9 @@ async def test_resolving_after_the_word_was_edited_again_keeps_the_new_word(
 
 async def test_resolving_merges_with_edits_beside_the_clash(db_path: Path) -> None:
     async with served(db_path) as (editor, _):
-        command_id = await ask_conflict(editor, "Teh garden is wierd in winter.")
+        command_id = await retyped_correction(
+            editor, "Teh garden is wierd in winter.", "wierd", "odd", "ask"
+        )
         shown = await editor.request("command/show", {"commandId": command_id})
         assert [(k["ours"], k["theirs"]) for k in shown["kept"]] == [("odd", "weird")]
         at = editor.text(URI).index("odd")
