@@ -915,6 +915,53 @@ without waiting for the server; a wrong server is reported once."
                   (should (string-match-p (regexp-quote dead) (buffer-string))))))))
       (delete-directory project t))))
 
+;;;; Issue 14: the invariant through kill and reopen, and revert
+
+(ert-deftest dovecote-test-kill-and-reopen-while-pending ()
+  "A file buffer killed while its correction is pending, then reopened.
+The reply lands in the reopened buffer, merged with what the person
+typed there since."
+  (dovecote-test--with-server
+    (let* ((file (expand-file-name "note.txt" dovecote-test--directory))
+           (text "#delay 1\nTeh garden is wierd.\n"))
+      (with-temp-file file (insert text))
+      (with-current-buffer (find-file-noselect file)
+        (dovecote-mode 1)
+        (dovecote-test--wait-until (dovecote--opened-p))
+        (dovecote-correct-region (point-min) (point-max))
+        (dovecote-test--wait-until (zerop dovecote--expected))
+        (kill-buffer))
+      (with-current-buffer (find-file-noselect file)
+        (rename-buffer "*dovecote-test note*")
+        (dovecote-mode 1)
+        (goto-char (point-max))
+        (insert "P.S. ")
+        (dovecote-test--wait-until (zerop (dovecote-pending-count)))
+        (dovecote-test--wait-until (equal (buffer-string)
+                                          "The garden is weird.\nP.S. "))
+        (set-buffer-modified-p nil)))))
+
+(ert-deftest dovecote-test-revert-while-pending ()
+  "A buffer reverted while its correction is pending keeps the file's text.
+The reply merges into the text as reverted: the words the person's
+unsaved edit had changed are the file's again, and fixed."
+  (dovecote-test--with-server
+    (let* ((file (expand-file-name "note.txt" dovecote-test--directory))
+           (text "#delay 1\nTeh garden is wierd.\n"))
+      (with-temp-file file (insert text))
+      (with-current-buffer (find-file-noselect file)
+        (rename-buffer "*dovecote-test revert*")
+        (dovecote-mode 1)
+        (dovecote-test--wait-until (dovecote--opened-p))
+        (dovecote-correct-region (point-min) (point-max))
+        (dovecote-test--replace "garden" "yard")
+        (revert-buffer t t t)
+        (should dovecote-mode)
+        (dovecote-test--wait-until (zerop (dovecote-pending-count)))
+        (dovecote-test--wait-until (equal (buffer-string)
+                                          "The garden is weird.\n"))
+        (set-buffer-modified-p nil)))))
+
 ;;;; The randomized editing test
 
 (defvar dovecote-test--fuzz-seed (or (getenv "DOVECOTE_FUZZ_SEED") "14")
