@@ -661,8 +661,8 @@ class Server:
         Each choice is merged three ways: the conflict's ``ours`` (the person's text the
         conflict showed) as base, the span's text now, and the chosen text.  A span the
         person has edited since is merged with the choice where the edits do not meet;
-        where they meet, the person's text stays, the conflict is closed as theirs to
-        keep, and its index is listed in ``changed`` (``applied`` is then false)."""
+        where they meet, the person's text stays, the conflict is closed with it, and
+        its index is listed in ``changed`` (``applied`` is then false)."""
         command_id = p.string("commandId")
         choice = p.choice("choice", ("ours", "theirs", "text"))
         index = p.integer("index", optional=True)
