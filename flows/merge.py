@@ -705,9 +705,16 @@ def _marker_block(
     return Conflict(start, start + len(block), base, ours, theirs), block
 
 
+_MARKER_LINE = re.compile(r"^(?:<{7}|={7}|>{7}|\|{7})(?: |\r?$)", re.MULTILINE)
+
+
 def _markers(merge: Merge) -> Merge:
     """The merge with each clash's whole lines as one marker block; clashes sharing a
-    line share its block (one conflict), so no line is split between two blocks."""
+    line share its block (one conflict), so no line is split between two blocks.
+
+    Lines that hold a marker block already (an earlier call's, still to resolve) are
+    left as they are, the clash recorded as under ``drop``: a block nested in another
+    is one neither smerge nor a person can resolve."""
     text, nl = merge.text, _newline(merge.text)
     groups: list[tuple[int, int, list[Conflict]]] = []
     for c in merge.conflicts:
@@ -721,6 +728,10 @@ def _markers(merge: Merge) -> Merge:
     conflicts: list[Conflict] = []
     out_len = pos = 0
     for start, end, group in groups:
+        if _MARKER_LINE.search(text, start, end):
+            # Not consumed yet: output offsets are input ones moved by what came before.
+            conflicts += [c.shifted(out_len - pos) for c in group]
+            continue
         gap = text[pos:start]
         conflict, block = _marker_block(text, start, end, group, nl)
         out_len += len(gap)

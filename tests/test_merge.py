@@ -655,6 +655,29 @@ def test_markers_keep_the_lines_around_the_block() -> None:
     ).replace("lazy", "idle")
 
 
+def test_markers_never_nest_in_a_block_still_to_resolve() -> None:
+    """A second call's clash on lines holding the first call's block: the lines stay
+    as they are (the clash recorded, as under drop), not a block inside a block."""
+    block = (
+        "<<<<<<< yours\nThe odd garden.\n||||||| original\nThe wierd garden.\n"
+        "=======\nThe weird garden.\n>>>>>>> model\n"
+    )
+    base = "Teh start.\nThe wierd garden.\nThe teh end.\n"
+    ours = "Teh start.\n" + block + "The last end.\n"
+    theirs = "The start.\nThe weird garden.\nThe the end.\n"
+    merge = three_way(base, ours, theirs)
+    assert merge.conflicts
+    marked = apply_policy(merge, "markers")
+    assert len(marked.conflicts) == len(merge.conflicts)  # every clash still recorded
+    depth = 0
+    for line in marked.text.splitlines():
+        depth += line.startswith("<<<<<<<") - line.startswith(">>>>>>>")
+        assert depth in (0, 1), marked.text  # never a block inside a block
+    for c in marked.conflicts:
+        block = marked.text[c.start : c.end]
+        assert block == c.ours or block.startswith("<<<<<<< yours")
+
+
 def test_markers_for_whole_lines_add_no_newlines() -> None:
     merge = three_way("keep\nold\nkeep\n", "keep\nkeep\n", "keep\ntheir\nkeep\n")
     assert merge.conflicts == (Conflict(5, 5, "old\n", "", "their\n"),)
