@@ -72,7 +72,7 @@ def free(text: str, start: int, end: int) -> bool:
     return all(end < a or start > b for a, b in zones)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(st.data())
 def test_person_text_kept_and_clean_calls_land(data: st.DataObject) -> None:
     words = data.draw(st.lists(st.sampled_from(WORDS), min_size=3, max_size=16), label="words")
