@@ -462,8 +462,17 @@ class Server:
             limit=p.integer("limit", optional=True, minimum=1),
         )
         return {
-            "commands": [{**wire.command(c), "unusedLateReplies": late} for c, _, late in letters]
+            "commands": [
+                {**wire.command(c), "unusedLateReplies": late, **self._document_of(c)}
+                for c, _, late in letters
+            ]
         }
+
+    def _document_of(self, command: Command) -> dict[str, str]:
+        """``{"uri": ...}`` of the document a call was about, if any: a list of dead
+        letters names the file, whoever made the call."""
+        snapshot = self.engine.store.snapshot(command.snapshot_id) if command.snapshot_id else None
+        return {"uri": snapshot.uri} if snapshot else {}
 
     async def deadletter_replay(self, session: Session, p: Params) -> Any:
         ids = p.strings("commandIds", optional=True)

@@ -254,6 +254,7 @@ async def test_timeout_dead_letter_and_replay_over_rpc(db_path: Path) -> None:
         assert (dead["state"], dead["reason"]) == ("dead", "timeout")
         letters = await editor.request("deadletter/list", {"reason": "timeout"})
         assert [c["id"] for c in letters["commands"]] == [result["commandId"]]
+        assert letters["commands"][0]["uri"] == URI  # the list names the file
         await editor.type(URI, 0, 0, "P.S. ")
         replayed = await editor.request(
             "deadletter/replay", {"commandIds": [result["commandId"]], "timeout": 5}

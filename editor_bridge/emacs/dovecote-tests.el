@@ -290,6 +290,13 @@ offsets, which count it, are right."
                      (concat "\\`  " (regexp-quote (substring dead -8))
                              " +#delay 1 +timeout +[0-9]+s +\\*dovecote-test\\* +scripted$")
                      line)))
+          ;; Not one of this session's calls: the server names its document.
+          (let ((dovecote--history (make-hash-table :test #'equal)))
+            (revert-buffer)
+            (goto-char (point-min))
+            (should (string-match-p " \\*dovecote-test\\* +scripted$"
+                                    (buffer-substring (line-beginning-position)
+                                                      (line-end-position)))))
           (let ((dovecote-replay-timeout 10))
             (call-interactively (key-binding "r")))
           (should (= (dovecote-pending-count) 1))
