@@ -43,7 +43,7 @@ from editor_bridge.wire import Params
 from flows.engine import PRIORITY_INTERACTIVE, Engine, Progress
 from flows.errors import IllegalTransition, StoreError, UnknownCommand
 from flows.handlers import handler
-from flows.merge import Conflict, apply_policy, three_way
+from flows.merge import Conflict, apply_policy, three_way, whole_lines
 from flows.records import Command, FlowChange, StateChange, new_id
 from flows.runtime import REGISTRY as FLOWS
 from flows.runtime import UnknownFlow
@@ -443,6 +443,7 @@ class Server:
             result["merge"] = merge
             result["conflicts"] = merge["conflicts"]
             result["unresolved"] = len(self.kept.get(command.id, []))
+            result["kept"] = self._kept_now(command.id)
         return result
 
     def command_watch(self, session: Session, p: Params) -> Any:
@@ -461,8 +462,17 @@ class Server:
             limit=p.integer("limit", optional=True, minimum=1),
         )
         return {
-            "commands": [{**wire.command(c), "unusedLateReplies": late} for c, _, late in letters]
+            "commands": [
+                {**wire.command(c), "unusedLateReplies": late, **self._document_of(c)}
+                for c, _, late in letters
+            ]
         }
+
+    def _document_of(self, command: Command) -> dict[str, str]:
+        """``{"uri": ...}`` of the document a call was about, if any: a list of dead
+        letters names the file, whoever made the call."""
+        snapshot = self.engine.store.snapshot(command.snapshot_id) if command.snapshot_id else None
+        return {"uri": snapshot.uri} if snapshot else {}
 
     async def deadletter_replay(self, session: Session, p: Params) -> Any:
         ids = p.strings("commandIds", optional=True)
@@ -557,8 +567,12 @@ class Server:
         policy = (command.handler_args or {}).get("policy", "drop")
         for tries in range(1, self.apply_tries + 1):
             document, (start, end) = await self._region(snapshot)
-            current = document.text[start:end]
-            merge = apply_policy(three_way(snapshot.text, current, command.reply.text), policy)
+            base, current, reply = snapshot.text, document.text[start:end], command.reply.text
+            if policy == "markers":
+                # Marker blocks are whole lines of the document, not of the region.
+                start, end, pre, post = whole_lines(document.text, start, end)
+                base, current, reply = pre + base + post, pre + current + post, pre + reply + post
+            merge = apply_policy(three_way(base, current, reply), policy)
             edits = edits_between(current, merge.text, start)
             outcome = {
                 "policy": policy,
@@ -651,6 +665,13 @@ class Server:
         self.kept[command_id] = kept
 
     async def conflict_resolve(self, session: Session, p: Params) -> Any:
+        """Resolve kept conflicts against the text as it is now, never as it was.
+
+        Each choice is merged three ways: the conflict's ``ours`` (the person's text the
+        conflict showed) as base, the span's text now, and the chosen text.  A span the
+        person has edited since is merged with the choice where the edits do not meet;
+        where they meet, the person's text stays, the conflict is closed with it, and
+        its index is listed in ``changed`` (``applied`` is then false)."""
         command_id = p.string("commandId")
         choice = p.choice("choice", ("ours", "theirs", "text"))
         index = p.integer("index", optional=True)
@@ -661,6 +682,7 @@ class Server:
         chosen = kept if index is None else [k for k in kept if k.index == index]
         if not chosen:
             raise RpcError(INVALID_PARAMS, f"conflict/resolve: no conflict number {index}")
+        replacement = ""
         if choice == "text":
             if len(chosen) != 1:
                 raise RpcError(
@@ -668,30 +690,67 @@ class Server:
                     "conflict/resolve: choice text needs an index when there are several conflicts",
                 )
             replacement = p.text("text")
-        applied = True
+        applied, changed = True, []
         for item in chosen:
-            if choice == "ours":
+            c = item.conflict
+            text = {"ours": c.ours, "theirs": c.theirs}.get(choice, replacement)
+            outcome = await self._replace(command_id, item, text)
+            if outcome is None:
+                applied = False
                 continue
-            text = item.conflict.theirs if choice == "theirs" else replacement
-            applied = applied and await self._replace(command_id, item, text)
-        if applied:
-            for item in chosen:
-                self.mirror.untrack(item.uri, item.key)
-                kept.remove(item)
-            if not kept:
-                del self.kept[command_id]
-        return {"applied": applied}
+            if not outcome:
+                changed.append(item.index)
+                applied = False
+            self.mirror.untrack(item.uri, item.key)
+            kept.remove(item)
+        if not kept:
+            self.kept.pop(command_id, None)
+        return {"applied": applied, "changed": changed}
 
-    async def _replace(self, command_id: str, item: KeptConflict, text: str) -> bool:
+    def _kept_now(self, command_id: str) -> list[dict[str, Any]]:
+        """The unresolved conflicts of ``command_id`` with the person's text now."""
+        shown = []
+        for item in self.kept.get(command_id, []):
+            document = self.mirror.documents.get(item.uri)
+            region = document.regions.get(item.key) if document else None
+            if document is None or region is None:
+                continue
+            start, end = region
+            c = item.conflict
+            shown.append(
+                {
+                    "index": item.index,
+                    "start": start,
+                    "end": end,
+                    "base": c.base,
+                    "ours": document.text[start:end],
+                    "theirs": c.theirs,
+                }
+            )
+        return shown
+
+    async def _replace(self, command_id: str, item: KeptConflict, text: str) -> bool | None:
+        """Merge ``text`` into the conflict's span as it is now: True once applied (or
+        nothing to change), False when the person's edits since collide with it (their
+        text stays), None when the editor never took the edit."""
         for _ in range(self.apply_tries):
-            document = self.mirror.get(item.uri)
+            document = self.mirror.documents.get(item.uri)
+            if document is None or item.key not in document.regions:
+                return None
             start, end = document.regions[item.key]
+            current = document.text[start:end]
+            merge = three_way(item.conflict.ours, current, text)
+            if merge.conflicts:
+                return False
+            edits = edits_between(current, merge.text, start)
+            if not edits:
+                return True
             version = document.version
-            if await self._apply_edit(command_id, item.uri, version, [Change(start, end, text)]):
+            if await self._apply_edit(command_id, item.uri, version, edits):
                 await self._wait_newer(item.uri, version)
                 return True
             await self._wait_newer(item.uri, version)
-        return False
+        return None
 
     # --- people --------------------------------------------------------------
 

@@ -135,9 +135,24 @@ PRIORITY_INTERACTIVE: Final = 10
 PRIORITY_BATCH: Final = 0
 
 
-def default_db_path() -> Path:
-    """``$DOVECOTE_DB``, else ``./.dovecote/dovecote.db``."""
-    return Path(os.environ.get("DOVECOTE_DB") or DEFAULT_DB)
+def default_db_path(cwd: Path | None = None) -> Path:
+    """The database when no ``--db`` is given: one rule for the CLI, ``dovecote serve``
+    and so the editors, so that ``dovecote dead`` in a shell shows an editor's calls.
+
+    ``$DOVECOTE_DB``; else the nearest ``.dovecote/dovecote.db`` in ``cwd`` (the current
+    directory) or its parents, as git finds ``.git`` (a project's own database, made by
+    ``mkdir .dovecote``); else ``$XDG_DATA_HOME/dovecote/dovecote.db``, by default under
+    ``~/.local/share`` (a relative ``$XDG_DATA_HOME`` is ignored, as the XDG spec says).
+    """
+    if env := os.environ.get("DOVECOTE_DB"):
+        return Path(env)
+    here = (cwd or Path.cwd()).absolute()
+    for directory in (here, *here.parents):
+        if (directory / DEFAULT_DB.parent).is_dir():
+            return directory / DEFAULT_DB
+    data = os.environ.get("XDG_DATA_HOME", "")
+    home = Path(data) if os.path.isabs(data) else Path.home() / ".local" / "share"
+    return home / "dovecote" / DEFAULT_DB.name
 
 
 @attrs.frozen

@@ -92,7 +92,7 @@ import time
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate, chain
-from typing import Literal
+from typing import Final, Literal
 
 import attrs
 from diff_match_patch import diff_match_patch
@@ -648,47 +648,112 @@ def _newline(text: str) -> str:
     return "\r\n" if i > 0 and text[i - 1] == "\r" else "\n"
 
 
-def _marker_block(c: Conflict, at_line_start: bool, nl: str) -> str:
-    """git's diff3 conflict style, made valid when the spans are not whole lines.
+MARKER_LABELS: Final = ("yours", "original", "model")
+"""The labels of a marker block's three sides, the same as the editors' conflict views."""
 
-    Each marker must start a line for editors (smerge-mode) and git to see it, so a
-    newline is added before the block when it opens mid-line and after any section that
-    does not end in one.  These additions lie inside the conflict range, so resolving the
-    conflict removes them with the markers and leaves the line as it was.
+
+def _line_block(text: str, group: list[Conflict]) -> tuple[int, int]:
+    """The whole lines of ``text`` around ``group``'s conflicts: where a marker block
+    replacing them starts and ends, so that every marker starts a line and keeping one
+    side leaves whole sentences, not a line broken around the clash."""
+    first, last = group[0], group[-1]
+    start = text.rfind("\n", 0, first.start) + 1
+    sides_end_lines = all(s == "" or s.endswith("\n") for s in (last.base, last.theirs))
+    if last.end > last.start and text[last.end - 1] == "\n":
+        return start, last.end
+    if last.end == last.start == start and sides_end_lines:
+        return start, last.end
+    newline = text.find("\n", last.end)
+    return start, len(text) if newline < 0 else newline + 1
+
+
+def _marker_block(
+    text: str, start: int, end: int, group: list[Conflict], nl: str
+) -> tuple[Conflict, str]:
+    """git's diff3 conflict style over the whole lines ``[start, end)`` of ``text``.
+
+    Each side is those lines with every conflict of ``group`` written as that side; a
+    side that does not end in a line end gets one, inside the block, so the closing
+    marker starts a line (resolving the block removes it with the markers).  The
+    returned conflict's sides are those lines and its range, from ``start``, the block.
     """
+
+    def side(pick: Callable[[Conflict], str]) -> str:
+        pieces, pos = [], start
+        for c in group:
+            pieces += [text[pos : c.start], pick(c)]
+            pos = c.end
+        pieces.append(text[pos:end])
+        return "".join(pieces)
 
     def section(s: str) -> str:
         return s if s == "" or s.endswith("\n") else s + nl
 
-    return "".join(
+    ours, base, theirs = side(lambda c: c.ours), side(lambda c: c.base), side(lambda c: c.theirs)
+    yours, original, model = MARKER_LABELS
+    block = "".join(
         (
-            "" if at_line_start else nl,
-            f"<<<<<<< ours{nl}",
-            section(c.ours),
-            f"||||||| base{nl}",
-            section(c.base),
+            f"<<<<<<< {yours}{nl}",
+            section(ours),
+            f"||||||| {original}{nl}",
+            section(base),
             f"======={nl}",
-            section(c.theirs),
-            f">>>>>>> theirs{nl}",
+            section(theirs),
+            f">>>>>>> {model}{nl}",
         )
     )
+    return Conflict(start, start + len(block), base, ours, theirs), block
 
 
-def _rewrite(merge: Merge, replace: Callable[[Conflict, bool], str]) -> Merge:
+_MARKER_LINE = re.compile(r"^(?:<{7}|={7}|>{7}|\|{7})(?: |\r?$)", re.MULTILINE)
+
+
+def _markers(merge: Merge) -> Merge:
+    """The merge with each clash's whole lines as one marker block; clashes sharing a
+    line share its block (one conflict), so no line is split between two blocks.
+
+    Lines that hold a marker block already (an earlier call's, still to resolve) are
+    left as they are, the clash recorded as under ``drop``: a block nested in another
+    is one neither smerge nor a person can resolve."""
+    text, nl = merge.text, _newline(merge.text)
+    groups: list[tuple[int, int, list[Conflict]]] = []
+    for c in merge.conflicts:
+        start, end = _line_block(text, [c])
+        if groups and start < groups[-1][1]:
+            group = [*groups[-1][2], c]
+            groups[-1] = (groups[-1][0], _line_block(text, group)[1], group)
+        else:
+            groups.append((start, end, [c]))
+    pieces: list[str] = []
+    conflicts: list[Conflict] = []
+    out_len = pos = 0
+    for start, end, group in groups:
+        if _MARKER_LINE.search(text, start, end):
+            # Not consumed yet: output offsets are input ones moved by what came before.
+            conflicts += [c.shifted(out_len - pos) for c in group]
+            continue
+        gap = text[pos:start]
+        conflict, block = _marker_block(text, start, end, group, nl)
+        out_len += len(gap)
+        pieces += [gap, block]
+        conflicts.append(attrs.evolve(conflict, start=out_len, end=out_len + len(block)))
+        out_len += len(block)
+        pos = end
+    pieces.append(text[pos:])
+    return Merge("".join(pieces), tuple(conflicts))
+
+
+def _rewrite(merge: Merge, replace: Callable[[Conflict], str]) -> Merge:
     text = merge.text
     pieces: list[str] = []
     conflicts: list[Conflict] = []
     out_len = 0
     pos = 0
-    tail = "\n"  # the output's last character; the start of a text counts as a line start
     for c in merge.conflicts:
         gap = text[pos : c.start]
-        pieces.append(gap)
+        new = replace(c)
+        pieces += [gap, new]
         out_len += len(gap)
-        tail = gap[-1:] or tail
-        new = replace(c, tail == "\n")
-        pieces.append(new)
-        tail = new[-1:] or tail
         conflicts.append(attrs.evolve(c, start=out_len, end=out_len + len(new)))
         out_len += len(new)
         pos = c.end
@@ -706,22 +771,33 @@ def _check_fresh(merge: Merge) -> None:
         pos = c.end
 
 
+def whole_lines(text: str, start: int, end: int) -> tuple[int, int, str, str]:
+    """The whole lines of ``text`` around ``[start, end)``: their range, and the text
+    before and after the range in them.  A caller writing ``markers`` into a region of
+    a document merges over these lines, so that each block is whole lines of the
+    document, not of the region."""
+    line_start = text.rfind("\n", 0, start) + 1
+    at_line_end = end == len(text) or (end > line_start and text[end - 1] == "\n")
+    line_end = end if at_line_end else (text.find("\n", end) + 1 or len(text))
+    return line_start, line_end, text[line_start:start], text[end:line_end]
+
+
 def apply_policy(merge: Merge, policy: Policy) -> Merge:
     """The text a call's conflict policy yields; conflicts stay recorded in every policy.
 
     ``drop`` and ``ask`` keep ours in each conflict span (callers differ in what they do
     next: ``ask`` hands the conflicts to the person), ``theirs`` takes the model's text,
-    ``markers`` writes a diff3-style block.  Conflict ranges are recomputed for the new
-    text, covering the whole marker block under ``markers``.
+    ``markers`` writes a diff3-style block over the whole lines around each clash, with
+    the labels ``MARKER_LABELS``.  Conflict ranges are recomputed for the new text,
+    covering the whole marker block (and its sides the whole lines) under ``markers``.
     """
     if policy not in _POLICIES:
         raise ValueError(f"unknown conflict policy {policy!r}; expected one of {_POLICIES}")
     _check_fresh(merge)
     if policy == "theirs":
-        return _rewrite(merge, lambda c, _: c.theirs)
+        return _rewrite(merge, lambda c: c.theirs)
     if policy == "markers":
-        nl = _newline(merge.text)
-        return _rewrite(merge, lambda c, at_line_start: _marker_block(c, at_line_start, nl))
+        return _markers(merge)
     return merge
 
 

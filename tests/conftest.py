@@ -3,9 +3,11 @@ processes, trio's MockClock where time is the subject."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,14 @@ from hypothesis import settings
 settings.register_profile("thorough", max_examples=2000, deadline=None)
 settings.register_profile("ci", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# A test that forgets --db must not reach the person's own database: their
+# DOVECOTE_DB is dropped, and the user data directory of the default rule
+# (flows.engine.default_db_path) is a temporary one, for this process and every
+# process it starts.
+os.environ.pop("DOVECOTE_DB", None)
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="dovecote-test-data-")
+atexit.register(shutil.rmtree, os.environ["XDG_DATA_HOME"], True)
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable

@@ -3,13 +3,14 @@ subprocess and an editor that types while corrections are pending."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
 
 from editor_bridge.framing import encode
-from tests.editor import RemoteError, served
+from tests.editor import Editor, RemoteError, served
 
 URI = "file:///tmp/letter.txt"
 
@@ -67,24 +68,34 @@ async def test_typing_before_inside_and_after_a_pending_correction(db_path: Path
     assert [e["to"] for e in shown["events"]] == ["pending", "sent", "replied", "done"]
 
 
+async def retyped_correction(
+    editor: Editor, region: str, word: str, typed: str, policy: str
+) -> str:
+    """Open ``region`` as the whole document and correct it with ``policy``, typing
+    ``typed`` over ``word`` meanwhile; the call's id once it is over."""
+    await editor.initialize()
+    await editor.open(URI, region)
+    result = await editor.request(
+        "command/submit",
+        {
+            "adapter": "scripted",
+            "request": correction(region),
+            "target": {"uri": URI, "start": 0, "end": len(region)},
+            "onConflict": policy,
+        },
+    )
+    at = editor.text(URI).index(word)
+    await editor.type(URI, at, at + len(word), typed)
+    await editor.wait_state(result["commandId"])
+    return str(result["commandId"])
+
+
 async def test_collision_with_drop_keeps_the_persons_text(db_path: Path) -> None:
-    region = "We will meet tommorow at noon."
     async with served(db_path) as (editor, _):
-        await editor.initialize()
-        await editor.open(URI, region)
-        result = await editor.request(
-            "command/submit",
-            {
-                "adapter": "scripted",
-                "request": correction(region),
-                "target": {"uri": URI, "start": 0, "end": len(region)},
-                "onConflict": "drop",
-            },
+        command_id = await retyped_correction(
+            editor, "We will meet tommorow at noon.", "tommorow", "on Friday", "drop"
         )
-        at = region.index("tommorow")
-        await editor.type(URI, at, at + len("tommorow"), "on Friday")
-        await editor.wait_state(result["commandId"])
-        shown = await editor.request("command/show", {"commandId": result["commandId"]})
+        shown = await editor.request("command/show", {"commandId": command_id})
         final = editor.text(URI)
     assert final == "We will meet on Friday at noon."
     [conflict] = shown["conflicts"]
@@ -127,36 +138,102 @@ async def test_stale_apply_edit_is_refused_and_merged_again(db_path: Path) -> No
 
 
 async def test_conflict_ask_waits_for_resolve(db_path: Path) -> None:
-    region = "Teh definately wierd plan."
+    async with served(db_path) as (editor, _):
+        command_id = await retyped_correction(
+            editor, "Teh definately wierd plan.", "wierd", "odd", "ask"
+        )
+        assert editor.text(URI) == "The definitely odd plan."
+        shown = await editor.request("command/show", {"commandId": command_id})
+        assert shown["unresolved"] == 1
+        await editor.type(URI, 0, 0, ">> ")  # the conflict's span moves with the text
+        answer = await editor.request(
+            "conflict/resolve", {"commandId": command_id, "choice": "theirs"}
+        )
+        assert answer == {"applied": True, "changed": []}
+        assert editor.text(URI) == ">> The definitely weird plan."
+        with pytest.raises(RemoteError) as caught:
+            await editor.request("conflict/resolve", {"commandId": command_id, "choice": "ours"})
+        assert caught.value.code == -32008
+
+
+@pytest.mark.parametrize(
+    ("retype", "expected"),
+    [
+        # One replacement of the word: the span holds "chilly".
+        (lambda at: [(at, at + 3, "chilly")], "The garden is chilly in winter."),
+        # Deleted, then typed letter by letter: the span is empty, "chilly" beside it.
+        (
+            lambda at: [(at, at + 3, "")] + [(at + i, at + i, ch) for i, ch in enumerate("chilly")],
+            "The garden is chilly in winter.",
+        ),
+    ],
+    ids=["replaced", "deleted-then-typed"],
+)
+async def test_resolving_after_the_word_was_edited_again_keeps_the_new_word(
+    db_path: Path, retype: Callable[[int], list[tuple[int, int, str]]], expected: str
+) -> None:
+    """Issue 14, finding 1: the person's second edit of the clashing word is kept, the
+    model's side is not written next to it (was: "chillyweird"), and the clash is said."""
+    async with served(db_path) as (editor, _):
+        command_id = await retyped_correction(
+            editor, "Teh garden is wierd in winter.", "wierd", "odd", "ask"
+        )
+        assert editor.text(URI) == "The garden is odd in winter."
+        for start, end, text in retype(editor.text(URI).index("odd")):
+            await editor.type(URI, start, end, text)
+        answer = await editor.request(
+            "conflict/resolve", {"commandId": command_id, "choice": "theirs"}
+        )
+        assert answer == {"applied": False, "changed": [0]}
+        assert editor.text(URI) == expected
+        shown = await editor.request("command/show", {"commandId": command_id})
+        assert shown["unresolved"] == 0
+
+
+async def test_resolving_merges_with_edits_beside_the_clash(db_path: Path) -> None:
+    async with served(db_path) as (editor, _):
+        command_id = await retyped_correction(
+            editor, "Teh garden is wierd in winter.", "wierd", "odd", "ask"
+        )
+        shown = await editor.request("command/show", {"commandId": command_id})
+        assert [(k["ours"], k["theirs"]) for k in shown["kept"]] == [("odd", "weird")]
+        at = editor.text(URI).index("odd")
+        await editor.type(URI, at + 1, at + 1, "d")  # "oddd": typed inside the span
+        shown = await editor.request("command/show", {"commandId": command_id})
+        assert shown["kept"][0]["ours"] == "oddd"
+        answer = await editor.request(
+            "conflict/resolve", {"commandId": command_id, "choice": "ours"}
+        )
+        assert answer == {"applied": True, "changed": []}
+        assert editor.text(URI) == "The garden is oddd in winter."
+
+
+async def test_markers_are_whole_lines_of_the_document(db_path: Path) -> None:
+    """Issue 14, finding 4: the block holds the whole line around the clash, even where
+    the region starts and ends mid-line, with the conflict buffer's labels."""
+    text = "Notes\nSo: teh garden is wierd in winter. (draft)\nEnd\n"
+    region = "teh garden is wierd in winter."
     async with served(db_path) as (editor, _):
         await editor.initialize()
-        await editor.open(URI, region)
+        await editor.open(URI, text)
+        start = text.index(region)
         result = await editor.request(
             "command/submit",
             {
                 "adapter": "scripted",
                 "request": correction(region),
-                "target": {"uri": URI, "start": 0, "end": len(region)},
-                "onConflict": "ask",
+                "target": {"uri": URI, "start": start, "end": start + len(region)},
+                "onConflict": "markers",
             },
         )
-        at = region.index("wierd")
+        at = text.index("wierd")
         await editor.type(URI, at, at + len("wierd"), "odd")
         await editor.wait_state(result["commandId"])
-        assert editor.text(URI) == "The definitely odd plan."
-        shown = await editor.request("command/show", {"commandId": result["commandId"]})
-        assert shown["unresolved"] == 1
-        await editor.type(URI, 0, 0, ">> ")  # the conflict's span moves with the text
-        answer = await editor.request(
-            "conflict/resolve", {"commandId": result["commandId"], "choice": "theirs"}
+        assert editor.text(URI) == (
+            "Notes\n<<<<<<< yours\nSo: the garden is odd in winter. (draft)\n"
+            "||||||| original\nSo: the garden is wierd in winter. (draft)\n=======\n"
+            "So: the garden is weird in winter. (draft)\n>>>>>>> model\nEnd\n"
         )
-        assert answer == {"applied": True}
-        assert editor.text(URI) == ">> The definitely weird plan."
-        with pytest.raises(RemoteError) as caught:
-            await editor.request(
-                "conflict/resolve", {"commandId": result["commandId"], "choice": "ours"}
-            )
-        assert caught.value.code == -32008
 
 
 async def test_timeout_dead_letter_and_replay_over_rpc(db_path: Path) -> None:
@@ -177,6 +254,7 @@ async def test_timeout_dead_letter_and_replay_over_rpc(db_path: Path) -> None:
         assert (dead["state"], dead["reason"]) == ("dead", "timeout")
         letters = await editor.request("deadletter/list", {"reason": "timeout"})
         assert [c["id"] for c in letters["commands"]] == [result["commandId"]]
+        assert letters["commands"][0]["uri"] == URI  # the list names the file
         await editor.type(URI, 0, 0, "P.S. ")
         replayed = await editor.request(
             "deadletter/replay", {"commandIds": [result["commandId"]], "timeout": 5}

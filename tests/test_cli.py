@@ -19,6 +19,7 @@ import trio
 
 import flows
 from adapters.base import Request
+from flows.engine import default_db_path
 from flows.records import Command, new_id
 from flows.store import Insert, Move, Store
 from tests.conftest import DOVECOTE, ask
@@ -30,7 +31,7 @@ Call = tuple[str, dict[str, Any]]  # (text, options of engine.submit)
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
     """The user's environment without any dovecote setting, and a home of
     its own so that no user config file is read."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DOVECOTE_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOVECOTE_", "XDG_DATA"))}
     env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"))
     env.update(extra)
     return env
@@ -157,10 +158,12 @@ def dead_with_a_late_reply(ws: Workspace, text: str, late: str) -> str:
 
 def test_demo_runs_the_whole_story_on_the_default_database(tmp_path: Path) -> None:
     env = clean_env(tmp_path)
+    (tmp_path / ".dovecote").mkdir()  # as `make demo` does: the project's own database
     result = dovecote(tmp_path, "demo", env=env)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert (tmp_path / ".dovecote" / "dovecote.db").is_file()  # ./.dovecote/dovecote.db
+    assert not (tmp_path / ".local").exists()
 
     # The states line, ending with everything finished.
     first_batch = out.split("\n2. ")[0]
@@ -223,6 +226,49 @@ def test_database_path_default_env_and_flag(tmp_path: Path) -> None:
     assert prompts("--db", "flag.db", DOVECOTE_DB=str(from_env)) == ["in flag"]  # relative to cwd
     assert prompts("--db", str(from_flag)) == ["in flag"]
     assert prompts(DOVECOTE_DB="") == ["in default"]  # empty means unset
+
+
+def test_default_database_is_the_nearest_project_one_else_the_user_data_dir(
+    tmp_path: Path,
+) -> None:
+    """DESIGN.md's rule, as git finds .git: a shell anywhere inside a project sees the
+    calls an editor made there; outside any project, the user's data directory."""
+    project = tmp_path / "project"
+    deep = project / "src" / "notes"
+    deep.mkdir(parents=True)
+    (project / ".dovecote").mkdir()
+    insert_waiting(project / ".dovecote" / "dovecote.db", "in project")
+    data = tmp_path / "data"
+    insert_waiting(data / "dovecote" / "dovecote.db", "in data home")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+
+    def prompts(cwd: Path, **env: str) -> list[str]:
+        result = dovecote(cwd, "pending", "--json", env=clean_env(tmp_path, **env))
+        assert result.returncode == 0, result.stderr
+        return [c["request"]["messages"][0]["content"] for c in json.loads(result.stdout)]
+
+    assert prompts(deep, XDG_DATA_HOME=str(data)) == ["in project"]
+    assert prompts(project, XDG_DATA_HOME=str(data)) == ["in project"]
+    assert prompts(outside, XDG_DATA_HOME=str(data)) == ["in data home"]
+    # No XDG_DATA_HOME (or a relative one, which the spec says to ignore): ~/.local/share.
+    home_db = tmp_path / ".local" / "share" / "dovecote" / "dovecote.db"
+    insert_waiting(home_db, "in home")
+    assert prompts(outside) == ["in home"]
+    assert prompts(outside, XDG_DATA_HOME="relative/data") == ["in home"]
+
+
+def test_default_db_path_rule_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DOVECOTE_DB", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    (tmp_path / "p" / ".dovecote").mkdir(parents=True)
+    (tmp_path / "p" / "a" / "b").mkdir(parents=True)
+    assert (
+        default_db_path(tmp_path / "p" / "a" / "b") == tmp_path / "p" / ".dovecote" / "dovecote.db"
+    )
+    assert default_db_path(tmp_path) == tmp_path / "data" / "dovecote" / "dovecote.db"
+    monkeypatch.setenv("DOVECOTE_DB", "x.db")
+    assert default_db_path(tmp_path) == Path("x.db")
 
 
 def test_env_database_is_used_and_no_default_one_is_made(tmp_path: Path) -> None:

@@ -621,29 +621,68 @@ def test_theirs_takes_the_reply_and_moves_the_ranges() -> None:
     ]
 
 
-def test_markers_mid_line_are_diff3_blocks_that_resolve_back_to_the_line() -> None:
+def test_markers_write_the_whole_line_around_each_clash_once() -> None:
+    """Two clashes in one sentence: one block of whole lines, with the labels of the
+    editors' conflict views, that smerge can act on and that resolves back to a line."""
     marked = apply_policy(FOX, "markers")
     assert marked.text == (
-        "The \n"
-        "<<<<<<< ours\nfast\n||||||| base\nquick\n=======\nslow\n>>>>>>> theirs\n"
-        " brown fox jumps over the \n"
-        "<<<<<<< ours\nidle\n||||||| base\nlazy\n=======\nsleepy\n>>>>>>> theirs\n"
-        " dog."
+        "<<<<<<< yours\n"
+        "The fast brown fox jumps over the idle dog.\n"
+        "||||||| original\n"
+        "The quick brown fox jumps over the lazy dog.\n"
+        "=======\n"
+        "The slow brown fox jumps over the sleepy dog.\n"
+        ">>>>>>> model\n"
     )
-    first, second = marked.conflicts
-    assert marked.text[first.start : first.end].startswith("\n<<<<<<< ours\nfast\n")
-    assert marked.text[second.start : second.end].endswith(">>>>>>> theirs\n")
-    # Resolving the later conflict first keeps the earlier one's range valid.
-    text = resolve(marked.text, second, "theirs")
-    text = resolve(text, first, "ours")
-    assert text == "The fast brown fox jumps over the sleepy dog."
+    (block,) = marked.conflicts
+    assert (block.start, block.end) == (0, len(marked.text))
+    assert resolve(marked.text, block, "theirs") == "The slow brown fox jumps over the sleepy dog."
+    assert resolve(marked.text, block, "ours") == FOX.text
+
+
+def test_markers_keep_the_lines_around_the_block() -> None:
+    base = "first line\nThe quick fox.\nmiddle\nA lazy dog.\nlast\n"
+    merge = three_way(
+        base, base.replace("quick", "fast").replace("lazy", "idle"), base.replace("quick", "slow")
+    )
+    marked = apply_policy(merge, "markers")
+    assert marked.text == (
+        "first line\n<<<<<<< yours\nThe fast fox.\n||||||| original\nThe quick fox.\n"
+        "=======\nThe slow fox.\n>>>>>>> model\nmiddle\nA idle dog.\nlast\n"
+    )
+    assert resolve(marked.text, marked.conflicts[0], "theirs") == base.replace(
+        "quick", "slow"
+    ).replace("lazy", "idle")
+
+
+def test_markers_never_nest_in_a_block_still_to_resolve() -> None:
+    """A second call's clash on lines holding the first call's block: the lines stay
+    as they are (the clash recorded, as under drop), not a block inside a block."""
+    block = (
+        "<<<<<<< yours\nThe odd garden.\n||||||| original\nThe wierd garden.\n"
+        "=======\nThe weird garden.\n>>>>>>> model\n"
+    )
+    base = "Teh start.\nThe wierd garden.\nThe teh end.\n"
+    ours = "Teh start.\n" + block + "The last end.\n"
+    theirs = "The start.\nThe weird garden.\nThe the end.\n"
+    merge = three_way(base, ours, theirs)
+    assert merge.conflicts
+    marked = apply_policy(merge, "markers")
+    assert len(marked.conflicts) == len(merge.conflicts)  # every clash still recorded
+    depth = 0
+    for line in marked.text.splitlines():
+        depth += line.startswith("<<<<<<<") - line.startswith(">>>>>>>")
+        assert depth in (0, 1), marked.text  # never a block inside a block
+    for c in marked.conflicts:
+        block = marked.text[c.start : c.end]
+        assert block == c.ours or block.startswith("<<<<<<< yours")
 
 
 def test_markers_for_whole_lines_add_no_newlines() -> None:
     merge = three_way("keep\nold\nkeep\n", "keep\nkeep\n", "keep\ntheir\nkeep\n")
     assert merge.conflicts == (Conflict(5, 5, "old\n", "", "their\n"),)
     assert apply_policy(merge, "markers").text == (
-        "keep\n<<<<<<< ours\n||||||| base\nold\n=======\ntheir\n>>>>>>> theirs\nkeep\n"
+        "keep\n<<<<<<< yours\n||||||| original\nold\n=======\ntheir\n>>>>>>> model\nkeep\n"
     )
 
 
@@ -653,8 +692,8 @@ def test_markers_follow_crlf_and_handle_empty_sides() -> None:
     assert merge.conflicts == (Conflict(4, 4, "two ", "", "TWO "),)
     marked = apply_policy(merge, "markers")
     assert marked.text == (
-        "one \r\n<<<<<<< ours\r\n||||||| base\r\ntwo \r\n=======\r\nTWO \r\n"
-        ">>>>>>> theirs\r\nthree\r\nfour\r\n"
+        "<<<<<<< yours\r\none three\r\n||||||| original\r\none two three\r\n=======\r\n"
+        "one TWO three\r\n>>>>>>> model\r\nfour\r\n"
     )
     assert resolve(marked.text, marked.conflicts[0], "theirs") == "one TWO three\r\nfour\r\n"
 
@@ -662,7 +701,7 @@ def test_markers_follow_crlf_and_handle_empty_sides() -> None:
 def test_markers_at_the_very_start_and_end() -> None:
     merge = three_way("old", "ours", "theirs")
     assert apply_policy(merge, "markers").text == (
-        "<<<<<<< ours\nours\n||||||| base\nold\n=======\ntheirs\n>>>>>>> theirs\n"
+        "<<<<<<< yours\nours\n||||||| original\nold\n=======\ntheirs\n>>>>>>> model\n"
     )
 
 
@@ -711,11 +750,18 @@ def test_marker_blocks_always_resolve_back(triple: tuple[str, str, str]) -> None
     marked = apply_policy(merge, "markers")
     for c in marked.conflicts:
         block = marked.text[c.start : c.end]
-        assert block.count("<<<<<<< ours") >= 1 and block.rstrip("\r\n").endswith(">>>>>>> theirs")
+        assert block.startswith("<<<<<<< yours") and block.rstrip("\r\n").endswith(">>>>>>> model")
+        # Whole lines: the block starts a line and the text after it starts one too.
+        assert c.start == 0 or marked.text[c.start - 1] == "\n"
+        assert block.endswith("\n")
     text = marked.text
     for c in reversed(marked.conflicts):
         text = resolve(text, c, "ours")
     assert text == merge.text
+    text = marked.text
+    for c in reversed(marked.conflicts):
+        text = resolve(text, c, "theirs")
+    assert text == apply_policy(merge, "theirs").text
 
 
 @given(st.text(alphabet="ab", max_size=8), st.integers(0, 3000), st.text(alphabet="ab", max_size=8))

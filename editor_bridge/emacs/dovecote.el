@@ -44,8 +44,11 @@
 ;;   (require 'dovecote)
 ;;   (setq dovecote-server-command
 ;;         '("~/src/dovecote/.venv/bin/dovecote" "serve" "--stdio"))
-;;   (add-hook 'text-mode-hook #'dovecote-mode)
-;;   (global-set-key (kbd "C-c d") #'dovecote-correct-region)
+;;   (global-set-key (kbd "C-c d") 'dovecote-command-map)
+;;   (add-hook 'text-mode-hook #'dovecote-turn-on)
+;;
+;; `dovecote-turn-on' turns the mode on only in buffers that visit a
+;; file: not in temporary buffers that happen to run `text-mode-hook'.
 
 ;;; Code:
 
@@ -68,12 +71,17 @@ The server must speak JSON-RPC on its standard input and output; add
 \"--db\" and a file name to use another database than the default."
   :type '(repeat string))
 
-(defcustom dovecote-server-directory "~/"
-  "The directory the server runs in.
-Its default database is .dovecote/dovecote.db there (unless
-`dovecote-server-command' gives \"--db\" or DOVECOTE_DB is set).  A
-fixed directory makes a restarted server find the calls still pending."
-  :type 'directory)
+(defcustom dovecote-server-directory nil
+  "The directory the server runs in, or nil for the first buffer's.
+The server's database is found from there by dovecote's default rule
+\(unless `dovecote-server-command' gives \"--db\" or DOVECOTE_DB is
+set): the nearest .dovecote/dovecote.db in that directory or its
+parents, else the user's data directory; the `dovecote' command in a
+shell follows the same rule, so `dovecote dead' there shows the calls
+made here.  nil runs it in the `default-directory' of the buffer that
+first needs it, kept for the rest of the Emacs session so that a
+restarted server finds the calls still pending."
+  :type '(choice (const :tag "The first buffer's directory" nil) directory))
 
 (defcustom dovecote-adapter "scripted"
   "The name of the adapter (model provider) that serves corrections.
@@ -135,6 +143,16 @@ step: a dead one stalls the correction until it is replayed."
   '((t :inherit secondary-selection))
   "Face of a region whose correction is pending.")
 
+(defface dovecote-stalled
+  '((t :inherit warning :underline t))
+  "Face of a region whose correction is stalled: its call died.
+It waits for a decision: replay its dead letter (see
+`dovecote-list-dead-letters') or cancel it (`dovecote-cancel').")
+
+(defface dovecote-progress
+  '((t :inherit shadow :slant italic))
+  "Face of the streamed reply shown after a pending region.")
+
 ;;;; State
 
 (defvar dovecote-mode) ; Defined by `define-minor-mode' below.
@@ -145,6 +163,14 @@ step: a dead one stalls the correction until it is replayed."
 (defvar dovecote--commands (make-hash-table :test #'equal)
   "This Emacs' calls not yet in a terminal state: id -> plist.
 The plist has `:state', and maybe `:buffer', `:overlay', `:callback'.")
+
+(defvar dovecote--history (make-hash-table :test #'equal)
+  "This Emacs' calls and corrections, finished ones too: id -> plist.
+The plist has `:kind' (`command' or `flow'), `:state', `:created',
+`:adapter', `:buffer' (a buffer name), `:text' (the first line of
+what was asked), for a correction `:command' (its step's call), and
+`:conflicts' (non-nil once it had conflicts kept to resolve).
+`dovecote-list-commands' shows it.")
 
 (defvar dovecote--unclaimed (make-hash-table :test #'equal)
   "Last `command/state' params of calls whose id has not come back yet.
@@ -215,20 +241,39 @@ flow; after a reconnect the client asks instead.")
   "Return the server process, or nil when there is none."
   (and dovecote--connection (jsonrpc--process dovecote--connection)))
 
-(defun dovecote--ensure ()
-  "Return a live connection, starting the server if needed."
-  (or (dovecote--live)
-      (if dovecote--connecting
-          (user-error "The dovecote server is starting; try again")
-        (dovecote--connect))))
+(defvar dovecote--server-root nil
+  "The directory the server of this Emacs session runs in, once started.")
 
-(defun dovecote--connect ()
-  "Start the server, initialize it and return the connection.
-Every buffer in `dovecote-mode' is opened on it again, and the calls
-still pending are watched on it."
-  (setq dovecote--connecting t)
-  (unwind-protect (dovecote--connect-1)
-    (setq dovecote--connecting nil)))
+(defvar dovecote--starting nil
+  "The connection whose `initialize' is in flight, or nil.")
+
+(defvar dovecote--start-failure nil
+  "Why the last start of the server failed, or nil.")
+
+(defvar dovecote--failure-reported nil
+  "Non-nil once a failure to start the server was reported this session.
+Buffers that turn the mode on are not told again: one message per
+Emacs run, and the mode line shows `!'.")
+
+(defvar dovecote--was-connected nil
+  "Non-nil once a server answered this session: a death is then restarted.")
+
+(defun dovecote--ensure ()
+  "Return a live connection, starting the server and waiting if needed.
+Only a command that needs the server waits for it; turning the mode
+on does not (see `dovecote--start')."
+  (or (dovecote--live)
+      (progn
+        (unless dovecote--connecting
+          (setq dovecote--start-failure nil)
+          (dovecote--start))
+        (let ((deadline (+ (float-time) 30)))
+          (while (and dovecote--connecting (< (float-time) deadline))
+            (accept-process-output nil 0.02)))
+        (or (dovecote--live)
+            (user-error "Cannot start the dovecote server: %s \
+\(see `dovecote-server-command')"
+                        (or dovecote--start-failure "it did not answer"))))))
 
 (defun dovecote--server-command ()
   "Return `dovecote-server-command', its program's file name expanded."
@@ -237,74 +282,121 @@ still pending are watched on it."
         (cons (expand-file-name program) (cdr dovecote-server-command))
       dovecote-server-command)))
 
-(defun dovecote--connect-1 ()
-  "Do the work of `dovecote--connect'."
-  (when dovecote--reconnect-timer
-    (cancel-timer dovecote--reconnect-timer)
-    (setq dovecote--reconnect-timer nil))
-  (when-let ((old dovecote--connection))
-    (setq dovecote--connection nil)
-    (let ((dovecote--shutting-down t))
-      (ignore-errors (jsonrpc-shutdown old))))
-  (let* ((name "dovecote")
-         (command (dovecote--server-command))
-         (default-directory
-           (file-name-as-directory
-            (expand-file-name (if (file-directory-p dovecote-server-directory)
-                                  dovecote-server-directory
-                                temporary-file-directory))))
-         (conn
-          (condition-case err
-              (progn
-                (unless (and (consp command) (stringp (car command))
-                             (executable-find (car command)))
-                  (error "No program %S" (car-safe command)))
-                (make-instance
-                 'jsonrpc-process-connection
-                 :name name
-                 :events-buffer-scrollback-size dovecote-events-buffer-size
-                 :process (lambda ()
-                            (make-process
-                             :name name
-                             :command command
-                             :connection-type 'pipe
-                             :coding 'utf-8-emacs-unix
-                             :noquery t
-                             :stderr (get-buffer-create
-                                      (format "*%s stderr*" name))))
-                 :request-dispatcher #'dovecote--handle-request
-                 :notification-dispatcher #'dovecote--handle-notification
-                 :on-shutdown #'dovecote--on-shutdown))
-            (error
-             (user-error "Cannot start the dovecote server %S: %s \
-\(see `dovecote-server-command')"
-                         command (error-message-string err))))))
-    (condition-case err
-        (jsonrpc-request conn 'initialize
-                         (list :clientInfo
-                               (list :name "emacs" :version emacs-version))
-                         :timeout 30)
-      (error
-       (let ((dovecote--shutting-down t)
-             (stderr (dovecote--stderr conn)))
-         (ignore-errors (jsonrpc-shutdown conn t))
-         (user-error "The dovecote server %S did not start: %s%s"
-                     command (error-message-string err) stderr))))
-    (setq dovecote--connection conn
-          dovecote--reconnect-wait nil)
-    (dolist (buffer (dovecote--buffers))
-      (with-current-buffer buffer (dovecote--open conn)))
-    (dovecote--watch conn)
-    (force-mode-line-update t)
-    conn))
+(defun dovecote--server-directory ()
+  "Return the directory to start the server in (see `dovecote-server-directory')."
+  (let ((directory (or dovecote-server-directory dovecote--server-root
+                       default-directory)))
+    (file-name-as-directory
+     (expand-file-name (if (and (stringp directory) (file-directory-p directory))
+                           directory
+                         temporary-file-directory)))))
+
+(defun dovecote--start ()
+  "Start the server and initialize it without waiting; nil if running.
+When it answers, every buffer in `dovecote-mode' is opened on it and
+the calls still pending are watched on it (`dovecote--connected')."
+  (unless (or (dovecote--live) dovecote--connecting)
+    (when dovecote--reconnect-timer
+      (cancel-timer dovecote--reconnect-timer)
+      (setq dovecote--reconnect-timer nil))
+    (when-let ((old dovecote--connection))
+      (setq dovecote--connection nil)
+      (let ((dovecote--shutting-down t))
+        (ignore-errors (jsonrpc-shutdown old))))
+    (setq dovecote--connecting t)
+    (let* ((name "dovecote")
+           (command (dovecote--server-command))
+           (default-directory (dovecote--server-directory))
+           (conn
+            (condition-case err
+                (progn
+                  (unless (and (consp command) (stringp (car command))
+                               (executable-find (car command)))
+                    (error "No program %S" (car-safe command)))
+                  (make-instance
+                   'jsonrpc-process-connection
+                   :name name
+                   :events-buffer-scrollback-size dovecote-events-buffer-size
+                   :process (lambda ()
+                              (make-process
+                               :name name
+                               :command command
+                               :connection-type 'pipe
+                               :coding 'utf-8-emacs-unix
+                               :noquery t
+                               :stderr (get-buffer-create
+                                        (format "*%s stderr*" name))))
+                   :request-dispatcher #'dovecote--handle-request
+                   :notification-dispatcher #'dovecote--handle-notification
+                   :on-shutdown #'dovecote--on-shutdown))
+              (error (dovecote--start-failed
+                      nil (format "%S: %s" command (error-message-string err)))
+                     nil))))
+      (when conn
+        (setq dovecote--starting conn
+              dovecote--server-root default-directory)
+        (jsonrpc-async-request
+         conn 'initialize
+         (list :clientInfo (list :name "emacs" :version emacs-version))
+         :success-fn (lambda (_result) (dovecote--connected conn))
+         :error-fn (lambda (err)
+                     (dovecote--start-failed
+                      conn (format "%S did not start: %s%s" command
+                                   (plist-get err :message)
+                                   (dovecote--stderr conn))))
+         :timeout-fn (lambda ()
+                       (dovecote--start-failed
+                        conn (format "%S did not answer" command)))
+         :timeout 30)
+        conn))))
+
+(defun dovecote--connected (conn)
+  "Make CONN, whose server answered `initialize', the connection of all buffers."
+  (when (eq conn dovecote--starting)
+    (let ((again dovecote--was-connected))
+      (setq dovecote--starting nil
+            dovecote--connecting nil
+            dovecote--connection conn
+            dovecote--reconnect-wait nil
+            dovecote--start-failure nil
+            dovecote--failure-reported nil
+            dovecote--was-connected t)
+      (dolist (buffer (dovecote--buffers))
+        (with-current-buffer buffer (dovecote--open conn)))
+      (dovecote--watch conn)
+      (force-mode-line-update t)
+      (when again (message "dovecote: reconnected")))))
+
+(defun dovecote--start-failed (conn why)
+  "Record that the start of the server on CONN (or before it) failed, WHY.
+A server that answered before and died is tried again later, each
+time after a longer wait; one that never started is reported once per
+Emacs session, and tried again only when a command needs it."
+  (when (or (null conn) (eq conn dovecote--starting))
+    (setq dovecote--starting nil
+          dovecote--connecting nil
+          dovecote--start-failure why)
+    (when conn
+      (let ((dovecote--shutting-down t))
+        (ignore-errors (jsonrpc-shutdown conn t))))
+    (cond
+     (dovecote--was-connected
+      (setq dovecote--reconnect-wait
+            (min 60 (* 2 (or dovecote--reconnect-wait dovecote-reconnect-delay))))
+      (message "dovecote: cannot restart the server (%s); retrying in %gs"
+               why dovecote--reconnect-wait)
+      (dovecote--schedule-reconnect))
+     ((not dovecote--failure-reported)
+      (setq dovecote--failure-reported t)
+      (message "dovecote: cannot start the server: %s (see \
+`dovecote-server-command'); the next dovecote command tries again" why)))
+    (force-mode-line-update t)))
 
 (defun dovecote--stderr (conn)
   "Return the end of what the server of CONN wrote to its stderr, or \"\"."
   (let ((buffer (ignore-errors (jsonrpc-stderr-buffer conn))))
     (if (not (buffer-live-p buffer))
         ""
-      ;; Let the pipe deliver what the dying server wrote.
-      (accept-process-output nil 0.1)
       (with-current-buffer buffer
         (let ((text (string-trim (buffer-substring-no-properties
                                   (max (point-min) (- (point-max) 400))
@@ -323,8 +415,9 @@ still pending are watched on it."
     (force-mode-line-update t)))
 
 (defun dovecote--schedule-reconnect ()
-  "Restart the server soon, if a buffer or a pending call needs it."
-  (when (and (not dovecote--shutting-down)
+  "Restart the server soon, if it ran before and a buffer or call needs it."
+  (when (and dovecote--was-connected
+             (not dovecote--shutting-down)
              (not dovecote--connecting)
              (not dovecote--reconnect-timer)
              (not (dovecote--live))
@@ -338,17 +431,8 @@ still pending are watched on it."
 (defun dovecote--reconnect ()
   "Restart the server from a timer; on failure try again later."
   (setq dovecote--reconnect-timer nil)
-  (unless (or (dovecote--live) dovecote--shutting-down dovecote--connecting)
-    (condition-case err
-        (progn (dovecote--connect)
-               (message "dovecote: reconnected"))
-      (error
-       (setq dovecote--reconnect-wait
-             (min 60 (* 2 (or dovecote--reconnect-wait
-                              dovecote-reconnect-delay))))
-       (message "dovecote: cannot restart the server (%s); retrying in %gs"
-                (error-message-string err) dovecote--reconnect-wait)
-       (dovecote--schedule-reconnect)))))
+  (unless dovecote--shutting-down
+    (dovecote--start)))
 
 (defun dovecote--watch (conn)
   "Watch this Emacs' pending commands and flows on CONN; refresh their states.
@@ -408,6 +492,14 @@ the server picks them up."
                  (when-let ((overlay (plist-get info :overlay)))
                    (delete-overlay overlay)))
                table))
+    (when-let ((conn dovecote--starting))
+      (setq dovecote--starting nil)
+      (ignore-errors (jsonrpc-shutdown conn t)))
+    (setq dovecote--connecting nil
+          dovecote--was-connected nil
+          dovecote--failure-reported nil
+          dovecote--start-failure nil
+          dovecote--server-root nil)
     (when-let ((conn dovecote--connection))
       (setq dovecote--connection nil)
       (let ((process (jsonrpc--process conn))
@@ -468,37 +560,42 @@ the server picks them up."
        (eq dovecote--opened dovecote--connection)
        (jsonrpc-running-p dovecote--opened)))
 
+(defvar dovecote--applying nil
+  "Non-nil while an edit of the server is applied: it reports its own change.")
+
 (defun dovecote--after-change (beg end old-len)
   "Report the change of BEG..END, which replaced OLD-LEN characters.
 Offsets are code points from the start of the whole buffer."
-  (when dovecote--uri
-    (cl-incf dovecote--version)
-    (let* ((size (buffer-size))
-           (change
-            (if (= size (+ dovecote--size (- end beg) (- old-len)))
-                (list :start (1- beg) :end (+ (1- beg) old-len)
-                      :text (buffer-substring-no-properties beg end))
-              ;; The hook's arguments do not add up: send the whole text.
-              (save-restriction
-                (widen)
-                (list :start 0 :end dovecote--size
-                      :text (buffer-substring-no-properties
-                             (point-min) (point-max)))))))
-      (setq dovecote--size size)
-      ;; Sent at once, even while a call about this buffer is being
-      ;; asked for: the server takes a call's snapshot before it reads
-      ;; the next message, so the change lands after the snapshot.
-      (if (dovecote--opened-p)
-          (condition-case nil
-              (jsonrpc-notify dovecote--opened 'document/change
-                              (list :uri dovecote--uri
-                                    :version dovecote--version
-                                    :changes (vector change)))
-            (error (setq dovecote--opened nil)
-                   (dovecote--schedule-reconnect)))
-        ;; Disconnected: the next connection opens the whole text.
-        (setq dovecote--opened nil)
-        (dovecote--schedule-reconnect)))))
+  (when (and dovecote--uri (not dovecote--applying))
+    (dovecote--report
+     (if (= (buffer-size) (+ dovecote--size (- end beg) (- old-len)))
+         (list :start (1- beg) :end (+ (1- beg) old-len)
+               :text (buffer-substring-no-properties beg end))
+       ;; The hook's arguments do not add up: send the whole text.
+       (save-restriction
+         (widen)
+         (list :start 0 :end dovecote--size
+               :text (buffer-substring-no-properties
+                      (point-min) (point-max))))))))
+
+(defun dovecote--report (change)
+  "Send CHANGE, a plist with `:start', `:end' and `:text', to the server."
+  (cl-incf dovecote--version)
+  (setq dovecote--size (buffer-size))
+  ;; Sent at once, even while a call about this buffer is being asked
+  ;; for: the server takes a call's snapshot before it reads the next
+  ;; message, so the change lands after the snapshot.
+  (if (dovecote--opened-p)
+      (condition-case nil
+          (jsonrpc-notify dovecote--opened 'document/change
+                          (list :uri dovecote--uri
+                                :version dovecote--version
+                                :changes (vector change)))
+        (error (setq dovecote--opened nil)
+               (dovecote--schedule-reconnect)))
+    ;; Disconnected: the next connection opens the whole text.
+    (setq dovecote--opened nil)
+    (dovecote--schedule-reconnect)))
 
 (defun dovecote--close ()
   "Close the current buffer's document on the server."
@@ -509,11 +606,45 @@ Offsets are code points from the start of the whole buffer."
   (setq dovecote--opened nil))
 
 (defun dovecote--replace (start end text)
-  "Replace the text from START to END with TEXT, moving markers sensibly."
+  "Replace the text from START to END with TEXT, moving markers sensibly.
+The server hears of it as one replacement, not as an insertion and a
+deletion: a replacement of a region's own text stays inside every
+live region that it touches (so a second call on the same words sees
+the first call's fix as part of them, not as new text beside them)."
   (save-excursion
-    (goto-char start)
-    (insert text)
-    (delete-region (point) (+ (point) (- end start)))))
+    (let ((dovecote--applying t))
+      (goto-char start)
+      (insert text)
+      (delete-region (point) (+ (point) (- end start)))))
+  (dovecote--report (list :start (1- start) :end (1- end) :text text)))
+
+(defun dovecote--apply-edits (edits)
+  "Apply the `document/applyEdit' EDITS (a vector) as one undo unit.
+The unit is the model's alone: a boundary before it, one after it,
+and the amalgamation of the next `self-insert-command' with what
+came before is stopped, so one \\[undo] takes back exactly this edit,
+never the person's typing around it."
+  (undo-boundary)
+  (cl-loop for edit across edits
+           do (dovecote--replace (1+ (plist-get edit :start))
+                                 (1+ (plist-get edit :end))
+                                 (plist-get edit :text)))
+  (undo-boundary)
+  ;; `undo-auto-amalgamate' removes the boundary at the head of the
+  ;; undo list when the last command amalgamated (typing); this says the
+  ;; last boundary was not a command's.
+  (setq undo-auto--last-boundary-cause nil)
+  (when (and (not (bound-and-true-p smerge-mode))
+             (cl-some (lambda (edit)
+                        (string-search "<<<<<<<" (plist-get edit :text)))
+                      edits)
+             (save-excursion
+               (goto-char (point-min))
+               (re-search-forward "^<<<<<<< yours$" nil t)))
+    (smerge-mode 1)
+    (message "dovecote: conflict markers written; %s keeps a side"
+             (substitute-command-keys
+              "\\<smerge-mode-map>\\[smerge-keep-upper] or \\[smerge-keep-lower]"))))
 
 (defun dovecote--apply-edit (params)
   "Apply the `document/applyEdit' PARAMS if the version matches.
@@ -538,13 +669,7 @@ moved on (or is gone) and the server must merge again."
                                        (stringp (plist-get edit :text)))))
                               edits)
                              (condition-case err
-                                 (progn
-                                   (cl-loop for edit across edits
-                                            do (dovecote--replace
-                                                (1+ (plist-get edit :start))
-                                                (1+ (plist-get edit :end))
-                                                (plist-get edit :text)))
-                                   t)
+                                 (progn (dovecote--apply-edits edits) t)
                                (error
                                 (message "dovecote: cannot apply an edit: %s"
                                          (error-message-string err))
@@ -564,6 +689,7 @@ moved on (or is gone) and the server must merge again."
   "Handle the server's notification METHOD with PARAMS."
   (pcase method
     ('command/state (dovecote--on-state params))
+    ('command/progress (dovecote--on-progress params))
     ('flow/state (dovecote--on-flow-state params))
     ('human/ask (run-at-time 0 nil #'dovecote--on-human-ask params))
     ('server/error (dovecote--on-server-error params))
@@ -608,12 +734,42 @@ correction counts again."
              dovecote--flows)
     (+ dovecote--expected (hash-table-count dovecote--commands) flows)))
 
+(defun dovecote--stalled-count ()
+  "Return the number of this Emacs' corrections stalled on a dead call."
+  (let ((stalled 0))
+    (maphash (lambda (_id info)
+               (when (dovecote--flow-stalled-p info) (cl-incf stalled)))
+             dovecote--flows)
+    stalled))
+
 (defun dovecote--mode-line ()
-  "Return the `dovecote-mode' lighter: the pending count, `!' offline."
-  (let ((pending (dovecote-pending-count)))
+  "Return the `dovecote-mode' lighter: a count, `!' offline.
+The number counts every call still highlighted in a buffer: the
+pending ones and the stalled ones, which wait for a decision."
+  (let ((shown (+ (dovecote-pending-count) (dovecote--stalled-count))))
     (concat " Dove"
-            (if (> pending 0) (format ":%d" pending) "")
+            (if (> shown 0) (format ":%d" shown) "")
             (if (dovecote--live) "" "!"))))
+
+(defun dovecote--short-id (id)
+  "Return the short form of the call ID: its last 8 characters.
+Ids are UUIDv7, whose first characters are the time: those of calls
+made together are alike, their ends differ."
+  (if (and (stringp id) (> (length id) 8)) (substring id -8) (or id "")))
+
+(defun dovecote--history-put (id &rest pairs)
+  "Set the PAIRS (keys and values) in the history entry of the call ID."
+  (let ((entry (gethash id dovecote--history)))
+    (while pairs
+      (setq entry (plist-put entry (pop pairs) (pop pairs))))
+    (puthash id entry dovecote--history)
+    (dovecote--refresh-calls-soon)))
+
+(defun dovecote--first-line (text)
+  "Return the first non-empty line of TEXT, or \"\"."
+  (or (cl-find-if-not #'string-empty-p
+                      (split-string (or text "") "\n"))
+      ""))
 
 (defun dovecote--expect (count)
   "Count COUNT more commands or flows whose ids are still to come back."
@@ -629,6 +785,16 @@ correction counts again."
   (let ((early (gethash id dovecote--unclaimed)))
     (remhash id dovecote--unclaimed)
     (puthash id (plist-put info :state "pending") dovecote--commands)
+    (when-let ((overlay (plist-get info :overlay)))
+      (overlay-put overlay 'dovecote-id id)
+      (overlay-put overlay 'dovecote-kind 'command))
+    (dovecote--history-put
+     id :kind 'command :state "pending"
+     :created (or (plist-get info :created) (float-time))
+     :adapter (plist-get info :adapter)
+     :buffer (let ((buffer (plist-get info :buffer)))
+               (if (buffer-live-p buffer) (buffer-name buffer) ""))
+     :text (plist-get info :text))
     (when early (dovecote--on-state early))
     (force-mode-line-update t)))
 
@@ -646,21 +812,26 @@ correction counts again."
         (puthash id params dovecote--unclaimed)))
      ((member state '("done" "dead" "cancelled"))
       (remhash id dovecote--commands)
+      (dovecote--history-put id :state state)
       (force-mode-line-update t)
       (dovecote--finished id info state params))
-     (t (puthash id (plist-put info :state state) dovecote--commands)))))
+     (t (puthash id (plist-put info :state state) dovecote--commands)
+        (dovecote--history-put id :state state)))))
 
 (defun dovecote--finished (id info state params)
   "Wind up the call ID (with INFO), now in terminal STATE (from PARAMS)."
   (when-let ((overlay (plist-get info :overlay)))
     (delete-overlay overlay))
   (pcase state
+    ("done" (message "dovecote: call %s is done" (dovecote--short-id id)))
     ("dead"
-     (message "dovecote: call %s is dead (%s); %s replays it" id
+     (message "dovecote: call %s is dead (%s); %s replays it"
+              (dovecote--short-id id)
               (or (plist-get params :reason) "?")
               (substitute-command-keys "\\[dovecote-list-dead-letters]"))
      (dovecote--refresh-dead-letters-soon))
-    ("cancelled" (message "dovecote: call %s was cancelled" id)))
+    ("cancelled" (message "dovecote: call %s was cancelled"
+                          (dovecote--short-id id))))
   (dovecote--show-result id state (plist-get info :buffer)
                          (plist-get info :callback))
   (run-hook-with-args 'dovecote-finished-functions id state))
@@ -669,13 +840,16 @@ correction counts again."
   "Fetch the result of the call ID, over in STATE, about BUFFER.
 Open its kept conflicts, if any, and call CALLBACK, if non-nil, with
 the `command/show' result."
-  (when-let ((conn (and (or callback (equal state "done")) (dovecote--live))))
+  (when-let ((conn (and (or callback (equal state "done")) (dovecote--live)))
+             ;; Its history entry: the correction's, if a step's.
+             (key (or (gethash id dovecote--step-commands) id)))
     (jsonrpc-async-request
      conn 'command/show (list :commandId id)
      :success-fn
      (lambda (result)
        (let ((unresolved (plist-get result :unresolved)))
          (when (and (equal state "done") (numberp unresolved) (> unresolved 0))
+           (dovecote--history-put key :conflicts id)
            (dovecote--show-conflicts id buffer result)))
        (when callback (funcall callback result)))
      :error-fn #'ignore
@@ -698,7 +872,11 @@ over."
          (timeout (or timeout dovecote-default-timeout))
          (options (append (and timeout (list :timeout timeout))
                           (and max-attempts (list :maxAttempts max-attempts))))
-         (info (list :buffer buffer :callback callback)))
+         (info (list :buffer buffer :callback callback :adapter adapter
+                     :created (float-time)
+                     :text (and (not (functionp request))
+                                (dovecote--prompt-line
+                                 (list :request request))))))
     (if (not buffer)
         (progn
           (dovecote--expect 1)
@@ -713,6 +891,10 @@ over."
           (overlay-put overlay 'face 'dovecote-pending)
           (overlay-put overlay 'help-echo "dovecote: call pending")
           (setq info (plist-put info :overlay overlay))
+          (unless (plist-get info :text)
+            (setq info (plist-put info :text (dovecote--first-line
+                                              (buffer-substring-no-properties
+                                               start end)))))
           (dovecote--expect 1)
           ;; What is typed from now on is sent at once: the server takes
           ;; the region's snapshot before it reads that change.
@@ -754,6 +936,69 @@ over."
            :timeout-fn (lambda () (release) (failed "no answer from the server")))
         (error (release) (failed (error-message-string err)))))))
 
+;;;; Progress and cancelling
+
+(defun dovecote--overlay-of (id)
+  "Return the highlight of the pending call ID (or of its correction), or nil."
+  (plist-get (or (gethash id dovecote--commands)
+                 (gethash (gethash id dovecote--step-commands) dovecote--flows))
+             :overlay))
+
+(defun dovecote--on-progress (params)
+  "Show the streamed reply in the `command/progress' PARAMS at its region."
+  (let ((overlay (dovecote--overlay-of (plist-get params :commandId)))
+        (text (plist-get params :text)))
+    (when (and (overlayp overlay) (overlay-buffer overlay) (stringp text))
+      (let* ((line (car (last (split-string (string-trim-right text) "\n"))))
+             (tail (if (> (length line) 40) (concat "…" (substring line -40)) line)))
+        (overlay-put overlay 'after-string
+                     (propertize (concat " ⟶ " tail) 'face 'dovecote-progress))
+        (overlay-put overlay 'help-echo (concat "dovecote: the reply so far:\n" text))))))
+
+(defun dovecote--calls-in (buffer &optional start end)
+  "Return (ID . KIND) of each pending call highlighted in BUFFER.
+With START and END, only those whose region meets START..END."
+  (with-current-buffer buffer
+    (let (calls)
+      (dolist (overlay (if start
+                           (overlays-in start (min (point-max) (max end (1+ start))))
+                         (overlays-in (point-min) (point-max))))
+        (when-let ((id (overlay-get overlay 'dovecote-id)))
+          (cl-pushnew (cons id (overlay-get overlay 'dovecote-kind)) calls
+                      :test #'equal)))
+      calls)))
+
+(defun dovecote--cancel-id (id kind)
+  "Ask the server to cancel the call ID, a correction if KIND is `flow'."
+  (jsonrpc-async-request
+   (dovecote--ensure)
+   (if (eq kind 'flow) 'flow/cancel 'command/cancel)
+   (if (eq kind 'flow) (list :flowId id) (list :commandId id))
+   :success-fn #'ignore
+   :error-fn (lambda (err)
+               (message "dovecote: cannot cancel %s: %s" (dovecote--short-id id)
+                        (plist-get err :message)))
+   :timeout-fn #'ignore))
+
+;;;###autoload
+(defun dovecote-cancel (&optional all)
+  "Cancel the pending call or correction at point.
+With a prefix argument ALL, cancel every one in this buffer.  Your
+text stays as it is; the highlight goes when the server says so.
+Return the ids asked to cancel."
+  (interactive "P")
+  (let ((calls (if all
+                   (dovecote--calls-in (current-buffer))
+                 (dovecote--calls-in (current-buffer) (point) (point)))))
+    (unless calls
+      (user-error (if all "No pending call in this buffer"
+                    "No pending call at point")))
+    (pcase-dolist (`(,id . ,kind) calls)
+      (dovecote--cancel-id id kind))
+    (message "dovecote: cancelling %d call%s" (length calls)
+             (if (= (length calls) 1) "" "s"))
+    (mapcar #'car calls)))
+
 ;;;; Corrections: the server's "corrections" flow
 
 (defun dovecote--flow-put (id &rest pairs)
@@ -761,7 +1006,19 @@ over."
   (when-let ((info (gethash id dovecote--flows)))
     (while pairs
       (setq info (plist-put info (pop pairs) (pop pairs))))
-    (puthash id info dovecote--flows)))
+    (puthash id info dovecote--flows)
+    (let ((stalled (dovecote--flow-stalled-p info)))
+      (when-let ((overlay (plist-get info :overlay)))
+        (overlay-put overlay 'face
+                     (if stalled 'dovecote-stalled 'dovecote-pending))
+        (overlay-put overlay 'help-echo
+                     (if stalled
+                         "dovecote: correction stalled, its call died: \
+replay it from `dovecote-list-dead-letters' or `dovecote-cancel' it"
+                       "dovecote: correction pending")))
+      (dovecote--history-put id :state (if stalled "stalled"
+                                         (plist-get info :state))
+                             :command (plist-get info :command)))))
 
 (defun dovecote--heard-p (info)
   "Return non-nil if the live connection reports the flow INFO describes."
@@ -776,7 +1033,9 @@ over."
       (let* ((overlay (make-overlay start end nil t nil))
              (info (list :state "running" :command nil :command-state nil
                          :buffer buffer :overlay overlay :conn conn
-                         :asking nil))
+                         :asking nil :created (float-time)
+                         :text (dovecote--first-line
+                                (buffer-substring-no-properties start end))))
              (params (append (list :instruction dovecote-correction-instruction
                                    :adapter dovecote-adapter)
                              (and dovecote-default-timeout
@@ -819,6 +1078,15 @@ Replay the notifications about it that overtook the response."
   (let ((early (reverse (gethash id dovecote--unclaimed-flows))))
     (remhash id dovecote--unclaimed-flows)
     (puthash id info dovecote--flows)
+    (when-let ((overlay (plist-get info :overlay)))
+      (overlay-put overlay 'dovecote-id id)
+      (overlay-put overlay 'dovecote-kind 'flow))
+    (dovecote--history-put
+     id :kind 'flow :state (plist-get info :state)
+     :created (plist-get info :created) :adapter dovecote-adapter
+     :buffer (let ((buffer (plist-get info :buffer)))
+               (if (buffer-live-p buffer) (buffer-name buffer) ""))
+     :text (plist-get info :text))
     (pcase-dolist (`(,method . ,params) early)
       (pcase method
         ('flow/state (dovecote--on-flow-state params))
@@ -837,6 +1105,7 @@ Replay the notifications about it that overtook the response."
               (gethash id dovecote--unclaimed-flows))))
      ((member state '("completed" "failed" "cancelled"))
       (remhash id dovecote--flows)
+      (dovecote--history-put id :state state)
       (dovecote--flow-finished id info state))
      (t
       (when (and (equal (plist-get info :state) "stalled")
@@ -880,10 +1149,11 @@ The command is now in terminal STATE (from PARAMS)."
   (pcase state
     ("dead"
      (message "dovecote: a correction is stalled: its call %s is dead (%s); \
-%s replays it" id (or (plist-get params :reason) "?")
+%s replays it" (dovecote--short-id id) (or (plist-get params :reason) "?")
               (substitute-command-keys "\\[dovecote-list-dead-letters]"))
      (dovecote--refresh-dead-letters-soon))
-    ("cancelled" (message "dovecote: call %s was cancelled" id)))
+    ("cancelled" (message "dovecote: call %s was cancelled"
+                          (dovecote--short-id id))))
   (dovecote--show-result id state (plist-get info :buffer) nil)
   (run-hook-with-args 'dovecote-finished-functions id state)
   (unless (dovecote--heard-p info)
@@ -897,18 +1167,27 @@ The command is now in terminal STATE (from PARAMS)."
   (unless (> dovecote--expected 0)
     (dovecote--forget-steps))
   (pcase state
-    ("cancelled" (message "dovecote: correction %s was cancelled" id))
+    ("completed"
+     (let ((buffer (plist-get info :buffer))
+           (pending (dovecote-pending-count)))
+       (message "dovecote: correction landed in %s%s"
+                (if (buffer-live-p buffer) (buffer-name buffer) "a closed buffer")
+                (if (> pending 0) (format " (%d pending)" pending) ""))))
+    ("cancelled" (message "dovecote: correction %s was cancelled"
+                          (dovecote--short-id id)))
     ("failed"
      (if-let ((conn (dovecote--live)))
          (jsonrpc-async-request
           conn 'flow/show (list :flowId id)
           :success-fn (lambda (result)
-                        (message "dovecote: correction %s failed: %s" id
+                        (message "dovecote: correction %s failed: %s"
+                                 (dovecote--short-id id)
                                  (or (plist-get result :error) "?")))
           :error-fn (lambda (_err)
-                      (message "dovecote: correction %s failed" id))
+                      (message "dovecote: correction %s failed"
+                               (dovecote--short-id id)))
           :timeout-fn #'ignore)
-       (message "dovecote: correction %s failed" id)))))
+       (message "dovecote: correction %s failed" (dovecote--short-id id))))))
 
 (defun dovecote--forget-steps ()
   "Forget the step commands of flows no longer ours."
@@ -1001,8 +1280,10 @@ A poll already due later is brought forward."
   (cons (max start (point-min)) (min end (point-max))))
 
 ;;;###autoload
-(defun dovecote-correct-region (start end)
+(defun dovecote-correct-region (&optional start end)
   "Ask for corrections of the region from START to END; return at once.
+Interactively, and when START is nil, that is the active region, or
+else the paragraph at point (never a region left inactive).
 This starts the server's \"corrections\" flow on the region: its text
 goes unchanged as the one user message, with
 `dovecote-correction-instruction' as the system prompt, to
@@ -1010,24 +1291,70 @@ goes unchanged as the one user message, with
 typing: the reply is merged into the region as it is when the reply
 arrives, colliding edits handled as `dovecote-on-conflict' says.  If
 the call dies, the correction stalls until its dead letter is
-replayed (see `dovecote-list-dead-letters')."
-  (interactive "r")
+replayed (see `dovecote-list-dead-letters') or cancelled
+\(`dovecote-cancel')."
+  (interactive)
+  (unless start
+    (pcase-setq `(,start . ,end) (dovecote--region-or-paragraph)))
   (pcase-let ((`(,start . ,end) (dovecote--clip (min start end)
                                                 (max start end))))
     (when (= start end)
       (user-error "The region is empty"))
     (unless dovecote-mode (dovecote-mode 1))
     (dovecote--start-correction (current-buffer) start end)
-    (when (called-interactively-p 'interactive)
+    (when (called-interactively-p 'any)
       (deactivate-mark)
       (message "dovecote: correction asked (%d pending)"
                (dovecote-pending-count)))))
+
+(defun dovecote--region-or-paragraph ()
+  "Return (START . END) of the active region, else of the paragraph at point."
+  (if (use-region-p)
+      (cons (region-beginning) (region-end))
+    (save-excursion
+      (let* ((end (progn (forward-paragraph)
+                         (skip-chars-backward " \t\n")
+                         (point)))
+             (start (progn (backward-paragraph)
+                           (skip-chars-forward " \t\n")
+                           (point))))
+        (if (< start end)
+            (cons start end)
+          (user-error "No paragraph at point"))))))
 
 ;;;; The minor mode
 
 (defun dovecote--before-major-mode-change ()
   "Turn `dovecote-mode' off before the major mode wipes its variables."
   (dovecote-mode -1))
+
+(defvar dovecote-command-map
+  (let ((map (make-sparse-keymap)))
+    (define-key map "c" #'dovecote-correct-region)
+    (define-key map "k" #'dovecote-cancel)
+    (define-key map "l" #'dovecote-list-commands)
+    (define-key map "d" #'dovecote-list-dead-letters)
+    (define-key map "o" #'dovecote-reopen-conflict)
+    map)
+  "Keymap of dovecote's commands, to put on a prefix key of yours.
+The README suggests a binding for it in `global-map'.
+
+\\{dovecote-command-map}")
+(fset 'dovecote-command-map dovecote-command-map)
+
+(defvar dovecote-mode-map (make-sparse-keymap)
+  "Keymap of `dovecote-mode': its menu; no key of yours is taken.")
+
+(easy-menu-define dovecote-menu dovecote-mode-map
+  "Menu of `dovecote-mode'."
+  '("Dove"
+    ["Correct region or paragraph" dovecote-correct-region]
+    ["Cancel the call at point" dovecote-cancel]
+    ["Cancel every call in this buffer" (dovecote-cancel t)]
+    "---"
+    ["List this Emacs' calls" dovecote-list-commands]
+    ["List dead letters" dovecote-list-dead-letters]
+    ["Open conflicts again" dovecote-reopen-conflict]))
 
 ;;;###autoload
 (define-minor-mode dovecote-mode
@@ -1038,6 +1365,7 @@ of calls about this buffer (see `dovecote-correct-region') are applied
 here.  The mode line shows the number of pending calls, and `!' while
 the server is not connected."
   :lighter (:eval (dovecote--mode-line))
+  :keymap dovecote-mode-map
   (if dovecote-mode
       (condition-case err
           (progn
@@ -1048,8 +1376,11 @@ the server is not connected."
             (add-hook 'kill-buffer-hook #'dovecote--close nil t)
             (add-hook 'change-major-mode-hook
                       #'dovecote--before-major-mode-change nil t)
-            (let ((conn (dovecote--ensure)))
-              (unless (dovecote--opened-p) (dovecote--open conn))))
+            ;; Never waits for the server: it is started in the
+            ;; background and opens every such buffer when it answers.
+            (if-let ((conn (dovecote--live)))
+                (unless (dovecote--opened-p) (dovecote--open conn))
+              (dovecote--start)))
         (error (dovecote-mode -1)
                (signal (car err) (cdr err))))
     (dovecote--close)
@@ -1057,6 +1388,16 @@ the server is not connected."
     (remove-hook 'kill-buffer-hook #'dovecote--close t)
     (remove-hook 'change-major-mode-hook #'dovecote--before-major-mode-change t)
     (setq dovecote--uri nil)))
+
+(defun dovecote-turn-on ()
+  "Turn on `dovecote-mode' if this buffer is one a person edits.
+That is a buffer that visits a file, whose name does not start with a
+space; temporary buffers (`with-temp-buffer', an `org-mode' export)
+are left alone.  Meant for a hook such as `text-mode-hook'."
+  (when (and buffer-file-name
+             (not (string-prefix-p " " (buffer-name)))
+             (not dovecote-mode))
+    (dovecote-mode 1)))
 
 ;;;; People
 
@@ -1133,7 +1474,15 @@ the text you want, then send the choices with \\[dovecote-conflict-finish].
 (defun dovecote--show-conflicts (id buffer result)
   "Open the kept conflicts of the call ID about BUFFER, from RESULT.
 RESULT is the call's `command/show' result."
-  (let* ((conflicts (append (plist-get result :conflicts) nil))
+  (let* ((kept (plist-get result :kept))
+         ;; The kept ones, with your text as it is now, when the server
+         ;; says; else all of the merge's, numbered in order.
+         (conflicts (if kept
+                        (append kept nil)
+                      (cl-loop for conflict across (plist-get result :conflicts)
+                               for index from 0
+                               collect (plist-put (copy-sequence conflict)
+                                                  :index index))))
          (count (length conflicts))
          (name (format "*dovecote conflict %s*" id))
          (conflict-buffer (get-buffer-create name))
@@ -1154,9 +1503,11 @@ Keep a side of each block with %s or %s, or edit it; then %s sends them.\n\n"
                  'face 'font-lock-comment-face))
         (cl-loop
          for conflict in conflicts
-         for index from 0
-         do (insert (propertize (format "Conflict %d of %d:\n" (1+ index) count)
-                                'face 'bold))
+         for place from 1
+         for index = (plist-get conflict :index)
+         do (insert (propertize (format "Conflict %d of %d:\n" place count)
+                                'face 'bold)
+                    (dovecote--conflict-context buffer conflict))
          (let ((start (point))
                (ours (plist-get conflict :ours))
                (theirs (plist-get conflict :theirs)))
@@ -1177,6 +1528,57 @@ Keep a side of each block with %s or %s, or edit it; then %s sends them.\n\n"
     (display-buffer conflict-buffer)
     (message "dovecote: %d conflict%s to resolve in %s" count
              (if (= count 1) "" "s") name)))
+
+(defun dovecote--conflict-context (buffer conflict)
+  "Return the line of BUFFER around CONFLICT (a kept one), as a comment line."
+  (let ((start (plist-get conflict :start)))
+    (if (not (and (buffer-live-p buffer) (natnump start)))
+        ""
+      (with-current-buffer buffer
+        (save-restriction
+          (widen)
+          (save-excursion
+            (goto-char (min (point-max) (1+ start)))
+            (propertize (format "line %d: %s\n" (line-number-at-pos)
+                                (buffer-substring-no-properties
+                                 (line-beginning-position) (line-end-position)))
+                        'face 'font-lock-comment-face)))))))
+
+;;;###autoload
+(defun dovecote-reopen-conflict (&optional id)
+  "Open again the conflicts of the call ID still to resolve.
+Interactively, the call at point in the list of calls, else the last
+call of this Emacs that had conflicts.  A conflict buffer closed with
+\\<dovecote-conflict-mode-map>\\[dovecote-conflict-abort] is found again this way."
+  (interactive
+   (list (or (and (derived-mode-p 'dovecote-calls-mode)
+                  (plist-get (gethash (tabulated-list-get-id) dovecote--history)
+                             :conflicts))
+             (dovecote--last-conflicted))))
+  (setq id (or id (dovecote--last-conflicted)))
+  (unless id (user-error "No call with conflicts to resolve"))
+  (let* ((result (jsonrpc-request (dovecote--ensure) 'command/show
+                                  (list :commandId id) :timeout 30))
+         (unresolved (plist-get result :unresolved))
+         (entry (cl-find id (hash-table-values dovecote--history)
+                         :key (lambda (entry) (plist-get entry :conflicts))
+                         :test #'equal)))
+    (if (and (numberp unresolved) (> unresolved 0))
+        (dovecote--show-conflicts
+         id (get-buffer (or (plist-get entry :buffer) "")) result)
+      (message "dovecote: the conflicts of %s are all resolved"
+               (dovecote--short-id id)))))
+
+(defun dovecote--last-conflicted ()
+  "Return the id of the last call of this Emacs that had conflicts, or nil."
+  (let (best at)
+    (maphash (lambda (_id entry)
+               (when (and (plist-get entry :conflicts)
+                          (> (or (plist-get entry :created) 0) (or at -1)))
+                 (setq best (plist-get entry :conflicts)
+                       at (or (plist-get entry :created) 0))))
+             dovecote--history)
+    best))
 
 (defun dovecote--conflict-choices ()
   "Return the choices made in this conflict buffer, last conflict first.
@@ -1204,14 +1606,19 @@ takes it (\"theirs\"), and any other text replaces the conflict."
   (let ((id dovecote--conflict-id)
         (choices (dovecote--conflict-choices))
         (conn (dovecote--ensure))
-        (conflict-buffer (current-buffer)))
+        (conflict-buffer (current-buffer))
+        (changed 0))
     ;; One by one, last first: resolving one renumbers those after it.
     (cl-labels
         ((next (remaining)
                (if (null remaining)
                    (progn
                      (dovecote--kill-conflict-buffer conflict-buffer)
-                     (message "dovecote: conflicts of %s resolved" id))
+                     (message "dovecote: conflicts of %s resolved%s"
+                              (dovecote--short-id id)
+                              (if (> changed 0)
+                                  (format "; %d kept your newer text" changed)
+                                "")))
                  (pcase-let* ((`(,index ,choice ,text) (car remaining))
                               (params (list :commandId id :choice choice
                                             :index index)))
@@ -1220,6 +1627,10 @@ takes it (\"theirs\"), and any other text replaces the conflict."
                     conn 'conflict/resolve params
                     :success-fn
                     (lambda (result)
+                      (when (> (length (plist-get result :changed)) 0)
+                        ;; You edited it again since: your text stays.
+                        (cl-incf changed)
+                        (setq result (list :applied t)))
                       (if (eq (plist-get result :applied) t)
                           (progn
                             ;; Done with: a retry must not send it again.
@@ -1251,6 +1662,169 @@ The server keeps the conflicts; nothing is sent."
     (quit-windows-on buffer)
     (kill-buffer buffer)))
 
+;;;; The list of this Emacs' calls
+
+(defvar dovecote-calls-mode-map
+  (let ((map (make-sparse-keymap)))
+    (set-keymap-parent map tabulated-list-mode-map)
+    (define-key map (kbd "RET") #'dovecote-calls-show)
+    (define-key map "k" #'dovecote-calls-cancel)
+    (define-key map "r" #'dovecote-calls-replay)
+    (define-key map "o" #'dovecote-reopen-conflict)
+    map)
+  "Keymap of `dovecote-calls-mode'.")
+
+(define-derived-mode dovecote-calls-mode tabulated-list-mode "Dove-Calls"
+  "The calls and corrections this Emacs made, the newest first.
+\\[dovecote-calls-show] shows the call at point with its journal,
+\\[dovecote-calls-cancel] cancels it, \\[dovecote-calls-replay] replays it
+when it died, \\[dovecote-reopen-conflict] opens its conflicts again,
+\\[revert-buffer] refreshes the list.
+
+\\{dovecote-calls-mode-map}"
+  (setq tabulated-list-format
+        [("Id" 8 t) ("State" 9 t) ("Age" 4 dovecote--age-less-p :right-align t)
+         ("Buffer" 14 t) ("Text" 24 nil) ("Adapter" 0 t)])
+  (setq tabulated-list-padding 1)
+  (setq tabulated-list-sort-key nil)
+  (setq-local revert-buffer-function #'dovecote--calls-revert)
+  (tabulated-list-init-header))
+
+(defun dovecote--calls-entries ()
+  "Return the `tabulated-list-entries' of `dovecote--history', newest first."
+  (let (entries)
+    (maphash
+     (lambda (id entry)
+       (let ((created (plist-get entry :created)))
+         (push (list id
+                     (vector (dovecote--short-id id)
+                             (or (plist-get entry :state) "")
+                             (propertize (dovecote--age created)
+                                         'dovecote-created created)
+                             (or (plist-get entry :buffer) "")
+                             (or (plist-get entry :text) "")
+                             (or (plist-get entry :adapter) "")))
+               entries)))
+     dovecote--history)
+    (sort entries (lambda (a b) (string> (car a) (car b))))))
+
+(defun dovecote--calls-revert (&rest _ignored)
+  "Show `dovecote--history' again."
+  (setq tabulated-list-entries (dovecote--calls-entries))
+  (tabulated-list-print t))
+
+(defvar dovecote--calls-refresh-timer nil
+  "Timer that refreshes the list of calls, or nil.")
+
+(defun dovecote--refresh-calls-soon ()
+  "Refresh the list of this Emacs' work, if shown, after the current change."
+  (when (and (get-buffer "*dovecote calls*") (not dovecote--calls-refresh-timer))
+    (setq dovecote--calls-refresh-timer
+          (run-at-time 0.1 nil
+                       (lambda ()
+                         (setq dovecote--calls-refresh-timer nil)
+                         (when-let ((buffer (get-buffer "*dovecote calls*")))
+                           (with-current-buffer buffer
+                             (dovecote--calls-revert))))))))
+
+;;;###autoload
+(defun dovecote-list-commands ()
+  "List what this Emacs asked the models for, finished or not.
+The list is in the buffer `*dovecote calls*'.  Each line shows the
+state, age, buffer, first line and adapter of a call or correction;
+see `dovecote-calls-mode' for what the keys do."
+  (interactive)
+  (let ((buffer (get-buffer-create "*dovecote calls*")))
+    (with-current-buffer buffer
+      (unless (derived-mode-p 'dovecote-calls-mode)
+        (dovecote-calls-mode))
+      (dovecote--calls-revert))
+    (pop-to-buffer buffer)
+    buffer))
+
+(defun dovecote--calls-at-point ()
+  "Return (ID . ENTRY) of the call on this line of the list."
+  (let ((id (tabulated-list-get-id)))
+    (unless id (user-error "No call on this line"))
+    (cons id (gethash id dovecote--history))))
+
+(defun dovecote-calls-cancel ()
+  "Cancel the call on this line of the list."
+  (interactive nil dovecote-calls-mode)
+  (pcase-let ((`(,id . ,entry) (dovecote--calls-at-point)))
+    (dovecote--cancel-id id (plist-get entry :kind))
+    (message "dovecote: cancelling %s" (dovecote--short-id id))))
+
+(defun dovecote-calls-replay (&optional timeout)
+  "Replay the dead call at point, or the dead step of a stalled correction.
+With TIMEOUT (a prefix argument asks for it) that many seconds."
+  (interactive (list (dovecote--replay-timeout current-prefix-arg))
+               dovecote-calls-mode)
+  (pcase-let* ((`(,id . ,entry) (dovecote--calls-at-point))
+               (dead (if (eq (plist-get entry :kind) 'flow)
+                         (and (equal (plist-get entry :state) "stalled")
+                              (plist-get entry :command))
+                       (and (equal (plist-get entry :state) "dead") id))))
+    (unless dead (user-error "Only a dead call or a stalled correction replays"))
+    (dovecote-replay (list dead) timeout)
+    (message "dovecote: replayed %s" (dovecote--short-id dead))))
+
+(defun dovecote-calls-show ()
+  "Show the call at point, with its full id and its journal (`command/show')."
+  (interactive nil dovecote-calls-mode)
+  (pcase-let* ((`(,id . ,entry) (dovecote--calls-at-point))
+               (command (if (eq (plist-get entry :kind) 'flow)
+                            (plist-get entry :command)
+                          id)))
+    (unless command (user-error "The call of this correction is not made yet"))
+    (dovecote-show-command command entry (and (not (equal command id)) id))))
+
+(defun dovecote-show-command (id &optional entry flow-id)
+  "Show the call ID and its journal in a buffer; ENTRY is its history entry.
+FLOW-ID names the correction the call is a step of."
+  (let* ((conn (dovecote--ensure))
+         (result (jsonrpc-request conn 'command/show (list :commandId id)
+                                  :timeout 30))
+         (command (plist-get result :command))
+         (messages (append (plist-get (plist-get command :request) :messages)
+                           nil))
+         (buffer (get-buffer-create (format "*dovecote call %s*"
+                                            (dovecote--short-id id)))))
+    (with-current-buffer buffer
+      (let ((inhibit-read-only t))
+        (erase-buffer)
+        (insert (format "Call      %s\n" id))
+        (when flow-id (insert (format "Correction %s\n" flow-id)))
+        (insert (format "State     %s%s\nAdapter   %s\nBuffer    %s\nAttempt   %s\n"
+                        (plist-get command :state)
+                        (if-let ((reason (plist-get command :reason)))
+                            (format " (%s)" reason) "")
+                        (plist-get command :adapter)
+                        (or (plist-get entry :buffer) "")
+                        (plist-get command :attempt)))
+        (insert "\nAsked:\n"
+                (dovecote--indent (or (plist-get (car (last messages)) :content)
+                                      "")))
+        (when-let ((reply (plist-get (plist-get command :reply) :text)))
+          (insert "\nReply:\n" (dovecote--indent reply)))
+        (insert "\nJournal:\n")
+        (dolist (event (append (plist-get result :events) nil))
+          (insert (format "  %s  %-8s -> %-9s %s\n"
+                          (format-time-string "%F %T" (plist-get event :at))
+                          (or (plist-get event :from) "")
+                          (or (plist-get event :to) "")
+                          (or (plist-get event :event) ""))))
+        (goto-char (point-min))
+        (special-mode)))
+    (display-buffer buffer)
+    buffer))
+
+(defun dovecote--indent (text)
+  "Return TEXT with each line indented by two spaces, ending in a newline."
+  (concat (mapconcat (lambda (line) (concat "  " line))
+                     (split-string (string-trim-right text) "\n") "\n")
+          "\n"))
+
 ;;;; Dead letters
 
 (defvar-local dovecote--marked nil
@@ -1277,9 +1851,11 @@ The server keeps the conflicts; nothing is sent."
 replay asks for its timeout; otherwise `dovecote-replay-timeout'.
 
 \\{dovecote-dead-letters-mode-map}"
+  ;; Readable at half width: a short id, the prompt next, the rest after.
   (setq tabulated-list-format
-        [("Id" 36 t) ("Adapter" 10 t) ("Reason" 17 t)
-         ("Age" 6 dovecote--age-less-p :right-align t) ("Prompt" 0 nil)])
+        [("Id" 8 t) ("Prompt" 18 nil) ("Reason" 8 t)
+         ("Age" 4 dovecote--age-less-p :right-align t) ("Buffer" 14 t)
+         ("Adapter" 0 t)])
   (setq tabulated-list-padding 2)
   (setq-local revert-buffer-function #'dovecote--dead-letters-revert)
   (tabulated-list-init-header))
@@ -1294,8 +1870,13 @@ replay asks for its timeout; otherwise `dovecote-replay-timeout'.
 
 (defun dovecote--age-less-p (a b)
   "Return non-nil if the entry A is younger than the entry B."
-  (> (or (get-text-property 0 'dovecote-created (aref (cadr a) 3)) 0)
-     (or (get-text-property 0 'dovecote-created (aref (cadr b) 3)) 0)))
+  (cl-flet ((created (entry)
+              (or (cl-some (lambda (cell)
+                             (and (stringp cell)
+                                  (get-text-property 0 'dovecote-created cell)))
+                           (cadr entry))
+                  0)))
+    (> (created a) (created b))))
 
 (defun dovecote--prompt-line (command)
   "Return the first line of the last message of COMMAND's request."
@@ -1308,11 +1889,25 @@ replay asks for its timeout; otherwise `dovecote-replay-timeout'.
   "Return the `tabulated-list-entries' entry of the dead COMMAND."
   (let ((created (plist-get command :createdAt)))
     (list (plist-get command :id)
-          (vector (plist-get command :id)
-                  (or (plist-get command :adapter) "")
+          (vector (dovecote--short-id (plist-get command :id))
+                  (dovecote--prompt-line command)
                   (or (plist-get command :reason) "")
                   (propertize (dovecote--age created) 'dovecote-created created)
-                  (dovecote--prompt-line command)))))
+                  (dovecote--buffer-named command)
+                  (or (plist-get command :adapter) "")))))
+
+(defun dovecote--buffer-named (command)
+  "Return the buffer, or failing that the file, that the COMMAND was about."
+  (let* ((id (plist-get command :id))
+         (flow (plist-get command :flowId))
+         (entry (or (gethash id dovecote--history)
+                    (and flow (gethash flow dovecote--history))))
+         (uri (plist-get command :uri)))
+    (cond ((plist-get entry :buffer))
+          ((stringp uri)
+           (file-name-nondirectory (replace-regexp-in-string
+                                    "\\`\\(file\\|buffer\\)://" "" uri)))
+          (t ""))))
 
 (defun dovecote--dead-letters-show (commands)
   "Show the dead COMMANDS (a vector) in the current buffer."
