@@ -19,7 +19,7 @@ end
 local tmp = vim.fn.tempname()
 vim.fn.mkdir(tmp, "p")
 
-local T = { executable = executable, tmp = tmp }
+local T = { executable = executable, tmp = tmp, root = vim.fn.fnamemodify(here .. "..", ":p"):gsub("/$", "") }
 local tests = {}
 
 function T.test(name, fn)
@@ -126,6 +126,24 @@ function T.settle(what, ms)
   end, what or "every correction to land", ms)
 end
 
+--- Have `hook(method, params, answer)` see every server request before
+--- dovecote.nvim does; `answer()` lets dovecote.nvim answer it.
+local connection = require("dovecote.connection")
+local real_start = connection.start
+function T.intercept(hook)
+  connection.start = function(cmd, cwd, handlers)
+    local request = handlers.request
+    handlers = vim.tbl_extend("force", handlers, {
+      request = function(method, params)
+        return hook(method, params, function()
+          return request(method, params)
+        end)
+      end,
+    })
+    return real_start(cmd, cwd, handlers)
+  end
+end
+
 --- Messages given with vim.notify since the test began.
 T.messages = {}
 
@@ -142,6 +160,8 @@ function T.setup(opts)
   }, opts or {}))
 end
 
+vim.o.report = 99999 -- no "3 more lines" on the terminal
+vim.o.shortmess = vim.o.shortmess .. "FW"
 _G.dovecote_test = T
 dofile(here .. "cases.lua")
 
@@ -177,6 +197,7 @@ end
 
 local function clean_up()
   require("dovecote").shutdown()
+  connection.start = real_start
   for _, b in ipairs(vim.api.nvim_list_bufs()) do
     pcall(vim.api.nvim_buf_delete, b, { force = true })
   end
@@ -204,7 +225,8 @@ run_next = function()
       return
     end
     done = true
-    results[t.name] = { ok = ok, error = err and tostring(err) or vim.NIL, seconds = (vim.loop.hrtime() - started) / 1e9 }
+    local seconds = (vim.loop.hrtime() - started) / 1e9
+    results[t.name] = { ok = ok, error = err and tostring(err) or vim.NIL, seconds = seconds }
     vim.schedule(run_next)
   end
   current = {

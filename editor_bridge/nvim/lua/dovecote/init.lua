@@ -347,6 +347,11 @@ function handlers.request(method, params)
     "dovecote.nvim has no method " .. tostring(method))
 end
 
+--- Answer a `document/applyEdit` request as if the server sent it (tests).
+function M._apply(params)
+  return handlers.request("document/applyEdit", params)
+end
+
 -- Corrections ---------------------------------------------------------------
 
 local function remember_call(id, flow_id, bufnr)
@@ -739,7 +744,7 @@ end
 
 function M.setup(opts)
   opts = opts or {}
-  for key, value in pairs(opts) do
+  for key in pairs(opts) do
     if defaults[key] == nil and key ~= "cwd" and key ~= "timeout" and key ~= "replay_timeout" then
       say("setup(): unknown option " .. tostring(key), vim.log.levels.WARN)
     end
