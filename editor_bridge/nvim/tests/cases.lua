@@ -79,7 +79,7 @@ test("offsets_agree_with_the_server_for_every_kind_of_edit", function()
   vim.cmd("normal! ggdd")
   api.nvim_buf_set_lines(b, 0, -1, false, { "ab", "cd" })
   vim.cmd("normal! ggJ")
-  vim.cmd("undo")
+  vim.cmd("silent undo")
   connection.notify = notify
   for _, c in ipairs(sent) do
     apply(c)
@@ -102,7 +102,7 @@ test("a_dos_file_keeps_its_line_ends", function()
   T.replace(b, "End", "The end")
   T.settle()
   eq("The cat sat on the mat.\nThe end", T.text(b), "the buffer")
-  vim.cmd("write")
+  vim.cmd("silent write")
   file = io.open(path, "rb")
   local bytes = file:read("*a")
   file:close()
@@ -145,24 +145,53 @@ test("apply_edit_checks_the_version", function()
   eq("now W🦆 receive the plan.", T.text(b), "both edits")
 end)
 
-test("each_model_edit_is_its_own_undo_block", function()
-  -- The reply lands while the person types in Insert mode on another line:
-  -- one `u` takes back exactly the model's edit, the typing stays.
-  local b = T.buffer("#delay 0.6\nTeh end.\nnotes")
-  T.correct(b, "#delay", "end.")
-  vim.api.nvim_win_set_cursor(0, { 3, 4 })
-  vim.api.nvim_input("A")
-  for _, key in ipairs({ " ", "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n" }) do
-    T.sleep(80)
+--- Type `keys` one by one in Insert mode (from `start`, an Insert command),
+--- `gap` ms apart, as a person does while a reply is due.
+local function type_slowly(start, keys, gap)
+  vim.api.nvim_input(start)
+  for _, key in ipairs(vim.fn.split(keys, "\\zs")) do
+    T.sleep(gap)
     vim.api.nvim_input(key)
   end
   T.sleep(50)
   vim.api.nvim_input("<Esc>")
+end
+
+--- Undo the model's edit, landed in the middle of typing `typed` after
+--- `before` (the text as it was, up to where the typing went) and `after`:
+--- undo steps back through the typing after it, the model's edit alone,
+--- then the typing before it.
+local function undo_around_the_model(b, corrected, original, typed)
+  vim.cmd("silent undo")
+  local prefix = T.text(b):match("^" .. vim.pesc(corrected) .. "(.*)$")
+  T.truthy(prefix and #prefix > 0 and #prefix < #typed and typed:sub(1, #prefix) == prefix,
+    "the first undo takes back what was typed after the reply landed: " .. T.text(b))
+  vim.cmd("silent undo")
+  eq(original .. prefix, T.text(b), "the second undo takes back exactly the model's edit")
+  vim.cmd("silent undo")
+  eq(original, T.text(b), "the third the typing before it")
+end
+
+test("each_model_edit_is_its_own_undo_block", function()
+  -- The reply lands while the person types in Insert mode on another line.
+  local b = T.buffer("#delay 0.6\nTeh end.\nnotes")
+  T.correct(b, "#delay", "end.")
+  vim.api.nvim_win_set_cursor(0, { 3, 4 })
+  type_slowly("A", " abcdefghijklmn", 80)
   T.settle()
-  T.sleep(50)
   eq("The end.\nnotes abcdefghijklmn", T.text(b), "the buffer")
-  vim.cmd("undo")
-  eq("#delay 0.6\nTeh end.\nnotes abcdefghijklmn", T.text(b), "after one undo")
+  undo_around_the_model(b, "The end.\nnotes", "#delay 0.6\nTeh end.\nnotes", " abcdefghijklmn")
+end)
+
+test("undo_block_when_typing_on_the_edited_line", function()
+  -- Typing goes on right after the corrected words, on their line.
+  local b = T.buffer("#delay 0.6\nTeh end")
+  T.correct(b, "#delay", "end")
+  vim.api.nvim_win_set_cursor(0, { 2, 6 })
+  type_slowly("A", ". More to say", 80)
+  T.settle()
+  eq("The end. More to say", T.text(b), "the buffer")
+  undo_around_the_model(b, "The end", "#delay 0.6\nTeh end", ". More to say")
 end)
 
 test("timeout_listed_and_replayed", function()
@@ -362,5 +391,266 @@ test("help_tags", function()
     ":DovecoteDead", "dovecote.status()" }) do
     vim.cmd("help " .. tag)
     eq("dovecote.txt", vim.fn.expand("%:t"), "the help of " .. tag)
+  end
+end)
+
+-- The randomized editing property ------------------------------------------
+--
+-- A person edits at random (insertions, deletions, replacements before,
+-- inside, across and after pending regions) while the model's replies land
+-- at random times.  Every character is tagged with who wrote it: "o" the
+-- original, "d" a directive line (the scripted model drops it), "p" the
+-- person, "m" the model.  The person types only digits, "Z" and "🦆", which
+-- no reply holds, and deletes only their own text or the original's plain
+-- words (not the misspelled ones, which the model rewrites): so what is
+-- owed to whom stays decidable.  Checked:
+--   * after every edit, the buffer is the tagged text (offsets agree);
+--   * no model edit removes a character the person typed;
+--   * the text not typed by the person, with the model's corrections read
+--     back, is the original less what the person deleted (nothing lost,
+--     nothing doubled);
+--   * a misspelling left uncorrected belongs to a call that reported a
+--     conflict (a collision is reported, never silently dropped);
+--   * undo steps back through exactly the recorded edits, each model edit
+--     one step of its own.
+
+local CORRECT = { teh = "the", wierd = "weird", recieve = "receive", beleive = "believe", definately = "definitely" }
+local MISSPELLED = vim.tbl_keys(CORRECT)
+table.sort(MISSPELLED)
+local PLAIN = { "a", "mop", "jam", "sago", "pug", "gum", "soup", "mugs", "ox" }
+local TYPED = { "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "Z", "🦆" }
+
+local function chars(s)
+  return vim.fn.split(s, "\\zs")
+end
+
+local function pick(list)
+  return list[math.random(#list)]
+end
+
+local word_length = {}
+
+--- The original text as atoms, and the regions to correct.
+local function original()
+  local atoms, regions = {}, {}
+  local function add(s, tag, word)
+    if word then
+      word_length[word] = #chars(s)
+    end
+    for _, ch in ipairs(chars(s)) do
+      atoms[#atoms + 1] = { ch = ch, tag = tag, word = word }
+    end
+  end
+  local words = 0
+  local function words_line(n)
+    for i = 1, n do
+      if math.random() < 0.45 then
+        words = words + 1
+        add(pick(MISSPELLED), "o", words)
+      else
+        add(pick(PLAIN), "o")
+      end
+      add(i < n and " " or "\n", "o")
+    end
+  end
+  words_line(math.random(2, 5))
+  for r = 1, math.random(2, 3) do
+    local first_word = words + 1
+    local start = #atoms
+    local directive = string.format("#delay %d.%02d\n", r - 1, math.random(10, 99))
+    add(directive, "d")
+    for _ = 1, math.random(1, 3) do
+      words_line(math.random(2, 6))
+    end
+    atoms[#atoms] = nil -- the region ends before its last newline
+    regions[r] = { start = start, finish = #atoms, words = { first_word, words }, directive = directive }
+    add("\n", "o")
+    words_line(math.random(1, 3))
+  end
+  atoms[#atoms] = nil
+  return atoms, regions
+end
+
+local function text_of(atoms, keep)
+  local out = {}
+  for _, a in ipairs(atoms) do
+    if not keep or keep(a) then
+      out[#out + 1] = a.ch
+    end
+  end
+  return table.concat(out)
+end
+
+--- Row and byte column of code point `cp` of the atoms' text.
+local function position(atoms, cp)
+  local row, col = 0, 0
+  for i = 1, cp do
+    if atoms[i].ch == "\n" then
+      row, col = row + 1, 0
+    else
+      col = col + #atoms[i].ch
+    end
+  end
+  return row, col
+end
+
+local function splice(atoms, s, e, text, tag)
+  local removed = {}
+  for _ = s + 1, e do
+    removed[#removed + 1] = table.remove(atoms, s + 1)
+  end
+  for i, ch in ipairs(chars(text)) do
+    table.insert(atoms, s + i, { ch = ch, tag = tag })
+  end
+  return removed
+end
+
+--- A random edit the rules allow: {start, end, text}, or nil.
+local function person_edit(atoms)
+  local n = #atoms
+  local near_directive = function(i) -- atom i (1-based) or its neighbours
+    for k = math.max(1, i - 1), math.min(n, i + 1) do
+      if atoms[k].tag == "d" then
+        return true
+      end
+    end
+    return false
+  end
+  local typed = {}
+  for _ = 1, math.random(1, 3) do
+    typed[#typed + 1] = pick(TYPED)
+  end
+  local text = table.concat(typed)
+  local kind = math.random(3)
+  if kind == 1 or n == 0 then
+    local at = math.random(0, n)
+    if (at > 0 and near_directive(at)) or (at < n and near_directive(at + 1)) then
+      return nil
+    end
+    return { at, at, text }
+  end
+  local s = math.random(0, n - 1)
+  local e = math.min(n, s + math.random(1, 4))
+  for i = s + 1, e do
+    local a = atoms[i]
+    if near_directive(i) or a.tag == "m" or a.word or a.tag == "d" then
+      return nil
+    end
+  end
+  return { s, e, kind == 2 and "" or text }
+end
+
+local function normalize(s)
+  for wrong, right in pairs(CORRECT) do
+    s = s:gsub(right, wrong)
+  end
+  return s
+end
+
+local function round(seed, policy)
+  local dovecote = require("dovecote")
+  math.randomseed(seed)
+  local atoms, regions = original()
+  local initial = { unpack(atoms) }
+  local b = T.buffer(text_of(atoms))
+  local history = { T.text(b) }
+  local violations = {}
+  local function check(what)
+    local want = text_of(atoms)
+    if T.text(b) ~= want then
+      error(string.format("seed %d, after %s: the buffer is\n%s\nbut the edits give\n%s", seed, what, T.text(b), want))
+    end
+  end
+  T.intercept(function(method, params, answer)
+    local result = answer()
+    if method == "document/applyEdit" and result.applied then
+      for _, edit in ipairs(params.edits) do
+        for _, a in ipairs(splice(atoms, edit.start, edit["end"], edit.text, "m")) do
+          if a.tag == "p" then
+            violations[#violations + 1] = "the model's edit removed the person's " .. a.ch
+          end
+        end
+      end
+      check("a model edit")
+      history[#history + 1] = T.text(b)
+    end
+    return result
+  end)
+  T.setup({ on_conflict = policy })
+  for _, region in ipairs(regions) do
+    local sr, sc = position(atoms, region.start)
+    local er, ec = position(atoms, region.finish)
+    T.truthy(dovecote.correct(b, sr, sc, er, ec), "a correction asked for")
+  end
+  local edits = 0
+  while edits < 12 or dovecote.pending() > 0 or next(dovecote._state.flows) do
+    T.sleep(math.random(5, 60))
+    local edit = person_edit(atoms)
+    if edit then
+      local sr, sc = position(atoms, edit[1])
+      local er, ec = position(atoms, edit[2])
+      T.edit(b, sr, sc, er, ec, edit[3])
+      for _, a in ipairs(splice(atoms, edit[1], edit[2], edit[3], "p")) do
+        a.deleted_by_person = true
+      end
+      check("the person's edit " .. vim.inspect(edit))
+      history[#history + 1] = T.text(b)
+      edits = edits + 1
+    end
+    T.truthy(edits < 400, "the calls to end")
+  end
+  eq({}, violations, "seed " .. seed .. ": the person's text kept")
+  -- Nothing lost, nothing doubled: what the person did not type, the
+  -- corrections read back, is the original less the person's deletions.
+  local want = text_of(initial, function(a)
+    return a.tag ~= "d" and not a.deleted_by_person
+  end)
+  local got = normalize(text_of(atoms, function(a)
+    return a.tag ~= "p" and a.tag ~= "d"
+  end))
+  eq(want, got, "seed " .. seed .. ": the text not typed by the person, corrections read back")
+  -- A misspelling left whole and untouched belongs to a call that reported
+  -- a conflict.
+  local conflicts = {}
+  for _, id in ipairs(dovecote.calls()) do
+    local show = dovecote.request_sync("command/show", { commandId = id })
+    local prompt = show.command.request.messages[1].content
+    for r, region in ipairs(regions) do
+      if prompt:sub(1, #region.directive) == region.directive then
+        conflicts[r] = #(show.conflicts or {})
+      end
+    end
+  end
+  local runs = {}
+  for i, a in ipairs(atoms) do
+    if a.tag == "o" and a.word then
+      local run = runs[a.word] or { count = 0, first = i }
+      run.count, run.last = run.count + 1, i
+      runs[a.word] = run
+    end
+  end
+  for r, region in ipairs(regions) do
+    for word = region.words[1], region.words[2] do
+      local run = runs[word]
+      if run and run.count == word_length[word] and run.last - run.first + 1 == run.count then
+        T.truthy((conflicts[r] or 0) > 0, string.format(
+          "seed %d: a misspelling of region %d left uncorrected with no conflict reported:\n%s", seed, r, T.text(b)))
+      end
+    end
+  end
+  -- Undo steps back through the recorded texts one by one.
+  for i = #history - 1, 1, -1 do
+    vim.api.nvim_buf_call(b, function()
+      vim.cmd("silent undo")
+    end)
+    eq(history[i], T.text(b), string.format("seed %d: undo step %d of %d", seed, #history - i, #history - 1))
+  end
+end
+
+test("randomized_editing_property", function()
+  local seed = tonumber(os.getenv("DOVECOTE_NVIM_SEED") or "") or 20261201
+  for i = 0, 2 do
+    round(seed + i, i % 2 == 0 and "drop" or "ask")
+    require("dovecote").shutdown()
   end
 end)

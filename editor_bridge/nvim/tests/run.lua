@@ -100,15 +100,14 @@ function T.replace(bufnr, old, new)
   T.edit(bufnr, r, c, r, c + #old, new)
 end
 
---- A person's edit through nvim_buf_set_text, an undo block of its own.
+--- A person's edit through nvim_buf_set_text: a new undo block, which
+--- stays open (as typing does) until the next begins; a model edit that
+--- lands meanwhile must close it itself.
 function T.edit(bufnr, sr, sc, er, ec, text)
   vim.api.nvim_buf_call(bufnr, function()
     vim.go.undolevels = vim.go.undolevels
   end)
   vim.api.nvim_buf_set_text(bufnr, sr, sc, er, ec, vim.split(text, "\n", { plain = true }))
-  vim.api.nvim_buf_call(bufnr, function()
-    vim.go.undolevels = vim.go.undolevels
-  end)
 end
 
 --- Correct the text from the first `from` to the end of the first `to`.
@@ -161,6 +160,7 @@ function T.setup(opts)
 end
 
 vim.o.report = 99999 -- no "3 more lines" on the terminal
+vim.o.showmode = false
 vim.o.shortmess = vim.o.shortmess .. "FW"
 _G.dovecote_test = T
 dofile(here .. "cases.lua")

@@ -288,6 +288,8 @@ local function undo_break(bufnr)
   end)
 end
 
+local CTRL_G_U = api.nvim_replace_termcodes("<C-g>u", true, false, true)
+
 --- Apply `edits` (code point ranges, last first) to `doc` as one undo block
 --- of its own, never joined with the typing around it; cursors keep their
 --- place in the text.
@@ -320,6 +322,13 @@ local function apply_edits(doc, edits)
     end
   end)
   undo_break(bufnr)
+  -- Insert mode saved the line it types on when it began: keys typed on
+  -- that line from now on would be undone with the model's edit.  CTRL-G u
+  -- (put before any keys still waiting) makes it save the line again.
+  local mode = api.nvim_get_mode().mode:sub(1, 1)
+  if api.nvim_get_current_buf() == bufnr and (mode == "i" or mode == "R") then
+    api.nvim_feedkeys(CTRL_G_U, "ni", false)
+  end
   for win, mark in pairs(cursors) do
     local pos = api.nvim_buf_get_extmark_by_id(bufnr, cursor_ns, mark, {})
     if pos[1] and api.nvim_win_is_valid(win) and api.nvim_win_get_buf(win) == bufnr then
