@@ -7,8 +7,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 EMACS ?= emacs
 EL := editor_bridge/emacs
+NVIM ?= nvim
+NV := editor_bridge/nvim
 
-.PHONY: demo test lint typecheck pytest emacs-test bench clean
+.PHONY: demo test lint lua-lint typecheck pytest emacs-test nvim nvim-test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,9 +21,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/dovecote demo
 
-test: lint typecheck emacs-test pytest
+test: lint typecheck emacs-test nvim pytest
 
-lint: $(STAMP)
+lint: $(STAMP) lua-lint
 	$(BIN)/ruff check flows adapters editor_bridge tests bench examples
 	$(BIN)/ruff format --check flows adapters editor_bridge tests bench examples
 	$(BIN)/python -m flows.diagrams --check
@@ -55,6 +57,30 @@ emacs-test: $(STAMP)
 	  $(EL)/dovecote.el $(EL)/dovecote-tests.el && \
 	DOVECOTE=$(abspath $(BIN)/dovecote) $(EMACS) --batch -Q -L $(EL) \
 	  -l dovecote-tests -f ert-run-tests-batch-and-exit
+
+# A tool from Debian's archive, installed when missing and running as root;
+# else the target fails (never skips).  $(call apt,COMMAND,PACKAGE)
+apt = command -v $(1) >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "$(1) not found; installing $(2)" >&2; \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y --no-install-recommends $(2) || exit 1; \
+	  else \
+	    echo "$(1) not found and not root: apt-get install $(2)" >&2; exit 1; \
+	  fi; }; command -v $(1) >/dev/null 2>&1 || { echo "$(1) is still missing" >&2; exit 1; }
+
+# The Lua of the Neovim client, checked as ruff checks the Python.
+lua-lint:
+	@$(call apt,luacheck,lua-check)
+	cd $(NV) && luacheck --no-color -q .
+
+# Neovim (>= 0.7.2) for the headless tests of the Neovim client, which
+# tests/test_nvim.py runs with the rest of pytest.
+nvim:
+	@$(call apt,$(NVIM),neovim)
+
+nvim-test: $(STAMP) nvim
+	NVIM=$(NVIM) $(BIN)/python -m pytest -q tests/test_nvim.py
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
