@@ -88,6 +88,14 @@ test("offsets_agree_with_the_server_for_every_kind_of_edit", function()
   eq(want, mirror, "the server's text rebuilt from the changes sent")
   eq(want, doc:text(), "the shadow")
   T.truthy(#sent >= 10, "a change sent for each edit")
+  -- The server took every change: a correction of the whole text lands.
+  api.nvim_buf_set_lines(b, 0, -1, false, { "x\255y 🦆 teh end", "teh" })
+  dovecote.correct(b, 0, 0, 1, 3)
+  T.settle()
+  eq("x\255y 🦆 the end\nthe", T.text(b), "the correction next to a byte that is not UTF-8")
+  for _, message in ipairs(T.messages) do
+    T.truthy(not message:find("refused"), "no change refused: " .. message)
+  end
 end)
 
 test("a_dos_file_keeps_its_line_ends", function()
@@ -392,6 +400,128 @@ test("help_tags", function()
     vim.cmd("help " .. tag)
     eq("dovecote.txt", vim.fn.expand("%:t"), "the help of " .. tag)
   end
+end)
+
+test("correct_command_on_a_selection_or_the_paragraph", function()
+  local b = T.buffer("Teh first paragraph.\n\nOne teh two teh three.\nA recieve line.\n\nlast")
+  -- A characterwise selection: from "teh" (the first) to "two".
+  vim.api.nvim_win_set_cursor(0, { 3, 4 })
+  vim.cmd("normal! v6l\27")
+  vim.cmd("'<,'>DovecoteCorrect")
+  T.settle()
+  eq("Teh first paragraph.\n\nOne the two teh three.\nA recieve line.\n\nlast", T.text(b), "the selection")
+  -- No range: the paragraph under the cursor, every line of it.
+  vim.api.nvim_win_set_cursor(0, { 4, 0 })
+  vim.cmd("DovecoteCorrect")
+  T.settle()
+  eq("Teh first paragraph.\n\nOne the two the three.\nA receive line.\n\nlast", T.text(b), "the paragraph")
+  -- A linewise range.
+  vim.cmd("1DovecoteCorrect")
+  T.settle()
+  eq("The first paragraph.", vim.api.nvim_buf_get_lines(b, 0, 1, false)[1], "the first line")
+  vim.api.nvim_win_set_cursor(0, { 2, 0 })
+  vim.cmd("DovecoteCorrect")
+  T.truthy(T.messages[#T.messages]:find("no paragraph under the cursor"), "on a blank line")
+end)
+
+test("twice_on_the_same_region", function()
+  -- The second call's region starts where the first call's edit lands.
+  local b = T.buffer("#delay 0.3\nTeh garden is wierd in winter.")
+  T.correct(b, "#delay", "winter.")
+  T.correct(b, "#delay", "winter.")
+  T.settle()
+  eq("The garden is weird in winter.", T.text(b), "the buffer")
+  eq({}, require("dovecote.ui").conflict_buffers(), "no conflict")
+end)
+
+test("conflict_resolved_after_the_word_changed_again", function()
+  local b = T.buffer("#delay 0.5\nTeh garden is wierd in winter.")
+  T.correct(b, "#delay", "winter.")
+  T.replace(b, "wierd", "odd")
+  local conflicts = T.wait_for(function()
+    local _, bufnr = next(require("dovecote.ui").conflict_buffers())
+    return bufnr
+  end, "the conflict buffer")
+  T.settle()
+  T.replace(b, "odd", "chilly")
+  vim.api.nvim_set_current_buf(conflicts)
+  vim.api.nvim_win_set_cursor(0, { vim.fn.search("^<<<<<<< yours$") + 1, 0 })
+  vim.api.nvim_feedkeys("ct", "x", false)
+  vim.cmd("write")
+  T.wait_for(function()
+    return not vim.api.nvim_buf_is_valid(conflicts)
+  end, "the conflict buffer closed")
+  eq("The garden is weird in winter.", T.text(b), "the model's word in place of the person's new one")
+end)
+
+test("progress_shown_at_the_region", function()
+  local seen
+  local b = T.buffer("#delay 0.2\nTeh end.")
+  T.intercept(function(method, _, answer)
+    if method == "document/applyEdit" and not seen then
+      for _, mark in ipairs(vim.api.nvim_buf_get_extmarks(b, require("dovecote").namespace, 0, -1,
+        { details = true })) do
+        local virt = mark[4].virt_text
+        seen = seen or (virt and virt[1][1])
+      end
+    end
+    return answer()
+  end)
+  T.correct(b, "#delay", "end.")
+  local marks = vim.api.nvim_buf_get_extmarks(b, require("dovecote").namespace, 0, -1, { details = true })
+  eq(1, #marks, "the pending region marked")
+  eq("DovecotePending", marks[1][4].hl_group, "highlighted")
+  eq({ 0, 0, 1, 8 }, { marks[1][2], marks[1][3], marks[1][4].end_row, marks[1][4].end_col }, "over the region")
+  T.settle()
+  eq(" ⋯ The end.", seen, "the streamed reply shown before it lands")
+  eq({}, vim.api.nvim_buf_get_extmarks(b, require("dovecote").namespace, 0, -1, {}), "no mark once landed")
+end)
+
+test("a_failed_correction", function()
+  local dovecote = require("dovecote")
+  T.setup({ adapter = "no-such-adapter" })
+  local b = T.buffer("Teh end.")
+  T.correct(b, "Teh", "end.")
+  T.settle()
+  eq("Teh end.", T.text(b), "the buffer untouched")
+  eq({}, vim.api.nvim_buf_get_extmarks(b, dovecote.namespace, 0, -1, {}), "no mark")
+  T.wait_for(function()
+    return T.messages[#T.messages]:find("failed")
+  end, "the failure told")
+  T.truthy(T.messages[#T.messages]:find("no%-such%-adapter"), "with why: " .. T.messages[#T.messages])
+end)
+
+test("a_server_that_cannot_start", function()
+  local dovecote = require("dovecote")
+  T.setup({ server_cmd = { T.tmp .. "/no-such-dovecote", "serve", "--stdio" } })
+  local b = T.buffer("Teh end.")
+  eq(nil, dovecote.correct(b, 0, 0, 0, 8), "nothing asked")
+  T.truthy(T.messages[#T.messages]:find("no program"), "told why: " .. T.messages[#T.messages])
+  eq({}, vim.api.nvim_buf_get_extmarks(b, dovecote.namespace, 0, -1, {}), "no mark")
+  -- A server that exits at once: told, retried with a growing wait, told once.
+  T.setup({ server_cmd = { "sh", "-c", "exit 3" }, reconnect_delay = 0.02 })
+  dovecote.attach(b)
+  T.sleep(400)
+  local told = 0
+  for _, message in ipairs(T.messages) do
+    if message:find("exited before it answered") then
+      told = told + 1
+    end
+  end
+  eq(1, told, "the failure to restart told once")
+  T.truthy(dovecote.status():find("!$"), "the statusline says offline: " .. dovecote.status())
+end)
+
+test("a_file_reloaded_while_pending", function()
+  local path = T.tmp .. "/reload.txt"
+  vim.fn.writefile({ "#delay 0.6", "Teh end.", "old tail" }, path)
+  vim.cmd("edit " .. path)
+  local b = vim.api.nvim_get_current_buf()
+  T.correct(b, "#delay", "end.")
+  vim.fn.writefile({ "New head.", "#delay 0.6", "Teh end.", "new tail" }, path)
+  vim.cmd("silent edit!")
+  T.settle()
+  eq("New head.\nThe end.\nnew tail", T.text(b), "merged into the reloaded text")
 end)
 
 -- The randomized editing property ------------------------------------------

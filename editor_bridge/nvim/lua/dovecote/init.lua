@@ -50,6 +50,7 @@ local expected = 0
 local early = {}
 
 local stopping = false
+local initialized = false -- the running server answered initialize
 local reconnect_timer = nil
 local reconnect_wait = nil
 local start_failure_shown = false
@@ -158,6 +159,7 @@ ensure = function()
   end
   stopping = false
   local cwd = M.config.cwd and vim.fn.expand(M.config.cwd) or vim.loop.cwd()
+  initialized = false
   local started, why = connection.start(M.config.server_cmd, cwd, {
     notification = function(method, params)
       handlers.notification(method, params)
@@ -169,6 +171,17 @@ ensure = function()
       for _, doc in pairs(docs) do
         doc.opened = nil
       end
+      if not initialized then
+        -- It died before it answered: wait longer each time, say so once.
+        reconnect_wait = math.min(60, 2 * (reconnect_wait or M.config.reconnect_delay))
+        if not start_failure_shown then
+          start_failure_shown = true
+          say("the server " .. vim.inspect(M.config.server_cmd) .. " exited before it answered; retrying "
+            .. "(see server_cmd in setup(), and its output in " .. vim.lsp.get_log_path() .. ")",
+            vim.log.levels.ERROR)
+        end
+      end
+      initialized = false
       if not stopping then
         schedule_reconnect()
       end
@@ -181,6 +194,7 @@ ensure = function()
     if err then
       say("the server refused initialize: " .. (err.message or "?"), vim.log.levels.ERROR)
     else
+      initialized = true
       reconnect_wait = nil
       start_failure_shown = false
     end
@@ -223,6 +237,41 @@ local function on_bytes(_, bufnr, _, ...)
   end
 end
 
+local function attach_buffer(bufnr, version)
+  local doc = document.new(bufnr)
+  doc.uri = uri_of(bufnr)
+  doc.version = version
+  docs[bufnr] = doc
+  api.nvim_buf_attach(bufnr, false, {
+    on_bytes = on_bytes,
+    on_reload = function()
+      if docs[bufnr] == doc then
+        doc.version = doc.version + 1
+        doc:reload()
+        open(doc)
+      end
+    end,
+    on_detach = function()
+      -- `:edit!` detaches too, then loads the buffer again: a document
+      -- still loaded is attached anew, its text sent whole (the server
+      -- moves its regions through the difference).
+      vim.schedule(function()
+        if docs[bufnr] ~= doc then
+          return
+        end
+        if api.nvim_buf_is_loaded(bufnr) then
+          attach_buffer(bufnr, doc.version + 1)
+        else
+          docs[bufnr] = nil
+          connection.notify("document/close", { uri = doc.uri })
+        end
+      end)
+    end,
+  })
+  open(doc)
+  return doc
+end
+
 --- Make buffer `bufnr` (default: the current one) a document the server
 --- mirrors, starting the server if need be.  Returns its Document, or nil
 --- and why not.
@@ -239,27 +288,7 @@ function M.attach(bufnr)
     end
     return doc
   end
-  doc = document.new(bufnr)
-  doc.uri = uri_of(bufnr)
-  docs[bufnr] = doc
-  api.nvim_buf_attach(bufnr, false, {
-    on_bytes = on_bytes,
-    on_reload = function()
-      if docs[bufnr] == doc then
-        doc.version = doc.version + 1
-        doc:reload()
-        open(doc)
-      end
-    end,
-    on_detach = function()
-      if docs[bufnr] == doc then
-        docs[bufnr] = nil
-        connection.notify("document/close", { uri = doc.uri })
-      end
-    end,
-  })
-  open(doc)
-  return doc
+  return attach_buffer(bufnr, 0)
 end
 
 --- Stop mirroring buffer `bufnr`.
@@ -493,6 +522,10 @@ notification["command/state"] = function(params)
   end
   if id == info.command and (state == info.command_state or TERMINAL[info.command_state or ""]) then
     return -- nothing new, or older than a terminal state
+  end
+  if id ~= info.command then
+    -- Its progress goes only to the connections watching it.
+    connection.request("command/watch", { commandIds = { id } }, function() end)
   end
   info.command, info.command_state = id, state
   remember_call(id, flow_id, info.bufnr)
@@ -742,7 +775,7 @@ function M.shutdown()
   for i = #call_order, 1, -1 do
     call_order[i] = nil
   end
-  expected, early, reconnect_wait = 0, {}, nil
+  expected, early, reconnect_wait, start_failure_shown = 0, {}, nil, false
   connection.stop()
 end
 
