@@ -21,8 +21,16 @@ The rules of ``move_region``, and why:
   reply meant for "here" lands after what the person typed there meanwhile;
 * a deletion overlapping the region clips it; a region wholly deleted collapses to an
   empty region at the deletion point;
-* a replacement (non-empty range and text) is a deletion followed by an insertion at the
-  change's start, so each rule above applies in turn.
+* a replacement (non-empty range and text) that replaces at least one of the region's
+  characters puts its new text *inside* the region: the text is an edit of the region's
+  words (a fix of "Teh" at the region's start, a retyped word at its end), and leaving
+  it out would make a later merge of the same region see those words deleted, then
+  insert them again (``TheThe``).  The region grows over the replaced part outside it
+  too (a replacement spanning the region's start or end): the replacement is one piece,
+  and ``ours`` must hold all of it or none;
+* any other replacement (one that only abuts the region or misses it, and every
+  replacement near an empty region, which has no characters to replace) is a deletion
+  followed by an insertion at the change's start, so each rule above applies in turn.
 
 Offsets are code points (Python ``str`` indices), like everywhere in ``flows``.
 """
@@ -142,13 +150,17 @@ def move_region(start: int, end: int, change: Change) -> tuple[int, int]:
             return pos - removed
         return cut
 
+    replaces_inside = max(start, cut) < min(end, cut_end)
     start, end = delete(start), delete(end)
     added = len(change.text)
     if added:
         # Insertion at `cut`: the start moves when the text lands at or before it, the end
         # only when the text lands strictly before it, unless the region is empty (it then
-        # moves as a whole, keeping start <= end).
-        if cut <= start:
+        # moves as a whole, keeping start <= end).  A replacement of the region's own
+        # characters left start <= cut <= end: its text goes inside.
+        if replaces_inside:
+            end += added
+        elif cut <= start:
             start += added
             end += added
         elif cut < end:

@@ -27,22 +27,28 @@ def carry(marked: str, change: Change) -> str:
     The deleted characters go, the sentinels among them stay (a deletion clips the
     region).  The inserted text goes after an end sentinel at the change point (text at
     the end stays outside) and before a start sentinel (text at the start stays outside;
-    an empty region, START END, therefore moves past it).
+    an empty region, START END, therefore moves past it), unless the change deleted a
+    character between the sentinels: a replacement of the region's own text puts its new
+    text inside (after a start sentinel, before an end sentinel).
     """
     kept: list[str] = []
     offset = 0  # document offset of the next document character
+    inside = replaced_inside = False
     for ch in marked:
         if ch in (START, END):
             kept.append(ch)
+            inside = ch == START
         else:
             if not change.start <= offset < change.end:
                 kept.append(ch)
+            else:
+                replaced_inside = replaced_inside or inside
             offset += 1
     at = seen = 0
     while seen < change.start:  # just past the document character before the change
         seen += kept[at] not in (START, END)
         at += 1
-    while at < len(kept) and kept[at] == END:
+    while at < len(kept) and kept[at] == (START if replaced_inside else END):
         at += 1
     return "".join(kept[:at]) + change.text + "".join(kept[at:])
 
@@ -105,12 +111,17 @@ CASES = [
     pytest.param(Change(3, 5, ""), (3, 3), id="delete-exactly-region-collapses"),
     pytest.param(Change(1, 7, ""), (1, 1), id="delete-around-collapses-at-point"),
     pytest.param(Change(5, 8, ""), (3, 5), id="delete-after-ignored"),
-    # A replacement is a deletion, then an insertion at its start: text replacing the
-    # region's first or last characters lands at one of its ends, hence outside.
-    pytest.param(Change(3, 4, "Q"), (4, 5), id="replace-first-char-new-text-outside"),
-    pytest.param(Change(4, 5, "QQ"), (3, 4), id="replace-last-char-new-text-outside"),
-    pytest.param(Change(2, 4, "QQQ"), (5, 6), id="replace-over-start"),
-    pytest.param(Change(3, 5, "new"), (6, 6), id="replace-whole-region-leaves-empty-after"),
+    # A replacement of the region's own characters puts its text inside, even at the
+    # region's ends (a fix of its first word must not fall out of it).
+    pytest.param(Change(3, 4, "Q"), (3, 5), id="replace-first-char-new-text-inside"),
+    pytest.param(Change(4, 5, "QQ"), (3, 6), id="replace-last-char-new-text-inside"),
+    pytest.param(Change(2, 4, "QQQ"), (2, 6), id="replace-over-start-takes-it-whole"),
+    pytest.param(Change(4, 7, "QQ"), (3, 6), id="replace-over-end-takes-it-whole"),
+    pytest.param(Change(3, 5, "new"), (3, 6), id="replace-whole-region-is-the-new-text"),
+    pytest.param(Change(1, 7, "new"), (1, 4), id="replace-around-region-is-the-new-text"),
+    # A replacement that only abuts the region replaces none of its text: outside.
+    pytest.param(Change(2, 3, "QQ"), (4, 6), id="replace-abutting-start-stays-outside"),
+    pytest.param(Change(5, 6, "QQ"), (3, 5), id="replace-abutting-end-stays-outside"),
 ]
 
 
@@ -127,6 +138,8 @@ def test_move_region_cases(change: Change, expected: tuple[int, int]) -> None:
         pytest.param(Change(3, 3, "XY"), (6, 6), id="insert-before-empty"),
         pytest.param(Change(5, 5, "XY"), (4, 4), id="insert-after-empty"),
         pytest.param(Change(3, 5, ""), (3, 3), id="delete-around-empty"),
+        # No character of an empty region is replaced: the text goes past it.
+        pytest.param(Change(3, 5, "XYZ"), (6, 6), id="replace-around-empty-moves-it-past"),
     ],
 )
 def test_empty_region(change: Change, expected: tuple[int, int]) -> None:
@@ -191,7 +204,7 @@ def test_a_region_follows_its_text_through_a_session() -> None:
         (Change(15, 15, "!"), "world"),  # typed at the end: outside
         (Change(12, 12, "o"), "woorld"),  # inside: widens
         (Change(0, 6, ""), "woorld"),  # "hello " deleted before
-        (Change(0, 5, "x"), "oorld"),  # replacement over the start clips
+        (Change(0, 5, "x"), "xoorld"),  # replacement over the start: one piece, inside
     ]:
         start, end = move_region(start, end, change)
         doc = apply_change(doc, change)
