@@ -300,14 +300,15 @@ end)
 
 test("conflict_markers", function()
   T.setup({ on_conflict = "markers" })
-  local b = T.buffer("#delay 0.5\nTeh garden is wierd in winter.")
-  T.correct(b, "#delay", "winter.")
+  local b = T.buffer("#delay 0.5\nTeh garden is wierd in winter.\nA second line stays.")
+  T.correct(b, "#delay", "stays.")
   T.replace(b, "wierd", "odd")
   T.settle()
   local text = T.text(b)
-  T.truthy(text:find("<<<<<<<", 1, true) and text:find("odd", 1, true) and text:find("weird", 1, true)
-    and text:find(">>>>>>>", 1, true), "markers written: " .. text)
-  T.truthy(text:find("^The garden"), "the rest merged: " .. text)
+  for _, part in ipairs({ "<<<<<<< ", "odd", "weird", ">>>>>>> ", "\nA second line stays." }) do
+    T.truthy(text:find(part, 1, true), "markers written with both sides (" .. part .. "): " .. text)
+  end
+  T.truthy(not text:find("#delay", 1, true), "the rest merged: " .. text)
 end)
 
 test("server_killed_and_restarted", function()
@@ -451,7 +452,37 @@ test("conflict_resolved_after_the_word_changed_again", function()
   T.wait_for(function()
     return not vim.api.nvim_buf_is_valid(conflicts)
   end, "the conflict buffer closed")
-  eq("The garden is weird in winter.", T.text(b), "the model's word in place of the person's new one")
+  -- Resolved against the text as it is now: the person's newer word stays
+  -- (issue 14's finding 1 was "chillyweird"), and they are told.
+  eq("The garden is chilly in winter.", T.text(b), "the person's new word kept, nothing mixed")
+  local told = vim.tbl_filter(function(m)
+    return m:find("you changed that text since", 1, true) ~= nil
+  end, T.messages)
+  eq(1, #told, "told that their text stays")
+end)
+
+test("conflicts_reopened_from_the_list", function()
+  local b = T.buffer("#delay 0.3\nTeh garden is wierd in winter.")
+  T.correct(b, "#delay", "winter.")
+  T.replace(b, "wierd", "odd")
+  local conflicts = T.wait_for(function()
+    local _, bufnr = next(require("dovecote.ui").conflict_buffers())
+    return bufnr
+  end, "the conflict buffer")
+  T.settle()
+  vim.api.nvim_buf_delete(conflicts, { force = true })
+  vim.cmd("DovecoteList")
+  vim.api.nvim_win_set_cursor(0, { 3, 0 })
+  vim.api.nvim_feedkeys("c", "x", false)
+  conflicts = vim.api.nvim_get_current_buf()
+  T.truthy(vim.api.nvim_buf_get_name(conflicts):find("dovecote://conflict/", 1, true), "the conflicts again")
+  local row = vim.fn.search("^<<<<<<< yours$")
+  local last = vim.fn.search("^>>>>>>> model$")
+  vim.api.nvim_buf_set_lines(conflicts, row - 1, last, false, { "frosty" })
+  vim.cmd("write")
+  T.wait_for(function()
+    return T.text(b) == "The garden is frosty in winter."
+  end, "the typed resolution applied, got " .. T.text(b))
 end)
 
 test("progress_shown_at_the_region", function()
@@ -543,6 +574,8 @@ end)
 --     conflict (a collision is reported, never silently dropped);
 --   * undo steps back through exactly the recorded edits, each model edit
 --     one step of its own.
+-- Some regions are asked about twice: the second reply finds the first's
+-- edits in place and changes nothing more.
 
 local CORRECT = { teh = "the", wierd = "weird", recieve = "receive", beleive = "believe", definately = "definitely" }
 local MISSPELLED = vim.tbl_keys(CORRECT)
@@ -711,6 +744,9 @@ local function round(seed, policy)
     local sr, sc = position(atoms, region.start)
     local er, ec = position(atoms, region.finish)
     T.truthy(dovecote.correct(b, sr, sc, er, ec), "a correction asked for")
+    if math.random() < 0.3 then -- and asked again on the same region
+      T.truthy(dovecote.correct(b, sr, sc, er, ec), "a second correction asked for")
+    end
   end
   local edits = 0
   while edits < 12 or dovecote.pending() > 0 or next(dovecote._state.flows) do
@@ -747,7 +783,7 @@ local function round(seed, policy)
     local prompt = show.command.request.messages[1].content
     for r, region in ipairs(regions) do
       if prompt:sub(1, #region.directive) == region.directive then
-        conflicts[r] = #(show.conflicts or {})
+        conflicts[r] = (conflicts[r] or 0) + #(show.conflicts or {})
       end
     end
   end

@@ -116,7 +116,8 @@ function M.list()
     end
   end
   local bufnr = scratch("dovecote://calls", "dovecote")
-  render(bufnr, "Calls of this Neovim.  <CR> shows one, x cancels, r replays a dead one, R refreshes, q closes",
+  render(bufnr, "Calls of this Neovim.  <CR> shows one, x cancels, r replays a dead one, c opens its conflicts, "
+    .. "R refreshes, q closes",
     commands)
   map(bufnr, "<CR>", function()
     local id = id_at_cursor(bufnr)
@@ -138,6 +139,15 @@ function M.list()
       M.list()
     end
   end, "replay the dead call (a count: its timeout in seconds)")
+  map(bufnr, "c", function()
+    local id = id_at_cursor(bufnr)
+    local result = id and dovecote().request_sync("command/show", { commandId = id })
+    if type(result) == "table" and (tonumber(result.unresolved) or 0) > 0 then
+      M.conflicts(id, result, dovecote().call_info(id) and dovecote().call_info(id).bufnr)
+    elseif id then
+      say("call " .. id:sub(-8) .. " has no conflict to resolve")
+    end
+  end, "open the call's conflicts to resolve")
   map(bufnr, "R", M.list, "refresh")
   map(bufnr, "q", "<cmd>close<CR>", "close")
   return bufnr
@@ -275,33 +285,40 @@ local function finish(id, bufnr)
   local state = open_conflicts[id]
   local found = blocks(bufnr)
   local choices = {}
-  for i = #state.conflicts, 1, -1 do
-    local conflict = state.conflicts[i]
-    local text = found[i]
+  for n = #state.conflicts, 1, -1 do
+    local conflict = state.conflicts[n]
+    local text = found[n]
+    if conflict.done then
+      goto continue
+    end
     if text == nil then
-      say("conflict " .. i .. " is gone from the buffer; write it again", vim.log.levels.ERROR)
+      say("conflict " .. n .. " is gone from the buffer; write it again", vim.log.levels.ERROR)
       return
     end
     if text:find("^<<<<<<< ") or text:find("\n<<<<<<< ") or text:find("\n>>>>>>> ")
       or text:find("\n||||||| ") or text:find("\n=======") then
-      say("conflict " .. i .. " is not resolved yet", vim.log.levels.WARN)
+      say("conflict " .. n .. " is not resolved yet", vim.log.levels.WARN)
       return
     end
+    local choice = { n = n, index = conflict.index }
     if text == conflict.ours then
-      choices[#choices + 1] = { index = i - 1, choice = "ours" }
+      choice.choice = "ours"
     elseif text == conflict.theirs then
-      choices[#choices + 1] = { index = i - 1, choice = "theirs" }
+      choice.choice = "theirs"
     else
-      choices[#choices + 1] = { index = i - 1, choice = "text", text = text }
+      choice.choice, choice.text = "text", text
     end
+    choices[#choices + 1] = choice
+    ::continue::
   end
-  -- One by one, last first, each only once applied.
+  -- One by one, last first, each sent only once: a write after a failure
+  -- sends those left.
   local function next_choice(k)
     local c = choices[k]
     if not c then
       open_conflicts[id] = nil
-      api.nvim_buf_set_option(bufnr, "modified", false)
       if api.nvim_buf_is_valid(bufnr) then
+        api.nvim_buf_set_option(bufnr, "modified", false)
         pcall(api.nvim_buf_delete, bufnr, { force = true })
       end
       say("conflicts of " .. id:sub(-8) .. " resolved")
@@ -309,13 +326,20 @@ local function finish(id, bufnr)
     end
     dovecote().request("conflict/resolve", { commandId = id, index = c.index, choice = c.choice, text = c.text },
       function(err, result)
+        result = type(result) == "table" and result or {}
         if err then
           say("conflict/resolve failed: " .. (err.message or "?"), vim.log.levels.ERROR)
-        elseif type(result) == "table" and result.applied == true then
-          next_choice(k + 1)
-        else
-          say("conflict " .. (c.index + 1) .. " could not be applied; write again", vim.log.levels.WARN)
+          return
         end
+        if vim.tbl_contains(result.changed or {}, c.index) then
+          -- The person changed that text again since: their text stays.
+          say(string.format("conflict %d: you changed that text since; yours stays", c.n))
+        elseif result.applied ~= true then
+          say(string.format("conflict %d could not be applied; write again", c.n), vim.log.levels.WARN)
+          return
+        end
+        state.conflicts[c.n].done = true
+        next_choice(k + 1)
       end)
   end
   next_choice(1)
@@ -359,9 +383,15 @@ end
 --- Open the kept conflicts of call `id` (its `command/show` result) for a
 --- person to resolve; `:w` sends the resolution.
 function M.conflicts(id, result, source)
+  -- Those still kept, with the person's text as it is now when the server
+  -- says (`kept`); else all of them, numbered as the server numbers them.
   local conflicts = {}
-  for _, c in ipairs(result.conflicts or {}) do
-    conflicts[#conflicts + 1] = c
+  if type(result.kept) == "table" then
+    conflicts = vim.deepcopy(result.kept)
+  else
+    for i, c in ipairs(result.conflicts or {}) do
+      conflicts[i] = vim.tbl_extend("force", c, { index = i - 1 })
+    end
   end
   open_conflicts[id] = { conflicts = conflicts }
   local name = "dovecote://conflict/" .. id
