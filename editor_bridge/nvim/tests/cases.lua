@@ -153,53 +153,49 @@ test("apply_edit_checks_the_version", function()
   eq("now W🦆 receive the plan.", T.text(b), "both edits")
 end)
 
---- Type `keys` one by one in Insert mode (from `start`, an Insert command),
---- `gap` ms apart, as a person does while a reply is due.
-local function type_slowly(start, keys, gap)
-  vim.api.nvim_input(start)
+--- Type `keys` one by one, `gap` ms apart, as a person does.
+local function type_slowly(keys, gap)
   for _, key in ipairs(vim.fn.split(keys, "\\zs")) do
     T.sleep(gap)
     vim.api.nvim_input(key)
   end
-  T.sleep(50)
-  vim.api.nvim_input("<Esc>")
+  T.sleep(gap)
 end
 
---- Undo the model's edit, landed in the middle of typing `typed` after
---- `before` (the text as it was, up to where the typing went) and `after`:
---- undo steps back through the typing after it, the model's edit alone,
---- then the typing before it.
-local function undo_around_the_model(b, corrected, original, typed)
+--- In Insert mode (entered with `start`), type `before`, let the reply
+--- land, type `after`; then undo steps back through the typing after it,
+--- the model's edit alone, and the typing before it.
+local function undo_around_the_model(b, start, before, after, corrected, original)
+  vim.api.nvim_input(start)
+  type_slowly(before, 40)
+  T.settle()
+  eq("i", vim.api.nvim_get_mode().mode, "still typing when the reply lands")
+  type_slowly(after, 40)
+  vim.api.nvim_input("<Esc>")
+  T.sleep(40)
+  eq(corrected .. before .. after, T.text(b), "the buffer")
   vim.cmd("silent undo")
-  local prefix = T.text(b):match("^" .. vim.pesc(corrected) .. "(.*)$")
-  T.truthy(prefix and #prefix > 0 and #prefix < #typed and typed:sub(1, #prefix) == prefix,
-    "the first undo takes back what was typed after the reply landed: " .. T.text(b))
+  eq(corrected .. before, T.text(b), "the first undo takes back what was typed after the reply landed")
   vim.cmd("silent undo")
-  eq(original .. prefix, T.text(b), "the second undo takes back exactly the model's edit")
+  eq(original .. before, T.text(b), "the second undo takes back exactly the model's edit")
   vim.cmd("silent undo")
   eq(original, T.text(b), "the third the typing before it")
 end
 
 test("each_model_edit_is_its_own_undo_block", function()
   -- The reply lands while the person types in Insert mode on another line.
-  local b = T.buffer("#delay 0.6\nTeh end.\nnotes")
+  local b = T.buffer("#delay 0.5\nTeh end.\nnotes")
   T.correct(b, "#delay", "end.")
   vim.api.nvim_win_set_cursor(0, { 3, 4 })
-  type_slowly("A", " abcdefghijklmn", 80)
-  T.settle()
-  eq("The end.\nnotes abcdefghijklmn", T.text(b), "the buffer")
-  undo_around_the_model(b, "The end.\nnotes", "#delay 0.6\nTeh end.\nnotes", " abcdefghijklmn")
+  undo_around_the_model(b, "A", " abc", "defg", "The end.\nnotes", "#delay 0.5\nTeh end.\nnotes")
 end)
 
 test("undo_block_when_typing_on_the_edited_line", function()
   -- Typing goes on right after the corrected words, on their line.
-  local b = T.buffer("#delay 0.6\nTeh end")
+  local b = T.buffer("#delay 0.5\nTeh end")
   T.correct(b, "#delay", "end")
   vim.api.nvim_win_set_cursor(0, { 2, 6 })
-  type_slowly("A", ". More to say", 80)
-  T.settle()
-  eq("The end. More to say", T.text(b), "the buffer")
-  undo_around_the_model(b, "The end", "#delay 0.6\nTeh end", ". More to say")
+  undo_around_the_model(b, "A", ". More", " to say", "The end", "#delay 0.5\nTeh end")
 end)
 
 test("timeout_listed_and_replayed", function()

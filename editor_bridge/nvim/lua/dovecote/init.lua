@@ -158,7 +158,7 @@ ensure = function()
     return true
   end
   stopping = false
-  local cwd = M.config.cwd and vim.fn.expand(M.config.cwd) or vim.loop.cwd()
+  local cwd = M.config.cwd and vim.fn.expand(M.config.cwd) or (vim.uv or vim.loop).cwd()
   initialized = false
   local started, why = connection.start(M.config.server_cmd, cwd, {
     notification = function(method, params)
@@ -478,7 +478,9 @@ end
 
 local function flow_finished(id, info, state)
   clear_mark(info)
-  if state == "cancelled" then
+  if state == "completed" then
+    say(string.format("correction %s landed (%d pending)", id:sub(-8), M.pending()))
+  elseif state == "cancelled" then
     say("correction " .. id:sub(-8) .. " was cancelled")
   elseif state == "failed" then
     connection.request("flow/show", { flowId = id }, function(_, result)

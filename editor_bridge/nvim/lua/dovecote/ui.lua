@@ -22,10 +22,10 @@ local function scratch(name, filetype)
     bufnr = api.nvim_create_buf(false, true)
     api.nvim_buf_set_name(bufnr, name)
   end
-  api.nvim_buf_set_option(bufnr, "buftype", "nofile")
-  api.nvim_buf_set_option(bufnr, "bufhidden", "hide")
-  api.nvim_buf_set_option(bufnr, "swapfile", false)
-  api.nvim_buf_set_option(bufnr, "filetype", filetype)
+  vim.bo[bufnr].buftype = "nofile"
+  vim.bo[bufnr].bufhidden = "hide"
+  vim.bo[bufnr].swapfile = false
+  vim.bo[bufnr].filetype = filetype
   local win = vim.fn.bufwinid(bufnr)
   if win == -1 then
     vim.cmd("botright split")
@@ -37,10 +37,10 @@ local function scratch(name, filetype)
 end
 
 local function set_lines(bufnr, lines)
-  api.nvim_buf_set_option(bufnr, "modifiable", true)
+  vim.bo[bufnr].modifiable = true
   api.nvim_buf_set_lines(bufnr, 0, -1, false, lines)
-  api.nvim_buf_set_option(bufnr, "modifiable", false)
-  api.nvim_buf_set_option(bufnr, "modified", false)
+  vim.bo[bufnr].modifiable = false
+  vim.bo[bufnr].modified = false
 end
 
 local function map(bufnr, lhs, rhs, desc)
@@ -318,7 +318,7 @@ local function finish(id, bufnr)
     if not c then
       open_conflicts[id] = nil
       if api.nvim_buf_is_valid(bufnr) then
-        api.nvim_buf_set_option(bufnr, "modified", false)
+        vim.bo[bufnr].modified = false
         pcall(api.nvim_buf_delete, bufnr, { force = true })
       end
       say("conflicts of " .. id:sub(-8) .. " resolved")
@@ -400,8 +400,8 @@ function M.conflicts(id, result, source)
     bufnr = api.nvim_create_buf(true, false)
     api.nvim_buf_set_name(bufnr, name)
   end
-  api.nvim_buf_set_option(bufnr, "buftype", "acwrite")
-  api.nvim_buf_set_option(bufnr, "swapfile", false)
+  vim.bo[bufnr].buftype = "acwrite"
+  vim.bo[bufnr].swapfile = false
   local where = source and api.nvim_buf_is_valid(source) and api.nvim_buf_get_name(source) or ""
   local lines = {
     "Conflicts of the correction " .. id:sub(-8) .. (where ~= "" and (" of " .. vim.fn.fnamemodify(where, ":t")) or "")
@@ -421,7 +421,7 @@ function M.conflicts(id, result, source)
     lines[#lines + 1] = ""
   end
   api.nvim_buf_set_lines(bufnr, 0, -1, false, lines)
-  api.nvim_buf_set_option(bufnr, "modified", false)
+  vim.bo[bufnr].modified = false
   api.nvim_create_autocmd("BufWriteCmd", {
     group = api.nvim_create_augroup("dovecote_conflict_" .. bufnr, { clear = true }),
     buffer = bufnr,
