@@ -89,10 +89,13 @@ test("offsets_agree_with_the_server_for_every_kind_of_edit", function()
   eq(want, doc:text(), "the shadow")
   T.truthy(#sent >= 10, "a change sent for each edit")
   -- The server took every change: a correction of the whole text lands.
-  api.nvim_buf_set_lines(b, 0, -1, false, { "x\255y 🦆 teh end", "teh" })
-  dovecote.correct(b, 0, 0, 1, 3)
+  -- A stray byte and an encoded lone surrogate: each byte one code point,
+  -- sent as U+FFFD, so the server's text stays valid Unicode.
+  api.nvim_buf_set_lines(b, 0, -1, false, { "x\255y 🦆 teh end", "\237\160\128 teh" })
+  eq("x\239\191\189y 🦆 teh end\n\239\191\189\239\191\189\239\191\189 teh\n", doc:text(), "as sent")
+  dovecote.correct(b, 0, 0, 1, 7)
   T.settle()
-  eq("x\255y 🦆 the end\nthe", T.text(b), "the correction next to a byte that is not UTF-8")
+  eq("x\255y 🦆 the end\n\237\160\128 the", T.text(b), "corrections next to bytes that are not UTF-8")
   for _, message in ipairs(T.messages) do
     T.truthy(not message:find("refused"), "no change refused: " .. message)
   end
@@ -146,6 +149,12 @@ test("apply_edit_checks_the_version", function()
     edits = { { start = 0, ["end"] = 999, text = "X" } } }).applied, "a range past the end")
   T.eq(false, dovecote._apply({ uri = "buffer://nothing", version = doc.version,
     edits = {} }).applied, "an unknown document")
+  for _, edits in ipairs({ "x", { "x" }, { { start = "0", ["end"] = 1, text = "X" } },
+    { { start = 1, ["end"] = 0, text = "X" } }, { { start = -1, ["end"] = 0, text = "X" } },
+    { { start = 0, ["end"] = 1, text = 5 } }, { { start = 0.5, ["end"] = 1, text = "X" } } }) do
+    T.eq(false, dovecote._apply({ uri = doc.uri, version = doc.version, edits = edits }).applied,
+      "malformed edits " .. vim.inspect(edits))
+  end
   eq("Now We receive the plan.", T.text(b), "the buffer untouched by refused edits")
   -- Last first, each against the text before the edit set.
   T.eq(true, dovecote._apply({ uri = doc.uri, version = doc.version, edits = {

@@ -325,10 +325,12 @@ local CTRL_G_U = api.nvim_replace_termcodes("<C-g>u", true, false, true)
 local function apply_edits(doc, edits)
   local bufnr = doc.bufnr
   local total = doc:length()
+  local function offset(n)
+    return type(n) == "number" and n >= 0 and n <= total and math.floor(n) == n
+  end
   for _, edit in ipairs(edits) do
-    if type(edit) ~= "table" or type(edit.text) ~= "string"
-      or type(edit.start) ~= "number" or type(edit["end"]) ~= "number"
-      or edit.start < 0 or edit.start > edit["end"] or edit["end"] > total then
+    if type(edit) ~= "table" or type(edit.text) ~= "string" or not offset(edit.start)
+      or not offset(edit["end"]) or edit.start > edit["end"] then
       return false
     end
   end
