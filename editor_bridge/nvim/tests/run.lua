@@ -143,6 +143,23 @@ function T.intercept(hook)
   end
 end
 
+--- Wait until the step command of the (one) pending correction is in
+--- `state`; its record in dovecote.nvim.
+function T.step_is(state, what)
+  return T.wait_for(function()
+    local _, info = next(require("dovecote")._state.flows)
+    return info and info.command_state == state and info
+  end, what)
+end
+
+--- Wait for a conflict buffer to open; its number.
+function T.conflict_buffer()
+  return T.wait_for(function()
+    local _, bufnr = next(require("dovecote.ui").conflict_buffers())
+    return bufnr
+  end, "the conflict buffer")
+end
+
 --- Messages given with vim.notify since the test began.
 T.messages = {}
 

@@ -674,17 +674,20 @@ function M.flows_at(bufnr, row, col)
   return ids
 end
 
+local function cancel_one(method, params, id)
+  connection.request(method, params, function(err)
+    if err then
+      say("cannot cancel " .. id:sub(-8) .. ": " .. (err.message or "?"), vim.log.levels.WARN)
+    end
+  end)
+end
+
 --- Cancel the corrections `ids` (flow ids).
 function M.cancel(ids)
-  if not ensure() then
-    return
-  end
-  for _, id in ipairs(ids) do
-    connection.request("flow/cancel", { flowId = id }, function(err)
-      if err then
-        say("cannot cancel " .. id:sub(-8) .. ": " .. (err.message or "?"), vim.log.levels.WARN)
-      end
-    end)
+  if ensure() then
+    for _, id in ipairs(ids) do
+      cancel_one("flow/cancel", { flowId = id }, id)
+    end
   end
 end
 
@@ -692,14 +695,9 @@ end
 function M.cancel_call(id)
   local call = calls[id]
   if call and call.flow and flows[call.flow] then
-    return M.cancel({ call.flow })
-  end
-  if ensure() then
-    connection.request("command/cancel", { commandId = id }, function(err)
-      if err then
-        say("cannot cancel " .. id:sub(-8) .. ": " .. (err.message or "?"), vim.log.levels.WARN)
-      end
-    end)
+    M.cancel({ call.flow })
+  elseif ensure() then
+    cancel_one("command/cancel", { commandId = id }, id)
   end
 end
 

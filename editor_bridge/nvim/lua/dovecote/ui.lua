@@ -15,24 +15,35 @@ local function say(message, level)
   vim.notify("dovecote: " .. message, level or vim.log.levels.INFO)
 end
 
---- The scratch buffer `name`, shown in a window (a split when not shown yet).
-local function scratch(name, filetype)
+--- The buffer `name` (made if need be) of 'buftype' `buftype`, shown in a
+--- window (a new split when not shown yet), which becomes the current one
+--- unless `keep_focus`.
+local function shown(name, buftype, keep_focus)
   local bufnr = vim.fn.bufnr(name)
   if bufnr == -1 then
-    bufnr = api.nvim_create_buf(false, true)
+    bufnr = api.nvim_create_buf(buftype == "acwrite", buftype ~= "acwrite")
     api.nvim_buf_set_name(bufnr, name)
   end
-  vim.bo[bufnr].buftype = "nofile"
-  vim.bo[bufnr].bufhidden = "hide"
+  vim.bo[bufnr].buftype = buftype
   vim.bo[bufnr].swapfile = false
-  vim.bo[bufnr].filetype = filetype
-  local win = vim.fn.bufwinid(bufnr)
+  local win, before = vim.fn.bufwinid(bufnr), api.nvim_get_current_win()
   if win == -1 then
     vim.cmd("botright split")
     api.nvim_win_set_buf(0, bufnr)
   else
     api.nvim_set_current_win(win)
   end
+  if keep_focus then
+    api.nvim_set_current_win(before)
+  end
+  return bufnr
+end
+
+--- The scratch buffer `name`, shown.
+local function scratch(name, filetype)
+  local bufnr = shown(name, "nofile")
+  vim.bo[bufnr].bufhidden = "hide"
+  vim.bo[bufnr].filetype = filetype
   return bufnr
 end
 
@@ -88,6 +99,13 @@ local function id_at_cursor(bufnr)
   return map_[api.nvim_win_get_cursor(0)[1]]
 end
 
+local function show_at_cursor(bufnr)
+  local id = id_at_cursor(bufnr)
+  if id then
+    M.show(id)
+  end
+end
+
 local function render(bufnr, header, commands)
   local lines = {
     header,
@@ -120,10 +138,7 @@ function M.list()
     .. "R refreshes, q closes",
     commands)
   map(bufnr, "<CR>", function()
-    local id = id_at_cursor(bufnr)
-    if id then
-      M.show(id)
-    end
+    show_at_cursor(bufnr)
   end, "show the call and its journal")
   map(bufnr, "x", function()
     local id = id_at_cursor(bufnr)
@@ -143,7 +158,7 @@ function M.list()
     local id = id_at_cursor(bufnr)
     local result = id and dovecote().request_sync("command/show", { commandId = id })
     if type(result) == "table" and (tonumber(result.unresolved) or 0) > 0 then
-      M.conflicts(id, result, dovecote().call_info(id) and dovecote().call_info(id).bufnr)
+      M.conflicts(id, result, dovecote().call_info(id) and dovecote().call_info(id).bufnr, true)
     elseif id then
       say("call " .. id:sub(-8) .. " has no conflict to resolve")
     end
@@ -178,10 +193,7 @@ function M.dead()
     replay(vim.tbl_values(rows[bufnr] or {}))
   end, "replay every dead letter listed")
   map(bufnr, "<CR>", function()
-    local id = id_at_cursor(bufnr)
-    if id then
-      M.show(id)
-    end
+    show_at_cursor(bufnr)
   end, "show the call and its journal")
   map(bufnr, "q", "<cmd>close<CR>", "close")
   return bufnr
@@ -380,9 +392,10 @@ local function keep(bufnr, which)
   api.nvim_buf_set_lines(bufnr, first - 1, last, false, kept)
 end
 
---- Open the kept conflicts of call `id` (its `command/show` result) for a
---- person to resolve; `:w` sends the resolution.
-function M.conflicts(id, result, source)
+--- Open the kept conflicts of call `id` (its `command/show` result) about
+--- buffer `source` for a person to resolve, its window current with
+--- `focus`; `:w` sends the resolution.
+function M.conflicts(id, result, source, focus)
   -- Those still kept, with the person's text as it is now when the server
   -- says (`kept`); else all of them, numbered as the server numbers them.
   local conflicts = {}
@@ -395,13 +408,9 @@ function M.conflicts(id, result, source)
   end
   open_conflicts[id] = { conflicts = conflicts }
   local name = "dovecote://conflict/" .. id
-  local bufnr = vim.fn.bufnr(name)
-  if bufnr == -1 then
-    bufnr = api.nvim_create_buf(true, false)
-    api.nvim_buf_set_name(bufnr, name)
-  end
-  vim.bo[bufnr].buftype = "acwrite"
-  vim.bo[bufnr].swapfile = false
+  -- It opens when a reply lands, maybe while the person types elsewhere:
+  -- shown, but the cursor stays where it is (unless asked for).
+  local bufnr = shown(name, "acwrite", not focus)
   local where = source and api.nvim_buf_is_valid(source) and api.nvim_buf_get_name(source) or ""
   local lines = {
     "Conflicts of the correction " .. id:sub(-8) .. (where ~= "" and (" of " .. vim.fn.fnamemodify(where, ":t")) or "")
@@ -435,10 +444,6 @@ function M.conflicts(id, result, source)
   map(bufnr, "ct", function()
     keep(bufnr, "theirs")
   end, "keep the model's side of the conflict")
-  if vim.fn.bufwinid(bufnr) == -1 then
-    vim.cmd("botright split")
-    api.nvim_win_set_buf(0, bufnr)
-  end
   say(string.format("%d conflict%s to resolve in %s", #conflicts, #conflicts == 1 and "" or "s", name))
   return bufnr
 end
