@@ -331,6 +331,28 @@ test("server_killed_and_restarted", function()
   eq("completed", flows[1].state, "the flow completed")
 end)
 
+test("server_killed_before_it_answered", function()
+  -- The server dies with flow/start unanswered: the correction is not
+  -- counted for ever (its answer died with the server), the person is
+  -- told, and whatever the restarted server does with it is merged.
+  local dovecote = require("dovecote")
+  local b = T.buffer("#delay 0.2\nWe beleive in teh plan.")
+  dovecote.attach(b)
+  T.wait_for(function()
+    return dovecote.server_pid()
+  end, "the server")
+  local old = dovecote.server_pid()
+  T.correct(b, "#delay", "plan.")
+  vim.loop.kill(old, 9)
+  T.wait_for(function()
+    return dovecote.server_pid() and dovecote.server_pid() ~= old
+  end, "a new server")
+  T.settle("the correction no longer counted")
+  T.truthy(vim.tbl_contains(T.messages, "dovecote: the server died before it answered a correction; it may still land")
+    or T.text(b) == "We believe in the plan.", "told, or it landed: " .. vim.inspect(T.messages))
+  eq({}, vim.api.nvim_buf_get_extmarks(b, dovecote.namespace, 0, -1, {}), "no mark left")
+end)
+
 test("stalled_before_a_restart_then_replayed", function()
   local dovecote = require("dovecote")
   T.setup({ timeout = 0.3 })

@@ -48,6 +48,8 @@ local call_order = {}
 --- flows that overtook their answer (flow id -> list of {method, params}).
 local expected = 0
 local early = {}
+--- The corrections whose flow/start is not answered yet: info -> true.
+local asking = {}
 
 local stopping = false
 local initialized = false -- the running server answered initialize
@@ -62,6 +64,13 @@ local FLOW_TERMINAL = { completed = true, failed = true, cancelled = true }
 
 local function say(message, level)
   vim.notify("dovecote: " .. message, level or vim.log.levels.INFO)
+end
+
+local function clear_mark(info)
+  if info.mark and api.nvim_buf_is_valid(info.bufnr) then
+    pcall(api.nvim_buf_del_extmark, info.bufnr, ns, info.mark)
+  end
+  info.mark = nil
 end
 
 -- Connection ----------------------------------------------------------------
@@ -170,6 +179,14 @@ ensure = function()
     exit = function()
       for _, doc in pairs(docs) do
         doc.opened = nil
+      end
+      if next(asking) then
+        -- Their answers died with the server: we cannot follow them.
+        for info in pairs(asking) do
+          clear_mark(info)
+        end
+        asking, expected = {}, 0
+        say("the server died before it answered a correction; it may still land", vim.log.levels.WARN)
       end
       if not initialized then
         -- It died before it answered: wait longer each time, say so once.
@@ -401,13 +418,6 @@ local function remember_call(id, flow_id, bufnr)
   calls[id] = { flow = flow_id, bufnr = bufnr }
 end
 
-local function clear_mark(info)
-  if info.mark and api.nvim_buf_is_valid(info.bufnr) then
-    pcall(api.nvim_buf_del_extmark, info.bufnr, ns, info.mark)
-  end
-  info.mark = nil
-end
-
 local function show_progress(info, text)
   if not info.mark or not api.nvim_buf_is_valid(info.bufnr) then
     return
@@ -619,7 +629,9 @@ function M.correct(bufnr, sr, sc, er, ec)
   local info = { bufnr = bufnr, mark = mark, state = "running" }
   local params = { instruction = M.config.instruction, adapter = M.config.adapter, timeout = M.config.timeout }
   expected = expected + 1
+  asking[info] = true
   local function release()
+    asking[info] = nil
     expected = math.max(0, expected - 1)
     vim.cmd("redrawstatus!")
   end
@@ -777,7 +789,7 @@ function M.shutdown()
   for i = #call_order, 1, -1 do
     call_order[i] = nil
   end
-  expected, early, reconnect_wait, start_failure_shown = 0, {}, nil, false
+  expected, early, asking, reconnect_wait, start_failure_shown = 0, {}, {}, nil, false
   connection.stop()
 end
 
