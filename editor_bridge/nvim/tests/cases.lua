@@ -246,6 +246,28 @@ test("timeout_listed_and_replayed", function()
   T.truthy(shown:find("sent     %-> dead "), "its journal: " .. shown)
 end)
 
+test("every_dead_letter_replayed_at_once", function()
+  local dovecote = require("dovecote")
+  T.setup({ timeout = 0.2, replay_timeout = 10 })
+  local b = T.buffer("#delay 1\nTeh one.\n\n#delay 1\nTeh two.")
+  T.correct(b, "#delay", "one.")
+  local r, c = T.find(b, "two.", true)
+  dovecote.correct(b, 3, 0, r, c)
+  T.wait_for(function()
+    local dead = 0
+    for _, info in pairs(dovecote._state.flows) do
+      dead = dead + (info.command_state == "dead" and 1 or 0)
+    end
+    return dead == 2
+  end, "both calls to die")
+  local list = require("dovecote.ui").dead()
+  eq(4, #vim.api.nvim_buf_get_lines(list, 0, -1, false), "two dead letters listed")
+  vim.api.nvim_feedkeys("R", "x", false)
+  eq(2, dovecote.pending(), "both pending again")
+  T.settle()
+  eq("The one.\n\nThe two.", T.text(b), "both landed")
+end)
+
 test("cancel", function()
   local dovecote = require("dovecote")
   local b = T.buffer("Intro.\n#hang\nTeh end.")
