@@ -7,8 +7,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 EMACS ?= emacs
 EL := editor_bridge/emacs
+NVIM ?= nvim
+NV := editor_bridge/nvim
 
-.PHONY: demo demo-model model test lint typecheck pytest emacs-test emacs-model-test fuzz fuzz-emacs bench clean
+.PHONY: demo demo-model model test lint lua-lint typecheck pytest emacs-test emacs-model-test nvim nvim-test fuzz fuzz-emacs nvim-fuzz bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,9 +37,9 @@ model: $(STAMP)
 demo-model: model
 	$(BIN)/dovecote demo --config examples/llamacpp.toml --db .dovecote/demo-model.db --adapter local
 
-test: lint typecheck emacs-test emacs-model-test pytest
+test: lint typecheck emacs-test emacs-model-test nvim pytest
 
-lint: $(STAMP)
+lint: $(STAMP) lua-lint
 	$(BIN)/ruff check flows adapters editor_bridge tests bench examples
 	$(BIN)/ruff format --check flows adapters editor_bridge tests bench examples
 	$(BIN)/python -m flows.diagrams --check
@@ -86,12 +88,43 @@ emacs-model-test: emacs-test model
 # The randomized editing test of the Emacs client with a new seed and more
 # rounds (emacs-test runs it with a fixed seed); a failure names its seed:
 # DOVECOTE_FUZZ_SEED=that make fuzz-emacs plays it again.
-fuzz: fuzz-emacs
+fuzz: fuzz-emacs nvim-fuzz
 fuzz-emacs: $(STAMP)
 	seed=$${DOVECOTE_FUZZ_SEED:-$$(date +%s%N)}; echo "fuzz-emacs: seed $$seed"; \
 	DOVECOTE_FUZZ_SEED=$$seed DOVECOTE_FUZZ_ROUNDS=$${DOVECOTE_FUZZ_ROUNDS:-30} \
 	DOVECOTE=$(abspath $(BIN)/dovecote) $(EMACS) --batch -Q -L $(EL) \
 	  -l dovecote-tests --eval '(ert-run-tests-batch-and-exit "randomized")'
+
+# A tool from Debian's archive, installed when missing and running as root;
+# else the target fails (never skips).  $(call apt,COMMAND,PACKAGE)
+apt = command -v $(1) >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "$(1) not found; installing $(2)" >&2; \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y --no-install-recommends $(2) || exit 1; \
+	  else \
+	    echo "$(1) not found and not root: apt-get install $(2)" >&2; exit 1; \
+	  fi; }; command -v $(1) >/dev/null 2>&1 || { echo "$(1) is still missing" >&2; exit 1; }
+
+# The Lua of the Neovim client, checked as ruff checks the Python.
+lua-lint:
+	@$(call apt,luacheck,lua-check)
+	cd $(NV) && luacheck --no-color -q .
+
+# Neovim (>= 0.7.2) for the headless tests of the Neovim client, which
+# tests/test_nvim.py runs with the rest of pytest.
+nvim:
+	@$(call apt,$(NVIM),neovim)
+
+nvim-test: $(STAMP) nvim
+	NVIM=$(NVIM) $(BIN)/python -m pytest -q tests/test_nvim.py
+
+# The randomized editing property of the Neovim client with a new seed
+# (a failure names it; DOVECOTE_NVIM_SEED=N replays it).
+nvim-fuzz: $(STAMP) nvim
+	seed=$${DOVECOTE_NVIM_SEED:-$$(date +%s)}; echo "nvim-fuzz: seed $$seed"; \
+	DOVECOTE_NVIM_SEED=$$seed DOVECOTE_NVIM_TESTS=randomized_editing_property NVIM=$(NVIM) \
+	  $(BIN)/python -m pytest -q tests/test_nvim.py -k randomized
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
