@@ -12,8 +12,9 @@ A batch of changes is checked whole before any of it is applied: a bad one
 Changes are applied inline, in the editor's order, so nothing here may cost
 the size of the document: the text is a ``Rope`` (a change costs its own
 size), a region is read as a slice of it, and re-opening a document with
-live regions diffs only what lies between the common prefix and suffix of
-the two texts, off the event loop when that is large.
+live regions diffs only each region's neighbourhood (off the event loop
+when that is large), the way a restarted server finds a snapshot's region
+again.
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ import trio
 
 from editor_bridge.rope import Rope
 from flows.merge import diff
-from flows.snapshots import Change, Snapshot, move_region
+from flows.snapshots import CONTEXT, Change, Snapshot, move_region
 
 OFF_LOOP: Final = 20_000
-"""Code points to diff (both sides) past which a re-open diffs in a worker thread:
-a diff of that size takes milliseconds, which the event loop should not wait."""
-MAX_DIFF: Final = 1 << 21
-"""Code points to diff past which a re-open is taken as one replacement of the whole
-differing span (regions in it clip or collapse) instead of diffed: the diff's cost
-grows with its size, and so large a difference leaves little of any region to find."""
+"""Code points to diff (both sides) past which a region's neighbourhood is diffed in a
+worker thread: a diff of that size takes milliseconds, which the loop should not wait."""
+MAX_DIFF: Final = 1 << 20
+"""Code points to diff past which a neighbourhood is taken as one replacement (its
+region clips or collapses) instead of diffed: in a thread too, a diff holds the GIL,
+for long stretches on texts of megabytes (measured: 150 ms to 2.7 s on 15 MB)."""
 ANCHOR: Final = 64
 """Code points at each end of a snapshot's context looked for when the whole context
 is not found as it was (see ``Mirror.find_again``)."""
@@ -91,8 +92,14 @@ class Mirror:
             ) from None
 
     async def open(self, uri: str, version: int, text: str) -> Document:
-        """Open ``uri``, or re-base it if it is open already: the regions
-        move through the difference between our copy and the new text."""
+        """Open ``uri``, or re-base it if it is open already: each region
+        moves through the difference between our copy and the new text.
+
+        Only what lies between the texts' common prefix and suffix differs;
+        a region clear of that span moves through it as one replacement, and
+        one that meets it is found again through its context (``relocate``),
+        so the cost is the regions' neighbourhoods, never a diff of the
+        documents."""
         while True:
             document = self.documents.get(uri)
             if document is None:
@@ -101,16 +108,28 @@ class Mirror:
             if not document.regions:
                 document.rope = Rope(text)
                 break
-            revision, rope = document.revision, document.rope
+            revision, rope, regions = document.revision, document.rope, dict(document.regions)
             start = rope.common_prefix(text)
             common = rope.common_suffix(text, min(len(rope), len(text)) - start)
             old_end, new = len(rope) - common, text[start : len(text) - common]
-            changes = await _changes_between(rope.slice(start, old_end), new, start)
-            if self.documents.get(uri) is document and document.revision == revision:
-                move_all(document.regions, changes)
+            span = Change(start, old_end, new)
+            for key, (at, to) in regions.items():
+                if to < start or at > old_end:
+                    regions[key] = move_region(at, to, span)
+                else:
+                    before, after = max(0, at - CONTEXT), min(len(rope), to + CONTEXT)
+                    regions[key] = await relocate(at, to, rope.slice(before, after), before, text)
+            if (
+                self.documents.get(uri) is document
+                and document.revision == revision
+                and document.regions.keys() <= regions.keys()
+            ):
+                for key in document.regions:
+                    document.regions[key] = regions[key]
                 rope.replace(start, old_end, new)
                 break
-            # Another connection changed the document while we diffed: again.
+            # Another connection changed the document, or tracked a region in
+            # it, while we worked: again, with what it is now.
         document.version = version
         document._moved()
         return document
@@ -165,21 +184,27 @@ class Mirror:
         while True:
             document = self.get(snapshot.uri)
             revision, text = document.revision, document.text
-            start, end = snapshot.start, snapshot.end
-            changes: list[Change] = []
+            region = snapshot.start, min(snapshot.end, len(text))
             if snapshot.document is not None:
-                window, offset = snapshot.document, snapshot.document_start
-                at, to = locate(window, offset, text)
-                start, end = start - offset + at, end - offset + at
-                changes = await _changes_between(window, text[at:to], at)
+                region = await relocate(
+                    snapshot.start, snapshot.end, snapshot.document, snapshot.document_start, text
+                )
             if self.documents.get(snapshot.uri) is document and document.revision == revision:
-                break
-        regions = {snapshot.id: (start, end)}
-        move_all(regions, changes)
-        start, end = regions[snapshot.id]
-        end = min(end, len(document))
-        document.regions[snapshot.id] = (min(start, end), end)
-        return document
+                document.regions[snapshot.id] = (min(region[0], region[1]), region[1])
+                return document
+
+
+async def relocate(start: int, end: int, window: str, offset: int, text: str) -> tuple[int, int]:
+    """Where the region ``[start, end)`` of an older text is in ``text``, given
+    ``window``, the older text from ``offset`` on, around the region: the span
+    ``window`` became is found (``locate``) and the region carried through the
+    difference between the two."""
+    at, to = locate(window, offset, text)
+    regions = {"region": (start - offset + at, end - offset + at)}
+    move_all(regions, await _changes_between(window, text[at:to], at))
+    start, end = regions["region"]
+    end = min(end, len(text))
+    return min(start, end), end
 
 
 def locate(window: str, offset: int, text: str) -> tuple[int, int]:
@@ -187,7 +212,9 @@ def locate(window: str, offset: int, text: str) -> tuple[int, int]:
     ``offset`` of an older ``text``: the window itself where it still is,
     or its occurrence nearest to where it was; failing that (it was edited),
     the span between its first and last ``ANCHOR`` code points found nearest
-    to where they were, or where they would be."""
+    to where they were, or where they would be. Prose does not repeat 64 code
+    points; text that does, closer than the distance the window moved, may
+    be found at a copy of itself."""
     if text.startswith(window, offset):
         return offset, offset + len(window)
     found = _nearest(text, window, offset)

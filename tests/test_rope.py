@@ -4,6 +4,8 @@ moves its regions as ``move_region`` moves them over plain text."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import trio
 from hypothesis import given, settings
@@ -158,3 +160,28 @@ def test_reopening_keeps_regions_outside_the_difference_exactly(
         assert end - start < len(after)
     start, end = document.regions["any"]
     assert 0 <= start <= end <= len(new)
+
+
+def test_reopening_a_large_document_finds_each_region_through_its_neighbourhood() -> None:
+    """A 1.5 MB document re-opened with edits far before, far after, next to
+    and inside two regions: each region still covers its words."""
+    rng = random.Random(1)
+    words = ["naïve", "🦆", "river", "中文", "the", "of", "sea", "—", "ñandú"]
+    part = [" ".join(rng.choice(words) for _ in range(80_000)) for _ in range(3)]
+    old = part[0] + " one teh cat. " + part[1] + " two teh dog. " + part[2]
+    new = old.replace("one teh cat", "one (!) teh big cat").replace("two teh", "two the")
+    new = "Preface. " * 500 + new[:1000] + "~" + new[1000:] + " The end."
+    mirror = Mirror()
+
+    async def reopen() -> None:
+        await mirror.open("u", 0, old)
+        for key, words in (("cat", "teh cat"), ("dog", "two teh dog")):
+            start = old.index(words)
+            mirror.track("u", key, start, start + len(words))
+        await mirror.open("u", 1, new)
+
+    trio.run(reopen)
+    document = mirror.get("u")
+    assert document.text == new
+    assert document.slice(*document.regions["cat"]) == "teh big cat"
+    assert document.slice(*document.regions["dog"]) == "two the dog"
