@@ -202,7 +202,9 @@ async def mirror_lag(text: str, rounds: int) -> list[float]:
 
         nursery.start_soon(tick)
         for version in range(2, rounds + 2):
+            await trio.sleep(0.05)  # ticks on either side of each re-open
             await mirror.open(URI, version, texts[version % 2])
+        await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
     return gaps
 

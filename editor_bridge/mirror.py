@@ -126,7 +126,10 @@ class Mirror:
             ):
                 for key in document.regions:
                     document.regions[key] = regions[key]
-                rope.replace(start, old_end, new)
+                if len(new) > OFF_LOOP:
+                    document.rope = Rope(text)  # cheaper than splicing that much in
+                else:
+                    rope.replace(start, old_end, new)
                 break
             # Another connection changed the document, or tracked a region in
             # it, while we worked: again, with what it is now.
