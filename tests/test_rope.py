@@ -8,6 +8,7 @@ import random
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -185,3 +186,25 @@ def test_reopening_a_large_document_finds_each_region_through_its_neighbourhood(
     assert document.text == new
     assert document.slice(*document.regions["cat"]) == "teh big cat"
     assert document.slice(*document.regions["dog"]) == "two the dog"
+
+
+async def test_a_change_while_a_reopen_diffs_off_the_loop_is_not_lost() -> None:
+    """A large region is diffed in a worker thread; a change that another
+    connection makes meanwhile makes the re-open start again from the text
+    as it now is, so the region is carried through both."""
+    rng = random.Random(2)
+    words = ["cat", "naïve", "🦆", "sea", "of", "ñandú", "river"]
+    region = " ".join(rng.choice(words) for _ in range(6_000)) + " teh end"  # > OFF_LOOP
+    old = "Head. " + region + " Tail."
+    mirror = Mirror()
+    await mirror.open("u", 0, old)
+    mirror.track("u", "big", 6, 6 + len(region))
+    new = "Head. " + region.replace("teh", "the") + " Tail."
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mirror.open, "u", 9, new)
+        await trio.testing.wait_all_tasks_blocked()  # the re-open waits for its thread
+        mirror.change("u", 1, [Change(0, 0, "Preface. ")])
+    document = mirror.get("u")
+    assert (document.text, document.version) == (new, 9)
+    start, end = document.regions["big"]
+    assert document.slice(start, end) == region.replace("teh", "the")
