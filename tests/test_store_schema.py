@@ -29,17 +29,22 @@ def _index_sql(path: Path) -> dict[str, str]:
         conn.close()
 
 
-def test_a_schema_2_file_is_upgraded_and_keeps_its_commands(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
-    store = Store(path)
-    command = Command(
+def _pending(content: str, snapshot_id: str | None = None) -> Command:
+    return Command(
         id=new_id(),
         adapter="scripted",
-        request=Request.from_json({"messages": [{"role": "user", "content": "keep me"}]}),
+        request=Request.from_json({"messages": [{"role": "user", "content": content}]}),
         state="pending",
         created_at=1.0,
         timeout=5.0,
+        snapshot_id=snapshot_id,
     )
+
+
+def test_a_schema_2_file_is_upgraded_and_keeps_its_commands(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    store = Store(path)
+    command = _pending("keep me")
     store.commit_one(Insert(command))
     store.close()
     # Turn the file back into what schema 2 wrote: full indexes, version 2.
@@ -68,15 +73,7 @@ def test_a_schema_3_snapshot_keeps_its_whole_document_from_offset_0(tmp_path: Pa
     """Schema 3 stored the whole document with each snapshot; upgraded, such a
     row reads as context that begins at offset 0, which it is."""
     path = tmp_path / "old.db"
-    command = Command(
-        id=new_id(),
-        adapter="scripted",
-        request=Request.from_json({"messages": [{"role": "user", "content": "fix"}]}),
-        state="pending",
-        created_at=1.0,
-        timeout=5.0,
-        snapshot_id="s1",
-    )
+    command = _pending("fix", snapshot_id="s1")
     snapshot = Snapshot("s1", "file:///a", 3, 4, 7, "teh", 1.0, document="One teh two.")
     store = Store(path)
     store.commit_one(Insert(command, snapshot=snapshot))
