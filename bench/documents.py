@@ -257,7 +257,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 result["reopen_s"] = await send(loader, frames, 1)
 
             result["reopen"] = await probe_while(prober, reopened)
-            result["mirror"] = await mirror_lag(big, args.rounds)
+            if args.python_path is None:  # this checkout's mirror, not the server's
+                result["mirror"] = await mirror_lag(big, args.rounds)
             return result
         finally:
             process.kill()
@@ -283,6 +284,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     ]
     rows = []
     for title, key, seconds in loads:
+        if key not in result:
+            continue
         values = result[key]
         p50, p99 = percentile(values, 50) * 1000, percentile(values, 99) * 1000
         took = f"{result[seconds]:>8.2f}" if seconds else f"{'-':>8}"

@@ -40,6 +40,10 @@ ANCHOR: Final = 64
 """Code points at each end of a snapshot's context looked for when the whole context
 is not found as it was (see ``Mirror.find_again``)."""
 
+NEAR: Final = 1 << 16
+"""Code points either side of where a context was that are searched before the whole
+text: most edits move a region little, and a search of 15 MB takes milliseconds."""
+
 Regions = dict[str, tuple[int, int]]
 
 
@@ -96,10 +100,10 @@ class Mirror:
         moves through the difference between our copy and the new text.
 
         Only what lies between the texts' common prefix and suffix differs;
-        a region clear of that span moves through it as one replacement, and
-        one that meets it is found again through its context (``relocate``),
-        so the cost is the regions' neighbourhoods, never a diff of the
-        documents."""
+        a region clear of that span stays, or shifts by the difference in
+        length, and one that meets or touches it is found again through its
+        context (``relocate``): the cost is the regions' neighbourhoods, never
+        a diff of the documents."""
         while True:
             document = self.documents.get(uri)
             if document is None:
@@ -111,11 +115,12 @@ class Mirror:
             revision, rope, regions = document.revision, document.rope, dict(document.regions)
             start = rope.common_prefix(text)
             common = rope.common_suffix(text, min(len(rope), len(text)) - start)
-            old_end, new = len(rope) - common, text[start : len(text) - common]
-            span = Change(start, old_end, new)
+            old_end, new_end = len(rope) - common, len(text) - common
             for key, (at, to) in regions.items():
-                if to < start or at > old_end:
-                    regions[key] = move_region(at, to, span)
+                if to < start:  # wholly before what differs: where it was
+                    continue
+                if at > old_end:  # wholly after: shifted by the difference in length
+                    regions[key] = (at + new_end - old_end, to + new_end - old_end)
                 else:
                     before, after = max(0, at - CONTEXT), min(len(rope), to + CONTEXT)
                     regions[key] = await relocate(at, to, rope.slice(before, after), before, text)
@@ -126,10 +131,10 @@ class Mirror:
             ):
                 for key in document.regions:
                     document.regions[key] = regions[key]
-                if len(new) > OFF_LOOP:
+                if new_end - start > OFF_LOOP:
                     document.rope = Rope(text)  # cheaper than splicing that much in
                 else:
-                    rope.replace(start, old_end, new)
+                    rope.replace(start, old_end, text[start:new_end])
                 break
             # Another connection changed the document, or tracked a region in
             # it, while we worked: again, with what it is now.
@@ -237,12 +242,17 @@ def locate(window: str, offset: int, text: str) -> tuple[int, int]:
 
 
 def _nearest(text: str, pattern: str, around: int) -> int | None:
-    """Where ``pattern`` occurs in ``text`` nearest to ``around``, if it does."""
+    """Where ``pattern`` occurs in ``text`` nearest to ``around``, if it does:
+    looked for within ``NEAR`` code points first, then in the whole text."""
     around = min(max(around, 0), len(text))
-    before = text.rfind(pattern, 0, around + len(pattern))
-    after = text.find(pattern, around)
-    hits = [hit for hit in (before, after) if hit >= 0]
-    return min(hits, key=lambda hit: abs(hit - around)) if hits else None
+    for reach in (NEAR, len(text)):
+        low, high = max(0, around - reach), around + reach + len(pattern)
+        before = text.rfind(pattern, low, around + len(pattern))
+        after = text.find(pattern, around, high)
+        hits = [hit for hit in (before, after) if hit >= 0]
+        if hits:
+            return min(hits, key=lambda hit: abs(hit - around))
+    return None
 
 
 def move_all(regions: Regions, changes: Sequence[Change]) -> None:
