@@ -37,9 +37,8 @@ MAX_DIFF: Final = 1 << 20
 region clips or collapses) instead of diffed: in a thread too, a diff holds the GIL,
 for long stretches on texts of megabytes (measured: 150 ms to 2.7 s on 15 MB)."""
 ANCHOR: Final = 64
-"""Code points at each end of a snapshot's context looked for when the whole context
-is not found as it was (see ``Mirror.find_again``)."""
-
+"""Code points at each end of a region's context looked for when the whole context is
+not found as it was (see ``locate``)."""
 NEAR: Final = 1 << 16
 """Code points either side of where a context was that are searched before the whole
 text: most edits move a region little, and a search of 15 MB takes milliseconds."""
