@@ -28,6 +28,11 @@ BENCHMARKS: list[tuple[str, str, list[str]]] = [
     ("Engine overhead vs raw httpx, 1,000 in flight", "bench.overhead", []),
     ("Three-way merge, 1 MB, 200 edits per side, vs git merge-file", "bench.merge", []),
     ("JSON-RPC round trip over stdio vs a bare framing loop", "bench.rpc", []),
+    (
+        "Large documents: command/list latency while another client edits or re-opens one",
+        "bench.documents",
+        [],
+    ),
     ("Dead-letter lateness and peak memory, 100,000 pending deadlines", "bench.deadletter", []),
     ("Crash: kill -9 after 500 claims under load, then restart", "bench.crash", []),
 ]

@@ -37,7 +37,7 @@ from adapters.base import Request
 from adapters.human import HumanAdapter
 from editor_bridge import wire
 from editor_bridge.framing import DEFAULT_MAX_FRAME
-from editor_bridge.mirror import DocumentError, Mirror, edits_between, rebase
+from editor_bridge.mirror import Document, DocumentError, Mirror, edits_between, rebase
 from editor_bridge.rpc import INVALID_PARAMS, METHOD_NOT_FOUND, Connection, RpcError
 from editor_bridge.wire import Params
 from flows.engine import PRIORITY_INTERACTIVE, Engine, Progress
@@ -47,7 +47,7 @@ from flows.merge import Conflict, apply_policy, three_way, whole_lines
 from flows.records import Command, FlowChange, StateChange, new_id
 from flows.runtime import REGISTRY as FLOWS
 from flows.runtime import UnknownFlow
-from flows.snapshots import Change, Snapshot
+from flows.snapshots import CONTEXT, Change, Snapshot
 from flows.states import COMMAND_STATES
 
 log = logging.getLogger("dovecote.bridge")
@@ -55,8 +55,9 @@ log = logging.getLogger("dovecote.bridge")
 SERVER_NAME: Final = "dovecote"
 APPLY_HANDLER: Final = "editor.apply"
 POLICIES: Final = ("drop", "ask", "markers", "theirs")
-ORDERED: Final = frozenset({"command/submit", "flow/start"})
-"""Methods whose snapshot must be taken before the next frame is read."""
+ORDERED: Final = frozenset({"command/submit", "flow/start", "document/open"})
+"""Methods whose snapshot must be taken, or whose text must reach the mirror,
+before the next frame is read."""
 
 _servers: weakref.WeakKeyDictionary[Engine, Server] = weakref.WeakKeyDictionary()
 
@@ -307,12 +308,13 @@ class Server:
 
     # --- documents -----------------------------------------------------------
 
-    def document_open(self, session: Session, p: Params) -> Any:
+    async def document_open(self, session: Session, p: Params) -> Any:
         uri, version = p.string("uri"), p.integer("version")
         text = p.raw.get("text")
         if not isinstance(text, str):
             raise RpcError(INVALID_PARAMS, "document/open: text must be a string")
-        self.mirror.open(uri, version, text)
+        await self.mirror.open(uri, version, text)
+        p.ready()
         session.uris.add(uri)
         self._opened.set()
         self._opened = trio.Event()
@@ -357,19 +359,21 @@ class Server:
                 f"target refers to version {version} of {uri!r}, which is at version "
                 f"{document.version}: send the changes in between first"
             )
-        if not start <= end <= len(document.text):
+        if not start <= end <= len(document):
             raise DocumentError(
-                f"target [{start}, {end}) is outside {uri!r} ({len(document.text)} code points)"
+                f"target [{start}, {end}) is outside {uri!r} ({len(document)} code points)"
             )
+        before, after = max(0, start - CONTEXT), min(len(document), end + CONTEXT)
         snapshot = Snapshot(
             id=new_id(),
             uri=uri,
             version=document.version,
             start=start,
             end=end,
-            text=document.text[start:end],
+            text=document.slice(start, end),
             created_at=self.engine.now(),
-            document=document.text,
+            document=document.slice(before, after),
+            document_start=before,
         )
         self.mirror.track(uri, snapshot.id, start, end)
         return snapshot
@@ -567,7 +571,7 @@ class Server:
         policy = (command.handler_args or {}).get("policy", "drop")
         for tries in range(1, self.apply_tries + 1):
             document, (start, end) = await self._region(snapshot)
-            base, current, reply = snapshot.text, document.text[start:end], command.reply.text
+            base, current, reply = snapshot.text, document.slice(start, end), command.reply.text
             if policy == "markers":
                 # Marker blocks are whole lines of the document, not of the region.
                 start, end, pre, post = whole_lines(document.text, start, end)
@@ -597,7 +601,7 @@ class Server:
         self.mirror.untrack(snapshot.uri, snapshot.id)
         return outcome
 
-    async def _region(self, snapshot: Snapshot) -> tuple[Any, tuple[int, int]]:
+    async def _region(self, snapshot: Snapshot) -> tuple[Document, tuple[int, int]]:
         """The snapshot's region in the live document, waiting (a while) for
         an editor to open the document if none has."""
         with trio.move_on_after(self.document_wait):
@@ -605,14 +609,8 @@ class Server:
                 await self._opened.wait()
         document = self.mirror.get(snapshot.uri)
         if snapshot.id not in document.regions:
-            # This server did not see the call made (it restarted): find the
-            # region again through what changed since the snapshot.
-            regions = {snapshot.id: (snapshot.start, snapshot.end)}
-            if snapshot.document is not None:
-                rebase(regions, snapshot.document, document.text)
-            start, end = regions[snapshot.id]
-            end = min(end, len(document.text))
-            document.regions[snapshot.id] = (min(start, end), end)
+            # This server did not see the call made (it restarted).
+            document = await self.mirror.find_again(snapshot)
         return document, document.regions[snapshot.id]
 
     async def _apply_edit(
@@ -657,7 +655,7 @@ class Server:
             return
         start, end = document.regions[region]
         spans = {f"{command_id}#{i}": (c.start, c.end) for i, c in enumerate(conflicts)}
-        rebase(spans, merged, document.text[start:end])
+        rebase(spans, merged, document.slice(start, end))
         kept: list[KeptConflict] = []
         for (key, (s, e)), conflict in zip(spans.items(), conflicts, strict=True):
             document.regions[key] = (start + s, start + e)
@@ -723,7 +721,7 @@ class Server:
                     "start": start,
                     "end": end,
                     "base": c.base,
-                    "ours": document.text[start:end],
+                    "ours": document.slice(start, end),
                     "theirs": c.theirs,
                 }
             )
@@ -738,7 +736,7 @@ class Server:
             if document is None or item.key not in document.regions:
                 return None
             start, end = document.regions[item.key]
-            current = document.text[start:end]
+            current = document.slice(start, end)
             merge = three_way(item.conflict.ours, current, text)
             if merge.conflicts:
                 return False

@@ -38,10 +38,15 @@ Offsets are code points (Python ``str`` indices), like everywhere in ``flows``.
 from __future__ import annotations
 
 import json
+from typing import Final
 
 import attrs
 
-__all__ = ["Change", "Snapshot", "apply_change", "move_region"]
+__all__ = ["CONTEXT", "Change", "Snapshot", "apply_change", "move_region"]
+
+CONTEXT: Final = 1024
+"""Code points of text kept either side of a snapshot's region to find it again with
+after a restart: enough to be unique in prose and to survive edits near the region."""
 
 
 def _non_negative(_: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -69,9 +74,13 @@ class Snapshot:
 
     ``version`` is the document version the text was taken from; ``start``/``end`` are
     live positions that ``moved`` carries through later changes, while ``text`` stays
-    the base of the merge. ``document`` is the whole document's text at that moment: a
-    server that restarts has lost its live regions, and finds the region again by
-    carrying it through the difference between ``document`` and the text it is sent.
+    the base of the merge. ``document`` is the document's text around the region at that
+    moment, ``document_start`` where it began: a server that restarts has lost its live
+    regions, and finds the region again by looking for that context in the text it is
+    sent and carrying the region through the difference. Only ``CONTEXT`` code points
+    either side are kept, not the whole document (as rows written before schema 4 did,
+    with ``document_start`` 0): a call about one word of a 15 MB document must not
+    store 15 MB.
     """
 
     id: str
@@ -82,6 +91,7 @@ class Snapshot:
     text: str
     created_at: float
     document: str | None = None
+    document_start: int = attrs.field(default=0, validator=_non_negative)
 
     def __attrs_post_init__(self) -> None:
         if self.start > self.end:

@@ -67,7 +67,7 @@ from flows.states import (
     next_state,
 )
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 BUSY_TIMEOUT_MS: Final = 10_000
 
 # Column order of ``commands``: the names of ``Command``'s fields, as-is.
@@ -208,9 +208,19 @@ class Insert:
     def _snapshot(cursor: sqlite3.Cursor, s: Snapshot) -> None:
         cursor.execute(
             "INSERT INTO snapshots "
-            '(id, uri, version, start, "end", text, created_at, document) '
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (s.id, s.uri, s.version, s.start, s.end, s.text, s.created_at, s.document),
+            '(id, uri, version, start, "end", text, created_at, document, document_start) '
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                s.id,
+                s.uri,
+                s.version,
+                s.start,
+                s.end,
+                s.text,
+                s.created_at,
+                s.document,
+                s.document_start,
+            ),
         )
 
 
@@ -705,6 +715,8 @@ class Store:
                 self._create_v2()
             if version < 3:
                 self._create_v3()
+            if version < 4:
+                self._create_v4()
             self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self._conn.execute("COMMIT")
         except BaseException:
@@ -864,6 +876,13 @@ class Store:
             self._conn.execute(
                 f"CREATE INDEX {index} ON {table} ({column}) WHERE {column} IS NOT NULL"
             )
+
+    def _create_v4(self) -> None:
+        """A snapshot keeps the text around its region, not the whole document:
+        where that text began (rows before this kept the whole document, from 0)."""
+        self._conn.execute(
+            "ALTER TABLE snapshots ADD COLUMN document_start INTEGER NOT NULL DEFAULT 0"
+        )
 
     # --- writes --------------------------------------------------------------
 

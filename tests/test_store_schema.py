@@ -11,6 +11,7 @@ import pytest
 from adapters.base import Request
 from flows.errors import StoreError
 from flows.records import Command, new_id
+from flows.snapshots import Snapshot
 from flows.store import SCHEMA_VERSION, Insert, Store
 
 PARTIAL = {
@@ -28,17 +29,22 @@ def _index_sql(path: Path) -> dict[str, str]:
         conn.close()
 
 
-def test_a_schema_2_file_is_upgraded_and_keeps_its_commands(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
-    store = Store(path)
-    command = Command(
+def _pending(content: str, snapshot_id: str | None = None) -> Command:
+    return Command(
         id=new_id(),
         adapter="scripted",
-        request=Request.from_json({"messages": [{"role": "user", "content": "keep me"}]}),
+        request=Request.from_json({"messages": [{"role": "user", "content": content}]}),
         state="pending",
         created_at=1.0,
         timeout=5.0,
+        snapshot_id=snapshot_id,
     )
+
+
+def test_a_schema_2_file_is_upgraded_and_keeps_its_commands(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    store = Store(path)
+    command = _pending("keep me")
     store.commit_one(Insert(command))
     store.close()
     # Turn the file back into what schema 2 wrote: full indexes, version 2.
@@ -46,6 +52,7 @@ def test_a_schema_2_file_is_upgraded_and_keeps_its_commands(tmp_path: Path) -> N
     for index, (table, column) in PARTIAL.items():
         conn.execute(f"DROP INDEX {index}")
         conn.execute(f"CREATE INDEX {index} ON {table} ({column})")
+    conn.execute("ALTER TABLE snapshots DROP COLUMN document_start")
     conn.execute("PRAGMA user_version = 2")
     conn.close()
     assert all("WHERE" not in _index_sql(path)[index] for index in PARTIAL)
@@ -58,8 +65,28 @@ def test_a_schema_2_file_is_upgraded_and_keeps_its_commands(tmp_path: Path) -> N
     for index, (_, column) in PARTIAL.items():
         assert indexes[index].endswith(f"WHERE {column} IS NOT NULL"), indexes[index]
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
+    assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (4,)
     conn.close()
+
+
+def test_a_schema_3_snapshot_keeps_its_whole_document_from_offset_0(tmp_path: Path) -> None:
+    """Schema 3 stored the whole document with each snapshot; upgraded, such a
+    row reads as context that begins at offset 0, which it is."""
+    path = tmp_path / "old.db"
+    command = _pending("fix", snapshot_id="s1")
+    snapshot = Snapshot("s1", "file:///a", 3, 4, 7, "teh", 1.0, document="One teh two.")
+    store = Store(path)
+    store.commit_one(Insert(command, snapshot=snapshot))
+    store.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("ALTER TABLE snapshots DROP COLUMN document_start")
+    conn.execute("PRAGMA user_version = 3")
+    conn.close()
+
+    store = Store(path)
+    assert store.snapshot("s1") == snapshot
+    assert store.snapshot("s1").document_start == 0  # type: ignore[union-attr]
+    store.close()
 
 
 def test_opening_retries_a_file_another_process_holds_for_a_moment(
