@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -78,7 +79,7 @@ def test_person_text_kept_and_clean_calls_land(data: st.DataObject) -> None:
     words = data.draw(st.lists(st.sampled_from(WORDS), min_size=3, max_size=16), label="words")
     text = " ".join(words) + "\n"
     mirror = Mirror()
-    document = mirror.open(URI, 0, text)
+    document = trio.run(mirror.open, URI, 0, text)  # a new document: opened at once
     person = normal(text)[0]
     calls: dict[str, tuple[str, str]] = {}  # key -> (base, policy)
     for n in range(data.draw(st.integers(1, 3), label="calls")):
