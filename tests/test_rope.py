@@ -5,6 +5,8 @@ moves its regions as ``move_region`` moves them over plain text."""
 from __future__ import annotations
 
 import random
+import threading
+from typing import Any
 
 import pytest
 import trio
@@ -12,7 +14,8 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from editor_bridge.mirror import DocumentError, Mirror
+import editor_bridge.mirror as mirror_module
+from editor_bridge.mirror import DocumentError, Mirror, edits_between
 from editor_bridge.rope import Rope
 from flows.snapshots import Change, apply_change, move_region
 
@@ -188,10 +191,21 @@ def test_reopening_a_large_document_finds_each_region_through_its_neighbourhood(
     assert document.slice(*document.regions["dog"]) == "two the dog"
 
 
-async def test_a_change_while_a_reopen_diffs_off_the_loop_is_not_lost() -> None:
+async def test_a_change_while_a_reopen_diffs_off_the_loop_is_not_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A large region is diffed in a worker thread; a change that another
     connection makes meanwhile makes the re-open start again from the text
     as it now is, so the region is carried through both."""
+    # The first diff in the thread waits until the change is made: on a busy
+    # machine the thread could otherwise finish before the change.
+    changed, diffed = threading.Event(), edits_between
+
+    def held(*args: Any) -> Any:
+        changed.wait(10)
+        return diffed(*args)
+
+    monkeypatch.setattr(mirror_module, "edits_between", held)
     rng = random.Random(2)
     words = ["cat", "naïve", "🦆", "sea", "of", "ñandú", "river"]
     region = " ".join(rng.choice(words) for _ in range(6_000)) + " teh end"  # > OFF_LOOP
@@ -204,6 +218,7 @@ async def test_a_change_while_a_reopen_diffs_off_the_loop_is_not_lost() -> None:
         nursery.start_soon(mirror.open, "u", 9, new)
         await trio.testing.wait_all_tasks_blocked()  # the re-open waits for its thread
         mirror.change("u", 1, [Change(0, 0, "Preface. ")])
+        changed.set()
     document = mirror.get("u")
     assert (document.text, document.version) == (new, 9)
     start, end = document.regions["big"]
