@@ -11,7 +11,9 @@ import trio
 import trio.testing
 
 from editor_bridge.framing import FrameReader, encode
-from editor_bridge.rpc import OUTBOX_LIMIT, Connection
+from editor_bridge.rpc import FELL_BEHIND, Connection
+
+LIMIT = 64 * 1024
 
 
 async def test_a_client_that_does_not_read_is_not_read_from_until_it_does() -> None:
@@ -31,8 +33,11 @@ async def test_a_client_that_does_not_read_is_not_read_from_until_it_does() -> N
     to_server_send, to_server_receive = trio.testing.memory_stream_one_way_pair()
     # Lockstep: the server's write returns only once the client has read it.
     from_server_send, from_server_receive = trio.testing.lockstep_stream_pair()
-    connection = Connection(to_server_receive, from_server_send, handler, inline={"ping"})
-    total = 3 * OUTBOX_LIMIT
+    connection = Connection(
+        to_server_receive, from_server_send, handler, inline={"ping"}, max_outbox=LIMIT
+    )
+    answer = len(encode({"jsonrpc": "2.0", "id": 1000, "result": [1000]}))
+    total = 3 * LIMIT // answer
     async with trio.open_nursery() as nursery:
         nursery.start_soon(connection.run)
         for i in range(total):
@@ -40,8 +45,9 @@ async def test_a_client_that_does_not_read_is_not_read_from_until_it_does() -> N
                 encode({"jsonrpc": "2.0", "id": i, "method": "ping", "params": [i]})
             )
         await trio.testing.wait_all_tasks_blocked()
-        # Backpressure: far fewer handled than sent, the rest still unread.
-        assert OUTBOX_LIMIT <= handled < 2 * OUTBOX_LIMIT + 64
+        # Backpressure: reading stops once a quarter of the bound is queued;
+        # far fewer handled than sent, the rest still unread.
+        assert LIMIT // 4 <= handled * answer < LIMIT // 2
         reader = FrameReader(from_server_receive)
         answers = []
         while len(answers) < total:
@@ -52,3 +58,34 @@ async def test_a_client_that_does_not_read_is_not_read_from_until_it_does() -> N
     assert handled == total
     assert [a["id"] for a in answers] == list(range(total))
     assert [a["result"] for a in answers] == [[i] for i in range(total)]
+
+
+async def test_a_client_that_falls_behind_is_told_and_disconnected() -> None:
+    async def handler(*args: Any) -> Any:
+        return None
+
+    _, to_server_receive = trio.testing.memory_stream_one_way_pair()
+    from_server_send, from_server_receive = trio.testing.lockstep_stream_pair()
+    connection = Connection(to_server_receive, from_server_send, handler, max_outbox=LIMIT)
+    notice = {"commandId": "x" * 100, "state": "sent"}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.run)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(5):
+            posted = 0
+            while not connection.fell_behind:
+                connection.notify("command/state", notice)  # never waits
+                posted += 1
+        size = len(encode({"jsonrpc": "2.0", "method": "command/state", "params": notice}))
+        assert (posted - 1) * size <= LIMIT < posted * size
+        # What was queued is dropped; what it is told instead is why.
+        told = await FrameReader(from_server_receive).read()
+        assert told is not None and told.body is not None
+        message = json.loads(told.body)
+        assert message["method"] == "server/error"
+        assert message["params"]["code"] == FELL_BEHIND
+        assert "fell behind" in message["params"]["message"]
+        with trio.fail_after(5):
+            while not connection.closed:
+                await trio.sleep(0.01)
+        connection.notify("command/state", notice)  # dropped, and no error
