@@ -72,9 +72,6 @@ DRAIN_GRACE: Final = 5.0
 """Seconds to go on writing what is queued once the client has closed its
 end: it may still read the answers, but one that does not must not keep
 the server alive."""
-BEHIND_GRACE: Final = 1.0
-"""Seconds a client that fell behind has to read the ``server/error`` that
-says so before it is disconnected."""
 FELL_BEHIND: Final = -32009
 """The ``server/error`` code of a client disconnected for falling behind."""
 
@@ -148,8 +145,9 @@ class Connection:
                 with self._reading:
                     await self._read_all(nursery)
                 # The answers of the requests already handled are queued: a
-                # client that closed our input may still be reading them.
-                with trio.move_on_after(BEHIND_GRACE if self.fell_behind else DRAIN_GRACE):
+                # client that closed our input may still be reading them (or,
+                # having fallen behind, reading why it is disconnected).
+                with trio.move_on_after(DRAIN_GRACE):
                     await self._drain()
                 nursery.cancel_scope.cancel()
         finally:

@@ -170,10 +170,13 @@ async def unix_listener(path: str, cleanup: ExitStack) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
-async def _until_signalled(cancel_scope: trio.CancelScope) -> None:
+async def _until_signalled(
+    cancel_scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     """SIGTERM and SIGINT end the server as end of input does: cleanly, so
     that the socket and token files it made are removed."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
         async for _ in signals:
             cancel_scope.cancel()
             return
@@ -192,53 +195,45 @@ async def serve(
 ) -> None:
     specs = [parse_listen(s, allow_remote) for s in listen]
     with ExitStack() as cleanup:
-        if specs:  # before the engine starts: a second server stops here
-            token = cleanup.enter_context(held_token(token_path(db)))
+        # Before the engine starts: a second server, a held path stop here.
+        token = cleanup.enter_context(held_token(token_path(db))) if specs else None
+        listeners = [one for spec in specs for one in await _listen(spec, cleanup)]
         async with open_engine(db, adapters=[*adapters, HumanAdapter()]) as engine:
-            server = Server(engine, max_frame=max_frame, max_outbox=max_outbox)
-            if specs:
-                server.token = token
+            server = Server(engine, token=token, max_frame=max_frame, max_outbox=max_outbox)
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.run)
-                nursery.start_soon(_until_signalled, nursery.cancel_scope)
-                await _serve_on(server, nursery, specs, cleanup, stdio=stdio, ready=ready)
+                await nursery.start(_until_signalled, nursery.cancel_scope)
+
+                async def one(stream: trio.SocketStream) -> None:
+                    await server.serve(stream, stream, needs_token=True)
+
+                for listener in listeners:
+                    nursery.start_soon(trio.serve_listeners, one, [listener])
+                    # Said once all is set up, SIGTERM's handling included.
+                    log.info("listening on %s", listener.socket.getsockname())
+                    print(
+                        f"dovecote: listening on {listener.socket.getsockname()}", file=sys.stderr
+                    )
+                if ready is not None:
+                    ready.set()
+                if stdio:
+                    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+                    stdout = trio.lowlevel.FdStream(os.dup(sys.stdout.fileno()))
+                    await server.serve(stdin, stdout, needs_token=False)
+                    nursery.cancel_scope.cancel()
 
 
-async def _serve_on(
-    server: Server,
-    nursery: trio.Nursery,
-    specs: Sequence[tuple[str, str, int]],
-    cleanup: ExitStack,
-    *,
-    stdio: bool,
-    ready: trio.Event | None,
-) -> None:
-    """Listen, tell ``ready``, serve stdio; with stdio, its end is the end."""
-    if specs:
-        listeners: list[trio.SocketListener] = []
-        for kind, where, port in specs:
-            try:
-                if kind == "unix":
-                    listeners.append(await unix_listener(where, cleanup))
-                else:
-                    listeners.extend(await trio.open_tcp_listeners(port, host=where))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise ListenError(f"{kind}:{where}:{port} is already in use") from None
-                raise
-        for listener in listeners:
-            log.info("listening on %s", listener.socket.getsockname())
-            print(f"dovecote: listening on {listener.socket.getsockname()}", file=sys.stderr)
-
-        async def one(stream: trio.SocketStream) -> None:
-            await server.serve(stream, stream, needs_token=True)
-
-        for listener in listeners:
-            nursery.start_soon(trio.serve_listeners, one, [listener])
-    if ready is not None:
-        ready.set()
-    if stdio:
-        stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-        stdout = trio.lowlevel.FdStream(os.dup(sys.stdout.fileno()))
-        await server.serve(stdin, stdout, needs_token=False)
-        nursery.cancel_scope.cancel()
+async def _listen(spec: tuple[str, str, int], cleanup: ExitStack) -> list[trio.SocketListener]:
+    kind, where, port = spec
+    try:
+        if kind == "unix":
+            listeners = [await unix_listener(where, cleanup)]
+        else:
+            listeners = await trio.open_tcp_listeners(port, host=where)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ListenError(f"{kind}:{where}:{port} is already in use") from None
+        raise
+    for listener in listeners:
+        cleanup.callback(listener.socket.close)
+    return listeners
