@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 EMACS ?= emacs
 EL := editor_bridge/emacs
 
-.PHONY: demo test lint typecheck pytest emacs-test bench clean
+.PHONY: demo test lint typecheck pytest emacs-test bench fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ emacs-test: $(STAMP)
 	  $(EL)/dovecote.el $(EL)/dovecote-tests.el && \
 	DOVECOTE=$(abspath $(BIN)/dovecote) $(EMACS) --batch -Q -L $(EL) \
 	  -l dovecote-tests -f ert-run-tests-batch-and-exit
+
+# The protocol fuzzer (tests/test_fuzz_protocol.py) for as long as asked;
+# what it finds is kept in tests/fuzz-corpus and tried first by every run.
+FUZZ_SECONDS ?= 300
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fuzz_protocol.py
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
