@@ -57,6 +57,11 @@ def _constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# One decoder for every frame: ``json.loads`` with options builds a new one
+# per call, a cost on every message received.
+_decoder: Final = json.JSONDecoder(parse_int=_integer, parse_constant=_constant)
+
+
 class Refused(Exception):
     """A value the boundary will not pass on; ``path`` says where it is, as
     the keys and indexes from the message down (``params``, ``request``,
@@ -97,7 +102,7 @@ def decode(body: bytes) -> Decoded:
     except UnicodeDecodeError as exc:
         return Decoded(error=f"the body is not UTF-8 (byte {exc.start}): frames are UTF-8 JSON")
     try:
-        value = json.loads(text, parse_int=_integer, parse_constant=_constant)
+        value = _decoder.decode(text)
     except RecursionError:
         return Decoded(error=f"JSON nested deeper than {MAX_DEPTH} levels")
     except ValueError as exc:  # JSONDecodeError, or NaN / Infinity
@@ -114,6 +119,30 @@ def check(value: Any, *, surrogates: bool = True, depth: int = 1) -> None:
     encoder cannot take. ``surrogates=False`` skips looking for lone
     surrogates, when the body had no escape that could have made one."""
     kind = type(value)
+    if kind is dict:
+        items: Any = value.items()
+    elif kind is list:
+        items = enumerate(value)
+    else:
+        _scalar(value, surrogates)
+        return
+    if depth >= MAX_DEPTH:
+        raise Refused(f"nested deeper than {MAX_DEPTH} levels")
+    for key, item in items:
+        try:
+            if surrogates and type(key) is str and _SURROGATE.search(key):
+                raise Refused(UNICODE + " in a key")
+            if type(item) is dict or type(item) is list:
+                check(item, surrogates=surrogates, depth=depth + 1)
+            else:
+                _scalar(item, surrogates)
+        except Refused as refused:
+            refused.path.append(key)
+            raise
+
+
+def _scalar(value: Any, surrogates: bool) -> None:
+    kind = type(value)
     if kind is str:
         if surrogates and not value.isascii() and _SURROGATE.search(value):
             raise Refused(UNICODE)
@@ -125,18 +154,3 @@ def check(value: Any, *, surrogates: bool = True, depth: int = 1) -> None:
             raise Refused("numbers must be finite")
     elif kind is _Huge:
         raise Refused(f"{_RANGE} (got one of {value.digits} digits)")
-    elif kind is dict or kind is list:
-        if depth >= MAX_DEPTH:
-            raise Refused(f"nested deeper than {MAX_DEPTH} levels")
-        items = value.items() if kind is dict else enumerate(value)
-        # The id first: an error about anything else must be able to name it.
-        if kind is dict and depth == 1 and "id" in value:
-            items = [("id", value["id"]), *items]
-        for key, item in items:
-            try:
-                if isinstance(key, str) and surrogates and _SURROGATE.search(key):
-                    raise Refused(UNICODE + " in a key")
-                check(item, surrogates=surrogates, depth=depth + 1)
-            except Refused as refused:
-                refused.path.append(key)
-                raise

@@ -134,7 +134,7 @@ class FrameReader:
 
 # One encoder for every frame: ``json.dumps`` with options builds a new one
 # per call, a cost on every message sent.
-_encoder: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_encoder: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def encode(message: Any) -> bytes:

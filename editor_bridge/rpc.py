@@ -47,7 +47,7 @@ from typing import Any, Final
 
 import trio
 
-from editor_bridge.decode import Decoded, decode
+from editor_bridge.decode import Decoded, Refused, check, decode
 from editor_bridge.framing import DEFAULT_MAX_FRAME, FrameReader, encode
 
 log = logging.getLogger("dovecote.rpc")
@@ -202,6 +202,8 @@ class Connection:
         if "method" not in message and ("result" in message or "error" in message):
             self._answered(message, decoded)
             return
+        if refused is not None and refused.path[-1] != "id":
+            refused = _id_refused(message) or refused  # an id it cannot echo comes first
         if refused is not None and refused.path[-1] == "id":
             self._reply_error(None, RpcError(INVALID_REQUEST, f"id: {refused.why}"))
             return
@@ -431,6 +433,14 @@ def _replace_surrogates(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_replace_surrogates(v) for v in value]
     return value
+
+
+def _id_refused(message: dict[str, Any]) -> Refused | None:
+    try:
+        check({"id": message.get("id")})
+    except Refused as refused:
+        return refused
+    return None
 
 
 def _nothing() -> None:

@@ -89,3 +89,30 @@ async def test_a_client_that_falls_behind_is_told_and_disconnected() -> None:
             while not connection.closed:
                 await trio.sleep(0.01)
         connection.notify("command/state", notice)  # dropped, and no error
+
+
+async def test_what_cannot_be_encoded_fails_its_own_message_alone() -> None:
+    """A lone surrogate from inside (a provider's reply) goes out as U+FFFD; a
+    NaN fails its answer with -32603; neither ends the connection."""
+
+    async def handler(
+        connection: Connection, method: str, params: Any, is_request: bool, ready: Any
+    ) -> Any:
+        return {"surrogate": "a\ud800b", "nan": [float("nan")], "ok": "fine"}[method]
+
+    client, server = trio.testing.memory_stream_pair()
+    connection = Connection(server, server, handler, inline={"surrogate", "nan", "ok"})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.run)
+        for i, method in enumerate(("surrogate", "nan", "ok")):
+            await client.send_all(encode({"jsonrpc": "2.0", "id": i, "method": method}))
+        reader = FrameReader(client)
+        answers = []
+        for _ in range(3):
+            frame = await reader.read()
+            assert frame is not None and frame.body is not None
+            answers.append(json.loads(frame.body, parse_constant=lambda name: 1 / 0))
+        nursery.cancel_scope.cancel()
+    assert answers[0] == {"jsonrpc": "2.0", "id": 0, "result": "a\ufffdb"}
+    assert answers[1]["id"] == 1 and answers[1]["error"]["code"] == -32603
+    assert answers[2]["result"] == "fine"
