@@ -177,7 +177,10 @@ class Server:
         with self.engine.subscribe(buffer=math.inf) as notices:
             task_status.started()
             async for notice in notices:
-                self._forward(notice)
+                try:
+                    self._forward(notice)
+                except Exception:  # one notice lost, not every later one
+                    log.exception("could not forward %r", notice)
 
     async def serve(
         self, receive: trio.abc.ReceiveStream, send: trio.abc.SendStream, *, needs_token: bool
