@@ -41,7 +41,7 @@ class FrameReader:
     def __init__(self, stream: trio.abc.ReceiveStream, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self._stream = stream
         self._buffer = bytearray()
-        self._max_frame = max_frame
+        self.max_frame = max_frame  # may change as the connection goes (after its token)
         self._eof = False
 
     async def _fill(self) -> bool:
@@ -97,11 +97,11 @@ class FrameReader:
                 length = int(digits)
         if length is None:
             return self._resync("frame has no Content-Length header")
-        if length > self._max_frame:
+        if length > self.max_frame:
             await self._skip(length)
             return Frame(
                 None,
-                f"frame of {length} bytes exceeds the limit of {self._max_frame} bytes",
+                f"frame of {length} bytes exceeds the limit of {self.max_frame} bytes",
                 too_large=True,
             )
         while len(self._buffer) < length:

@@ -135,6 +135,15 @@ class Connection:
         self._writing: trio.Event | None = None
         self._writing_bytes = 0
 
+    @property
+    def max_frame(self) -> int:
+        """The largest frame read from now on."""
+        return self._reader.max_frame
+
+    @max_frame.setter
+    def max_frame(self, size: int) -> None:
+        self._reader.max_frame = size
+
     async def run(self) -> None:
         """Serve until the client closes its end, vanishes, sends what is not
         LSP framing, or falls behind."""

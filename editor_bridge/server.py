@@ -63,6 +63,9 @@ log = logging.getLogger("dovecote.bridge")
 SERVER_NAME: Final = "dovecote"
 APPLY_HANDLER: Final = "editor.apply"
 POLICIES: Final = ("drop", "ask", "markers", "theirs")
+UNAUTHORIZED_MAX_FRAME: Final = 64 * 1024
+"""The largest frame read from a socket client before its token: whoever can
+reach the socket gets no more than this parsed until it proves it may."""
 ORDERED: Final = frozenset({"command/submit", "flow/start"})
 """Methods whose snapshot must be taken before the next frame is read."""
 
@@ -198,6 +201,8 @@ class Server:
             needs_token,
         )
         session.authorized = not needs_token
+        if needs_token:
+            session.connection.max_frame = min(self.max_frame, UNAUTHORIZED_MAX_FRAME)
         self.sessions.append(session)
         try:
             await session.connection.run()
@@ -315,6 +320,7 @@ class Server:
                     "next to the database)",
                 )
             session.authorized = True
+            session.connection.max_frame = self.max_frame
         info = p.section("clientInfo", optional=True)
         session.client = (info.string("name", optional=True) if info else None) or "client"
         session.initialized = True

@@ -22,7 +22,7 @@ import trio
 from editor_bridge.framing import FrameReader, encode
 from tests.conftest import DOVECOTE, ROOT, ask
 from tests.editor import Editor
-from tests.test_bridge_faults import start_listener, still_serving
+from tests.test_bridge_faults import read_error, start_listener, still_serving
 
 
 def free_port() -> int:
@@ -124,8 +124,16 @@ async def test_a_reset_or_a_client_gone_with_answers_unread_ends_only_that_clien
             raw.close()
         await trio.sleep(0.3)
         assert process.poll() is None, "the server exited"
-        async with connected(lambda: trio.open_tcp_stream("127.0.0.1", port), token) as editor:
-            await still_serving(editor)
+        # Before its token, a client gets no large frame parsed; after, it does.
+        padded = {"jsonrpc": "2.0", "method": "command/list", "params": {"pad": "x" * 100_000}}
+        async with connected(
+            lambda: trio.open_tcp_stream("127.0.0.1", port), token, initialize=False
+        ) as editor:
+            await editor.write({**padded, "id": 1})
+            refused = await read_error(editor, -32600)  # id null: the frame was not read
+            assert "65536" in refused["error"]["message"]
+            await editor.initialize(token)
+            assert "result" in await editor.request_message(padded)
     finally:
         stop(process)
 
