@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from editor_bridge.framing import FrameReader, encode
 from editor_bridge.rpc import FELL_BEHIND, Connection
 from editor_bridge.server import Server
 from tests.conftest import ask
-from tests.editor import Editor
+from tests.editor import bridged
 
 LIMIT = 64 * 1024
 
@@ -131,19 +130,13 @@ async def test_one_commit_of_thousands_of_notices_does_not_cut_the_bridge_off(
     """10,001 notices published at once (a bulk submit) once overflowed the
     bridge's one subscription: the engine dropped it, nobody got another
     notification, and every human command died ('Nursery is closed')."""
-    async with flows.open_engine(tmp_path / "db", adapters=[HumanAdapter()]) as engine:
-        server = Server(engine)
-        client_end, server_end = trio.testing.memory_stream_pair()
-        editor = Editor(client_end, client_end)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.run)
-            nursery.start_soon(partial(server.serve, server_end, server_end, needs_token=False))
-            await nursery.start(editor.run)
-            await editor.initialize()
-            await engine.submit_many("scripted", [ask("#delay 600\nx")] * 10_001)
-            editor.answer_human = lambda params: "yes"
-            human = await editor.request(
-                "command/submit", {"adapter": "human", "request": ask("well?")}
-            )
-            assert (await editor.wait_state(human["commandId"]))["state"] == "done"
-            nursery.cancel_scope.cancel()
+    async with (
+        flows.open_engine(tmp_path / "db", adapters=[HumanAdapter()]) as engine,
+        bridged(Server(engine)) as editor,
+    ):
+        await engine.submit_many("scripted", [ask("#delay 600\nx")] * 10_001)
+        editor.answer_human = lambda params: "yes"
+        human = await editor.request(
+            "command/submit", {"adapter": "human", "request": ask("well?")}
+        )
+        assert (await editor.wait_state(human["commandId"]))["state"] == "done"
