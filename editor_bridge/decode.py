@@ -34,6 +34,12 @@ UNICODE: Final = "text must be valid Unicode (no lone surrogates)"
 _RANGE: Final = "integers must fit in 64 bits (-2**63 to 2**63 - 1)"
 
 _ESCAPED_SURROGATE: Final = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+_MAY_REFUSE: Final = re.compile(rb"\\u[dD][89abcdefABCDEF]|[0-9]{19}|[eE][+-]?[0-9]{3}")
+"""What a body must hold for ``check`` to find anything: a surrogate's
+escape, an integer of 19 digits or more (or a float that many digits long:
+it may be infinite), an exponent of three digits; else, fewer brackets than
+``MAX_DEPTH`` (below which no nesting is too deep). Most messages hold none
+of these, and skip the walk."""
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 _LONGEST_INT: Final = len(str(INT_MIN))
 
@@ -107,10 +113,11 @@ def decode(body: bytes) -> Decoded:
         return Decoded(error=f"JSON nested deeper than {MAX_DEPTH} levels")
     except ValueError as exc:  # JSONDecodeError, or NaN / Infinity
         return Decoded(error=f"not valid JSON: {exc}")
-    try:
-        check(value, surrogates=_ESCAPED_SURROGATE.search(body) is not None)
-    except Refused as refused:
-        return Decoded(value, refused=refused)
+    if _MAY_REFUSE.search(body) or body.count(b"[") + body.count(b"{") >= MAX_DEPTH:
+        try:
+            check(value, surrogates=_ESCAPED_SURROGATE.search(body) is not None)
+        except Refused as refused:
+            return Decoded(value, refused=refused)
     return Decoded(value)
 
 

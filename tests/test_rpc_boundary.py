@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from hypothesis import given, settings
 
+from editor_bridge.decode import Refused, check, decode
 from tests.editor import Editor, served
 from tests.test_bridge_faults import call, expect_error, read_error, still_serving
+from tests.test_fuzz_protocol import wild, written
 
 
 def frame(body: bytes) -> bytes:
@@ -206,3 +209,21 @@ async def test_bytes_that_are_not_framing_close_that_connection_after_saying_so(
         assert "not LSP framing" in refused["params"]["message"]
         with trio.fail_after(20):
             assert await process.wait() == 0  # stdio closed: the server ends cleanly
+
+
+@given(wild)
+@settings(max_examples=300)
+def test_the_quick_look_that_skips_the_walk_never_misses_what_the_walk_refuses(
+    value: Any,
+) -> None:
+    """``decode`` walks a value only when its bytes could hold something to
+    refuse; whatever the full walk refuses, decode refuses too."""
+    decoded = decode(written({"params": value}))
+    if decoded.error is not None:
+        return
+    try:
+        check(decoded.value)
+    except Refused as refused:
+        assert decoded.refused is not None and decoded.refused.why == refused.why
+    else:
+        assert decoded.refused is None
