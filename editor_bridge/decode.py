@@ -78,6 +78,11 @@ class Refused(Exception):
         self.why = why
         self.path: list[str | int] = []
 
+    @property
+    def top(self) -> str | int | None:
+        """The message's own key it is under (``id``, ``params``...)."""
+        return self.path[-1] if self.path else None
+
     def where(self, skip: int = 0) -> str:
         """``request.messages[0].content``: the path, without its first
         ``skip`` parts (``params`` in a message about a method's params)."""

@@ -211,9 +211,9 @@ class Connection:
         if "method" not in message and ("result" in message or "error" in message):
             self._answered(message, decoded)
             return
-        if refused is not None and refused.path[-1] != "id":
+        if refused is not None and refused.top != "id":
             refused = _id_refused(message) or refused  # an id it cannot echo comes first
-        if refused is not None and refused.path[-1] == "id":
+        if refused is not None and refused.top == "id":
             self._reply_error(None, RpcError(INVALID_REQUEST, f"id: {refused.why}"))
             return
         request_id = message.get("id")
@@ -223,7 +223,7 @@ class Connection:
         problem = _check_request(message)
         if problem is None and refused is not None:
             problem = f"{refused.where()}: {refused.why}"
-            if refused.path[-1] == "params":
+            if refused.top == "params":
                 # The message is a request; what it asks with is not valid.
                 why = f"{message['method']}: {refused.where(1)}: {refused.why}"
                 self._refuse(message, request_id, RpcError(INVALID_PARAMS, why))
