@@ -40,6 +40,10 @@ escape, an integer of 19 digits or more (or a float that many digits long:
 it may be infinite), an exponent of three digits; else, fewer brackets than
 ``MAX_DEPTH`` (below which no nesting is too deep). Most messages hold none
 of these, and skip the walk."""
+_QUICK_LOOK_BYTES: Final = 4096
+"""Only small bodies get the quick look: it is a regular expression of
+alternatives, scanned byte by byte, which on megabytes costs more than the
+walk (and holds the interpreter, in a worker thread too)."""
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 _LONGEST_INT: Final = len(str(INT_MIN))
 
@@ -118,7 +122,11 @@ def decode(body: bytes) -> Decoded:
         return Decoded(error=f"JSON nested deeper than {MAX_DEPTH} levels")
     except ValueError as exc:  # JSONDecodeError, or NaN / Infinity
         return Decoded(error=f"not valid JSON: {exc}")
-    if _MAY_REFUSE.search(body) or body.count(b"[") + body.count(b"{") >= MAX_DEPTH:
+    if (
+        len(body) > _QUICK_LOOK_BYTES
+        or _MAY_REFUSE.search(body)
+        or body.count(b"[") + body.count(b"{") >= MAX_DEPTH
+    ):
         try:
             check(value, surrogates=_ESCAPED_SURROGATE.search(body) is not None)
         except Refused as refused:
