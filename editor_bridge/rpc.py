@@ -66,8 +66,11 @@ DEFAULT_MAX_OUTBOX: Final = 64 * 1024 * 1024
 """Bytes of answers and notifications queued for one client and not yet
 written past which it has fallen behind (a quarter of it stops the reading)."""
 OFF_LOOP_BYTES: Final = 1024 * 1024
-"""Bodies larger than this are decoded in a worker thread: a 15 MB document
-takes the event loop some 100 ms to parse and check."""
+"""Bodies larger than this are decoded in a worker thread, where checking
+the value gives the loop its turns. The JSON parser itself (C) still holds
+the interpreter while it runs: measured on a 13 MB frame of 65,000 strings,
+another client's answer waited at most 31-50 ms, against 48-100 ms when all
+of it ran on the loop."""
 DRAIN_GRACE: Final = 5.0
 """Seconds to go on writing what is queued once the client has closed its
 end: it may still read the answers, but one that does not must not keep
