@@ -10,7 +10,7 @@ EL := editor_bridge/emacs
 NVIM ?= nvim
 NV := editor_bridge/nvim
 
-.PHONY: demo demo-model model test lint lua-lint typecheck pytest emacs-test emacs-model-test nvim nvim-test fuzz fuzz-emacs nvim-fuzz bench clean
+.PHONY: demo demo-model model test lint lua-lint typecheck pytest emacs-test emacs-model-test nvim nvim-test fuzz fuzz-protocol fuzz-emacs nvim-fuzz bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -88,7 +88,7 @@ emacs-model-test: emacs-test model
 # The randomized editing test of the Emacs client with a new seed and more
 # rounds (emacs-test runs it with a fixed seed); a failure names its seed:
 # DOVECOTE_FUZZ_SEED=that make fuzz-emacs plays it again.
-fuzz: fuzz-emacs nvim-fuzz
+fuzz: fuzz-protocol fuzz-emacs nvim-fuzz
 fuzz-emacs: $(STAMP)
 	seed=$${DOVECOTE_FUZZ_SEED:-$$(date +%s%N)}; echo "fuzz-emacs: seed $$seed"; \
 	DOVECOTE_FUZZ_SEED=$$seed DOVECOTE_FUZZ_ROUNDS=$${DOVECOTE_FUZZ_ROUNDS:-30} \
@@ -125,6 +125,12 @@ nvim-fuzz: $(STAMP) nvim
 	seed=$${DOVECOTE_NVIM_SEED:-$$(date +%s)}; echo "nvim-fuzz: seed $$seed"; \
 	DOVECOTE_NVIM_SEED=$$seed DOVECOTE_NVIM_TESTS=randomized_editing_property NVIM=$(NVIM) \
 	  $(BIN)/python -m pytest -q tests/test_nvim.py -k randomized
+
+# The protocol fuzzer (tests/test_fuzz_protocol.py) for as long as asked;
+# what it finds is kept in tests/fuzz-corpus and tried first by every run.
+FUZZ_SECONDS ?= 300
+fuzz-protocol: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fuzz_protocol.py
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

@@ -56,7 +56,7 @@ class Person:
             self.text = self.text[: edit["start"]] + edit["text"] + self.text[edit["end"] :]
             self.applied.append(edit)
         self.version += 1
-        await connection.notify(
+        connection.notify(
             "document/change", {"uri": URI, "version": self.version, "changes": params["edits"]}
         )
         return {"applied": True}
@@ -69,7 +69,7 @@ class Person:
             start = end = 0
         self.text = self.text[:start] + replacement + self.text[end:]
         self.version += 1
-        await self.connection.notify(
+        self.connection.notify(
             "document/change",
             {
                 "uri": URI,
@@ -93,7 +93,7 @@ async def editing_session(engine: Engine, out: TextIO = sys.stdout) -> None:
         person.connection = connection
         nursery.start_soon(connection.run)
         await connection.request("initialize", {"clientInfo": {"name": "demo"}}, 10)
-        await connection.notify("document/open", {"uri": URI, "version": 1, "text": LETTER})
+        connection.notify("document/open", {"uri": URI, "version": 1, "text": LETTER})
         start = LETTER.index("I recieve")
         end = LETTER.index("\nSee you")
         say("5. An editing session through the JSON-RPC server. The document:")

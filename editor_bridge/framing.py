@@ -3,8 +3,12 @@
 Emacs' jsonrpc.el and Neovim's ``vim.lsp.rpc`` both speak it, so an editor
 needs nothing but what it ships. A frame whose header is unreadable cannot
 be skipped reliably (we do not know where it ends), so the reader looks for
-the next ``Content-Length`` header and goes on from there; a frame that is
-too big is read past, not into memory, and reported.
+the next ``Content-Length`` header in what follows it and goes on from
+there; a frame that is too big is read past, not into memory, and reported.
+Bytes that never make a header (no CRLF CRLF within ``MAX_HEADER``) are not
+LSP framing at all: the reader reports them as ``fatal`` and the connection
+ends there. A peer that vanishes (a reset, a broken pipe) is end of stream:
+its connection ends, nothing else does.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import trio
 MAX_HEADER: Final = 8 * 1024
 DEFAULT_MAX_FRAME: Final = 16 * 1024 * 1024
 _CONTENT_LENGTH: Final = b"content-length"
+_MAX_DIGITS: Final = 15
+"""A Content-Length of more digits than this is no length a frame has: refused
+rather than skipped (skipping it would swallow everything the peer sends)."""
 
 
 @attrs.frozen
@@ -27,19 +34,23 @@ class Frame:
     body: bytes | None
     error: str | None = None
     too_large: bool = False
+    fatal: bool = False  # not LSP framing: nothing after it can be trusted
 
 
 class FrameReader:
     def __init__(self, stream: trio.abc.ReceiveStream, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self._stream = stream
         self._buffer = bytearray()
-        self._max_frame = max_frame
+        self.max_frame = max_frame  # may change as the connection goes (after its token)
         self._eof = False
 
     async def _fill(self) -> bool:
         if self._eof:
             return False
-        chunk = await self._stream.receive_some(65536)
+        try:
+            chunk = await self._stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            chunk = b""  # reset by the peer, or closed under us: the end
         if not chunk:
             self._eof = True
             return False
@@ -53,7 +64,13 @@ class FrameReader:
             if end >= 0:
                 break
             if len(self._buffer) > MAX_HEADER:
-                return self._resync("frame header too long or not terminated by CRLF CRLF")
+                self._buffer.clear()
+                return Frame(
+                    None,
+                    f"no frame header (Content-Length: N, then CRLF CRLF) in {MAX_HEADER} bytes: "
+                    "this is not LSP framing",
+                    fatal=True,
+                )
             if not await self._fill():
                 if self._buffer.strip():
                     self._buffer.clear()
@@ -67,17 +84,24 @@ class FrameReader:
             if not sep:
                 return self._resync(f"malformed header line {line[:80]!r}")
             if name.strip().lower() == _CONTENT_LENGTH:
-                try:
-                    length = int(value.strip())
-                except ValueError:
-                    return self._resync(f"Content-Length is not a number: {value[:40]!r}")
-        if length is None or length < 0:
-            return self._resync("frame has no valid Content-Length header")
-        if length > self._max_frame:
+                digits = value.strip(b" \t")
+                # Plain ASCII digits only: int() would also take "+2", "1_0",
+                # " 12 " and other scripts' digits.
+                if not digits.isdigit() or len(digits) > _MAX_DIGITS:
+                    return self._resync(
+                        f"Content-Length must be 1 to {_MAX_DIGITS} ASCII digits, "
+                        f"got {value[:40]!r}"
+                    )
+                if length is not None and int(digits) != length:
+                    return self._resync("frame has two different Content-Length headers")
+                length = int(digits)
+        if length is None:
+            return self._resync("frame has no Content-Length header")
+        if length > self.max_frame:
             await self._skip(length)
             return Frame(
                 None,
-                f"frame of {length} bytes exceeds the limit of {self._max_frame} bytes",
+                f"frame of {length} bytes exceeds the limit of {self.max_frame} bytes",
                 too_large=True,
             )
         while len(self._buffer) < length:
@@ -97,8 +121,10 @@ class FrameReader:
             length -= taken
 
     def _resync(self, error: str) -> Frame:
-        """Drop bytes up to the next header that looks like a frame start."""
-        at = self._buffer.lower().find(_CONTENT_LENGTH, 1)
+        """Drop bytes up to the next header that looks like a frame start.
+        The bad header itself is already gone: what follows it may be a good
+        frame, so the search starts at the first byte left."""
+        at = self._buffer.lower().find(_CONTENT_LENGTH)
         if at < 0:
             self._buffer.clear()
         else:
@@ -108,7 +134,7 @@ class FrameReader:
 
 # One encoder for every frame: ``json.dumps`` with options builds a new one
 # per call, a cost on every message sent.
-_encoder: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_encoder: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def encode(message: Any) -> bytes:

@@ -24,8 +24,10 @@ them.
 
 from __future__ import annotations
 
+import hmac
 import inspect
 import logging
+import math
 import weakref
 from collections.abc import Callable
 from typing import Any, Final
@@ -38,7 +40,13 @@ from adapters.human import HumanAdapter
 from editor_bridge import wire
 from editor_bridge.framing import DEFAULT_MAX_FRAME
 from editor_bridge.mirror import Document, DocumentError, Mirror, edits_between, rebase
-from editor_bridge.rpc import INVALID_PARAMS, METHOD_NOT_FOUND, Connection, RpcError
+from editor_bridge.rpc import (
+    DEFAULT_MAX_OUTBOX,
+    INVALID_PARAMS,
+    METHOD_NOT_FOUND,
+    Connection,
+    RpcError,
+)
 from editor_bridge.wire import Params
 from flows.engine import PRIORITY_INTERACTIVE, Engine, Progress
 from flows.errors import IllegalTransition, StoreError, UnknownCommand
@@ -55,6 +63,9 @@ log = logging.getLogger("dovecote.bridge")
 SERVER_NAME: Final = "dovecote"
 APPLY_HANDLER: Final = "editor.apply"
 POLICIES: Final = ("drop", "ask", "markers", "theirs")
+UNAUTHORIZED_MAX_FRAME: Final = 64 * 1024
+"""The largest frame read from a socket client before its token: whoever can
+reach the socket gets no more than this parsed until it proves it may."""
 ORDERED: Final = frozenset({"command/submit", "flow/start", "document/open"})
 """Methods whose snapshot must be taken, or whose text must reach the mirror,
 before the next frame is read."""
@@ -112,9 +123,11 @@ class Server:
         apply_tries: int = 5,
         document_wait: float = 30.0,
         max_frame: int = DEFAULT_MAX_FRAME,
+        max_outbox: int = DEFAULT_MAX_OUTBOX,
     ) -> None:
         self.engine = engine
         self.max_frame = max_frame
+        self.max_outbox = max_outbox
         self.token = token
         self.version = version
         self.apply_timeout = apply_timeout
@@ -126,7 +139,6 @@ class Server:
         self.flow_owner: dict[str, Session] = {}
         self.kept: dict[str, list[KeptConflict]] = {}
         self._opened = trio.Event()
-        self._nursery: trio.Nursery | None = None
         _servers[engine] = self
         for adapter in engine.adapters.values():
             if isinstance(adapter, HumanAdapter):
@@ -160,23 +172,38 @@ class Server:
     # --- running -------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Forward engine notices to the sessions that own the commands."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            with self.engine.subscribe() as notices:
-                task_status.started()
-                async for notice in notices:
-                    await self._forward(notice)
+        """Forward engine notices to the sessions that own the commands.
+
+        The one subscription for every client: unbounded, since forwarding
+        never waits (each connection queues what it is sent, bounded in
+        bytes, and drops a client that falls behind), so it is never the
+        subscription that falls behind because one client does."""
+        with self.engine.subscribe(buffer=math.inf) as notices:
+            task_status.started()
+            async for notice in notices:
+                try:
+                    self._forward(notice)
+                except Exception:  # one notice lost, not every later one
+                    log.exception("could not forward %r", notice)
 
     async def serve(
         self, receive: trio.abc.ReceiveStream, send: trio.abc.SendStream, *, needs_token: bool
     ) -> None:
         """Serve one editor connection until it closes."""
         session = Session(
-            Connection(receive, send, self._dispatch, inline=self.inline, max_frame=self.max_frame),
+            Connection(
+                receive,
+                send,
+                self._dispatch,
+                inline=self.inline,
+                max_frame=self.max_frame,
+                max_outbox=self.max_outbox,
+            ),
             needs_token,
         )
         session.authorized = not needs_token
+        if needs_token:
+            session.connection.max_frame = min(self.max_frame, UNAUTHORIZED_MAX_FRAME)
         self.sessions.append(session)
         try:
             await session.connection.run()
@@ -225,14 +252,14 @@ class Server:
             raise RpcError(code, str(exc)) from None
         except StoreError as exc:
             raise RpcError(wire.STORE_FAILED, str(exc)) from None
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             raise RpcError(INVALID_PARAMS, f"{method}: {exc}") from None
 
-    async def _forward(self, notice: StateChange | Progress | FlowChange) -> None:
+    def _forward(self, notice: StateChange | Progress | FlowChange) -> None:
         if isinstance(notice, FlowChange):
             session = self.flow_owner.get(notice.flow.id)
             if session is not None:
-                await session.connection.notify(
+                session.connection.notify(
                     "flow/state",
                     {
                         "flowId": notice.flow.id,
@@ -245,7 +272,7 @@ class Server:
         if isinstance(notice, Progress):
             session = self.owner_of.get(notice.command_id)
             if session is not None:
-                await session.connection.notify(
+                session.connection.notify(
                     "command/progress", {"commandId": notice.command_id, "text": notice.text}
                 )
             return
@@ -262,7 +289,7 @@ class Server:
         if command.replay_of:
             params["replayOf"] = command.replay_of
         for session in self._audience(command):
-            await session.connection.notify("command/state", params)
+            session.connection.notify("command/state", params)
 
     def _audience(self, command: Command) -> list[Session]:
         """Who hears about ``command``: its owner; failing that (the server
@@ -283,13 +310,18 @@ class Server:
     def initialize(self, session: Session, p: Params) -> Any:
         if session.needs_token:
             token = p.raw.get("token")
-            if not isinstance(token, str) or token != self.token:
+            if (
+                not isinstance(token, str)
+                or self.token is None
+                or not hmac.compare_digest(token.encode(), self.token.encode())
+            ):
                 raise RpcError(
                     wire.UNAUTHORIZED,
                     "unauthorized: a missing or wrong token (it is in the token file "
                     "next to the database)",
                 )
             session.authorized = True
+            session.connection.max_frame = self.max_frame
         info = p.section("clientInfo", optional=True)
         session.client = (info.string("name", optional=True) if info else None) or "client"
         session.initialized = True
@@ -753,10 +785,7 @@ class Server:
     # --- people --------------------------------------------------------------
 
     def _ask_human(self, command_id: str, request: Request) -> None:
-        if self._nursery is not None:
-            self._nursery.start_soon(self._send_ask, command_id, request)
-
-    async def _send_ask(self, command_id: str, request: Request) -> None:
+        """Queue the question (never waits, so it needs no task of its own)."""
         params: dict[str, Any] = {
             "commandId": command_id,
             "messages": [m.to_json() for m in request.messages],
@@ -766,4 +795,4 @@ class Server:
         owner = self.owner_of.get(command_id)
         audience = [owner] if owner else [s for s in self.sessions if s.initialized]
         for session in audience:
-            await session.connection.notify("human/ask", params)
+            session.connection.notify("human/ask", params)

@@ -344,6 +344,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 allow_remote=args.allow_remote,
                 adapters=_adapters(args),
                 max_frame=args.max_frame,
+                max_outbox=args.max_outbox,
             )
         )
     except ListenError as exc:
@@ -449,6 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=16 * 1024 * 1024,
         metavar="BYTES",
         help="refuse frames larger than this (default 16 MiB)",
+    )
+    p.add_argument(
+        "--max-outbox",
+        type=int,
+        default=64 * 1024 * 1024,
+        metavar="BYTES",
+        help="disconnect a client that leaves more than this unread (default 64 MiB)",
     )
     p.add_argument("--verbose", action="store_true", help="log to stderr")
 

@@ -513,11 +513,15 @@ class Engine:
         )
 
     @contextmanager
-    def subscribe(self, buffer: int = 10_000) -> Iterator[trio.MemoryReceiveChannel[Notice]]:
+    def subscribe(self, buffer: float = 10_000) -> Iterator[trio.MemoryReceiveChannel[Notice]]:
         """Every committed transition (``StateChange``) and streamed partial
         reply (``Progress``) from now on. A subscriber that falls ``buffer``
         notices behind is dropped (its channel ends) rather than slowing the
-        engine; it can catch up from the store."""
+        engine; it can catch up from the store. ``buffer=math.inf`` is for a
+        subscriber that must miss nothing and whose loop never waits on
+        anything but the channel (the editor bridge: it only queues each
+        notice for its clients), so that it always catches up: one commit can
+        publish thousands of notices at once (a replay of many)."""
         send, receive = trio.open_memory_channel[Notice](buffer)
         self._subscribers.append(send)
         try:

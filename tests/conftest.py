@@ -16,6 +16,7 @@ from hypothesis import settings
 
 settings.register_profile("thorough", max_examples=2000, deadline=None)
 settings.register_profile("ci", deadline=None)
+settings.register_profile("fuzz", max_examples=500, deadline=None)  # make fuzz: per batch
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # A test that forgets --db must not reach the person's own database: their

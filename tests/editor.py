@@ -12,12 +12,15 @@ import os
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
+import trio.testing
 
 from editor_bridge.framing import FrameReader, encode
+from editor_bridge.server import Server
 from tests.conftest import DOVECOTE, ROOT
 
 
@@ -228,3 +231,17 @@ async def served(
         if process.returncode is None:
             process.kill()
         await process.wait()
+
+
+@asynccontextmanager
+async def bridged(server: Server, editor_class: type[Editor] = Editor) -> AsyncIterator[Editor]:
+    """An initialized editor on ``server`` in this process, over memory streams."""
+    client_end, server_end = trio.testing.memory_stream_pair()
+    editor = editor_class(client_end, client_end)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        nursery.start_soon(partial(server.serve, server_end, server_end, needs_token=False))
+        await nursery.start(editor.run)
+        await editor.initialize()
+        yield editor
+        nursery.cancel_scope.cancel()

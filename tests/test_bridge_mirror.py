@@ -10,7 +10,6 @@ text."""
 from __future__ import annotations
 
 import tempfile
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from hypothesis import strategies as st
 import flows
 from editor_bridge.server import Server
 from flows.snapshots import Change, move_region
-from tests.editor import Editor
+from tests.editor import Editor, bridged
 
 URI = "file:///doc"
 WORDS = ["alpha", "beta", "gamma", "delta", "teh", "recieve", "wierd", "🦆", "ñandú", "x"]
@@ -63,13 +62,8 @@ async def scenario(data: st.DataObject, db: Path) -> None:
     text = " ".join(words)
     async with flows.open_engine(db) as engine:
         server = Server(engine, apply_timeout=5)
-        (client_end, server_end) = trio.testing.memory_stream_pair()
-        editor = TrackingEditor(client_end, client_end)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.run)
-            nursery.start_soon(partial(server.serve, server_end, server_end, needs_token=False))
-            await nursery.start(editor.run)
-            await editor.initialize()
+        async with bridged(server, TrackingEditor) as editor:
+            assert isinstance(editor, TrackingEditor)
             await editor.open(URI, text)
             pending: dict[str, str] = {}
             for _ in range(data.draw(st.integers(1, 3), label="calls")):
@@ -121,7 +115,6 @@ async def scenario(data: st.DataObject, db: Path) -> None:
                     assert done.state == "done", done
                 await settle(engine, editor, server)
                 check(editor, server)
-            nursery.cancel_scope.cancel()
 
 
 async def settle(engine: flows.Engine, editor: Editor, server: Server) -> None:
