@@ -41,7 +41,7 @@ import httpx
 import trio
 
 from adapters._pool import PooledTransport
-from adapters._redact import NO_SECRET, Redactor, clean_json, repair
+from adapters._redact import NO_SECRET, Redactor, clean_json, redact_http_logs, repair
 from adapters.base import (
     AdapterError,
     AdapterSettings,
@@ -378,6 +378,7 @@ class HttpAdapter:
                 "named by api_key_env is not set"
             )
         body = self.body(request)
+        self.redactor()  # before the first request: it also guards httpx's logs
         budget = time_budget(context.deadline, self.settings.timeout)
         if budget <= 0:
             raise RetryableError(f"{self.settings.name}: no time left before the deadline")
@@ -511,6 +512,7 @@ class HttpAdapter:
         """The ``Redactor`` of this adapter's key, built once per key."""
         if self._redactor is None or self._redactor.secret != self.api_key:
             self._redactor = Redactor(self.api_key)
+            redact_http_logs(self._redactor)
         return self._redactor
 
     def _clean(self, text: str) -> str:

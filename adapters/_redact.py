@@ -24,6 +24,7 @@ their text) and counts them, so the adapter can record that it did.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -116,6 +117,50 @@ class Redactor:
 
 
 NO_SECRET = Redactor(None)
+
+HTTP_LOGGERS = (
+    "httpx",
+    "httpcore.connection",
+    "httpcore.http11",
+    "httpcore.http2",
+    "httpcore.proxy",
+    "httpcore.socks",
+)
+"""Where httpx and httpcore log. At DEBUG httpcore logs every response's
+headers, so a ``Location`` that echoes the key would be logged with it."""
+
+
+class _LogRedaction(logging.Filter):
+    """Cleans the records of ``HTTP_LOGGERS`` of every key an adapter holds.
+    A filter on each logger (not a handler): it runs before any handler sees
+    the record, whoever configured the handlers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.redactors: dict[str, Redactor] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = message
+        for redactor in self.redactors.values():
+            cleaned = redactor.text(cleaned)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+_LOG_REDACTION = _LogRedaction()
+
+
+def redact_http_logs(redactor: Redactor) -> None:
+    """From now on, keep ``redactor``'s secret out of httpx's and httpcore's logs."""
+    if redactor.secret is None:
+        return
+    _LOG_REDACTION.redactors[redactor.secret] = redactor
+    for name in HTTP_LOGGERS:
+        logger = logging.getLogger(name)
+        if _LOG_REDACTION not in logger.filters:
+            logger.addFilter(_LOG_REDACTION)
 
 
 def repair(text: str) -> tuple[str, int]:
