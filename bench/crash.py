@@ -414,6 +414,7 @@ class _Answering(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 1024  # the listen backlog: 5 by default, refusing 256 connections
     work: float
     effects: int
     answered: list[tuple[int, float]]  # (job, time.monotonic()) of each whole answer
