@@ -37,7 +37,8 @@ import flows
 from adapters.config import build_adapter, parse_config
 from flows.cli import main as cli_main
 from flows.engine import Backoff, Notice
-from tests.fake_providers import Canned, Recorded, json_response, ndjson_bytes, sse_bytes
+from tests.fake_providers import Canned, json_response, ndjson_bytes, sse_bytes
+from tests.test_no_key_leaks import error_body, received_key
 from tests.test_providers_e2e import PROVIDERS, Provider, Server
 
 KEY = "sk-test/DO-NOT-LEAK+1234567890abcdef"
@@ -65,20 +66,7 @@ def assert_no_key(where: str, data: str | bytes) -> None:
             assert part not in seen, f"{WINDOW} characters of the key ({part!r}) in {where}"
 
 
-def received_key(request: Recorded) -> str:
-    auth = request.headers.get("authorization", "")
-    return auth.removeprefix("Bearer ") or request.headers.get("x-api-key", "")
-
-
 # --- what the server says, by shape ---------------------------------------------------------
-
-
-def provider_error(kind: str, message: str) -> dict[str, Any]:
-    if kind == "openai":
-        return {"error": {"message": message, "type": "invalid_request_error", "code": None}}
-    if kind == "anthropic":
-        return {"type": "error", "error": {"type": "authentication_error", "message": message}}
-    return {"error": message}
 
 
 def unknown_json(spelled: str, status: int = 401) -> Canned:
@@ -171,9 +159,7 @@ def escaped(key: str) -> str:
 
 
 SHAPES = {
-    "json": Shape(
-        lambda p, k: json_response(provider_error(p.kind, f"Incorrect API key: {k}"), 401)
-    ),
+    "json": Shape(lambda p, k: json_response(error_body(p.kind, f"Incorrect API key: {k}"), 401)),
     "json-escaped": Shape(lambda p, k: unknown_json(f"auth failed for {escaped(k)}")),
     "json-slash-escaped": Shape(
         lambda p, k: unknown_json("auth failed for " + k.replace("/", "\\/"))

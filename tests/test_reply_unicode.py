@@ -23,7 +23,8 @@ import flows
 from adapters.base import AdapterError
 from flows.engine import Notice
 from tests.fake_providers import HELLO, Canned, context, json_response
-from tests.test_key_echoes import adapter_for, provider_error, stream_chunks
+from tests.test_key_echoes import adapter_for, stream_chunks
+from tests.test_no_key_leaks import error_body
 from tests.test_providers_e2e import PROVIDERS, Provider, Server
 
 LONE = "one \ud800 two \udc00\ud801 three"
@@ -131,7 +132,7 @@ async def test_a_lone_surrogate_in_an_error_message_is_replaced(
     provider: Provider, tmp_path: Path
 ) -> None:
     db = tmp_path / "dovecote.db"
-    error = json_response(provider_error(provider.kind, LONE), 400)
+    error = json_response(error_body(provider.kind, LONE), 400)
     first, second, notices = await run(db, provider, error, False)
     assert first.state == "dead" and first.error is not None, first
     assert SHOWN in first.error.message
