@@ -74,7 +74,14 @@ What a claim, an effect and "done" are for each system:
   process dies is lost with it); what dovecote can do is keep short the time from a
   reply received to its ``replied`` committed. The row also gives the duplicates whose
   first answer the server had finished before the kill (the rest were answered after
-  it, to a client already dead) and the rate: duplicated sends per job.
+  it, to a client already dead) and the rate: duplicated sends per job. Two ways of
+  narrowing the window were tried and measured against the code as it is, run by run
+  with the same kill delays (8 runs each, 2,000 jobs, 64 in flight): giving a send's
+  slot back only once its reply is committed (174 duplicated against 171), and a
+  committer that cuts its batch in the middle of a scheduling round once the oldest
+  queued operation has waited 2 ms (139 against 157). Neither is past the spread of
+  the runs (0 to 63 each): a run duplicates a few, or a wave of answers that the kill
+  caught being read, and on a loaded machine the worker also waits for a CPU.
 
 Fairness: every system works in a fresh directory per run, on SQLite in WAL mode with
 ``synchronous=NORMAL`` (set by dovecote itself; set on huey's and persist-queue's
