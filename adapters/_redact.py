@@ -83,19 +83,24 @@ class Redactor:
     secret: str | None
     _secrets: tuple[str, ...] = attrs.field(init=False)
     _pattern: re.Pattern[str] | None = attrs.field(init=False)
+    _markers: tuple[str, ...] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         secrets = tuple(dict.fromkeys(s for s in (self.secret, (self.secret or "").strip()) if s))
         longest_first = sorted(secrets, key=len, reverse=True)
         pattern = re.compile("|".join(map(_pattern, longest_first))) if secrets else None
+        # What any spelling but the literal one must hold somewhere: a text
+        # with none of these (and not the secret itself) needs no pattern.
+        short = {_SHORT_ESCAPES[c] for c in "".join(secrets) if c in _SHORT_ESCAPES}
         object.__setattr__(self, "_secrets", secrets)
         object.__setattr__(self, "_pattern", pattern)
+        object.__setattr__(self, "_markers", ("\\u", "\\x", "%", *sorted(short)))
 
     def text(self, text: str) -> str:
         """``text`` with every spelling of the secret replaced by ``[redacted]``."""
         if self._pattern is None:
             return text
-        if "\\" not in text and "%" not in text and not any(s in text for s in self._secrets):
+        if not any(m in text for m in self._markers) and not any(s in text for s in self._secrets):
             return text
         return self._pattern.sub(REDACTED, text)
 
