@@ -543,7 +543,8 @@ class HttpAdapter:
 
         ``body`` is the JSON text ``reply.raw`` was parsed from, when it was:
         without ``\\u`` escapes and UTF-8 that could encode a surrogate, and
-        without the key (``absent_from_json``), every string in ``raw`` is
+        without the key spelled in any way (``absent_from_json``, and no mark
+        of another spelling: ``Redactor.marks``), every string in ``raw`` is
         clean already, which spares walking it; ``text`` is still looked at,
         since pieces joined may spell the key."""
         key = self.api_key
@@ -551,6 +552,7 @@ class HttpAdapter:
             body is not None
             and b"\xed" not in body
             and (absent_from_json(key, body) if key else b"\\u" not in body)
+            and not self.redactor().marks(body)
         ):
             text = self.redactor().text(reply.text)
             return reply if text == reply.text else attrs.evolve(reply, text=text)

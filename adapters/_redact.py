@@ -104,9 +104,11 @@ class Redactor:
             return text
         return self._pattern.sub(REDACTED, text)
 
-    def may_hold(self, text: str) -> bool:
-        """False when ``text`` surely holds no spelling of the secret."""
-        return self._pattern is not None and self.text(text) != text
+    def marks(self, data: bytes) -> bool:
+        """Whether ``data`` holds the secret or a mark an escaped spelling of it needs."""
+        if self._pattern is None:
+            return False
+        return any(m.encode() in data for m in (*self._markers, *self._secrets))
 
     def unsafe_tail(self, text: str) -> int:
         """How many characters at the end of ``text`` could be the start of

@@ -4,11 +4,11 @@ A local server on 127.0.0.1 plays each provider and echoes the key it
 received in one shape per test: in a JSON error body as the provider writes
 it, JSON-escaped (``\\u0073k-...``, ``\\/``), straddling the 200-character cut
 of an error snippet, in a plain-text body, percent-encoded in a redirect's
-``Location``, with a ``Retry-After``, in a streamed reply (whole in one event,
-split across two events, split across two HTTP chunks), in a stream event
-that is not JSON. Two more shapes need no server: a key that httpx cannot put
-in a header (a newline read from a file, a non-ASCII character) makes httpx
-or the codec quote it in an exception.
+``Location`` or in a successful reply's body, with a ``Retry-After``, in a
+streamed reply (whole in one event, split across two events, split across two
+HTTP chunks), in a stream event that is not JSON. Two more shapes need no
+server: a key that httpx cannot put in a header (a newline read from a file,
+a non-ASCII character) makes httpx or the codec quote it in an exception.
 
 Each command runs through the engine with a real database, and then the key
 is searched everywhere a person or a program could see it: the database file
@@ -42,6 +42,7 @@ from tests.test_no_key_leaks import error_body, received_key
 from tests.test_providers_e2e import PROVIDERS, Provider, Server
 
 KEY = "sk-test/DO-NOT-LEAK+1234567890abcdef"
+PLAIN_KEY = "sk-test-DO-NOT-LEAK-1234567890abcdef"  # the search finds it too: same tail
 KEY_ENV = "DOVECOTE_TEST_ECHOED_KEY"
 WINDOW = 12
 CUT = 200  # adapters._http.SNIPPET: where an error's snippet is cut
@@ -85,6 +86,16 @@ def text_body(text: str, status: int, **headers: str) -> Canned:
     return Canned(
         status=status, headers={"content-type": "text/html", **headers}, body=text.encode()
     )
+
+
+def whole_body(kind: str, text: str) -> dict[str, Any]:
+    if kind == "openai":
+        message = {"role": "assistant", "content": text}
+        return {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+    if kind == "anthropic":
+        usage = {"input_tokens": 1, "output_tokens": 1}
+        return {"content": [{"type": "text", "text": text}], "usage": usage}
+    return {"message": {"role": "assistant", "content": text}, "done": True}
 
 
 def stream_chunks(kind: str, pieces: list[str]) -> tuple[list[bytes], str]:
@@ -151,7 +162,12 @@ class Shape:
     stream: bool = False
     state: str = "dead"
     key: str = KEY  # what the adapter is configured with
+    reaches_server: bool = True
     progress: bool = False  # the reply streams in more than one progress report
+
+
+def percent_encoded(key: str) -> str:
+    return "".join(f"%{byte:02X}" for byte in key.encode())
 
 
 def escaped(key: str) -> str:
@@ -174,6 +190,13 @@ SHAPES = {
             "moved", 302, location="http://elsewhere/?key=" + urllib.parse.quote(k, safe="")
         )
     ),
+    "reply-percent-encoded": Shape(
+        lambda p, k: json_response(
+            {**whole_body(p.kind, "hi"), "debug": "GET /?key=" + percent_encoded(k)}
+        ),
+        state="done",
+        key=PLAIN_KEY,  # no "/" in it: the reply takes the adapter's fast path
+    ),
     "stream-text": Shape(
         lambda p, k: streamed(p.kind, ["Your key ", f"is {k}", ", kept."]),
         stream=True,
@@ -193,8 +216,12 @@ SHAPES = {
         progress=True,
     ),
     "stream-event-not-json": Shape(lambda p, k: not_json_event(p.kind, k), stream=True),
-    "header-with-a-newline": Shape(lambda p, k: json_response({}), key=KEY + "\n"),
-    "header-not-ascii": Shape(lambda p, k: json_response({}), key=KEY + "\u00e9"),
+    "header-with-a-newline": Shape(
+        lambda p, k: json_response({}), key=KEY + "\n", reaches_server=False
+    ),
+    "header-not-ascii": Shape(
+        lambda p, k: json_response({}), key=KEY + "\u00e9", reaches_server=False
+    ),
 }
 
 
@@ -242,12 +269,14 @@ async def test_an_echoed_key_is_nowhere(
             command = await engine.wait(command_id)
             journal = engine.history(command_id)
     assert command.state == shape.state, command
-    if shape.key == KEY:
-        assert [received_key(r) for r in server.requests] == [KEY] * len(server.requests) != []
+    if shape.reaches_server:
+        received = [received_key(r) for r in server.requests]
+        assert received == [shape.key] * len(received) != [], received
     else:
         assert not server.requests and command.error is not None, command
     if shape.state == "done":
-        assert command.reply is not None and "[redacted]" in command.reply.text, command.reply
+        assert command.reply is not None, command
+        assert "[redacted]" in json.dumps(command.reply.to_json()), command.reply
     progress = [n.text for n in notices if isinstance(n, flows.Progress)]
     if shape.progress:
         assert len(progress) >= 2, progress

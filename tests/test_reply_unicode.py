@@ -23,23 +23,13 @@ import flows
 from adapters.base import AdapterError
 from flows.engine import Notice
 from tests.fake_providers import HELLO, Canned, context, json_response
-from tests.test_key_echoes import adapter_for, stream_chunks
+from tests.test_key_echoes import adapter_for, stream_chunks, whole_body
 from tests.test_no_key_leaks import error_body
 from tests.test_providers_e2e import PROVIDERS, Provider, Server
 
 LONE = "one \ud800 two \udc00\ud801 three"
 SHOWN = "one \ufffd two \ufffd\ufffd three"
 REPLACED = 3
-
-
-def whole_body(kind: str, text: str) -> dict[str, Any]:
-    if kind == "openai":
-        message = {"role": "assistant", "content": text}
-        return {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
-    if kind == "anthropic":
-        usage = {"input_tokens": 1, "output_tokens": 1}
-        return {"content": [{"type": "text", "text": text}], "usage": usage}
-    return {"message": {"role": "assistant", "content": text}, "done": True}
 
 
 def answer(provider: Provider, how: str) -> Canned:
