@@ -17,16 +17,21 @@ stream. The rules that must hold for *every* provider live here once:
   socket read and write;
 * failures are classified the same way for everyone (``error_for_status``),
   with the provider's own words in the message;
-* an API key never reaches a message, an exception's args or a repr: every
-  message built from what a server said is passed through ``_redact``, since a
-  misconfigured local server may echo the header it received.
+* what a send gives back is free of the API key and is valid Unicode: the
+  reply, each progress report and every error (its message, its args, its
+  cause), since a misconfigured local server may echo the header it received
+  and JSON may spell a lone surrogate (``adapters/_redact.py`` says how). Texts
+  are cleaned before they are cut short, and ``send`` cleans every error that
+  leaves it, whatever raised it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
+import traceback
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
@@ -36,6 +41,7 @@ import httpx
 import trio
 
 from adapters._pool import PooledTransport
+from adapters._redact import NO_SECRET, Redactor, clean_json, redact_http_logs, repair
 from adapters.base import (
     AdapterError,
     AdapterSettings,
@@ -69,6 +75,8 @@ NO_TIMEOUT = httpx.Timeout(None)
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 
 # --- time ---------------------------------------------------------------------------------
 
@@ -88,14 +96,18 @@ def time_budget(deadline: float, timeout: float, now: float | None = None) -> fl
 
 @attrs.define
 class ProgressThrottle:
-    """Forwards the text so far to ``report`` at most once per ``interval``.
+    """Forwards the text so far to ``report`` at most once per ``interval``,
+    cleaned by ``redactor`` (see ``adapters/_redact.py``).
 
     Time-based rather than count-based because providers differ by an order
-    of magnitude in how many tokens they put in one event. ``finish`` makes
-    sure the last report carries the final text, exactly once.
+    of magnitude in how many tokens they put in one event. While the text
+    grows, an end that could be the start of the key is held back: the key
+    may be split across two events. ``finish`` makes sure the last report
+    carries the whole final text, exactly once.
     """
 
     report: Callable[[str], None]
+    redactor: Redactor = NO_SECRET
     interval: float = PROGRESS_INTERVAL
     clock: Callable[[], float] = time.monotonic
     _last_time: float = -math.inf
@@ -103,12 +115,19 @@ class ProgressThrottle:
 
     def update(self, text: str) -> None:
         now = self.clock()
-        if text and text != self._last_text and now - self._last_time >= self.interval:
-            self._emit(text, now)
+        if now - self._last_time >= self.interval:
+            shown = self._shown(text)
+            shown = shown[: len(shown) - self.redactor.unsafe_tail(shown)]
+            if shown and shown != self._last_text:
+                self._emit(shown, now)
 
     def finish(self, text: str) -> None:
-        if text != self._last_text:
-            self._emit(text, self.clock())
+        shown = self._shown(text)
+        if shown != self._last_text:
+            self._emit(shown, self.clock())
+
+    def _shown(self, text: str) -> str:
+        return self.redactor.text(repair(text)[0])
 
     def _emit(self, text: str, now: float) -> None:
         self._last_time = now
@@ -122,7 +141,19 @@ class ProgressThrottle:
 class Malformed(ValueError):
     """A reply that is not what the provider documents. The adapter turns it
     into a ``PermanentError``: sending the same request again would get the
-    same unreadable answer."""
+    same unreadable answer.
+
+    ``sample`` is the unreadable text, kept whole: the adapter cleans it
+    before it cuts it to a snippet for the message (``shown``)."""
+
+    def __init__(self, message: str, sample: str | None = None) -> None:
+        super().__init__(message)
+        self.sample = sample
+
+    def shown(self, clean: Callable[[str], str]) -> str:
+        if self.sample is None:
+            return clean(str(self))
+        return clean(f"{self}; it starts {snippet(clean(self.sample))!r}")
 
 
 MISSING: Any = object()
@@ -182,9 +213,9 @@ def as_count(value: object, where: str, default: int | None = None) -> int:
 def parse_json(raw: bytes | str, where: str) -> Any:
     try:
         return json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-        raise Malformed(f"{where} is not JSON ({exc}); it starts {snippet(text)!r}") from None
+        raise Malformed(f"{where} is not JSON ({exc})", sample=text) from None
 
 
 def snippet(text: str) -> str:
@@ -295,6 +326,7 @@ class HttpAdapter:
     _parsed_target: tuple[str, dict[str, str], httpx.URL, httpx.Headers] | None = attrs.field(
         default=None, init=False, repr=False
     )
+    _redactor: Redactor | None = attrs.field(default=None, init=False, repr=False)
 
     # -- what a provider module supplies --
 
@@ -326,12 +358,27 @@ class HttpAdapter:
     # -- the shared protocol --
 
     async def send(self, request: Request, context: SendContext) -> Reply:
+        try:
+            return await self._send(request, context)
+        except AdapterError as exc:
+            self._scrub(exc)
+            raise
+        except Exception as exc:
+            # Not a failure this module foresaw (a key httpx cannot put in a
+            # header raises UnicodeEncodeError with the header in its args):
+            # sending it again would meet it again.
+            message = self._clean(f"{self.settings.name}: {type(exc).__name__}: {exc}")
+            log.error("unexpected failure of a send: %s", message)
+            raise PermanentError(message) from None
+
+    async def _send(self, request: Request, context: SendContext) -> Reply:
         if self.api_key is None and self.api_key_env is not None:
             raise PermanentError(
                 f"{self.settings.name}: the environment variable {self.api_key_env} "
                 "named by api_key_env is not set"
             )
         body = self.body(request)
+        self.redactor()  # before the first request: it also guards httpx's logs
         budget = time_budget(context.deadline, self.settings.timeout)
         if budget <= 0:
             raise RetryableError(f"{self.settings.name}: no time left before the deadline")
@@ -404,37 +451,36 @@ class HttpAdapter:
                 if self.stream and not response.headers.get("content-type", "").startswith(
                     "application/json"
                 ):
-                    progress = ProgressThrottle(context.report_progress)
+                    progress = ProgressThrottle(context.report_progress, self.redactor())
                     reply = await self.read_stream(response.aiter_lines(), progress)
-                    return self._redact_reply(reply)
+                    return self._cleaned(reply)
                 raw = await response.aread()
                 reply = self.parse_reply(parse_json(raw, "the reply body"))
-                return self._redact_reply(reply, raw)
+                return self._cleaned(reply, raw)
             finally:
                 await response.aclose()
         except Malformed as exc:
-            raise PermanentError(self._redact(f"{name}: malformed reply: {exc}")) from None
+            raise PermanentError(f"{name}: malformed reply: {exc.shown(self._clean)}") from None
         except StreamCut as exc:
-            raise RetryableError(self._redact(f"{name}: stream cut: {exc}")) from None
+            raise RetryableError(f"{name}: stream cut: {exc}") from None
         except httpx.TimeoutException as exc:
             raise RetryableError(
                 f"{name}: timed out talking to {self.safe_url()} ({type(exc).__name__})"
             ) from exc
         except httpx.TransportError as exc:
-            detail = self._redact(str(exc) or "no detail")
             raise RetryableError(
-                f"{name}: {type(exc).__name__} talking to {self.safe_url()}: {detail}"
+                f"{name}: {type(exc).__name__} talking to {self.safe_url()}: "
+                f"{str(exc) or 'no detail'}"
             ) from exc
         except httpx.DecodingError as exc:
-            detail = self._redact(str(exc))
-            raise PermanentError(f"{name}: malformed reply: undecodable body: {detail}") from exc
+            raise PermanentError(f"{name}: malformed reply: undecodable body: {exc}") from exc
 
     def status_error(self, response: httpx.Response, raw: bytes) -> AdapterError:
         status = response.status_code
         message: str | None = None
         try:
             data = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             data = None
         if data is not None:
             try:
@@ -442,44 +488,87 @@ class HttpAdapter:
             except Malformed:
                 message = None
         if not message:
-            message = snippet(raw.decode("utf-8", "replace")) or response.reason_phrase
+            text = self._clean(raw.decode("utf-8", "replace"))
+            message = snippet(text) or response.reason_phrase
         if 300 <= status <= 399:
             message += f" (redirected to {response.headers.get('location', '?')}; check base_url)"
         return error_for_status(
             status,
-            self._redact(f"{self.settings.name}: HTTP {status}: {message}"),
+            f"{self.settings.name}: HTTP {status}: {message}",
             retry_after=retry_after(response.headers, time.time()),
         )
 
     def stream_error(self, message: str, status: int | None) -> AdapterError:
         """An error a provider reported inside a 200 stream. Without a status
         it is taken as the server's fault: the request was accepted."""
-        text = self._redact(f"{self.settings.name}: error in stream: {message}")
+        text = f"{self.settings.name}: error in stream: {message}"
         if status is None:
             return RetryableError(text)
         return error_for_status(status, text)
 
-    def _redact(self, text: str) -> str:
-        if self.api_key:
-            text = text.replace(self.api_key, "[redacted]")
-        return text
+    # -- what leaves a send: no key, valid Unicode (``adapters/_redact.py``) --
 
-    def _redact_reply(self, reply: Reply, body: bytes | None = None) -> Reply:
-        """A server that echoes what it received (a debugging proxy, an echo
-        server) must not get the key into the database through ``raw``.
+    def redactor(self) -> Redactor:
+        """The ``Redactor`` of this adapter's key, built once per key."""
+        if self._redactor is None or self._redactor.secret != self.api_key:
+            self._redactor = Redactor(self.api_key)
+            redact_http_logs(self._redactor)
+        return self._redactor
+
+    def _clean(self, text: str) -> str:
+        return self.redactor().text(repair(text)[0])
+
+    def _clean_counted(self, text: str) -> tuple[str, int]:
+        repaired, count = repair(text)
+        return self.redactor().text(repaired), count
+
+    def _scrub(self, error: AdapterError) -> None:
+        """Cleans ``error``'s message, and drops its cause when the
+        cause's traceback would show the key (httpx quotes a header it refuses)."""
+        message = self._clean(error.message)
+        if message != error.message:
+            error.message = message
+            error.args = (message,)
+        cause = error.__cause__
+        if cause is not None:
+            shown = "".join(traceback.format_exception(cause))
+            if self._clean(shown) != shown:
+                error.__cause__ = None
+                error.__suppress_context__ = True
+
+    def _cleaned(self, reply: Reply, body: bytes | None = None) -> Reply:
+        """``reply`` without the key (a debugging proxy or an echo server may
+        put it in ``raw``) and with valid Unicode; lone surrogates replaced by
+        U+FFFD are counted in ``raw["dovecote"]`` and logged.
 
         ``body`` is the JSON text ``reply.raw`` was parsed from, when it was:
-        a key absent from it is absent from every string in ``raw``
-        (``absent_from_json``), which spares re-encoding ``raw`` to look."""
+        without ``\\u`` escapes and UTF-8 that could encode a surrogate, and
+        without the key spelled in any way (``absent_from_json``, and no mark
+        of another spelling: ``Redactor.marks``), every string in ``raw`` is
+        clean already, which spares walking it; ``text`` is still looked at,
+        since pieces joined may spell the key."""
         key = self.api_key
-        if not key:
-            return reply
-        if key not in reply.text and body is not None and absent_from_json(key, body):
-            return reply
-        raw = json.dumps(reply.raw, ensure_ascii=False)
-        if key not in raw and key not in reply.text:
-            return reply
-        return attrs.evolve(reply, text=self._redact(reply.text), raw=json.loads(self._redact(raw)))
+        if (
+            body is not None
+            and b"\xed" not in body
+            and (absent_from_json(key, body) if key else b"\\u" not in body)
+            and not self.redactor().marks(body)
+        ):
+            text = self.redactor().text(reply.text)
+            return reply if text == reply.text else attrs.evolve(reply, text=text)
+        text, in_text = self._clean_counted(reply.text)
+        raw = clean_json(reply.raw, self._clean_counted)
+        if not (in_text or raw.repaired):
+            return attrs.evolve(reply, text=text, raw=raw.value)
+        log.warning(
+            "%s: replaced %d lone surrogate(s) in a reply's text, %d in its raw body",
+            self.settings.name,
+            in_text,
+            raw.repaired,
+        )
+        note = {"lone_surrogates_replaced": {"text": in_text, "raw": raw.repaired}}
+        kept = raw.value if isinstance(raw.value, dict) else {"provider": raw.value}
+        return attrs.evolve(reply, text=text, raw={**kept, "dovecote": note})
 
 
 def absent_from_json(text: str, body: bytes) -> bool:
