@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
@@ -45,12 +45,93 @@ def new_id() -> str:
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
+# --- What SQLite can hold -----------------------------------------------------
+#
+# SQLite stores text as UTF-8 and integers in 64 bits. Python strings may hold
+# lone surrogates (JSON's "\ud800" decodes to one) and Python integers have no
+# bound: neither can be written, and the error would come from the committer,
+# long after the caller that brought the value has gone on. So values are
+# checked where they enter, and the caller gets a ``ValueError`` that says
+# which value and why.
+
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+
+
+def storable_text(value: str, what: str) -> str:
+    """``value``, if SQLite can store it as text; else ``ValueError``."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"{what} is not valid Unicode: a lone surrogate "
+                f"{value[exc.start]!r} at position {exc.start}".lstrip()
+            ) from None
+    return value
+
+
+def storable_int(value: int, what: str) -> int:
+    """``value``, if it fits SQLite's 64-bit integers; else ``ValueError``."""
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{what} must be from {INT64_MIN} to {INT64_MAX}, not {value}".lstrip())
+    return value
+
+
+def storable(value: Any, what: str) -> Any:
+    """``value`` (JSON-shaped, or a record of them such as a ``Request``) if
+    every string in it is valid Unicode and every integer fits 64 bits; else
+    ``ValueError`` naming the field. Every request and reply passes here, so
+    a field's name is only spelled out when it is wrong."""
+    pending: list[tuple[Any, Any]] = [(value, what)]
+    while pending:
+        item, path = pending.pop()
+        try:
+            if isinstance(item, str):
+                storable_text(item, "")
+            elif isinstance(item, bool) or item is None or isinstance(item, float):
+                continue
+            elif isinstance(item, int):
+                storable_int(item, "")
+            elif isinstance(item, Mapping):
+                pending.extend((key, (path, "<key>")) for key in item)
+                pending.extend((v, (path, k)) for k, v in item.items())
+            elif isinstance(item, list | tuple):
+                pending.extend((v, (path, i)) for i, v in enumerate(item))
+            elif attrs.has(type(item)):
+                pending.extend(
+                    (getattr(item, field.name), (path, field.name))
+                    for field in attrs.fields(type(item))
+                )
+        except ValueError as exc:
+            raise ValueError(f"{_spelled(path)} {exc}") from None
+    return value
+
+
+def _spelled(path: Any) -> str:
+    """``(("the request", "messages"), 0)`` as ``the request.messages[0]``."""
+    keys = []
+    while isinstance(path, tuple):
+        path, key = path
+        keys.append(f"[{key}]" if isinstance(key, int) else f".{key}")
+    return str(path) + "".join(reversed(keys))
+
+
+def _readable(value: str) -> str:
+    r"""Error text as it can be stored: a lone surrogate becomes ``\ud800``."""
+    return value if value.isascii() else value.encode("utf-8", "backslashreplace").decode()
+
+
 @attrs.frozen
 class CommandError:
-    """The last thing that went wrong with a command's send or handler."""
+    """The last thing that went wrong with a command's send or handler.
 
-    type: str
-    message: str
+    Its text comes from exceptions, which may quote what a provider sent:
+    it is made storable here rather than refused, because an error that
+    cannot be recorded would leave its command stuck."""
+
+    type: str = attrs.field(converter=_readable)
+    message: str = attrs.field(converter=_readable)
     status: int | None = None
 
     def to_json(self) -> dict[str, JSON]:

@@ -632,11 +632,10 @@ class StoreMachine(RuleBasedStateMachine):
                 c
                 for c in self.commands.values()
                 if c.state in (SENT, REPLIED)
-                and c.owner != me
                 and (
                     c.lease_until is None
                     or c.lease_until < now
-                    or (c.owner is not None and c.owner in gone)
+                    or (c.owner is not None and c.owner != me and c.owner in gone)
                 )
             ),
             key=lambda c: c.id,
