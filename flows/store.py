@@ -189,6 +189,11 @@ class Insert:
 
     def apply(self, cursor: sqlite3.Cursor) -> Event:
         cmd = self.command
+        # Journaled first (the row waits in the batch): a detail that cannot
+        # be stored raises before anything is written.
+        event = _journal(
+            cursor, cmd.id, cmd.flow_id, cmd.created_at, None, cmd.state, "submit", self.detail
+        )
         if self.snapshot is not None:
             self._snapshot(cursor, self.snapshot)
         cursor.execute(_INSERT_COMMAND, command_row(cmd))
@@ -218,9 +223,7 @@ class Insert:
                         state="dead",
                         event="replay",
                     )
-        return _journal(
-            cursor, cmd.id, cmd.flow_id, cmd.created_at, None, cmd.state, "submit", self.detail
-        )
+        return event
 
     @staticmethod
     def _snapshot(cursor: sqlite3.Cursor, s: Snapshot) -> None:
@@ -247,8 +250,9 @@ class Move:
 
     def apply(self, cursor: sqlite3.Cursor) -> Event:
         self.check()
+        event = self.journal(cursor)  # first: see Insert.apply
         _compare_and_set(cursor, self.before, self.after, self.event)
-        return self.journal(cursor)
+        return event
 
     def check(self) -> None:
         """The table is enforced here too, not only by the engine: no caller
@@ -284,8 +288,9 @@ class Chain:
         for move in self.moves:
             move.check()
         first, last = self.moves[0], self.moves[-1]
+        events = [move.journal(cursor) for move in self.moves]  # first: see Insert.apply
         _compare_and_set(cursor, first.before, last.after, first.event)
-        return [move.journal(cursor) for move in self.moves]
+        return events
 
 
 _mutable_values: Final = operator.attrgetter(*_MUTABLE)
@@ -438,6 +443,8 @@ class InsertFlow:
 
     def apply(self, cursor: sqlite3.Cursor) -> Event:
         f = self.flow
+        detail = {"forked_from": f.forked_from} if f.forked_from else None
+        event = _journal(cursor, None, f.id, f.created_at, None, f.state, "start", detail)
         if self.snapshot is not None:
             Insert._snapshot(cursor, self.snapshot)
         cursor.execute(
@@ -445,8 +452,7 @@ class InsertFlow:
             f"VALUES ({', '.join('?' for _ in _FLOW_COLUMNS)})",
             _flow_row(f),
         )
-        detail = {"forked_from": f.forked_from} if f.forked_from else None
-        return _journal(cursor, None, f.id, f.created_at, None, f.state, "start", detail)
+        return event
 
 
 @attrs.frozen
@@ -497,6 +503,11 @@ class MoveFlow:
                 state=b.state,
                 event=self.event,
             )
+        event = None  # an owner or step change alone is not a transition
+        if b.state != a.state:  # journaled first: see Insert.apply
+            event = _journal(
+                cursor, None, a.id, a.updated_at, b.state, a.state, self.event, self.detail
+            )
         cursor.execute(
             f"UPDATE flows SET {', '.join(f'{c} = ?' for c in _FLOW_MUTABLE)} "
             "WHERE id = ? AND state = ? AND owner IS ?",
@@ -512,9 +523,7 @@ class MoveFlow:
                 state=row[0] if row else "",
                 event=self.event,
             )
-        if b.state == a.state:
-            return None  # a takeover or a step counted: no transition to journal
-        return _journal(cursor, None, a.id, a.updated_at, b.state, a.state, self.event, self.detail)
+        return event
 
 
 @attrs.frozen
@@ -580,12 +589,12 @@ _ONE_WRITE: Final = (
 
 
 def _writes_once(op: Operation) -> bool:
-    """True when ``op`` writes with one statement (its journal rows wait in
-    the batch, apart): if it raises, it has written nothing, because SQLite
-    undoes a statement that fails and a value it cannot bind fails before the
-    statement runs. Such an operation needs no savepoint of its own, and
-    that is most of them: a savepoint for each cost a tenth of the
-    throughput. Anything not known to be one (a group, an operation added
+    """True when ``op`` writes with one statement, last (its journal rows
+    wait in the batch, made before it): if it raises, it has written
+    nothing, because SQLite undoes a statement that fails and a value it
+    cannot bind fails before the statement runs. Such an operation needs no
+    savepoint of its own, and that is most of them: a savepoint for each
+    cost a tenth of the throughput. Anything not known to be one (a group, an operation added
     later) gets one."""
     if isinstance(op, Insert):
         return op.snapshot is None and op.command.step is None
