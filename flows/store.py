@@ -36,6 +36,7 @@ transactions may be rolled back, never half-applied.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import functools
 import itertools
 import json
@@ -710,11 +711,11 @@ class Store:
     """A dovecote database file. Synchronous: every call is short, and the
     engine serialises writes through its committer task."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
         try:
-            conn = sqlite3.connect(self.path, isolation_level=None)
+            conn = self._open_read_only() if read_only else self._open()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {self.path}: {exc}") from exc
         conn.row_factory = sqlite3.Row
@@ -722,13 +723,62 @@ class Store:
         self.db = sqlite_utils.Database(conn)
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._set_up()
+            if read_only:
+                self._check_schema()
+            else:
+                self._set_up()
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(f"{self.path} is not a usable dovecote database: {exc}") from exc
         except BaseException:
             conn.close()
             raise
+
+    def _open(self) -> sqlite3.Connection:
+        """The file, created if need be for its owner alone: prompts and
+        replies are nobody else's to read. The directories dovecote makes
+        are 0700 and the file 0600 whatever the umask; SQLite gives its WAL
+        and shared-memory files the mode of the database file."""
+        parent = self.path.parent
+        for missing in reversed([p for p in (parent, *parent.parents) if not p.exists()]):
+            missing.mkdir(mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return sqlite3.connect(self.path, isolation_level=None)
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """The file opened so that nothing can be written, and so that it can
+        be read where nothing can be written (a read-only file, directory or
+        mount). SQLite's read-only mode still needs the WAL's shared-memory
+        file, which it cannot create in a read-only directory; when there is
+        no WAL with changes in it, the file alone is the whole database, and
+        it is read as immutable."""
+        uri = self.path.resolve().as_uri()
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError:
+            conn.close()
+            wal = self.path.with_name(self.path.name + "-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                raise
+        except sqlite3.DatabaseError:
+            return conn  # not a database at all: the schema check says so
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
+
+    def _check_schema(self) -> None:
+        """Read-only, the schema cannot be brought up to date: refuse one
+        that is not this dovecote's, rather than misread it."""
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            self._migrate()  # raises SchemaTooNew
+        if version < SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema {version}, and this dovecote reads schema "
+                f"{SCHEMA_VERSION}: run a command that writes (dovecote serve, replay) on it "
+                "once, where it can be written, to bring it up to date"
+            )
 
     def _set_up(self) -> None:
         """WAL, and the schema brought up to date. SQLite may answer "locked"
@@ -755,6 +805,15 @@ class Store:
         if not Path(path).exists():
             raise StoreError(f"no database at {path} (check --db or $DOVECOTE_DB)")
         return cls(path)
+
+    @classmethod
+    def for_reading(cls, path: str | os.PathLike[str]) -> Store:
+        """``existing``, opened read-only: what the commands that only look
+        use, so that they work on a file they cannot write, and never
+        change one by looking."""
+        if not Path(path).exists():
+            raise StoreError(f"no database at {path} (check --db or $DOVECOTE_DB)")
+        return cls(path, read_only=True)
 
     def close(self) -> None:
         self._conn.close()

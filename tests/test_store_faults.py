@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from flows.records import Command, Flow, new_id
 from flows.snapshots import Snapshot
 from flows.states import CANCEL, CANCELLED, IllegalTransition
 from flows.store import Group, Insert, InsertFlow, Move, MoveFlow, Store
-from tests.conftest import ask
+from tests.conftest import ask, mounted_tmpfs
 from tests.editor import Editor, served
 
 AT = 1_700_000_000.0
@@ -290,25 +289,8 @@ async def test_values_sqlite_cannot_hold_never_stop_the_server(db_path: Path) ->
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MB file system of our own (tmpfs), where a disk can really fill.
-    It needs root; under CI=true not having it fails instead of skipping."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if made.returncode != 0:
-        message = f"cannot mount a small tmpfs: {made.stderr.strip() or made.returncode}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message + " (required under CI=true)")
-        pytest.skip(message)
-    try:
+    with mounted_tmpfs(tmp_path / "small") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill(path: Path) -> None:
