@@ -24,9 +24,11 @@ the transition. Committing each one alone costs a WAL frame write and a
 lock round-trip per transition; committing the transitions that arrive
 together in one transaction ("group commit") costs one. ``Store.commit``
 takes a batch of operations and applies each independently inside one
-transaction: an operation that loses its compare-and-set is reported to its
-caller and skipped, the others commit. The engine's committer task feeds it;
-nothing is visible before ``commit`` returns.
+transaction: an operation that fails (a lost compare-and-set, a value SQLite
+cannot hold) is rolled back alone, by its own savepoint, and reported to its
+caller; the others commit. Operations that only make sense together are one
+``Group``, rolled back whole. The engine's committer task feeds it; nothing
+is visible before ``commit`` returns.
 
 Durability: WAL with ``synchronous=NORMAL``. A committed transition survives
 the process being killed (``kill -9``); after a power cut the last few
