@@ -649,10 +649,8 @@ class StoreMachine(RuleBasedStateMachine):
 
         def unstorable() -> Operation:
             # What SQLite cannot hold, past the engine's checks: refused alone.
-            bad = data.draw(
-                st.sampled_from([{"priority": 2**64}, {"handler_args": ["\udc80"]}]),
-                label="unstorable",
-            )
+            unstorables: list[dict[str, Any]] = [{"priority": 2**64}, {"handler_args": ["\udc80"]}]
+            bad = data.draw(st.sampled_from(unstorables), label="unstorable")
             return Insert(self.new_command(data).evolve(**bad))
 
         def group() -> Operation:
