@@ -339,3 +339,27 @@ async def test_a_full_disk_refuses_new_work_and_the_server_lives_on(small_disk: 
         assert (await editor.wait_state(again["commandId"]))["state"] == "done"
         shown = (await editor.request("command/show", {"commandId": first["commandId"]}))["command"]
         assert shown["state"] == "done" and shown["reply"]["text"] == "the first"
+
+
+async def test_what_a_full_disk_refused_is_done_once_it_frees(
+    small_disk: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A reply whose commit the disk refused leaves its command ``sent``,
+    owned by this engine and held by no task: once its lease runs out the
+    engine takes it back (and sends it again). A timeout the disk refused
+    rings again until it is stored."""
+    async with flows.open_engine(small_disk / "dovecote.db") as engine:
+        answered = await engine.submit(
+            "scripted", ask("#delay 5\nteh reply"), timeout=60, max_attempts=2
+        )
+        hung = await engine.submit("scripted", ask("#hang\nx"), timeout=10)
+        await trio.sleep(1)
+        fill(small_disk / "filler")
+        await trio.sleep(12)  # the reply came at 5 s, the timeout at 11 s: both refused
+        assert engine.get(answered).state == "sent" and engine.get(hung).state == "sent"
+        (small_disk / "filler").unlink()
+        timed_out = await engine.wait(hung)
+        done = await engine.wait(answered)
+    assert timed_out.state == "dead" and timed_out.reason == "timeout"
+    assert done.state == "done" and done.attempt == 2 and done.owner is None
+    assert done.reply is not None and done.reply.text == "the reply"
