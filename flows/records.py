@@ -81,8 +81,14 @@ def storable_int(value: int, what: str) -> int:
 def storable(value: Any, what: str) -> Any:
     """``value`` (JSON-shaped, or a record of them such as a ``Request``) if
     every string in it is valid Unicode and every integer fits 64 bits; else
-    ``ValueError`` naming the field. Every request and reply passes here, so
-    a field's name is only spelled out when it is wrong."""
+    ``ValueError`` naming the field. Every request and reply passes here: a
+    quick look first, and only a value it cannot vouch for is walked again
+    to name what is wrong."""
+    try:
+        if _fine(value):
+            return value
+    except RecursionError:
+        pass  # nested too deep for a quick look: the walk below has no depth limit
     pending: list[tuple[Any, Any]] = [(value, what)]
     while pending:
         item, path = pending.pop()
@@ -106,6 +112,37 @@ def storable(value: Any, what: str) -> Any:
         except ValueError as exc:
             raise ValueError(f"{_spelled(path)} {exc}") from None
     return value
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _fine(item: Any) -> bool:
+    """True if ``item`` is surely storable; False if it may not be (a value
+    of a type this does not know is left to ``storable``'s walk)."""
+    kind = type(item)
+    if kind is str:
+        if item.isascii():
+            return True
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if item is None or kind is bool or kind is float:
+        return True
+    if kind is int:
+        return bool(INT64_MIN <= item <= INT64_MAX)
+    if kind is tuple or kind is list:
+        return all(_fine(element) for element in item)
+    if kind is dict:
+        return all(_fine(key) and _fine(element) for key, element in item.items())
+    names = _FIELDS.get(kind)
+    if names is None:
+        if not attrs.has(kind):
+            return False
+        names = _FIELDS[kind] = tuple(field.name for field in attrs.fields(kind))
+    return all(_fine(getattr(item, name)) for name in names)
 
 
 def _spelled(path: Any) -> str:
