@@ -34,7 +34,7 @@ from hypothesis.stateful import (
 
 from adapters.base import Reply, Request, Usage
 from flows.errors import StoreError
-from flows.records import Command, CommandError, Event, new_id
+from flows.records import Command, CommandError, Event, LateReply, new_id
 from flows.states import (
     CANCEL,
     COMMAND_EVENTS,
@@ -472,6 +472,23 @@ class StoreMachine(RuleBasedStateMachine):
         else:
             self.commit([ReleaseLeases(owner)])
 
+    def replay_group(self, dead: Command, late: LateReply | None) -> Group:
+        """What ``Engine.replay`` commits for ``dead``: its new command, and
+        with a late reply, resolved from it; all or nothing."""
+        fresh = dead.replayed(new_id(), self.clock)
+        operations: list[Operation] = [Insert(fresh, detail={"replay_of": dead.id})]
+        if late is not None:
+            resolve = self.after(
+                fresh,
+                RESOLVE,
+                reply=late.reply,
+                replied_at=self.clock,
+                owner=ENGINE,
+                lease_until=self.clock + LEASE,
+            )
+            operations += [resolve, UseLateReply(late.id, fresh.id)]
+        return Group(tuple(operations))
+
     @precondition(lambda self: self.ids_in(DEAD))
     @rule(data=st.data())
     def replay(self, data: st.DataObject) -> None:
@@ -482,42 +499,15 @@ class StoreMachine(RuleBasedStateMachine):
         assert [r.id for r in unused] == sorted(
             i for i, lr in self.late.items() if lr.command_id == dead.id and lr.used_by is None
         )
-        fresh = dead.replayed(new_id(), self.tick())
-        operations: list[Operation] = [Insert(fresh, detail={"replay_of": dead.id})]
+        self.tick()
         use_late = bool(unused) and data.draw(st.booleans(), label="use late reply")
-        if use_late:
-            resolve = self.after(
-                fresh,
-                RESOLVE,
-                reply=unused[0].reply,
-                replied_at=self.clock,
-                owner=ENGINE,
-                lease_until=self.clock + LEASE,
-            )
-            operations += [resolve, UseLateReply(unused[0].id, fresh.id)]
+        late = unused[0] if use_late else None
         racing = use_late and data.draw(st.booleans(), label="a rival replays it too")
-        groups = [Group(tuple(operations))]
+        groups = [self.replay_group(dead, late)]
         if racing:
             # Another engine's replay from the same read, in the same batch:
             # one of the two wins the late reply, and the other leaves nothing.
-            rival = dead.replayed(new_id(), self.clock)
-            rival_resolve = self.after(
-                rival,
-                RESOLVE,
-                reply=unused[0].reply,
-                replied_at=self.clock,
-                owner=ENGINE,
-                lease_until=self.clock + LEASE,
-            )
-            groups.append(
-                Group(
-                    (
-                        Insert(rival, detail={"replay_of": dead.id}),
-                        rival_resolve,
-                        UseLateReply(unused[0].id, rival.id),
-                    )
-                )
-            )
+            groups.append(self.replay_group(dead, late))
             if data.draw(st.booleans(), label="the rival first"):
                 groups.reverse()
         results = self.commit(groups)
