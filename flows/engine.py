@@ -1008,7 +1008,7 @@ class Engine:
         sending = dict(self._sending)
         ids = [*sending, *self._handling]
         until = self.now() + self._lease
-        await self._committer.commit(RenewFlowLeases(self.owner, until))
+        await self._committer.commit(RenewFlowLeases(self.owner, until, self._flows.running()))
         for first in range(0, len(ids), RENEW_BATCH):
             chunk = tuple(ids[first : first + RENEW_BATCH])
             held = await self._committer.commit(RenewLeases(self.owner, until, chunk))

@@ -223,6 +223,10 @@ class FlowRunner:
         self._tasks: dict[str, trio.CancelScope] = {}
         self._changed: dict[str, trio.Event] = {}
 
+    def running(self) -> tuple[str, ...]:
+        """The flows whose script runs in this engine now."""
+        return tuple(self._tasks)
+
     # --- public, via the engine ----------------------------------------------
 
     async def start(

@@ -397,13 +397,21 @@ class RenewLeases:
 
 @attrs.frozen
 class RenewFlowLeases:
-    """Extend the lease of every flow ``owner`` holds."""
+    """Extend the lease of the flows ``ids`` that ``owner`` runs. By ids, as
+    ``RenewLeases``: a flow whose script stopped (its commit refused) is not
+    renewed, so that its lease runs out and it is taken up again."""
 
     owner: str
     until: float
+    ids: tuple[str, ...]
 
     def apply(self, cursor: sqlite3.Cursor) -> None:
-        cursor.execute("UPDATE flows SET lease_until = ? WHERE owner = ?", (self.until, self.owner))
+        if self.ids:
+            cursor.execute(
+                "UPDATE flows SET lease_until = ? "
+                f"WHERE owner = ? AND id IN ({', '.join('?' for _ in self.ids)})",
+                (self.until, self.owner, *self.ids),
+            )
 
 
 @attrs.frozen
@@ -1270,18 +1278,23 @@ class Store:
     def abandoned_flows(
         self, me: str, now: float, is_gone: Callable[[str], bool]
     ) -> builtins.list[Flow]:
-        """Unfinished flows nobody (alive) runs."""
+        """Unfinished flows nobody (alive) runs: no owner, a lease run out,
+        or an owner that ``is_gone``. As with ``abandoned``, ``me`` is never
+        gone, but its own flows whose lease it let run out are here."""
         terminal = tuple(FLOW_TERMINAL_STATES)
         rows = self._conn.execute(
             f"SELECT * FROM flows WHERE state NOT IN ({', '.join('?' for _ in terminal)}) "
-            "AND owner IS NOT ? ORDER BY id",
-            (*terminal, me),
+            "ORDER BY id",
+            terminal,
         )
         flows = [flow_from_row(r) for r in rows]
         return [
             f
             for f in flows
-            if f.owner is None or f.lease_until is None or f.lease_until < now or is_gone(f.owner)
+            if f.owner is None
+            or f.lease_until is None
+            or f.lease_until < now
+            or (f.owner != me and is_gone(f.owner))
         ]
 
     def counts(self) -> dict[tuple[str, str], int]:

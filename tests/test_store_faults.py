@@ -363,3 +363,27 @@ async def test_what_a_full_disk_refused_is_done_once_it_frees(
     assert timed_out.state == "dead" and timed_out.reason == "timeout"
     assert done.state == "done" and done.attempt == 2 and done.owner is None
     assert done.reply is not None and done.reply.text == "the reply"
+
+
+@flows.flow("test.faults.patient")
+async def _patient(ctx: flows.FlowContext) -> str:
+    await ctx.sleep(5)
+    return (await ctx.call("scripted", ask("teh end"))).text
+
+
+async def test_a_flow_whose_step_a_full_disk_refused_runs_again_once_it_frees(
+    small_disk: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The script stops when its step cannot be stored, and cannot record
+    that it failed either: its flow is left running, owned by this engine,
+    run by no task. Its lease is no longer renewed, and once it runs out the
+    engine takes the flow up again: the script runs on from its journal."""
+    async with flows.open_engine(small_disk / "dovecote.db") as engine:
+        flow_id = await engine.start_flow("test.faults.patient")
+        await trio.sleep(1)  # the sleep's wake-up time is journaled
+        fill(small_disk / "filler")
+        await trio.sleep(6)  # the step's command was refused, and so was the failure
+        assert engine.get_flow(flow_id).state == "running"
+        (small_disk / "filler").unlink()
+        with trio.fail_after(300):
+            assert await engine.wait_flow(flow_id) == "the end"
