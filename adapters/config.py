@@ -171,19 +171,29 @@ def find_config(explicit: str | Path | None, environ: Mapping[str, str]) -> Path
     """
     if explicit is not None:
         path = Path(explicit)
-        if not path.is_file():
+        if not _is_file(path):
             raise ConfigError(f"{path}: no such config file (given with --config)")
         return path
     named = environ.get(ENV_VAR, "")
     if named:
         path = Path(named)
-        if not path.is_file():
+        if not _is_file(path):
             raise ConfigError(f"{path}: no such config file (named by ${ENV_VAR})")
         return path
     for path in (Path(FILE_NAME), user_config_path(environ)):
-        if path.is_file():
+        if _is_file(path):
             return path
     return None
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, which raises for a file it may not look at (a
+    directory without search permission, a name too long): that is a config
+    error that says which file, not a traceback."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
 def load_config(

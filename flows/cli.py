@@ -38,7 +38,8 @@ def _print_json(value: Any) -> None:
 
 
 def _open_store(args: argparse.Namespace) -> Store:
-    return Store.existing(args.db)
+    """The database, read-only: for the commands that only look."""
+    return Store.for_reading(args.db)
 
 
 def _adapters(args: argparse.Namespace) -> list[Adapter]:
@@ -258,7 +259,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    with _closing(_open_store(args)) as store:
+    with _closing(Store.existing(args.db)) as store:
         count = store.prune(time.time() - args.older_than)
     if args.json:
         _print_json({"deleted": count})
@@ -555,6 +556,7 @@ USER_ERRORS = (
     StoreError,
     config.ConfigError,
     ValueError,
+    OSError,  # a file dovecote may not read or write: one line, not a traceback
 )
 
 

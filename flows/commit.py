@@ -23,8 +23,8 @@ from typing import Any
 import outcome
 import trio
 
-from flows.errors import EngineClosing
-from flows.store import Operation, Store
+from flows.errors import EngineClosing, StoreError
+from flows.store import Group, Operation, Store
 
 
 def _refuse(_: Any) -> trio.lowlevel.Abort:
@@ -59,7 +59,15 @@ class Committer:
         batch, self._queue = self._queue, []
         if not batch:
             return
-        results = self._store.commit([op for ops, _ in batch for op in ops])
+        operations = [op for ops, _ in batch for op in ops]
+        try:
+            results = self._store.commit(operations)
+        except Exception as exc:
+            # ``Store.commit`` reports failures as results; should anything
+            # still escape it, every waiter hears of it and the loop goes on.
+            error = StoreError(f"could not commit: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            results = [error] * len(operations)
         self.batches += 1
         at = 0
         for ops, task in batch:
@@ -78,12 +86,19 @@ class Committer:
 
     async def commit_all(self, operations: Sequence[Operation]) -> list[Any]:
         """``commit_many``, raising the first error among the results (the
-        operations that succeeded stay committed)."""
+        operations that succeeded stay committed: use ``commit_together``
+        when they must not)."""
         results = await self.commit_many(operations)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
         return results
+
+    async def commit_together(self, operations: Sequence[Operation]) -> list[Any]:
+        """Commit ``operations`` all or none (one ``Group``): their results,
+        or the first error, raised, with nothing of them committed."""
+        (results,) = await self.commit_all([Group(tuple(operations))])
+        return list(results)
 
     async def commit(self, operation: Operation) -> Any:
         """Commit one operation; raise what it raised."""

@@ -29,13 +29,13 @@ engine re-queues its work.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import inspect
 import json
 import logging
 import math
 import os
 import random
+import sqlite3
 import time
 from collections.abc import (
     AsyncIterator,
@@ -64,7 +64,7 @@ from adapters.base import (
 from adapters.scripted import ScriptedAdapter
 from flows import handlers as handler_registry
 from flows.commit import Committer
-from flows.errors import CommandFailed, EngineClosing
+from flows.errors import CommandFailed, EngineClosing, StoreError
 from flows.ratelimit import RateLimit, estimate_tokens
 from flows.records import (
     Command,
@@ -75,6 +75,8 @@ from flows.records import (
     FlowChange,
     StateChange,
     new_id,
+    storable,
+    storable_int,
 )
 from flows.runtime import FlowRunner
 from flows.snapshots import Snapshot
@@ -130,6 +132,7 @@ MAX_ATTEMPTS: Final = 100
 UNSENT_KEPT: Final = 10_000  # submitted commands kept in memory until claimed
 CLAIM_BATCH: Final = 1024  # most commands claimed in one dispatcher round
 RENEW_BATCH: Final = 1024  # most leases renewed in one transaction
+SERVICE_RESTART: Final = 1.0  # seconds before a task the store stopped runs again
 DEFAULT_MAX_ATTEMPTS: Final = 3
 PRIORITY_INTERACTIVE: Final = 10
 PRIORITY_BATCH: Final = 0
@@ -280,6 +283,7 @@ class Engine:
             step=step,
             snapshot_id=snapshot.id if snapshot else None,
         )
+        storable(snapshot, "the snapshot")
         (event,) = await self._committer.commit_all([Insert(command, snapshot=snapshot)])
         self._submitted([command], [event])
         return command.id
@@ -312,7 +316,7 @@ class Engine:
         )
         if not commands:
             return []
-        events = await self._committer.commit_all([Insert(command) for command in commands])
+        events = await self._committer.commit_together([Insert(command) for command in commands])
         self._submitted(commands, events)
         return [command.id for command in commands]
 
@@ -375,6 +379,7 @@ class Engine:
         ``late_replies``, not applied. ``UnknownCommand`` for an unknown id."""
         if not isinstance(reply, Reply):
             reply = Reply.from_json(reply)
+        storable(reply, "the reply")
         while True:
             command = self.store.get(command_id)
             if command.state != SENT:
@@ -450,7 +455,10 @@ class Engine:
                     Move(fresh, resolved, RESOLVE, self.now(), {"late_reply": late[0].id})
                 )
                 operations.append(UseLateReply(late[0].id, fresh.id))
-            results = await self._committer.commit_all(operations)
+            # All or nothing: of two replays racing for one late reply, the
+            # loser must leave no command behind, resolved with a reply that
+            # was not its to use.
+            results = await self._committer.commit_together(operations)
             self._committed(fresh, results[0])
             if late:
                 self._committed(resolved, results[1])
@@ -572,8 +580,10 @@ class Engine:
             json.dumps(handler_args)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"handler_args must be JSON: {exc}") from None
+        storable(handler_args, "handler_args")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise TypeError(f"priority must be an integer, not {priority!r}")
+        storable_int(priority, "priority")
         if expires_at is not None and not (
             isinstance(expires_at, int | float) and math.isfinite(expires_at)
         ):
@@ -583,7 +593,10 @@ class Engine:
             Command(
                 id=new_id(),
                 adapter=adapter,
-                request=request if isinstance(request, Request) else Request.from_json(request),
+                request=storable(
+                    request if isinstance(request, Request) else Request.from_json(request),
+                    "the request",
+                ),
                 state=PENDING,
                 created_at=now,
                 timeout=float(timeout),
@@ -631,10 +644,15 @@ class Engine:
         return after
 
     async def _move_many(
-        self, moves: Sequence[tuple[Command, str, dict[str, Any]]], detail: Any = None
+        self,
+        moves: Sequence[tuple[Command, str, dict[str, Any]]],
+        detail: Any = None,
+        refused: builtins.list[Command] | None = None,
     ) -> builtins.list[Command | None]:
         """Commit several transitions together; ``None`` for each one lost
-        to a concurrent change."""
+        to a concurrent change or refused by the store. The refused ones (a
+        full disk, say: worth trying again later) are added to ``refused``,
+        as they were before the move."""
         now = self.now()
         afters = [
             c.evolve(state=next_state(c.state, e, command_id=c.id), **changes)
@@ -647,12 +665,14 @@ class Engine:
             ]
         )
         out: builtins.list[Command | None] = []
-        for after, result in zip(afters, results, strict=True):
+        for (before, _, _), after, result in zip(moves, afters, results, strict=True):
             if isinstance(result, IllegalTransition):
                 out.append(None)
             elif isinstance(result, BaseException):
                 log.error("could not commit a transition of %s: %s", after.id, result)
                 out.append(None)
+                if refused is not None:
+                    refused.append(before)
             else:
                 self._committed(after, result)
                 out.append(after)
@@ -757,7 +777,12 @@ class Engine:
                             },
                         )
                     )
-                claimed = await self._move_many(claims, detail={"owner": self.owner})
+                refused: builtins.list[Command] = []
+                claimed = await self._move_many(
+                    claims, detail={"owner": self.owner}, refused=refused
+                )
+                if refused:
+                    more = False  # the store refuses claims: wait, do not spin
             finally:
                 self._claiming.difference_update(c.id for c in ready)
             for won in claimed:
@@ -800,7 +825,9 @@ class Engine:
         try:
             with scope:
                 try:
-                    reply = await adapter.send(command.request, context)
+                    # A reply the store cannot hold fails the send, here,
+                    # rather than every commit that would carry it.
+                    reply = storable(await adapter.send(command.request, context), "the reply")
                 except Exception as exc:
                     failure = exc
         finally:
@@ -906,6 +933,7 @@ class Engine:
                 if inspect.isawaitable(outcome):
                     outcome = await outcome
                 json.dumps(outcome)
+                storable(outcome, "the handler's result")
             except Exception as exc:
                 log.exception("handler %s failed for %s", command.handler, command.id)
                 error = CommandError(type=type(exc).__name__, message=str(exc))
@@ -961,11 +989,20 @@ class Engine:
                 self._dispatch_wanted.set()
         if not timeouts:
             return
-        for after in await self._move_many(timeouts):
+        refused: builtins.list[Command] = []
+        for after in await self._move_many(timeouts, refused=refused):
             if after is not None:
                 in_flight = self._sending.pop(after.id, None)
                 if in_flight is not None:
                     in_flight[1].cancel()
+        # A timeout the store refused (a full disk) is not forgotten: its
+        # alarm rings again, until the disk takes it.
+        later = trio.current_time() + self._poll_interval
+        for command in refused:
+            if command.state == SENT:
+                self._timers.schedule(later, DEADLINE, command.id, command.attempt)
+            else:
+                self._timers.schedule(later, EXPIRY, command.id)
 
     # --- leases and recovery -------------------------------------------------
 
@@ -990,7 +1027,7 @@ class Engine:
         sending = dict(self._sending)
         ids = [*sending, *self._handling]
         until = self.now() + self._lease
-        await self._committer.commit(RenewFlowLeases(self.owner, until))
+        await self._committer.commit(RenewFlowLeases(self.owner, until, self._flows.running()))
         for first in range(0, len(ids), RENEW_BATCH):
             chunk = tuple(ids[first : first + RENEW_BATCH])
             held = await self._committer.commit(RenewLeases(self.owner, until, chunk))
@@ -1014,6 +1051,8 @@ class Engine:
         moves: builtins.list[tuple[Command, str, dict[str, Any]]] = []
         takeovers: builtins.list[Command] = []
         for command in self.store.abandoned(self.owner, now, owner_is_gone):
+            if command.id in self._sending or command.id in self._handling:
+                continue  # ours, still in hand (its lease renewal was refused)
             if command.state == SENT:
                 adapter = self.adapters.get(command.adapter)
                 policy = adapter.settings.on_interrupt if adapter else "retry"
@@ -1124,15 +1163,40 @@ class _Waiter:
 async def _service(
     run: Callable[..., Awaitable[None]], *, task_status: trio.TaskStatus[None]
 ) -> None:
-    """One of the engine's long-running tasks, which also just ends if the
-    engine's closing catches it about to commit."""
-    with contextlib.suppress(EngineClosing):
-        await run(task_status=task_status)
+    """One of the engine's long-running tasks (dispatcher, timers, keeper),
+    which just ends if the engine's closing catches it about to commit.
+
+    A store that refuses a write (a full disk, a lock held too long) must
+    not stop the engine: the task says so and runs again a moment later,
+    and the work it could not commit is still in the table, to be done when
+    the store takes writes again."""
+    status: Any = task_status
+    while True:
+        try:
+            await run(task_status=status)
+            return
+        except EngineClosing:
+            return
+        except (StoreError, sqlite3.Error) as exc:
+            log.error("%s: %s; going on in %s s", _name(run), exc, SERVICE_RESTART)
+        status = trio.TASK_STATUS_IGNORED  # it reported started the first time
+        await trio.sleep(SERVICE_RESTART)
 
 
 async def _until_closing(function: Callable[..., Awaitable[Any]], *args: Any) -> None:
-    with contextlib.suppress(EngineClosing):
+    """One background step (a send, a handler, a flow's script). If the store
+    refuses its commit, the step ends and says so; what it held is found
+    again by recovery (its lease runs out) and done again."""
+    try:
         await function(*args)
+    except EngineClosing:
+        pass
+    except (StoreError, sqlite3.Error) as exc:
+        log.error("%s: %s", _name(function), exc)
+
+
+def _name(function: Callable[..., Any]) -> str:
+    return getattr(function, "__qualname__", None) or repr(function)
 
 
 def _check_timeout(timeout: Any) -> None:

@@ -176,7 +176,7 @@ async def cancel(args: argparse.Namespace, adapters: list[Adapter]) -> int:
 
 
 def show(args: argparse.Namespace) -> int:
-    store = Store.existing(args.db)
+    store = Store.for_reading(args.db)
     try:
         flow = store.find_flow(args.id)
         if flow is None:
@@ -250,7 +250,7 @@ def _step_json(step: Any) -> dict[str, Any]:
 
 
 def listing(args: argparse.Namespace) -> int:
-    store = Store.existing(args.db)
+    store = Store.for_reading(args.db)
     try:
         found = store.flows(args.state or None)
     finally:

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
@@ -45,12 +45,130 @@ def new_id() -> str:
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
+# --- What SQLite can hold -----------------------------------------------------
+#
+# SQLite stores text as UTF-8 and integers in 64 bits. Python strings may hold
+# lone surrogates (JSON's "\ud800" decodes to one) and Python integers have no
+# bound: neither can be written, and the error would come from the committer,
+# long after the caller that brought the value has gone on. So values are
+# checked where they enter, and the caller gets a ``ValueError`` that says
+# which value and why.
+
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+
+
+def storable_text(value: str, what: str) -> str:
+    """``value``, if SQLite can store it as text; else ``ValueError``."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"{what} is not valid Unicode: a lone surrogate "
+                f"{value[exc.start]!r} at position {exc.start}".lstrip()
+            ) from None
+    return value
+
+
+def storable_int(value: int, what: str) -> int:
+    """``value``, if it fits SQLite's 64-bit integers; else ``ValueError``."""
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{what} must be from {INT64_MIN} to {INT64_MAX}, not {value}".lstrip())
+    return value
+
+
+def storable(value: Any, what: str) -> Any:
+    """``value`` (JSON-shaped, or a record of them such as a ``Request``) if
+    every string in it is valid Unicode and every integer fits 64 bits; else
+    ``ValueError`` naming the field. Every request and reply passes here: a
+    quick look first, and only a value it cannot vouch for is walked again
+    to name what is wrong."""
+    try:
+        if _fine(value):
+            return value
+    except RecursionError:
+        pass  # nested too deep for a quick look: the walk below has no depth limit
+    pending: list[tuple[Any, Any]] = [(value, what)]
+    while pending:
+        item, path = pending.pop()
+        try:
+            if isinstance(item, str):
+                storable_text(item, "")
+            elif isinstance(item, bool) or item is None or isinstance(item, float):
+                continue
+            elif isinstance(item, int):
+                storable_int(item, "")
+            elif isinstance(item, Mapping):
+                pending.extend((key, (path, "<key>")) for key in item)
+                pending.extend((v, (path, k)) for k, v in item.items())
+            elif isinstance(item, list | tuple):
+                pending.extend((v, (path, i)) for i, v in enumerate(item))
+            elif attrs.has(type(item)):
+                pending.extend(
+                    (getattr(item, field.name), (path, field.name))
+                    for field in attrs.fields(type(item))
+                )
+        except ValueError as exc:
+            raise ValueError(f"{_spelled(path)} {exc}") from None
+    return value
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _fine(item: Any) -> bool:
+    """True if ``item`` is surely storable; False if it may not be (a value
+    of a type this does not know is left to ``storable``'s walk)."""
+    kind = type(item)
+    if kind is str:
+        if item.isascii():
+            return True
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if item is None or kind is bool or kind is float:
+        return True
+    if kind is int:
+        return bool(INT64_MIN <= item <= INT64_MAX)
+    if kind is tuple or kind is list:
+        return all(_fine(element) for element in item)
+    if kind is dict:
+        return all(_fine(key) and _fine(element) for key, element in item.items())
+    names = _FIELDS.get(kind)
+    if names is None:
+        if not attrs.has(kind):
+            return False
+        names = _FIELDS[kind] = tuple(field.name for field in attrs.fields(kind))
+    return all(_fine(getattr(item, name)) for name in names)
+
+
+def _spelled(path: Any) -> str:
+    """``(("the request", "messages"), 0)`` as ``the request.messages[0]``."""
+    keys = []
+    while isinstance(path, tuple):
+        path, key = path
+        keys.append(f"[{key}]" if isinstance(key, int) else f".{key}")
+    return str(path) + "".join(reversed(keys))
+
+
+def _readable(value: str) -> str:
+    r"""Error text as it can be stored: a lone surrogate becomes ``\ud800``."""
+    return value if value.isascii() else value.encode("utf-8", "backslashreplace").decode()
+
+
 @attrs.frozen
 class CommandError:
-    """The last thing that went wrong with a command's send or handler."""
+    """The last thing that went wrong with a command's send or handler.
 
-    type: str
-    message: str
+    Its text comes from exceptions, which may quote what a provider sent:
+    it is made storable here rather than refused, because an error that
+    cannot be recorded would leave its command stuck."""
+
+    type: str = attrs.field(converter=_readable)
+    message: str = attrs.field(converter=_readable)
     status: int | None = None
 
     def to_json(self) -> dict[str, JSON]:

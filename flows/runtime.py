@@ -37,7 +37,7 @@ import attrs
 import trio
 
 from adapters.base import Reply, Request
-from flows.records import Flow, FlowChange, FlowStep, new_id
+from flows.records import Flow, FlowChange, FlowStep, new_id, storable
 from flows.snapshots import Snapshot
 from flows.states import (
     CANCEL,
@@ -223,6 +223,10 @@ class FlowRunner:
         self._tasks: dict[str, trio.CancelScope] = {}
         self._changed: dict[str, trio.Event] = {}
 
+    def running(self) -> tuple[str, ...]:
+        """The flows whose script runs in this engine now."""
+        return tuple(self._tasks)
+
     # --- public, via the engine ----------------------------------------------
 
     async def start(
@@ -243,6 +247,8 @@ class FlowRunner:
             json.dumps(params)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"flow params must be JSON: {exc}") from None
+        storable(params, "the flow params")
+        storable(snapshot, "the snapshot")
         now = self.engine.now()
         scripted = isinstance(definition, ScriptedFlow)
         flow = Flow(
@@ -260,7 +266,7 @@ class FlowRunner:
         operations: list[Operation] = [InsertFlow(flow, snapshot)]
         if forked_from is not None and reuse_before is not None:
             operations.append(CopySteps(forked_from, flow.id, reuse_before))
-        results = await self.engine._committer.commit_all(operations)
+        results = await self.engine._committer.commit_together(operations)
         self._published(flow, results[0])
         if scripted:
             self.engine.spawn(self._run, flow)
@@ -332,7 +338,9 @@ class FlowRunner:
             updated_at=self.engine.now(),
             **changes,
         )
-        results = await self.engine._committer.commit_all(
+        # Together or not at all: a flow cancelled meanwhile refuses the
+        # move, and then its step's command must not be stored either.
+        results = await self.engine._committer.commit_together(
             [MoveFlow(flow, moved, WAIT, detail), Insert(command)]
         )
         self._published(moved, results[0])
@@ -370,7 +378,9 @@ class FlowRunner:
     async def record(self, step: FlowStep) -> None:
         flow = self.get(step.flow_id)
         moved = attrs.evolve(flow, step=step.step, updated_at=self.engine.now())
-        await self.engine._committer.commit_all([RecordStep(step), MoveFlow(flow, moved, "record")])
+        await self.engine._committer.commit_together(
+            [RecordStep(step), MoveFlow(flow, moved, "record")]
+        )
 
     async def move(self, flow: Flow, event: str, detail: Any = None, **changes: Any) -> Flow:
         after = attrs.evolve(
@@ -394,6 +404,7 @@ class FlowRunner:
             try:
                 result = await definition.function(FlowContext(self, flow), **(flow.params or {}))
                 json.dumps(result)
+                storable(result, "the flow's result")
             except (JournalMismatch, StepCancelled) as exc:
                 await self._fail(flow.id, str(exc))
             except Exception as exc:

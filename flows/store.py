@@ -24,9 +24,11 @@ the transition. Committing each one alone costs a WAL frame write and a
 lock round-trip per transition; committing the transitions that arrive
 together in one transaction ("group commit") costs one. ``Store.commit``
 takes a batch of operations and applies each independently inside one
-transaction: an operation that loses its compare-and-set is reported to its
-caller and skipped, the others commit. The engine's committer task feeds it;
-nothing is visible before ``commit`` returns.
+transaction: an operation that fails (a lost compare-and-set, a value SQLite
+cannot hold) is rolled back alone, by its own savepoint, and reported to its
+caller; the others commit. Operations that only make sense together are one
+``Group``, rolled back whole. The engine's committer task feeds it; nothing
+is visible before ``commit`` returns.
 
 Durability: WAL with ``synchronous=NORMAL``. A committed transition survives
 the process being killed (``kill -9``); after a power cut the last few
@@ -36,6 +38,7 @@ transactions may be rolled back, never half-applied.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import functools
 import itertools
 import json
@@ -54,7 +57,15 @@ from sqlite_utils.db import DescIndex
 
 from adapters.base import Reply, Request
 from flows.errors import SchemaTooNew, StoreError, UnknownCommand
-from flows.records import Command, CommandError, Event, Flow, FlowStep, LateReply
+from flows.records import (
+    Command,
+    CommandError,
+    Event,
+    Flow,
+    FlowStep,
+    LateReply,
+    storable_text,
+)
 from flows.snapshots import Snapshot
 from flows.states import (
     FLOW_TERMINAL_STATES,
@@ -181,6 +192,11 @@ class Insert:
 
     def apply(self, cursor: sqlite3.Cursor) -> Event:
         cmd = self.command
+        # Journaled first (the row waits in the batch): a detail that cannot
+        # be stored raises before anything is written.
+        event = _journal(
+            cursor, cmd.id, cmd.flow_id, cmd.created_at, None, cmd.state, "submit", self.detail
+        )
         if self.snapshot is not None:
             self._snapshot(cursor, self.snapshot)
         cursor.execute(_INSERT_COMMAND, command_row(cmd))
@@ -194,15 +210,23 @@ class Insert:
                     (cmd.flow_id, cmd.step, cmd.id, cmd.created_at),
                 )
             else:
-                # A replay takes its dead original's step over: the flow resumes.
+                # A replay takes its dead original's step over: the flow
+                # resumes. Only one replay can: a second one would be a call
+                # its flow never reads.
                 cursor.execute(
                     "UPDATE flow_steps SET command_id = ? "
                     "WHERE flow_id = ? AND step = ? AND command_id = ?",
                     (cmd.id, cmd.flow_id, cmd.step, cmd.replay_of),
                 )
-        return _journal(
-            cursor, cmd.id, cmd.flow_id, cmd.created_at, None, cmd.state, "submit", self.detail
-        )
+                if cursor.rowcount != 1:
+                    raise IllegalTransition(
+                        f"command {cmd.replay_of}: another replay took step {cmd.step} "
+                        f"of flow {cmd.flow_id} over",
+                        command_id=cmd.replay_of,
+                        state="dead",
+                        event="replay",
+                    )
+        return event
 
     @staticmethod
     def _snapshot(cursor: sqlite3.Cursor, s: Snapshot) -> None:
@@ -239,8 +263,9 @@ class Move:
 
     def apply(self, cursor: sqlite3.Cursor) -> Event:
         self.check()
+        event = self.journal(cursor)  # first, as in Insert.apply
         _compare_and_set(cursor, self.before, self.after, self.event)
-        return self.journal(cursor)
+        return event
 
     def check(self) -> None:
         """The table is enforced here too, not only by the engine: no caller
@@ -276,8 +301,9 @@ class Chain:
         for move in self.moves:
             move.check()
         first, last = self.moves[0], self.moves[-1]
+        events = [move.journal(cursor) for move in self.moves]  # first, as in Insert.apply
         _compare_and_set(cursor, first.before, last.after, first.event)
-        return [move.journal(cursor) for move in self.moves]
+        return events
 
 
 _mutable_values: Final = operator.attrgetter(*_MUTABLE)
@@ -381,13 +407,21 @@ class RenewLeases:
 
 @attrs.frozen
 class RenewFlowLeases:
-    """Extend the lease of every flow ``owner`` holds."""
+    """Extend the lease of the flows ``ids`` that ``owner`` runs. By ids, as
+    ``RenewLeases``: a flow whose script stopped (its commit refused) is not
+    renewed, so that its lease runs out and it is taken up again."""
 
     owner: str
     until: float
+    ids: tuple[str, ...]
 
     def apply(self, cursor: sqlite3.Cursor) -> None:
-        cursor.execute("UPDATE flows SET lease_until = ? WHERE owner = ?", (self.until, self.owner))
+        if self.ids:
+            cursor.execute(
+                "UPDATE flows SET lease_until = ? "
+                f"WHERE owner = ? AND id IN ({', '.join('?' for _ in self.ids)})",
+                (self.until, self.owner, *self.ids),
+            )
 
 
 @attrs.frozen
@@ -430,6 +464,8 @@ class InsertFlow:
 
     def apply(self, cursor: sqlite3.Cursor) -> Event:
         f = self.flow
+        detail = {"forked_from": f.forked_from} if f.forked_from else None
+        event = _journal(cursor, None, f.id, f.created_at, None, f.state, "start", detail)
         if self.snapshot is not None:
             Insert._snapshot(cursor, self.snapshot)
         cursor.execute(
@@ -437,8 +473,7 @@ class InsertFlow:
             f"VALUES ({', '.join('?' for _ in _FLOW_COLUMNS)})",
             _flow_row(f),
         )
-        detail = {"forked_from": f.forked_from} if f.forked_from else None
-        return _journal(cursor, None, f.id, f.created_at, None, f.state, "start", detail)
+        return event
 
 
 @attrs.frozen
@@ -489,6 +524,11 @@ class MoveFlow:
                 state=b.state,
                 event=self.event,
             )
+        event = None  # an owner or step change alone is not a transition
+        if b.state != a.state:  # journaled first, as in Insert.apply
+            event = _journal(
+                cursor, None, a.id, a.updated_at, b.state, a.state, self.event, self.detail
+            )
         cursor.execute(
             f"UPDATE flows SET {', '.join(f'{c} = ?' for c in _FLOW_MUTABLE)} "
             "WHERE id = ? AND state = ? AND owner IS ?",
@@ -504,9 +544,7 @@ class MoveFlow:
                 state=row[0] if row else "",
                 event=self.event,
             )
-        if b.state == a.state:
-            return None  # a takeover or a step counted: no transition to journal
-        return _journal(cursor, None, a.id, a.updated_at, b.state, a.state, self.event, self.detail)
+        return event
 
 
 @attrs.frozen
@@ -524,8 +562,24 @@ class RecordStep:
         )
 
 
+@attrs.frozen
+class Group:
+    """Operations that commit together or not at all: if any one raises (a
+    lost compare-and-set, a value SQLite refuses), every one of them is
+    rolled back and the group's result is that error. Its value is the list
+    of its operations' results. A caller whose operations only make sense
+    together says so with a group (``Committer.commit_together``); the
+    operations of one batch are otherwise independent of each other."""
+
+    operations: tuple[Operation, ...]
+
+    def apply(self, cursor: sqlite3.Cursor) -> builtins.list[Any]:
+        return [op.apply(cursor) for op in self.operations]
+
+
 Operation = (
-    Insert
+    Group
+    | Insert
     | Move
     | Chain
     | TakeOver
@@ -568,7 +622,10 @@ def _journal(
     assert isinstance(cursor, _Batch)
     cursor.next_seq += 1
     if detail is not cursor.last_detail:
-        cursor.last_detail, cursor.last_detail_json = detail, _dumps(detail)
+        encoded = _dumps(detail)
+        if encoded is not None:
+            storable_text(encoded, "a journal detail")
+        cursor.last_detail, cursor.last_detail_json = detail, encoded
     cursor.rows.append(
         (
             cursor.next_seq,
@@ -645,11 +702,11 @@ class Store:
     """A dovecote database file. Synchronous: every call is short, and the
     engine serialises writes through its committer task."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
         try:
-            conn = sqlite3.connect(self.path, isolation_level=None)
+            conn = self._open_read_only() if read_only else self._open()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {self.path}: {exc}") from exc
         conn.row_factory = sqlite3.Row
@@ -657,13 +714,62 @@ class Store:
         self.db = sqlite_utils.Database(conn)
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._set_up()
+            if read_only:
+                self._check_schema()
+            else:
+                self._set_up()
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(f"{self.path} is not a usable dovecote database: {exc}") from exc
         except BaseException:
             conn.close()
             raise
+
+    def _open(self) -> sqlite3.Connection:
+        """The file, created if need be for its owner alone: prompts and
+        replies are nobody else's to read. The directories dovecote makes
+        are 0700 and the file 0600 whatever the umask; SQLite gives its WAL
+        and shared-memory files the mode of the database file."""
+        parent = self.path.parent
+        for missing in reversed([p for p in (parent, *parent.parents) if not p.exists()]):
+            missing.mkdir(mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return sqlite3.connect(self.path, isolation_level=None)
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """The file opened so that nothing can be written, and so that it can
+        be read where nothing can be written (a read-only file, directory or
+        mount). SQLite's read-only mode still needs the WAL's shared-memory
+        file, which it cannot create in a read-only directory; when there is
+        no WAL with changes in it, the file alone is the whole database, and
+        it is read as immutable."""
+        uri = self.path.resolve().as_uri()
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError:
+            conn.close()
+            wal = self.path.with_name(self.path.name + "-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                raise
+        except sqlite3.DatabaseError:
+            return conn  # not a database at all: the schema check says so
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
+
+    def _check_schema(self) -> None:
+        """Read-only, the schema cannot be brought up to date: refuse one
+        that is not this dovecote's, rather than misread it."""
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            self._migrate()  # raises SchemaTooNew
+        if version < SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema {version}, and this dovecote reads schema "
+                f"{SCHEMA_VERSION}: run a command that writes (dovecote serve, replay) on it "
+                "once, where it can be written, to bring it up to date"
+            )
 
     def _set_up(self) -> None:
         """WAL, and the schema brought up to date. SQLite may answer "locked"
@@ -690,6 +796,15 @@ class Store:
         if not Path(path).exists():
             raise StoreError(f"no database at {path} (check --db or $DOVECOTE_DB)")
         return cls(path)
+
+    @classmethod
+    def for_reading(cls, path: str | os.PathLike[str]) -> Store:
+        """``existing``, opened read-only: what the commands that only look
+        use, so that they work on a file they cannot write, and never
+        change one by looking."""
+        if not Path(path).exists():
+            raise StoreError(f"no database at {path} (check --db or $DOVECOTE_DB)")
+        return cls(path, read_only=True)
 
     def close(self) -> None:
         self._conn.close()
@@ -888,24 +1003,41 @@ class Store:
 
     def commit(self, operations: Sequence[Operation]) -> builtins.list[Any]:
         """Apply ``operations`` in one transaction; one result per operation:
-        its value, or the exception it raised (a lost compare-and-set is an
-        ``IllegalTransition``; it does not stop the others).
+        its value, or the exception it raised, which does not stop the
+        others. Each operation runs inside its own savepoint, so one that
+        fails half way (a lost compare-and-set, a value SQLite cannot hold, a
+        constraint) leaves nothing behind: a ``Group`` is all or nothing. A
+        lost race is an ``IllegalTransition``; anything else an operation
+        raises becomes a ``StoreError`` that says what was refused.
 
-        When SQLite itself fails (disk full, I/O error), the batch is rolled
-        back and retried one operation at a time, so that the error reaches
-        only the operation that causes it."""
+        When the transaction itself fails (disk full, I/O error, locked past
+        the busy timeout), nothing of it is applied, and the operations are
+        tried again one transaction each, so that the error reaches only
+        those it is about. Nothing raises out of here but a
+        ``BaseException`` that is not an ``Exception``: the committer that
+        calls it must never die."""
         try:
             return self._commit(operations)
-        except sqlite3.Error as exc:
+        except Exception as exc:
             if len(operations) == 1:
-                return [StoreError(f"database {self.path}: {exc}")]
+                return [self._error(operations[0], exc)]
         results: builtins.list[Any] = []
         for op in operations:
             try:
                 results.extend(self._commit([op]))
-            except sqlite3.Error as exc:
-                results.append(StoreError(f"database {self.path}: {exc}"))
+            except Exception as exc:
+                results.append(self._error(op, exc))
         return results
+
+    def _error(self, operation: Operation, exc: Exception) -> Exception:
+        """What the caller of a failed operation is told."""
+        if isinstance(exc, IllegalTransition | StoreError):
+            return exc
+        error = StoreError(
+            f"database {self.path}: {type(operation).__name__} refused: {type(exc).__name__}: {exc}"
+        )
+        error.__cause__ = exc
+        return error
 
     def _commit(self, operations: Iterable[Operation]) -> builtins.list[Any]:
         conn = self._conn
@@ -918,12 +1050,21 @@ class Store:
             ]
             cursor.rows = []
             for op in operations:
+                # A savepoint each (about 3% of the lifecycle's CPU time):
+                # whatever an operation raises, half way or not, it is undone
+                # alone, a group as a whole.
+                journaled, seq = len(cursor.rows), cursor.next_seq
+                cursor.execute("SAVEPOINT operation")
                 try:
                     results.append(op.apply(cursor))
-                except IllegalTransition as exc:
-                    results.append(exc)
-                except sqlite3.IntegrityError as exc:
-                    results.append(StoreError(f"database {self.path}: {exc}"))
+                except Exception as exc:
+                    if not conn.in_transaction:
+                        raise  # SQLite rolled the whole transaction back
+                    cursor.execute("ROLLBACK TO operation")
+                    del cursor.rows[journaled:]
+                    cursor.next_seq = seq
+                    results.append(self._error(op, exc))
+                cursor.execute("RELEASE operation")
             cursor.executemany(_INSERT_EVENT, cursor.rows)
             cursor.execute("COMMIT")
         except BaseException:
@@ -1090,8 +1231,12 @@ class Store:
     def abandoned(
         self, me: str, now: float, is_gone: Callable[[str], bool]
     ) -> builtins.list[Command]:
-        """Commands in flight (``sent`` or ``replied``) whose owner is not
-        ``me`` and has lost them: its lease ran out, or ``is_gone(owner)``."""
+        """Commands in flight (``sent`` or ``replied``) that their owner has
+        lost: its lease ran out, or ``is_gone(owner)``. ``me`` is never gone,
+        but its own commands are among these when their lease ran out: an
+        engine renews the leases of what it holds, so one it let run out is
+        one it lost hold of (a commit the disk refused); the engine skips
+        those it still holds."""
         owners = [
             r[0]
             for r in self._conn.execute(
@@ -1101,10 +1246,10 @@ class Store:
         ]
         gone = [o for o in owners if o is None or is_gone(o)]
         sql = (
-            "SELECT * FROM commands WHERE state IN (?, ?) AND owner IS NOT ? "
+            "SELECT * FROM commands WHERE state IN (?, ?) "
             "AND (lease_until IS NULL OR lease_until < ?"
         )
-        params: builtins.list[Any] = [SENT, REPLIED, me, now]
+        params: builtins.list[Any] = [SENT, REPLIED, now]
         named = [o for o in gone if o is not None]
         if named:
             sql += f" OR owner IN ({', '.join('?' for _ in named)})"
@@ -1152,18 +1297,23 @@ class Store:
     def abandoned_flows(
         self, me: str, now: float, is_gone: Callable[[str], bool]
     ) -> builtins.list[Flow]:
-        """Unfinished flows nobody (alive) runs."""
+        """Unfinished flows nobody (alive) runs: no owner, a lease run out,
+        or an owner that ``is_gone``. As with ``abandoned``, ``me`` is never
+        gone, but its own flows whose lease it let run out are here."""
         terminal = tuple(FLOW_TERMINAL_STATES)
         rows = self._conn.execute(
             f"SELECT * FROM flows WHERE state NOT IN ({', '.join('?' for _ in terminal)}) "
-            "AND owner IS NOT ? ORDER BY id",
-            (*terminal, me),
+            "ORDER BY id",
+            terminal,
         )
         flows = [flow_from_row(r) for r in rows]
         return [
             f
             for f in flows
-            if f.owner is None or f.lease_until is None or f.lease_until < now or is_gone(f.owner)
+            if f.owner is None
+            or f.lease_until is None
+            or f.lease_until < now
+            or (f.owner != me and is_gone(f.owner))
         ]
 
     def counts(self) -> dict[tuple[str, str], int]:

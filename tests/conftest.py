@@ -6,8 +6,11 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +55,26 @@ def require_tool(name: str) -> str:
             pytest.fail(message + " (required under CI=true)")
         pytest.skip(message)
     return path
+
+
+@contextmanager
+def mounted_tmpfs(mount: Path, size: str = "2m") -> Iterator[Path]:
+    """A small file system of our own at ``mount`` (a tmpfs), where a disk
+    can really fill or be made read-only. Mounting needs root; under
+    CI=true not being able to fails the test instead of skipping it."""
+    mount.mkdir(parents=True, exist_ok=True)
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if made.returncode != 0:
+        message = f"cannot mount a tmpfs: {made.stderr.strip() or made.returncode}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + " (required under CI=true)")
+        pytest.skip(message)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

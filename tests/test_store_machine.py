@@ -13,6 +13,7 @@ tests/test_store_machine.py`` (the profile registered in conftest).
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -33,7 +34,7 @@ from hypothesis.stateful import (
 
 from adapters.base import Reply, Request, Usage
 from flows.errors import StoreError
-from flows.records import Command, CommandError, Event, new_id
+from flows.records import Command, CommandError, Event, LateReply, new_id
 from flows.states import (
     CANCEL,
     COMMAND_EVENTS,
@@ -57,6 +58,7 @@ from flows.states import (
 )
 from flows.store import (
     AddLateReply,
+    Group,
     Insert,
     Move,
     Operation,
@@ -83,6 +85,54 @@ STEPS = 30
 def _cas_key(command: Command) -> tuple[str, int, str | None]:
     """What ``Move`` and ``TakeOver`` compare-and-set on."""
     return (command.state, command.attempt, command.owner)
+
+
+def _wins(op: Operation, keys: dict[str, Any], used: set[int]) -> bool:
+    """Whether ``op`` must commit, given the compare-and-set keys and used
+    late replies so far in its batch (updated when it wins). A group wins if
+    every one of its operations would, in order; else none of it counts."""
+    if isinstance(op, Group):
+        trial_keys, trial_used = dict(keys), set(used)
+        if not all(_wins(inner, trial_keys, trial_used) for inner in op.operations):
+            return False
+        keys.update(trial_keys)
+        used.update(trial_used)
+        return True
+    if isinstance(op, Insert):
+        if _unstorable(op.command):
+            return False  # SQLite cannot hold it: refused, as a duplicate is
+        wins = op.command.id not in keys
+        if wins:
+            keys[op.command.id] = _cas_key(op.command)
+        return wins
+    if isinstance(op, Move):
+        wins = keys.get(op.before.id) == _cas_key(op.before)
+        if wins:
+            keys[op.before.id] = _cas_key(op.after)
+        return wins
+    if isinstance(op, TakeOver):
+        wins = keys.get(op.before.id) == _cas_key(op.before)
+        if wins:
+            keys[op.before.id] = (op.before.state, op.before.attempt, op.owner)
+        return wins
+    if isinstance(op, UseLateReply):
+        wins = op.late_reply_id not in used
+        used.add(op.late_reply_id)
+        return wins
+    return True
+
+
+def _unstorable(command: Command) -> bool:
+    """A lone surrogate anywhere (SQLite's text is UTF-8) or a priority past
+    64 bits (its integer column); JSON text holds any integer."""
+    if not -(2**63) <= command.priority < 2**63:
+        return True
+    text = json.dumps([command.request.to_json(), command.handler_args], ensure_ascii=False)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 @attrs.define
@@ -236,26 +286,7 @@ class StoreMachine(RuleBasedStateMachine):
         what the model says it must be; apply the winners to the model."""
         keys = {i: _cas_key(c) for i, c in self.commands.items()}
         used = {i for i, lr in self.late.items() if lr.used_by is not None}
-        expected: list[bool] = []
-        for op in operations:
-            if isinstance(op, Insert):
-                wins = op.command.id not in keys
-                if wins:
-                    keys[op.command.id] = _cas_key(op.command)
-            elif isinstance(op, Move):
-                wins = keys.get(op.before.id) == _cas_key(op.before)
-                if wins:
-                    keys[op.before.id] = _cas_key(op.after)
-            elif isinstance(op, TakeOver):
-                wins = keys.get(op.before.id) == _cas_key(op.before)
-                if wins:
-                    keys[op.before.id] = (op.before.state, op.before.attempt, op.owner)
-            elif isinstance(op, UseLateReply):
-                wins = op.late_reply_id not in used
-                used.add(op.late_reply_id)
-            else:
-                wins = True
-            expected.append(wins)
+        expected = [_wins(op, keys, used) for op in operations]
 
         results = self.store.commit(operations)
 
@@ -264,11 +295,17 @@ class StoreMachine(RuleBasedStateMachine):
             if not wins:
                 if isinstance(op, Insert):
                     assert isinstance(result, StoreError), (op, result)
+                elif isinstance(op, Group):  # whatever its first loser raised
+                    assert isinstance(result, IllegalTransition | StoreError), (op, result)
                 else:
                     assert isinstance(result, IllegalTransition), (op, result)
                 continue
             assert not isinstance(result, BaseException), (op, result)
-            self.apply(op, result)
+            if isinstance(op, Group):
+                for inner, inner_result in zip(op.operations, result, strict=True):
+                    self.apply(inner, inner_result)
+            else:
+                self.apply(op, result)
         return results
 
     def apply(self, op: Operation, result: Any) -> None:
@@ -435,6 +472,23 @@ class StoreMachine(RuleBasedStateMachine):
         else:
             self.commit([ReleaseLeases(owner)])
 
+    def replay_group(self, dead: Command, late: LateReply | None) -> Group:
+        """What ``Engine.replay`` commits for ``dead``: its new command, and
+        with a late reply, resolved from it; all or nothing."""
+        fresh = dead.replayed(new_id(), self.clock)
+        operations: list[Operation] = [Insert(fresh, detail={"replay_of": dead.id})]
+        if late is not None:
+            resolve = self.after(
+                fresh,
+                RESOLVE,
+                reply=late.reply,
+                replied_at=self.clock,
+                owner=ENGINE,
+                lease_until=self.clock + LEASE,
+            )
+            operations += [resolve, UseLateReply(late.id, fresh.id)]
+        return Group(tuple(operations))
+
     @precondition(lambda self: self.ids_in(DEAD))
     @rule(data=st.data())
     def replay(self, data: st.DataObject) -> None:
@@ -445,21 +499,26 @@ class StoreMachine(RuleBasedStateMachine):
         assert [r.id for r in unused] == sorted(
             i for i, lr in self.late.items() if lr.command_id == dead.id and lr.used_by is None
         )
-        fresh = dead.replayed(new_id(), self.tick())
-        operations: list[Operation] = [Insert(fresh, detail={"replay_of": dead.id})]
+        self.tick()
         use_late = bool(unused) and data.draw(st.booleans(), label="use late reply")
-        if use_late:
-            resolve = self.after(
-                fresh,
-                RESOLVE,
-                reply=unused[0].reply,
-                replied_at=self.clock,
-                owner=ENGINE,
-                lease_until=self.clock + LEASE,
-            )
-            operations += [resolve, UseLateReply(unused[0].id, fresh.id)]
-        results = self.commit(operations)
-        assert not any(isinstance(r, BaseException) for r in results)
+        late = unused[0] if use_late else None
+        racing = use_late and data.draw(st.booleans(), label="a rival replays it too")
+        groups = [self.replay_group(dead, late)]
+        if racing:
+            # Another engine's replay from the same read, in the same batch:
+            # one of the two wins the late reply, and the other leaves nothing.
+            groups.append(self.replay_group(dead, late))
+            if data.draw(st.booleans(), label="the rival first"):
+                groups.reverse()
+        results = self.commit(groups)
+        assert [isinstance(r, BaseException) for r in results] == [False] + [True] * racing
+        winner = groups[0].operations[0]
+        assert isinstance(winner, Insert)
+        fresh = winner.command
+        if racing:
+            loser = groups[1].operations[0]
+            assert isinstance(loser, Insert)
+            assert self.store.find(loser.command.id) is None
         self.replays.setdefault(dead.id, []).append(fresh.id)
         if use_late:
             assert self.store.get(fresh.id).state == REPLIED
@@ -578,7 +637,18 @@ class StoreMachine(RuleBasedStateMachine):
             target = data.draw(st.sampled_from(sorted(self.commands)))
             return AddLateReply(target, Reply(self.fresh("late")), self.tick())
 
-        makers: list[Callable[[], Operation]] = [
+        def unstorable() -> Operation:
+            # What SQLite cannot hold, past the engine's checks: refused alone.
+            unstorables: list[dict[str, Any]] = [{"priority": 2**64}, {"handler_args": ["\udc80"]}]
+            bad = data.draw(st.sampled_from(unstorables), label="unstorable")
+            return Insert(self.new_command(data).evolve(**bad))
+
+        def group() -> Operation:
+            # Operations that stand or fall together, a loser among them or not.
+            inner = [data.draw(st.sampled_from(simple))() for _ in range(2)]
+            return Group(tuple(inner))
+
+        simple: list[Callable[[], Operation]] = [
             again,
             chained,
             duplicate,
@@ -586,7 +656,9 @@ class StoreMachine(RuleBasedStateMachine):
             late_twice,
             new_one,
             late_reply,
+            unstorable,
         ]
+        makers = [*simple, group]
         extra = data.draw(st.lists(st.sampled_from(makers), min_size=1, max_size=4), label="extra")
         operations += [make() for make in extra]
         order = data.draw(st.permutations(range(len(operations))), label="order")
@@ -632,11 +704,10 @@ class StoreMachine(RuleBasedStateMachine):
                 c
                 for c in self.commands.values()
                 if c.state in (SENT, REPLIED)
-                and c.owner != me
                 and (
                     c.lease_until is None
                     or c.lease_until < now
-                    or (c.owner is not None and c.owner in gone)
+                    or (c.owner is not None and c.owner != me and c.owner in gone)
                 )
             ),
             key=lambda c: c.id,
