@@ -108,7 +108,8 @@ class FrameReader:
             if not await self._fill():
                 self._buffer.clear()
                 return Frame(None, f"stream ended {length - len(self._buffer)} bytes into a frame")
-        body = bytes(self._buffer[:length])
+        with memoryview(self._buffer) as view:  # one copy, not two
+            body = bytes(view[:length])
         del self._buffer[:length]
         return Frame(body)
 

@@ -25,7 +25,7 @@ from typing import Final
 import attrs
 import trio
 
-from editor_bridge.rope import Rope
+from editor_bridge.rope import Rope, rope_in_turns
 from flows.merge import diff
 from flows.snapshots import CONTEXT, Change, Snapshot, move_region
 
@@ -103,13 +103,17 @@ class Mirror:
         length, and one that meets or touches it is found again through its
         context (``relocate``): the cost is the regions' neighbourhoods, never
         a diff of the documents."""
+        built: Rope | None = None  # the new text as a rope, when it is needed whole
         while True:
             document = self.documents.get(uri)
-            if document is None:
-                document = self.documents[uri] = Document(uri, version, Rope(text))
-                return document
-            if not document.regions:
-                document.rope = Rope(text)
+            if document is None or not document.regions:
+                if built is None:
+                    built = await rope_in_turns(text)
+                    continue  # the document may have moved while it was built
+                if document is None:
+                    document = self.documents[uri] = Document(uri, version, built)
+                    return document
+                document.rope = built
                 break
             revision, rope, regions = document.revision, document.rope, dict(document.regions)
             start = rope.common_prefix(text)
@@ -123,6 +127,8 @@ class Mirror:
                 else:
                     before, after = max(0, at - CONTEXT), min(len(rope), to + CONTEXT)
                     regions[key] = await relocate(at, to, rope.slice(before, after), before, text)
+            if new_end - start > OFF_LOOP and built is None:
+                built = await rope_in_turns(text)  # cheaper than splicing that much in
             if (
                 self.documents.get(uri) is document
                 and document.revision == revision
@@ -131,7 +137,8 @@ class Mirror:
                 for key in document.regions:
                     document.regions[key] = regions[key]
                 if new_end - start > OFF_LOOP:
-                    document.rope = Rope(text)  # cheaper than splicing that much in
+                    assert built is not None
+                    document.rope = built
                 else:
                     rope.replace(start, old_end, text[start:new_end])
                 break

@@ -18,12 +18,16 @@ Offsets are code points (Python ``str`` indices), like everywhere in ``flows``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Final
+
+import trio
 
 CHUNK: Final = 4096
 """Target chunk size in code points: big enough that the list stays short (a 15 MB
 document is under 4,000 chunks), small enough that rewriting one chunk is cheap."""
+TURN: Final = 256 * CHUNK
+"""Code points ``rope_in_turns`` copies between two checkpoints: about 2 ms."""
 
 
 class Rope:
@@ -35,6 +39,14 @@ class Rope:
         self._tree: list[int] = [0]
         self._length = 0
         self._rechunk([text])
+
+    @classmethod
+    def from_chunks(cls, chunks: Sequence[str], *, chunk: int = CHUNK) -> Rope:
+        """The rope of ``"".join(chunks)``, taking the pieces as they are where
+        they are short enough (no copy)."""
+        rope = cls(chunk=chunk)
+        rope._rechunk(list(chunks))
+        return rope
 
     def __len__(self) -> int:
         return self._length
@@ -182,3 +194,17 @@ def _tail_match(chunk: str, text: str, end: int) -> int:
         else:
             high = middle - 1
     return low
+
+
+async def rope_in_turns(text: str, *, chunk: int = CHUNK) -> Rope:
+    """``Rope(text)``, with a checkpoint every ``TURN`` code points: cutting a
+    15 MB document into chunks copies 60 MB, some 30 ms held at once."""
+    if len(text) <= TURN:
+        return Rope(text, chunk=chunk)
+    chunks: list[str] = []
+    step = TURN - TURN % chunk or chunk  # turns end where chunks do
+    for start in range(0, len(text), step):
+        end = min(start + step, len(text))
+        chunks.extend(text[i : min(i + chunk, end)] for i in range(start, end, chunk))
+        await trio.lowlevel.checkpoint()
+    return Rope.from_chunks(chunks, chunk=chunk)

@@ -33,8 +33,9 @@ Every malformed input gets the JSON-RPC error its kind calls for and the
 connection goes on serving (see ``editor_bridge.decode`` for what a body may
 hold); bytes that are not LSP framing at all end the connection, with a
 ``server/error`` first, as do end-of-stream and a peer that vanishes.
-Bodies of more than ``OFF_LOOP_BYTES`` are decoded in a worker thread, so that
-one client's huge frame does not hold up the others' answers, nor a deadline.
+Bodies of more than ``LARGE_BODY`` bytes are decoded in turns
+(``editor_bridge.large``), so that one client's huge frame does not hold up
+the others' answers, nor a deadline.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import trio
 
 from editor_bridge.decode import Decoded, Refused, check, decode
 from editor_bridge.framing import DEFAULT_MAX_FRAME, FrameReader, encode
+from editor_bridge.large import decode_large
 
 log = logging.getLogger("dovecote.rpc")
 
@@ -65,12 +67,11 @@ the timers and the writer until the burst ends."""
 DEFAULT_MAX_OUTBOX: Final = 64 * 1024 * 1024
 """Bytes of answers and notifications queued for one client and not yet
 written past which it has fallen behind (a quarter of it stops the reading)."""
-OFF_LOOP_BYTES: Final = 1024 * 1024
-"""Bodies larger than this are decoded in a worker thread, where checking
-the value gives the loop its turns. The JSON parser itself (C) still holds
-the interpreter while it runs: measured on a 13 MB frame of 65,000 strings,
-another client's answer waited at most 31-50 ms, against 48-100 ms when all
-of it ran on the loop."""
+LARGE_BODY: Final = 1024 * 1024
+"""Bodies larger than this are decoded in turns with the rest of the server:
+``json.loads`` of a 16 MB ``document/open`` holds the interpreter for about
+90 ms (in a worker thread too), longer than another client's answer may
+wait."""
 DRAIN_GRACE: Final = 5.0
 """Seconds to go on writing what is queued once the client has closed its
 end: it may still read the answers, but one that does not must not keep
@@ -193,8 +194,9 @@ class Connection:
                 await trio.lowlevel.checkpoint()
 
     async def _receive(self, body: bytes, nursery: trio.Nursery) -> None:
-        if len(body) > OFF_LOOP_BYTES:
-            decoded = await trio.to_thread.run_sync(decode, body)
+        if len(body) > LARGE_BODY:
+            decoded = await decode_large(body)
+            await trio.lowlevel.checkpoint()  # joining its pieces held the loop
         else:
             decoded = decode(body)
         message = decoded.value

@@ -15,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import editor_bridge.mirror as mirror_module
+import editor_bridge.rope as rope_module
 from editor_bridge.mirror import DocumentError, Mirror, edits_between
-from editor_bridge.rope import Rope
+from editor_bridge.rope import Rope, rope_in_turns
 from flows.snapshots import Change, apply_change, move_region
 
 # Multibyte, astral (emoji, so a UTF-16 offset would differ) and combining text.
@@ -223,3 +224,17 @@ async def test_a_change_while_a_reopen_diffs_off_the_loop_is_not_lost(
     assert (document.text, document.version) == (new, 9)
     start, end = document.regions["big"]
     assert document.slice(start, end) == region.replace("teh", "the")
+
+
+@pytest.mark.parametrize("turn", [1, 3, 8, 50])
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+async def test_a_rope_built_in_turns_is_the_rope_of_its_text(
+    monkeypatch: pytest.MonkeyPatch, turn: int, chunk: int
+) -> None:
+    monkeypatch.setattr(rope_module, "TURN", turn)
+    text = "naïve 🦆 ñandú, the quick brown fox" * 3
+    rope = await rope_in_turns(text, chunk=chunk)
+    assert str(rope) == text and len(rope) == len(text)
+    assert rope.slice(5, 40) == text[5:40]
+    rope.replace(3, 9, "XYZ")
+    assert str(rope) == text[:3] + "XYZ" + text[9:]
