@@ -5,6 +5,7 @@ wherever the pieces are cut; and it really takes turns."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,9 @@ from hypothesis import strategies as st
 import editor_bridge.large as large
 from editor_bridge.decode import decode
 from editor_bridge.large import decode_large
+from tests.editor import served
+from tests.test_bridge_faults import call, still_serving
+from tests.test_rpc_boundary import frame, refused_notice, surrogates
 
 # Characters that make the cutting hard: escapes, their tails, multibyte and
 # astral characters (two \u escapes when ASCII-encoded), controls, quotes.
@@ -106,3 +110,37 @@ async def test_a_big_string_is_decoded_in_turns(monkeypatch: pytest.MonkeyPatch)
         nursery.cancel_scope.cancel()
     assert decoded.value == json.loads(body)
     assert ticks >= len(body) // 1000 // 2
+
+
+async def test_a_real_server_refuses_a_large_document_by_name_and_serves_on(
+    db_path: Path,
+) -> None:
+    """Through ``dovecote serve``: a 2 MB document with one lone surrogate
+    escaped at its end is refused naming the field; the same document, with
+    escapes, quotes, pairs and multibyte text everywhere, is taken exactly (a
+    correction in its middle lands where it should); the connection serves on."""
+    text = ('naïve "quoted" \\ back\n 🦆 €\t' * 80_000)[:2_000_000]
+    uri = "file:///big"
+    async with served(db_path) as (editor, _):
+        await editor.initialize()
+        bad = call("document/open", {"uri": uri, "version": 1, "text": text + "@"})
+        refused = await refused_notice(editor, surrogates(bad))
+        assert refused["message"] == (
+            "document/open: text: text must be valid Unicode (no lone surrogates)"
+        ), refused
+        editor.documents[uri] = [1, text]
+        good = call("document/open", {"uri": uri, "version": 1, "text": text})
+        await editor.write_raw(frame(json.dumps(good).encode()))  # ASCII: each é an escape
+        at = text.index("naïve", 1_000_000)
+        result = await editor.request(
+            "command/submit",
+            {
+                "adapter": "scripted",
+                "request": {"messages": [{"role": "user", "content": "#reply\nNAÏVE"}]},
+                "target": {"uri": uri, "start": at, "end": at + 5},
+                "onConflict": "theirs",
+            },
+        )
+        assert (await editor.wait_state(result["commandId"]))["state"] == "done"
+        assert editor.text(uri) == text[:at] + "NAÏVE" + text[at + 5 :]
+        await still_serving(editor)
