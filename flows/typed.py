@@ -63,7 +63,10 @@ def _object_schema(cls: type, seen: tuple[type, ...]) -> dict[str, Any]:
         raise TypeError(f"result must be an attrs class, not {cls!r}")
     if cls in seen:
         raise TypeError(f"{cls.__name__} contains itself: a recursive schema cannot be sent")
-    hints = typing.get_type_hints(cls)
+    try:
+        hints = typing.get_type_hints(cls)
+    except NameError as exc:
+        raise TypeError(f"{cls.__name__}'s annotations cannot be resolved: {exc}") from None
     properties: dict[str, Any] = {}
     required: list[str] = []
     for field in attrs.fields(cls):
