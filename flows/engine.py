@@ -390,20 +390,12 @@ class Engine:
             request = Request.from_json(request)
         if result is None:
             return await self._reply(await self.submit(adapter, request, **options))
-        typed.check_max_reasks(max_reasks)
-        request = typed.typed_request(request, result)
-        ids = [await self.submit(adapter, request, **options)]
-        while True:
-            reply = await self._reply(ids[-1])
-            try:
-                return typed.parse_result(result, reply.text)
-            except ValueError as exc:
-                error = str(exc)
-            if len(ids) > max_reasks:
-                raise typed.ResultInvalid(result, error, ids)
-            request = typed.reask_request(request, reply.text, error)
-            detail = typed.reask_detail(ids[0], len(ids), error)
-            ids.append(await self.submit(adapter, request, detail=detail, **options))
+
+        async def ask(asked: Request, detail: Any) -> tuple[str, Reply]:
+            command_id = await self.submit(adapter, asked, detail=detail, **options)
+            return command_id, await self._reply(command_id)
+
+        return await typed.ask_until_valid(result, request, max_reasks, ask)
 
     async def _reply(self, command_id: str) -> Reply:
         command = await self.wait(command_id)

@@ -186,21 +186,11 @@ class FlowContext:
             request = Request.from_json(request)
         if result is None:
             return (await self._call_step(adapter, request, None, options))[1]
-        typed.check_max_reasks(max_reasks)
-        request = typed.typed_request(request, result)
-        first, reply = await self._call_step(adapter, request, None, options)
-        ids = [first]
-        while True:
-            try:
-                return typed.parse_result(result, reply.text)
-            except ValueError as exc:
-                error = str(exc)
-            if len(ids) > max_reasks:
-                raise typed.ResultInvalid(result, error, ids)
-            request = typed.reask_request(request, reply.text, error)
-            detail = typed.reask_detail(first, len(ids), error)
-            command_id, reply = await self._call_step(adapter, request, detail, options)
-            ids.append(command_id)
+
+        async def ask(asked: Request, detail: Any) -> tuple[str, Reply]:
+            return await self._call_step(adapter, asked, detail, options)
+
+        return await typed.ask_until_valid(result, request, max_reasks, ask)
 
     async def _call_step(
         self, adapter: str, request: Request, detail: Any, options: Mapping[str, Any]

@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar, Union
 
 import attrs
 
-from adapters.base import Message, Request
+from adapters.base import Message, Reply, Request
 
 T = TypeVar("T")
 
@@ -184,6 +184,29 @@ def reask_request(request: Request, text: str, error: str) -> Request:
 def reask_detail(first: str, number: int, error: str) -> dict[str, Any]:
     """What a re-ask's ``submit`` journal row says: whose re-ask, which, why."""
     return {"reask_of": first, "reask": number, "error": error}
+
+
+Ask = Callable[[Request, Any], Awaitable[tuple[str, Reply]]]
+"""Send a request (with its submit journal detail) as one command; its id and reply."""
+
+
+async def ask_until_valid(cls: type[T], request: Request, max_reasks: int, ask: Ask) -> T:
+    """The typed-call loop, shared by ``Engine.call`` and ``FlowContext.call``:
+    ask, validate, re-ask with the error, at most ``max_reasks`` times."""
+    check_max_reasks(max_reasks)
+    request = typed_request(request, cls)
+    first, reply = await ask(request, None)
+    ids = [first]
+    while True:
+        try:
+            return parse_result(cls, reply.text)
+        except ValueError as exc:
+            error = str(exc)
+        if len(ids) > max_reasks:
+            raise ResultInvalid(cls, error, ids)
+        request = reask_request(request, reply.text, error)
+        command_id, reply = await ask(request, reask_detail(first, len(ids), error))
+        ids.append(command_id)
 
 
 def check_max_reasks(max_reasks: Any) -> int:
