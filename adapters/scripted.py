@@ -184,9 +184,13 @@ def _number(name: str, arg: str | None, *, integer: bool = False) -> float:
 
 def _steering(request: Request) -> str:
     """The user message whose directives steer this reply: the last one,
-    unless the first starts a ``#replies`` conversation."""
+    unless the first holds a ``#replies`` conversation (a first message whose
+    directives are malformed steers nothing: the last one is judged)."""
     first = next((m.content for m in request.messages if m.role == "user"), "")
-    steers = first.startswith("#replies") and parse(first).replies
+    try:
+        steers = "#replies" in first and bool(parse(first).replies)
+    except PermanentError:
+        steers = False
     return first if steers else request.last_user_text
 
 

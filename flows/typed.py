@@ -125,6 +125,8 @@ def parse_result(cls: type[T], text: str) -> T:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"the reply is not JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError("the reply's JSON is nested too deep to read") from None
     return typing.cast(T, _build(cls, data, cls.__name__))
 
 

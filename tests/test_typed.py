@@ -103,6 +103,18 @@ def test_a_reply_that_does_not_fit_says_why(text: str, words: str | None) -> Non
         parse_result(Person, text)
 
 
+def test_a_reply_nested_too_deep_is_a_validation_error_not_a_crash() -> None:
+    with pytest.raises(ValueError, match="too deep"):
+        parse_result(Person, "[" * 200_000 + "]" * 200_000)
+
+
+async def test_a_class_without_a_schema_fails_before_anything_is_sent(db_path: Path) -> None:
+    async with flows.open_engine(db_path) as engine:
+        with pytest.raises(TypeError, match=r"Loose\.data"):
+            await engine.call("scripted", say("x"), result=Loose)
+        assert engine.list() == []
+
+
 def test_ints_are_floats_and_deep_nesting_is_built() -> None:
     person = parse_result(Person, json.dumps({**PERSON, "height": 2, "tags": ["a"]}))
     assert person.height == 2.0 and isinstance(person.height, float)
