@@ -203,23 +203,19 @@ class FlowContext:
         self, calls: Sequence[tuple[str, Request, Any]], options: Mapping[str, Any]
     ) -> tuple[list[int], list[str]]:
         """The next ``len(calls)`` steps as calls ``(adapter, request, submit
-        detail)``, stored in one transaction on the first run (so all are out
-        at once), checked against the journal on a later one; their steps and
-        command ids."""
-        steps, recorded = [], []
-        for _ in calls:
+        detail)``: those recorded (checked against the journal) and the
+        rest stored now, in one transaction, so that all are out at once.
+        (Some but not all are recorded in a fork that reuses part of a
+        sample.) Their steps and command ids."""
+        steps, ids, missing = [], [], []
+        for adapter, request, detail in calls:
             step, found = self._next("call")
             steps.append(step)
-            recorded.append(found)
-        if all(r is None for r in recorded):
-            ids = await self._runner.submit_steps(
-                self.flow_id, list(zip(steps, calls, strict=True)), **options
-            )
-            return steps, ids
-        ids = []
-        for step, (adapter, request, _), found in zip(steps, calls, recorded, strict=True):
-            if found is None or found.command_id is None:
-                raise JournalMismatch(f"step {step} was not a call when this flow first ran")
+            if found is None:
+                missing.append((step, (adapter, request, detail)))
+                ids.append("")
+                continue
+            assert found.command_id is not None
             first = self._engine.store.get(found.command_id)
             if (first.adapter, first.request) != (adapter, request):
                 raise JournalMismatch(
@@ -227,6 +223,9 @@ class FlowContext:
                     "flow first ran: the script changed, so its recorded replies no longer fit"
                 )
             ids.append(found.command_id)
+        if missing:
+            fresh = iter(await self._runner.submit_steps(self.flow_id, missing, **options))
+            ids = [command_id or next(fresh) for command_id in ids]
         return steps, ids
 
     async def sample(

@@ -2,6 +2,7 @@
 
     python -m tests.flow_worker --db PATH start     # start it, print its id
     python -m tests.flow_worker --db PATH start-sample   # the sampler and typed-call flow
+    python -m tests.flow_worker --db PATH start-slow-sample   # its candidates take 2 s
     python -m tests.flow_worker --db PATH resume    # resume whatever is unfinished
 
 The flow sleeps (a journaled ``ctx.sleep``) after step 1 and prints
@@ -38,8 +39,8 @@ async def three_steps(ctx: flows.FlowContext, topic: str) -> dict[str, object]:
 
 
 @flows.flow("sample-then-typed")
-async def sample_then_typed(ctx: flows.FlowContext) -> dict[str, object]:
-    candidates = [say(f"#reply\n{text}") for text in ("", "a goose", "")]
+async def sample_then_typed(ctx: flows.FlowContext, delay: float = 0) -> dict[str, object]:
+    candidates = [say(f"#delay {delay}\n#reply\n{text}") for text in ("", "a goose", "")]
     best = await ctx.sample("scripted", candidates, n=3, check="nonempty", pick="best")
     print("after sample", flush=True)
     await ctx.sleep(1.0)
@@ -59,8 +60,9 @@ async def main(args: argparse.Namespace) -> None:
         if args.action == "start":
             flow_id = await engine.start_flow("three-steps", topic="geese")
             print(f"started {flow_id}", flush=True)
-        elif args.action == "start-sample":
-            flow_id = await engine.start_flow("sample-then-typed")
+        elif args.action in ("start-sample", "start-slow-sample"):
+            delay = 2.0 if args.action == "start-slow-sample" else 0.0
+            flow_id = await engine.start_flow("sample-then-typed", delay=delay)
             print(f"started {flow_id}", flush=True)
         else:
             [flow] = engine.list_flows()
@@ -72,5 +74,5 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--db", required=True)
-    parser.add_argument("action", choices=["start", "start-sample", "resume"])
+    parser.add_argument("action", choices=["start", "start-sample", "start-slow-sample", "resume"])
     trio.run(main, parser.parse_args())

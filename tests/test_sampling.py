@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,13 @@ async def test_best_submits_all_at_once_and_journals_every_score(
     assert [c["score"] for c in recorded["candidates"]] == [0.5, 1.0, 1.0, 0.1]
     assert [c["command_id"] for c in recorded["candidates"]] == [c.id for c in commands]
 
+    # A fork that reuses half the candidates asks only for the other half.
+    async with flows.open_engine(db_path) as engine:
+        fork = await engine.fork_flow(flow_id, 3)
+        assert await engine.wait_flow(fork) == result
+        assert len(engine.list(flow_id=fork)) == 2
+        assert [s.kind for s in engine.store.flow_steps(fork)] == ["call"] * 4 + ["sample"]
+
     shown = subprocess.run(
         [DOVECOTE, "--db", str(db_path), "flow", "show", flow_id, "--json"],
         capture_output=True,
@@ -87,6 +95,14 @@ async def test_first_stops_at_the_first_that_passes(db_path: Path) -> None:
         flow_id = await engine.start_flow("test.first")
         assert await engine.wait_flow(flow_id) == 2
         assert len(engine.list(flow_id=flow_id)) == 3
+        # Run again on the whole journal: the recorded choice, nothing asked.
+        again = await engine.fork_flow(flow_id, 5)
+        assert await engine.wait_flow(again) == 2
+        assert len(engine.list()) == 3
+        # Reuse the two that failed: only the third is asked again.
+        partly = await engine.fork_flow(flow_id, 3)
+        assert await engine.wait_flow(partly) == 2
+        assert len(engine.list(flow_id=partly)) == 1
         failed = await engine.start_flow("test.none")
         with pytest.raises(flows.FlowFailed, match="NoCandidatePassed"):
             await engine.wait_flow(failed)
@@ -154,3 +170,30 @@ def test_kill_9_after_a_sample_resumes_without_calling_again(tmp_path: Path) -> 
     assert result == {"chosen": 1, "text": "a goose", "typed": 1}
     sends = Counter(line.split()[0] for line in log.read_text().splitlines())
     assert len(sends) == 5 and set(sends.values()) == {1}  # 3 candidates, a call, a re-ask
+
+
+def test_kill_9_while_candidates_are_out_resumes_them_without_new_ones(tmp_path: Path) -> None:
+    db, log = tmp_path / "dovecote.db", tmp_path / "calls.log"
+    first = worker(db, log, "start-slow-sample")
+    read_line(first, "started")
+    deadline = time.monotonic() + 30
+    while not log.exists() or len(log.read_text().splitlines()) < 3:
+        assert time.monotonic() < deadline, "the candidates were never sent"
+        time.sleep(0.01)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+
+    second = worker(db, log, "resume")
+    result = json.loads(read_line(second, "result ")[len("result ") :])
+    second.wait(timeout=30)
+    assert result == {"chosen": 1, "text": "a goose", "typed": 1}
+    sends = Counter(line.split()[0] for line in log.read_text().splitlines())
+    # The same three candidates (sent again: they were out when it died), then two more.
+    assert len(sends) == 5
+    store = flows.Store(db)
+    try:
+        [flow] = store.flows()
+        kinds = [s.kind for s in store.flow_steps(flow.id)]
+    finally:
+        store.close()
+    assert kinds == ["call", "call", "call", "sample", "sleep", "call", "call"]
