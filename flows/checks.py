@@ -13,8 +13,8 @@ through the engine, so that call is a command with its journal like any
 other. It may be a plain or an ``async`` function.
 
 It returns a :class:`Score`, a ``bool`` (passed, score 1.0 or 0.0) or a
-number in [0, 1] (the score; it passes when it is at least
-:data:`PASS_AT`). Anything else is a bug in the check and raises
+finite number (the score, higher is better, usually from 0 to 1; it passes
+when it is at least :data:`PASS_AT`). Anything else is a bug in the check and raises
 ``TypeError``: a silently-failing judge would make a sampler pick at random.
 """
 
