@@ -12,8 +12,10 @@ Differences from the provider-neutral ``Request`` that the mapping absorbs:
   API accepts only ``user`` and ``assistant`` turns;
 * ``max_tokens`` is required by the API, so a request without one gets the
   adapter's ``default_max_tokens``;
-* ``response_format`` has no counterpart and is not sent (``Request`` passes
-  it only to providers that understand it).
+* ``response_format`` has no counterpart, except a ``json_schema`` one (a
+  typed call's): that becomes the one tool the model must call
+  (``tool_choice``), its input schema the schema, and the reply's text is the
+  tool input as JSON. Any other format is not sent.
 
 Streams are server-sent events: ``message_start`` (input usage),
 ``content_block_delta`` with ``text_delta`` pieces, ``message_delta``
@@ -23,6 +25,7 @@ instead, and is classified like the HTTP status its type stands for.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -89,6 +92,20 @@ def _merge(usage: dict[str, Any], update: dict[str, Any]) -> None:
     usage.update((key, value) for key, value in update.items() if value is not None)
 
 
+def _schema_tool(response_format: Any) -> dict[str, Any] | None:
+    """The tool a ``json_schema`` response format stands for, else None."""
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return None
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise PermanentError('a json_schema response_format needs {"json_schema": {"schema": ...}}')
+    return {
+        "name": str(spec.get("name") or "result"),
+        "description": "Reply by calling this tool with the answer as its input.",
+        "input_schema": spec["schema"],
+    }
+
+
 def _positive(instance: Any, attribute: attrs.Attribute[int], value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{attribute.name} must be a positive integer, not {value!r}")
@@ -142,6 +159,10 @@ class AnthropicAdapter(HttpAdapter):
             body["system"] = "\n\n".join(systems)
         if request.temperature is not None:
             body["temperature"] = request.temperature
+        tool = _schema_tool(request.response_format)
+        if tool is not None:
+            body["tools"] = [tool]
+            body["tool_choice"] = {"type": "tool", "name": tool["name"]}
         if self.stream:
             body["stream"] = True
         return body
@@ -157,6 +178,8 @@ class AnthropicAdapter(HttpAdapter):
             block = as_dict(item, f"content[{index}]")
             if member(block, "type") == "text":
                 texts.append(as_str(member(block, "text"), f"content[{index}].text"))
+            elif member(block, "type") == "tool_use":
+                texts.append(json.dumps(member(block, "input"), ensure_ascii=False))
         return Reply(text="".join(texts), usage=parse_usage(member(body, "usage")), raw=data)
 
     async def read_stream(self, lines: AsyncIterator[str], progress: ProgressThrottle) -> Reply:
@@ -184,6 +207,10 @@ class AnthropicAdapter(HttpAdapter):
                 delta = as_dict(member(data, "delta"), "content_block_delta.delta")
                 if delta.get("type") == "text_delta":
                     parts.append(as_str(member(delta, "text"), "content_block_delta.delta.text"))
+                    progress.update("".join(parts))
+                elif delta.get("type") == "input_json_delta":
+                    piece = member(delta, "partial_json")
+                    parts.append(as_str(piece, "content_block_delta.delta.partial_json"))
                     progress.update("".join(parts))
             elif kind == "message_delta":
                 # Counts here are cumulative: they replace, not add to, the earlier ones.

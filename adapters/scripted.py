@@ -9,6 +9,11 @@ the start of the last user message, one per line:
     #fail CODE      fail as an HTTP status CODE would (429/5xx retryable)
     #fail-times N   fail the first N attempts with 503, then answer
     #reply          the reply is the rest of the message after this line
+    #replies        one reply per line of the rest of the message: the Nth
+                    answers the conversation's Nth turn (the last line once
+                    they run out); in the FIRST user message it steers the
+                    whole conversation, so later user turns (a typed call's
+                    re-asks) need no directives of their own
 
 Directive lines are not part of the text. Without ``#reply`` the reply is the
 remaining text with common English misspellings corrected (``teh`` -> ``the``),
@@ -95,8 +100,8 @@ MISSPELLINGS: dict[str, str] = {
 }
 
 _MISSPELLED = re.compile(r"\b(" + "|".join(map(re.escape, MISSPELLINGS)) + r")\b", re.IGNORECASE)
-_DIRECTIVE = re.compile(r"#(delay|hang|fail|fail-times|reply)(?=[ \t]|$)(.*)")
-_ARGUMENTS = {"delay": 1, "hang": 0, "fail": 1, "fail-times": 1, "reply": 0}
+_DIRECTIVE = re.compile(r"#(delay|hang|fail|fail-times|replies|reply)(?=[ \t]|$)(.*)")
+_ARGUMENTS = {"delay": 1, "hang": 0, "fail": 1, "fail-times": 1, "reply": 0, "replies": 0}
 
 
 def correct(text: str) -> str:
@@ -124,6 +129,7 @@ class Script:
     fail: int | None = None
     fail_times: int = 0
     verbatim: bool = False
+    replies: tuple[str, ...] = ()
 
 
 def parse(message: str) -> Script:
@@ -146,6 +152,9 @@ def parse(message: str) -> Script:
         arg = words[0] if words else None
         if name == "reply":
             return Script(after, delay, hang, fail, fail_times, verbatim=True)
+        if name == "replies":
+            lines = tuple(after.splitlines()) or ("",)
+            return Script(lines[0], delay, hang, fail, fail_times, verbatim=True, replies=lines)
         if name == "hang":
             hang = True
         elif name == "delay":
@@ -171,6 +180,18 @@ def _number(name: str, arg: str | None, *, integer: bool = False) -> float:
     if not math.isfinite(value) or value < 0:
         raise PermanentError(f"#{name} needs a non-negative number, got {arg!r}", status=400)
     return value
+
+
+def _steering(request: Request) -> str:
+    """The user message whose directives steer this reply: the last one,
+    unless the first holds a ``#replies`` conversation (a first message whose
+    directives are malformed steers nothing: the last one is judged)."""
+    first = next((m.content for m in request.messages if m.role == "user"), "")
+    try:
+        steers = "#replies" in first and bool(parse(first).replies)
+    except PermanentError:
+        steers = False
+    return first if steers else request.last_user_text
 
 
 def _words(text: str) -> int:
@@ -209,7 +230,7 @@ class ScriptedAdapter:
         if self.call_log is not None:
             with self.call_log.open("a") as log:
                 log.write(f"{context.command_id} {context.attempt}\n")
-        script = parse(request.last_user_text)
+        script = parse(_steering(request))
         if script.hang:
             await trio.sleep_forever()
         if script.delay:
@@ -222,6 +243,9 @@ class ScriptedAdapter:
                 status=503,
             )
         text = script.text if script.verbatim else correct(script.text)
+        if script.replies:
+            turn = sum(m.role == "assistant" for m in request.messages)
+            text = script.replies[min(turn, len(script.replies) - 1)]
         context.report_progress(text)
         prompt_words = sum(_words(m.content) for m in request.messages)
         prompt_words += _words(request.system or "")

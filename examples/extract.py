@@ -1,18 +1,18 @@
-"""Structured extraction: typed results from a model, validated, retried.
+"""Structured extraction: typed results from a model, validated, re-asked.
 
     dovecote run examples/extract.py --param text="Ada Lovelace, 36, London"
 
-The model is asked for JSON; the reply is validated against an attrs class.
-A reply that does not fit is sent back with the validation error, and the
-model tries again (at most three times). Every attempt is a journaled step.
+``ctx.call(..., result=Person)`` sends ``Person``'s JSON schema to the
+provider's structured output and returns a ``Person``. A reply that does not
+fit is sent back with the validation error, and the model tries again (at
+most ``max_reasks`` times). Every attempt is a journaled step.
 
 Offline (the scripted adapter), the first answer gets the age wrong on
-purpose ("thirty-six"), so the retry path runs.
+purpose ("thirty-six"), so the re-ask path runs.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import attrs
@@ -22,27 +22,9 @@ import flows
 
 @attrs.frozen
 class Person:
-    name: str = attrs.field(validator=attrs.validators.instance_of(str))
-    age: int = attrs.field(validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)])
-    city: str = attrs.field(validator=attrs.validators.instance_of(str))
-
-
-def parse(text: str) -> Person:
-    """A ``Person`` from the model's reply, or ``ValueError`` saying why not."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError("expected a JSON object")
-    unknown = set(data) - {"name", "age", "city"}
-    if unknown:
-        raise ValueError(f"unexpected keys: {sorted(unknown)}")
-    try:
-        return Person(**data)
-    except (TypeError, ValueError) as exc:
-        # attrs puts the readable sentence first in its validators' errors.
-        raise ValueError(exc.args[0] if exc.args else str(exc)) from None
+    name: str
+    age: int = attrs.field(validator=attrs.validators.ge(0))
+    city: str
 
 
 OFFLINE_ANSWERS = [
@@ -58,31 +40,13 @@ async def extract_person(
     adapter: str = "scripted",
     attempts: int = 3,
 ) -> dict[str, Any]:
-    prompt = (
-        'Reply with only a JSON object {"name": str, "age": int, "city": str} '
-        f"for the person in this text:\n\n{text}"
+    prompt = f"Reply with only a JSON object for the person in this text:\n\n{text}"
+    if adapter == "scripted":  # the scripted model answers as told, one line per turn
+        prompt = "#replies\n" + "\n".join(OFFLINE_ANSWERS)
+    person = await ctx.call(
+        adapter,
+        {"messages": [{"role": "user", "content": prompt}]},
+        result=Person,
+        max_reasks=attempts - 1,
     )
-    messages: list[dict[str, str]] = [{"role": "user", "content": prompt}]
-    problems: list[str] = []
-    for attempt in range(attempts):
-        if adapter == "scripted":
-            canned = OFFLINE_ANSWERS[min(attempt, len(OFFLINE_ANSWERS) - 1)]
-            messages[-1] = {"role": "user", "content": f"#reply\n{canned}"}
-        reply = await ctx.call(
-            adapter, {"messages": messages, "response_format": {"type": "json_object"}}
-        )
-        try:
-            person = parse(reply.text)
-        except ValueError as exc:
-            problems.append(str(exc))
-            messages = [
-                *messages,
-                {"role": "assistant", "content": reply.text},
-                {
-                    "role": "user",
-                    "content": f"That does not fit: {exc}. Reply with corrected JSON only.",
-                },
-            ]
-            continue
-        return {"person": attrs.asdict(person), "attempts": attempt + 1, "problems": problems}
-    raise ValueError(f"no valid answer after {attempts} attempts: {problems}")
+    return {"person": attrs.asdict(person)}

@@ -48,7 +48,7 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar, overload
 
 import attrs
 import trio
@@ -63,6 +63,7 @@ from adapters.base import (
 )
 from adapters.scripted import ScriptedAdapter
 from flows import handlers as handler_registry
+from flows import typed
 from flows.commit import Committer
 from flows.errors import CommandFailed, EngineClosing, StoreError
 from flows.ratelimit import RateLimit, estimate_tokens
@@ -125,6 +126,7 @@ from flows.timers import DEADLINE, EXPIRY, Alarm, Timers
 from flows.timers import RETRY as RETRY_ALARM
 
 log = logging.getLogger("dovecote")
+T = TypeVar("T")
 
 DEFAULT_DB: Final = Path(".dovecote") / "dovecote.db"
 MAX_TIMEOUT: Final = 30 * 24 * 3600.0  # a month: a person may be the provider
@@ -263,13 +265,15 @@ class Engine:
         flow_id: str | None = None,
         step: int | None = None,
         snapshot: Snapshot | None = None,
+        detail: Any = None,
     ) -> str:
         """Put a call in the pending table and return its id at once.
 
         ``snapshot``, the region a reply will be merged into, is stored in
-        the same transaction. Everything is validated before anything is
-        stored: a bad argument raises ``ValueError`` (or ``TypeError``) and
-        changes nothing."""
+        the same transaction. ``detail`` (JSON) is journaled with the submit:
+        what this call is to another (a typed call's re-ask). Everything is
+        validated before anything is stored: a bad argument raises
+        ``ValueError`` (or ``TypeError``) and changes nothing."""
         command = self._new_command(
             adapter,
             request,
@@ -284,7 +288,9 @@ class Engine:
             snapshot_id=snapshot.id if snapshot else None,
         )
         storable(snapshot, "the snapshot")
-        (event,) = await self._committer.commit_all([Insert(command, snapshot=snapshot)])
+        (event,) = await self._committer.commit_all(
+            [Insert(command, detail=detail, snapshot=snapshot)]
+        )
         self._submitted([command], [event])
         return command.id
 
@@ -344,11 +350,55 @@ class Engine:
             command = waiter.command or self.store.get(command_id)
         return command
 
+    @overload
     async def call(
-        self, adapter: str, request: Request | Mapping[str, Any], **options: Any
-    ) -> Reply:
-        """Submit, wait, and return the reply; ``CommandFailed`` unless done."""
-        command = await self.wait(await self.submit(adapter, request, **options))
+        self,
+        adapter: str,
+        request: Request | Mapping[str, Any],
+        *,
+        result: None = None,
+        max_reasks: int = ...,
+        **options: Any,
+    ) -> Reply: ...
+
+    @overload
+    async def call(
+        self,
+        adapter: str,
+        request: Request | Mapping[str, Any],
+        *,
+        result: type[T],
+        max_reasks: int = ...,
+        **options: Any,
+    ) -> T: ...
+
+    async def call(
+        self,
+        adapter: str,
+        request: Request | Mapping[str, Any],
+        *,
+        result: type[T] | None = None,
+        max_reasks: int = typed.DEFAULT_MAX_REASKS,
+        **options: Any,
+    ) -> Reply | T:
+        """Submit, wait, and return the reply; ``CommandFailed`` unless done.
+
+        With ``result=SomeAttrsClass`` the reply is an instance of it (see
+        flows/typed.py): a reply that does not fit is re-asked, each re-ask
+        its own command, at most ``max_reasks`` times, then ``ResultInvalid``."""
+        if not isinstance(request, Request):
+            request = Request.from_json(request)
+        if result is None:
+            return await self._reply(await self.submit(adapter, request, **options))
+
+        async def ask(asked: Request, detail: Any) -> tuple[str, Reply]:
+            command_id = await self.submit(adapter, asked, detail=detail, **options)
+            return command_id, await self._reply(command_id)
+
+        return await typed.ask_until_valid(result, request, max_reasks, ask)
+
+    async def _reply(self, command_id: str) -> Reply:
+        command = await self.wait(command_id)
         if command.state != DONE or command.reply is None:
             raise CommandFailed(command)
         return command.reply

@@ -30,14 +30,15 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import attrs
 import trio
 
 from adapters.base import Reply, Request
-from flows.records import Flow, FlowChange, FlowStep, new_id, storable
+from flows import checks, sampling, typed
+from flows.records import Command, Flow, FlowChange, FlowStep, new_id, storable
 from flows.snapshots import Snapshot
 from flows.states import (
     CANCEL,
@@ -71,11 +72,11 @@ from flows.store import (
 
 if TYPE_CHECKING:
     from flows.engine import Engine
-    from flows.records import Command
 
 log = logging.getLogger("dovecote.flows")
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -143,43 +144,134 @@ class FlowContext:
             )
         return self._step, recorded
 
+    @overload
     async def call(
         self,
         adapter: str,
         request: Request | Mapping[str, Any],
         *,
-        timeout: float | None = None,
-        max_attempts: int = 3,
-        handler: str | None = None,
-        handler_args: Any = None,
-        snapshot_id: str | None = None,
-    ) -> Reply:
-        """One model call as one step; its reply (recorded, after a crash)."""
+        result: None = None,
+        max_reasks: int = ...,
+        **options: Any,
+    ) -> Reply: ...
+
+    @overload
+    async def call(
+        self,
+        adapter: str,
+        request: Request | Mapping[str, Any],
+        *,
+        result: type[T],
+        max_reasks: int = ...,
+        **options: Any,
+    ) -> T: ...
+
+    async def call(
+        self,
+        adapter: str,
+        request: Request | Mapping[str, Any],
+        *,
+        result: type[T] | None = None,
+        max_reasks: int = typed.DEFAULT_MAX_REASKS,
+        **options: Any,
+    ) -> Reply | T:
+        """One model call as one step; its reply (recorded, after a crash).
+
+        Options are ``Engine.submit``'s: ``timeout``, ``max_attempts``,
+        ``handler``, ``handler_args``, ``snapshot_id``. With
+        ``result=SomeAttrsClass`` the reply is an instance of it, and each
+        re-ask of a reply that does not fit is a step of its own (see
+        flows/typed.py), so a resumed flow pays for none of them again."""
         if not isinstance(request, Request):
             request = Request.from_json(request)
-        step, recorded = self._next("call")
-        if recorded is None:
-            command_id = await self._runner.submit_step(
-                self.flow_id,
-                step,
-                adapter,
-                request,
-                timeout=timeout,
-                max_attempts=max_attempts,
-                handler=handler,
-                handler_args=handler_args,
-                snapshot_id=snapshot_id,
-            )
-        else:
-            assert recorded.command_id is not None
-            command_id = recorded.command_id
-            first = self._engine.store.get(command_id)
+        if result is None:
+            return (await self._call_step(adapter, request, None, options))[1]
+
+        async def ask(asked: Request, detail: Any) -> tuple[str, Reply]:
+            return await self._call_step(adapter, asked, detail, options)
+
+        return await typed.ask_until_valid(result, request, max_reasks, ask)
+
+    async def _call_step(
+        self, adapter: str, request: Request, detail: Any, options: Mapping[str, Any]
+    ) -> tuple[str, Reply]:
+        """The next step as a call: submitted now, or the recorded one."""
+        step, command_id = await self._submitted([(adapter, request, detail)], options)
+        return command_id[0], await self._runner.await_step(self.flow_id, step[0], command_id[0])
+
+    async def _submitted(
+        self, calls: Sequence[tuple[str, Request, Any]], options: Mapping[str, Any]
+    ) -> tuple[list[int], list[str]]:
+        """The next ``len(calls)`` steps as calls ``(adapter, request, submit
+        detail)``: those recorded (checked against the journal) and the
+        rest stored now, in one transaction, so that all are out at once.
+        (Some but not all are recorded in a fork that reuses part of a
+        sample.) Their steps and command ids."""
+        steps, ids, missing = [], [], []
+        for adapter, request, detail in calls:
+            step, found = self._next("call")
+            steps.append(step)
+            if found is None:
+                missing.append((step, (adapter, request, detail)))
+                ids.append("")
+                continue
+            assert found.command_id is not None
+            first = self._engine.store.get(found.command_id)
             if (first.adapter, first.request) != (adapter, request):
                 raise JournalMismatch(
                     f"step {step} called {first.adapter!r} with a different request when this "
                     "flow first ran: the script changed, so its recorded replies no longer fit"
                 )
-        return await self._runner.await_step(self.flow_id, step, command_id)
+            ids.append(found.command_id)
+        if missing:
+            fresh = iter(await self._runner.submit_steps(self.flow_id, missing, **options))
+            ids = [command_id or next(fresh) for command_id in ids]
+        return steps, ids
+
+    async def sample(
+        self,
+        adapter: str,
+        request: Request | Mapping[str, Any] | Sequence[Request | Mapping[str, Any]],
+        *,
+        n: int,
+        check: str,
+        pick: str = "best",
+        expected: Any = None,
+        **options: Any,
+    ) -> sampling.Sample:
+        """``n`` candidate replies judged by the check ``check``; the chosen
+        one (see flows/sampling.py). ``request`` is one request for every
+        candidate, or a list of ``n``, one each."""
+        requests = sampling.candidate_requests(request, n)
+        sampling.check_pick(pick)
+        # An unknown check name fails here, before anything is sent.
+        engine = self._engine if checks.needs_engine(check) else None
+        candidates: list[Command] = []
+        scores: list[checks.Score] = []
+        batches = [requests] if pick == "best" else [[r] for r in requests]
+        for batch in batches:
+            asked = [
+                (adapter, r, {"sample": {"check": check, "pick": pick, "candidate": i}})
+                for i, r in enumerate(batch, start=len(candidates))
+            ]
+            steps, ids = await self._submitted(asked, options)
+            done = await self._runner.await_commands(self.flow_id, steps, ids)
+            candidates.extend(done)
+            recorded = self._recorded.get(self._step + 1)
+            if recorded is not None and recorded.kind == "sample":
+                self._next("sample")
+                return sampling.from_record(self._engine.store, recorded.value)
+            judged = await sampling.judge_all(check, done, expected, engine)
+            scores.extend(judged)
+            if pick == "first" and judged[0].passed:
+                break
+        chosen = sampling.choose(pick, candidates, scores)
+        value = sampling.record(pick, check, candidates, scores, chosen)
+        step, _ = self._next("sample")
+        await self._runner.record(
+            FlowStep(self.flow_id, step, "sample", None, value, self._engine.now())
+        )
+        return sampling.from_record(self._engine.store, value)
 
     async def now(self) -> float:
         """Wall-clock time, the same on every run of this step."""
@@ -308,44 +400,95 @@ class FlowRunner:
 
     # --- steps ---------------------------------------------------------------
 
-    async def submit_step(
-        self, flow_id: str, step: int, adapter: str, request: Request, **options: Any
-    ) -> str:
-        """Store the step's command and move the flow to ``waiting``, in one
-        transaction."""
+    async def submit_steps(
+        self,
+        flow_id: str,
+        calls: Sequence[tuple[int, tuple[str, Request, Any]]],
+        **options: Any,
+    ) -> list[str]:
+        """Store the steps' commands ``(step, (adapter, request, submit
+        detail))`` and move the flow to ``waiting``, in one transaction;
+        their ids."""
         snapshot_id = options.pop("snapshot_id", None)
-        command = self.engine._new_command(
-            adapter,
-            request,
-            priority=options.pop("priority", 0),
-            expires_at=None,
-            flow_id=flow_id,
-            step=step,
-            snapshot_id=snapshot_id,
+        priority = options.pop("priority", 0)
+        options = {
+            "timeout": None,
+            "max_attempts": 3,
+            "handler": None,
+            "handler_args": None,
             **options,
-        )
-        await self.wait_on(self.get(flow_id), command, {"step": step})
-        return command.id
+        }
+        commands = [
+            self.engine._new_command(
+                adapter,
+                request,
+                priority=priority,
+                expires_at=None,
+                flow_id=flow_id,
+                step=step,
+                snapshot_id=snapshot_id,
+                **options,
+            )
+            for step, (adapter, request, _) in calls
+        ]
+        steps = [step for step, _ in calls]
+        detail = {"step": steps[0]} if len(steps) == 1 else {"steps": steps}
+        details = [submit_detail for _, (_, _, submit_detail) in calls]
+        await self.wait_on(self.get(flow_id), commands, detail, submit_details=details)
+        return [command.id for command in commands]
 
-    async def wait_on(self, flow: Flow, command: Command, detail: Any, **changes: Any) -> None:
-        """Move ``flow`` to ``waiting`` and store its step's ``command``, in
-        one transaction: a crash never leaves one without the other."""
-        assert command.step is not None
+    async def wait_on(
+        self,
+        flow: Flow,
+        commands: Command | Sequence[Command],
+        detail: Any,
+        *,
+        submit_details: Sequence[Any] = (),
+        **changes: Any,
+    ) -> None:
+        """Move ``flow`` to ``waiting`` and store its steps' ``commands``
+        (each journaled with its ``submit_details``, if any), in one
+        transaction: a crash never leaves one without the other."""
+        if isinstance(commands, Command):
+            commands = [commands]
+        details = list(submit_details) or [None] * len(commands)
+        assert commands and all(c.step is not None for c in commands)
         moved = attrs.evolve(
             flow,
             state=next_state(flow.state, WAIT, table=FLOW_TRANSITIONS, what="flow"),
-            step=command.step,
+            step=max(c.step or 0 for c in commands),
             updated_at=self.engine.now(),
             **changes,
         )
         # Together or not at all: a flow cancelled meanwhile refuses the
         # move, and then its step's command must not be stored either.
         results = await self.engine._committer.commit_together(
-            [MoveFlow(flow, moved, WAIT, detail), Insert(command)]
+            [MoveFlow(flow, moved, WAIT, detail)]
+            + [Insert(c, detail=d) for c, d in zip(commands, details, strict=True)]
         )
         self._published(moved, results[0])
-        self.engine._committed(command, results[1])
+        for command, event in zip(commands, results[1:], strict=True):
+            self.engine._committed(command, event)
         self.engine._dispatch_wanted.set()
+
+    async def await_commands(
+        self, flow_id: str, steps: Sequence[int], command_ids: Sequence[str]
+    ) -> list[Command]:
+        """The steps' commands once every one is terminal, and the flow
+        ``running`` again. Unlike ``await_step``, a dead one does not stall
+        the flow: a sampler scores it as a failed candidate."""
+        done: list[Command | None] = [None] * len(command_ids)
+
+        async def one(index: int, command_id: str) -> None:
+            done[index] = await self.engine.wait(command_id)
+
+        async with trio.open_nursery() as nursery:
+            for index, command_id in enumerate(command_ids):
+                nursery.start_soon(one, index, command_id)
+        flow = self.get(flow_id)
+        if flow.state == WAITING:
+            await self.move(flow, RESUME, {"steps": list(steps)})
+        return [command for command in done if command is not None]
 
     async def await_step(self, flow_id: str, step: int, command_id: str) -> Reply:
         """The reply of step ``step``, following replays of its command:

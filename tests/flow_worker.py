@@ -1,6 +1,8 @@
 """A process running a three-step scripted flow, for the crash tests.
 
     python -m tests.flow_worker --db PATH start     # start it, print its id
+    python -m tests.flow_worker --db PATH start-sample   # the sampler and typed-call flow
+    python -m tests.flow_worker --db PATH start-slow-sample   # its candidates take 2 s
     python -m tests.flow_worker --db PATH resume    # resume whatever is unfinished
 
 The flow sleeps (a journaled ``ctx.sleep``) after step 1 and prints
@@ -14,6 +16,7 @@ import argparse
 import json
 import os
 
+import attrs
 import trio
 
 import flows
@@ -35,11 +38,31 @@ async def three_steps(ctx: flows.FlowContext, topic: str) -> dict[str, object]:
     return {"steps": [first.text, second.text, third.text], "picked": picked}
 
 
+@flows.flow("sample-then-typed")
+async def sample_then_typed(ctx: flows.FlowContext, delay: float = 0) -> dict[str, object]:
+    candidates = [say(f"#delay {delay}\n#reply\n{text}") for text in ("", "a goose", "")]
+    best = await ctx.sample("scripted", candidates, n=3, check="nonempty", pick="best")
+    print("after sample", flush=True)
+    await ctx.sleep(1.0)
+    answer = json.dumps({"index": best.chosen})
+    picked = await ctx.call("scripted", say(f"#replies\nnot json\n{answer}"), result=Pick)
+    return {"chosen": best.chosen, "text": best.text, "typed": picked.index}
+
+
+@attrs.frozen
+class Pick:
+    index: int
+
+
 async def main(args: argparse.Namespace) -> None:
     scripted = ScriptedAdapter(call_log=os.environ.get("DOVECOTE_SCRIPTED_LOG"))
     async with flows.open_engine(args.db, adapters=[scripted], poll_interval=0.05) as engine:
         if args.action == "start":
             flow_id = await engine.start_flow("three-steps", topic="geese")
+            print(f"started {flow_id}", flush=True)
+        elif args.action in ("start-sample", "start-slow-sample"):
+            delay = 2.0 if args.action == "start-slow-sample" else 0.0
+            flow_id = await engine.start_flow("sample-then-typed", delay=delay)
             print(f"started {flow_id}", flush=True)
         else:
             [flow] = engine.list_flows()
@@ -51,5 +74,5 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--db", required=True)
-    parser.add_argument("action", choices=["start", "resume"])
+    parser.add_argument("action", choices=["start", "start-sample", "start-slow-sample", "resume"])
     trio.run(main, parser.parse_args())

@@ -126,6 +126,46 @@ async def test_reply_is_the_rest_verbatim(text: str, expected: str) -> None:
     assert await reply_text(text) == expected
 
 
+# --- #replies --------------------------------------------------------------------
+
+
+def conversation(first: str, turns: int) -> Request:
+    messages = [{"role": "user", "content": first}]
+    for turn in range(turns):
+        messages += [
+            {"role": "assistant", "content": f"answer {turn}"},
+            {"role": "user", "content": f"#reply\nnot this: {turn}"},
+        ]
+    return Request.from_json({"messages": messages})
+
+
+@pytest.mark.parametrize(
+    ("turns", "expected"), [(0, "one"), (1, "two teh"), (2, "three"), (5, "three")]
+)
+async def test_replies_in_the_first_message_answer_each_turn_in_order(
+    turns: int, expected: str
+) -> None:
+    script = "#replies\none\ntwo teh\nthree"
+    reply = await ScriptedAdapter().send(conversation(script, turns), context())
+    assert reply.text == expected
+
+
+async def test_replies_combine_with_other_directives_and_only_lead_as_a_directive(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    start = trio.current_time()
+    assert await reply_text("#delay 2\n#replies\nfirst\nsecond") == "first"
+    assert trio.current_time() - start == pytest.approx(2)
+    assert await reply_text("#replies") == ""
+    delayed = await ScriptedAdapter().send(conversation("#delay 1\n#replies\na\nb", 1), context())
+    assert delayed.text == "b"
+    # Not a directive at the first message's head: the last user message
+    # steers, as always.
+    for text in ("#repliesX\na", "#delay x\n#replies\na", "hi\n#replies\na"):
+        reply = await ScriptedAdapter().send(conversation(text, 1), context())
+        assert reply.text == "not this: 0"
+
+
 # --- directives together, and what is not a directive ------------------------------
 
 
