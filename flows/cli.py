@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from adapters import config
@@ -48,16 +49,25 @@ def _adapters(args: argparse.Namespace) -> list[Adapter]:
     found = config.load_config(args.config)
     adapters: list[Adapter] = list(config.build_adapters(found))
     for provider in found.providers:
+        own: Adapter
         if provider.kind == "scripted":
-            adapters.append(
-                ScriptedAdapter(
-                    provider.name,
-                    max_in_flight=provider.settings.max_in_flight,
-                    on_interrupt=provider.settings.on_interrupt,
-                )
+            own = ScriptedAdapter(
+                provider.name,
+                max_in_flight=provider.settings.max_in_flight,
+                on_interrupt=provider.settings.on_interrupt,
             )
         elif provider.kind == "human":
-            adapters.append(HumanAdapter(provider.name, timeout=provider.settings.timeout))
+            own = HumanAdapter(provider.name, timeout=provider.settings.timeout)
+        else:
+            continue
+        own.settings = attrs.evolve(
+            own.settings,
+            price=provider.settings.price,
+            cache=provider.settings.cache,
+            cache_ttl=provider.settings.cache_ttl,
+            budget_per_day=provider.settings.budget_per_day,
+        )
+        adapters.append(own)
     return adapters
 
 

@@ -62,6 +62,7 @@ from adapters.base import (
     SendContext,
 )
 from adapters.scripted import ScriptedAdapter
+from flows import cache as flows_cache
 from flows import handlers as handler_registry
 from flows.commit import Committer
 from flows.errors import CommandFailed, EngineClosing, StoreError
@@ -107,8 +108,10 @@ from flows.states import (
     next_state,
 )
 from flows.store import (
+    AddCacheEntry,
     AddLateReply,
     Chain,
+    CountCacheHit,
     Insert,
     Move,
     Operation,
@@ -263,13 +266,18 @@ class Engine:
         flow_id: str | None = None,
         step: int | None = None,
         snapshot: Snapshot | None = None,
+        cache: bool | str | None = None,
     ) -> str:
         """Put a call in the pending table and return its id at once.
 
         ``snapshot``, the region a reply will be merged into, is stored in
-        the same transaction. Everything is validated before anything is
-        stored: a bad argument raises ``ValueError`` (or ``TypeError``) and
-        changes nothing."""
+        the same transaction. ``cache``: ``True`` to reuse the reply of an
+        identical earlier call (not when sampling, ``temperature > 0``),
+        ``"always"`` even then, ``False`` never, ``None`` as the adapter's
+        ``cache`` setting says (flows.cache). Everything is validated before
+        anything is stored: a bad argument raises ``ValueError`` (or
+        ``TypeError``) and changes nothing."""
+        flows_cache.check_option(cache)
         command = self._new_command(
             adapter,
             request,
@@ -284,9 +292,47 @@ class Engine:
             snapshot_id=snapshot.id if snapshot else None,
         )
         storable(snapshot, "the snapshot")
-        (event,) = await self._committer.commit_all([Insert(command, snapshot=snapshot)])
-        self._submitted([command], [event])
+        await self.insert_cached(cache, [Insert(command, snapshot=snapshot)])
         return command.id
+
+    async def insert_cached(
+        self, cache: bool | str | None, operations: Sequence[Operation]
+    ) -> builtins.list[Any]:
+        """Commit ``operations``, the last of which inserts a command, with
+        what the cache makes of it: an entry under its key (a miss), or its
+        resolution from an earlier command's reply (a hit: ``pending ->
+        replied`` at cost 0, the source's id in the journal, and its handler
+        run as for any reply). No cache wanted: the operations alone."""
+        insert = operations[-1]
+        assert isinstance(insert, Insert)
+        command = insert.command
+        adapter = self.adapters[command.adapter]
+        extra: builtins.list[Operation] = []
+        resolved: Command | None = None
+        if flows_cache.wanted(cache, adapter.settings, command.request):
+            key = flows_cache.key(adapter, command.request)
+            now = self.now()
+            source = self.store.cached(key, now - adapter.settings.cache_ttl)
+            if source is None:
+                extra.append(AddCacheEntry(key, command.adapter, command.id, now))
+            else:
+                assert source.reply is not None
+                resolved = command.evolve(
+                    state=REPLIED,
+                    reply=source.reply,
+                    replied_at=now,
+                    cost=0.0,
+                    owner=self.owner,
+                    lease_until=now + self._lease,
+                )
+                extra.append(Move(command, resolved, RESOLVE, now, {"cached_from": source.id}))
+                extra.append(CountCacheHit(source.id, now))
+        results = await self._committer.commit_together([*operations, *extra])
+        self._submitted([command], [results[len(operations) - 1]])
+        if resolved is not None:
+            self._committed(resolved, results[len(operations)])
+            self.spawn(self._complete, resolved)
+        return results
 
     async def submit_many(
         self,

@@ -37,6 +37,7 @@ import attrs
 import trio
 
 from adapters.base import Reply, Request
+from flows.cache import check_option as check_cache_option
 from flows.records import Flow, FlowChange, FlowStep, new_id, storable
 from flows.snapshots import Snapshot
 from flows.states import (
@@ -153,8 +154,10 @@ class FlowContext:
         handler: str | None = None,
         handler_args: Any = None,
         snapshot_id: str | None = None,
+        cache: bool | str | None = None,
     ) -> Reply:
-        """One model call as one step; its reply (recorded, after a crash)."""
+        """One model call as one step; its reply (recorded, after a crash).
+        ``cache`` as for ``Engine.submit``."""
         if not isinstance(request, Request):
             request = Request.from_json(request)
         step, recorded = self._next("call")
@@ -169,6 +172,7 @@ class FlowContext:
                 handler=handler,
                 handler_args=handler_args,
                 snapshot_id=snapshot_id,
+                cache=cache,
             )
         else:
             assert recorded.command_id is not None
@@ -314,6 +318,8 @@ class FlowRunner:
         """Store the step's command and move the flow to ``waiting``, in one
         transaction."""
         snapshot_id = options.pop("snapshot_id", None)
+        cache = options.pop("cache", None)
+        check_cache_option(cache)
         command = self.engine._new_command(
             adapter,
             request,
@@ -324,12 +330,21 @@ class FlowRunner:
             snapshot_id=snapshot_id,
             **options,
         )
-        await self.wait_on(self.get(flow_id), command, {"step": step})
+        await self.wait_on(self.get(flow_id), command, {"step": step}, cache=cache)
         return command.id
 
-    async def wait_on(self, flow: Flow, command: Command, detail: Any, **changes: Any) -> None:
+    async def wait_on(
+        self,
+        flow: Flow,
+        command: Command,
+        detail: Any,
+        cache: bool | str | None = None,
+        **changes: Any,
+    ) -> None:
         """Move ``flow`` to ``waiting`` and store its step's ``command``, in
-        one transaction: a crash never leaves one without the other."""
+        one transaction: a crash never leaves one without the other. A
+        cached call's entry, or its resolution from the cache, is in that
+        transaction too."""
         assert command.step is not None
         moved = attrs.evolve(
             flow,
@@ -340,12 +355,10 @@ class FlowRunner:
         )
         # Together or not at all: a flow cancelled meanwhile refuses the
         # move, and then its step's command must not be stored either.
-        results = await self.engine._committer.commit_together(
-            [MoveFlow(flow, moved, WAIT, detail), Insert(command)]
+        results = await self.engine.insert_cached(
+            cache, [MoveFlow(flow, moved, WAIT, detail), Insert(command)]
         )
         self._published(moved, results[0])
-        self.engine._committed(command, results[1])
-        self.engine._dispatch_wanted.set()
 
     async def await_step(self, flow_id: str, step: int, command_id: str) -> Reply:
         """The reply of step ``step``, following replays of its command:
