@@ -416,9 +416,10 @@ class Server:
         timeout = p.number("timeout", optional=True)
         max_attempts = p.integer("maxAttempts", optional=True, minimum=1)
         policy = p.choice("onConflict", POLICIES, default="drop")
+        cache = p.cache()
         snapshot = self._snapshot(p.section("target", optional=True))
         p.ready()
-        options: dict[str, Any] = {"priority": PRIORITY_INTERACTIVE}
+        options: dict[str, Any] = {"priority": PRIORITY_INTERACTIVE, "cache": cache}
         if timeout is not None:
             options["timeout"] = timeout
         if max_attempts is not None:

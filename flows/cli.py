@@ -268,6 +268,42 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """``cache stats`` looks (a read-only file will do); ``cache clear``
+    forgets entries, never the commands they point to."""
+    if args.action == "clear":
+        older = None if args.older_than is None else time.time() - args.older_than
+        with _closing(Store.existing(args.db)) as store:
+            count = store.clear_cache(args.adapter, older)
+        if args.json:
+            _print_json({"cleared": count})
+        else:
+            print(f"cleared {count} cache entr{'y' if count == 1 else 'ies'}")
+        return 0
+    with _closing(_open_store(args)) as store:
+        rows = store.cache_stats()
+    if args.json:
+        _print_json({"adapters": rows})
+        return 0
+    print(
+        table(
+            ("adapter", "entries", "served", "hits", "bytes", "oldest"),
+            [
+                [
+                    r["adapter"],
+                    r["entries"],
+                    r["served"],
+                    r["hits"],
+                    r["bytes"],
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["oldest"])),
+                ]
+                for r in rows
+            ],
+        )
+    )
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     with _closing(Store.existing(args.db)) as store:
         count = store.prune(time.time() - args.older_than)
@@ -530,6 +566,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("export", cmd_export, "every command with its journal, one JSON object a line")
     p.add_argument("--state", action="append", help="only these states (repeatable)")
+
+    p = add("cache", cmd_cache, "the response cache: stats, or clear entries")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("stats", parents=[common], help="entries, hits and bytes by adapter")
+    a = actions.add_parser("clear", parents=[common], help="forget entries (the calls stay)")
+    a.add_argument("--adapter", default=None, help="only this adapter's entries")
+    a.add_argument("--older-than", type=duration, default=None, help="only older ones: 30d, 12h")
 
     p = add("prune", cmd_prune, "delete finished commands older than an age")
     p.add_argument("--older-than", type=duration, required=True, help="e.g. 30d, 12h")

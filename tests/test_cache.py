@@ -14,6 +14,8 @@ import flows
 from adapters.base import Price
 from adapters.scripted import ScriptedAdapter
 from tests.conftest import ask
+from tests.editor import RemoteError, served
+from tests.test_cli import Workspace
 from tests.test_providers_e2e import OPENAI, Server, ok
 
 
@@ -210,3 +212,56 @@ async def test_a_reply_of_one_model_or_server_is_not_served_for_another(db_path:
             # Another name for the same model at the same address shares entries.
             await engine.call("alias", request, cache=True)
             assert (len(one.requests), len(two.requests)) == (2, 1)
+
+
+# --- dovecote cache stats | clear, and command/submit over a real server --------------------
+
+
+def test_cache_stats_and_clear(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    for _ in range(3):  # one after another: calls in flight at once all miss
+        ws.calls(("teh", {"cache": True}))
+    ws.calls(("other", {"cache": True}), ("uncached", {}))
+    [row] = ws.json("cache", "stats")["adapters"]
+    assert (row["adapter"], row["entries"], row["served"], row["hits"]) == ("scripted", 2, 2, 2)
+    assert row["bytes"] > 0 and row["oldest"] > 0
+    shown = ws.ok("cache", "stats")
+    assert "scripted" in shown and "hits" in shown
+    assert ws.json("cache", "clear", "--adapter", "elsewhere") == {"cleared": 0}
+    assert ws.json("cache", "clear", "--older-than", "1d") == {"cleared": 0}
+    assert ws.ok("cache", "clear") == "cleared 2 cache entries\n"
+    assert ws.json("cache", "stats") == {"adapters": []}
+    # Cleared: the next call is a miss, and the commands are all still there.
+    ws.calls(("teh", {"cache": True}))
+    assert len(ws.export()) == 6
+    [row] = ws.json("cache", "stats")["adapters"]
+    assert (row["entries"], row["hits"]) == (1, 0)
+    refused = ws.run("cache", "clear", "--older-than", "soon")
+    assert refused.returncode == 2 and "duration" in refused.stderr
+
+
+async def test_command_submit_with_cache_over_a_real_serve(db_path: Path) -> None:
+    request = {"messages": [{"role": "user", "content": "teh bridge"}]}
+    async with served(db_path) as (editor, _):
+        await editor.initialize()
+        ids = []
+        for _ in range(2):
+            result = await editor.request(
+                "command/submit", {"adapter": "scripted", "request": request, "cache": True}
+            )
+            ids.append(result["commandId"])
+            assert (await editor.wait_state(ids[-1]))["state"] == "done"
+        shown = await editor.request("command/show", {"commandId": ids[1]})
+        assert [e["event"] for e in shown["events"]] == ["submit", "resolve", "finish"]
+        # The journal's details are the core's own JSON, as for replay_of.
+        assert shown["events"][1]["detail"] == {"cached_from": ids[0]}
+        assert shown["command"]["cost"] == 0.0
+        for bad in ("yes", 1, [], {"on": True}):
+            with pytest.raises(RemoteError) as caught:
+                await editor.request(
+                    "command/submit", {"adapter": "scripted", "request": request, "cache": bad}
+                )
+            assert caught.value.code == -32602, bad
+            assert "cache must be" in str(caught.value)
+        listed = await editor.request("command/list", {})
+    assert len(listed["commands"]) == 2  # nothing stored for the refused ones
