@@ -540,6 +540,7 @@ class Server:
         if not isinstance(params, dict):
             raise RpcError(INVALID_PARAMS, "flow/start: params must be an object")
         policy = p.choice("onConflict", POLICIES, default="drop")
+        budget = p.number("budget", optional=True)
         snapshot = self._snapshot(p.section("target", optional=True))
         p.ready()
         if snapshot is not None:
@@ -549,7 +550,9 @@ class Server:
                 "target": {"snapshot": snapshot.id, "policy": policy},
             }
         try:
-            flow_id = await self.engine._flows.start(name, params, snapshot=snapshot)
+            flow_id = await self.engine._flows.start(
+                name, params, snapshot=snapshot, budget=budget
+            )
         except BaseException:
             if snapshot is not None:
                 self.mirror.untrack(snapshot.uri, snapshot.id)

@@ -26,6 +26,7 @@ from adapters import config
 from adapters.base import Adapter
 from adapters.human import HumanAdapter
 from adapters.scripted import ScriptedAdapter
+from flows import budget
 from flows.engine import default_db_path, open_engine
 from flows.errors import IllegalTransition, StoreError, UnknownCommand
 from flows.render import COMMAND_HEADERS, command_rows, show, table
@@ -210,6 +211,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
     with _closing(_open_store(args)) as store:
         counts = store.counts()
         usage = {by: store.usage_totals(by) for by in ("adapter", "flow", "day")}
+        today = budget.day_start(time.time())
+        budgets = {
+            "adapters": [
+                {
+                    "adapter": p.name,
+                    "budget_per_day": p.settings.budget_per_day,
+                    "spent_today": store.spent(p.name, today),
+                }
+                for p in config.load_config(args.config).providers
+                if p.settings.budget_per_day is not None
+            ],
+            "flows": store.flow_budgets(),
+        }
         if args.json:
             _print_json(
                 {
@@ -218,6 +232,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                         for (a, s), n in sorted(counts.items())
                     ],
                     "usage": usage,
+                    "budgets": budgets,
                 }
             )
             return 0
@@ -255,6 +270,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
                     ],
                 )
             )
+        spend = [
+            [
+                "adapter " + r["adapter"] + " today",
+                f"{r['spent_today']:.4f} / {r['budget_per_day']:.4f}",
+            ]
+            for r in budgets["adapters"]
+        ] + [
+            [f"flow {r['flow']} ({r['name']})", f"{r['spent']:.4f} / {r['budget']:.4f}"]
+            for r in budgets["flows"]
+        ]
+        if spend:
+            print("\nspend against budget")
+            print(table(("budget of", "spent / budget"), spend))
     return 0
 
 
@@ -562,7 +590,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("name")
     a.add_argument("--file", default=None, help="the file defining the flow")
 
-    add("stats", cmd_stats, "counts by state; tokens and cost by adapter, flow and day")
+    add(
+        "stats",
+        cmd_stats,
+        "counts by state; tokens and cost by adapter, flow and day; spend against budgets",
+    )
 
     p = add("export", cmd_export, "every command with its journal, one JSON object a line")
     p.add_argument("--state", action="append", help="only these states (repeatable)")

@@ -62,6 +62,7 @@ from adapters.base import (
     SendContext,
 )
 from adapters.scripted import ScriptedAdapter
+from flows import budget
 from flows import cache as flows_cache
 from flows import handlers as handler_registry
 from flows.commit import Committer
@@ -90,6 +91,7 @@ from flows.states import (
     FAIL,
     FINISH,
     PENDING,
+    REASON_BUDGET,
     REASON_CANCELLED_BY_USER,
     REASON_ERROR,
     REASON_EXPIRED,
@@ -97,6 +99,7 @@ from flows.states import (
     REASON_INTERRUPTED,
     REASON_RETRIES_EXHAUSTED,
     REASON_TIMEOUT,
+    REFUSE,
     REPLIED,
     REPLY,
     RESOLVE,
@@ -239,6 +242,8 @@ class Engine:
         self._waiters: dict[str, _Waiter] = {}
         self._subscribers: builtins.list[trio.MemorySendChannel[Notice]] = []
         self._flows = FlowRunner(self)
+        # Each flow's budget, once read: it never changes.
+        self._flow_budgets: dict[str, float | None] = {}
 
     # --- clock ---------------------------------------------------------------
 
@@ -515,9 +520,10 @@ class Engine:
 
     # --- flows ---------------------------------------------------------------
 
-    async def start_flow(self, name: str, /, **params: Any) -> str:
-        """Start the registered flow ``name`` with ``params``; its id."""
-        return await self._flows.start(name, params)
+    async def start_flow(self, name: str, /, *, budget: float | None = None, **params: Any) -> str:
+        """Start the registered flow ``name`` with ``params``; its id.
+        ``budget`` bounds what its calls may cost together (flows.budget)."""
+        return await self._flows.start(name, params, budget=budget)
 
     async def wait_flow(self, flow_id: str) -> Any:
         """The flow's result once it completes; ``FlowFailed`` if it failed
@@ -798,6 +804,7 @@ class Engine:
                 if c.id not in self._claiming
             ]
             more = more or len(ready) == room
+            ready = await self._within_budget(adapter, ready)
             limit = self._limits.get(name)
             if limit is not None:
                 ready, more = self._within_limit(limit, ready, more)
@@ -844,6 +851,57 @@ class Engine:
                 )
                 self.spawn(self._send, adapter, command, scope)
         return more
+
+    async def _within_budget(
+        self, adapter: Adapter, ready: builtins.list[Command]
+    ) -> builtins.list[Command]:
+        """The commands of ``ready`` that no budget refuses; the others are
+        dead-lettered with reason ``budget`` (flows.budget)."""
+        daily = adapter.settings.budget_per_day
+        flow_budgets = {}
+        for flow_id in {c.flow_id for c in ready if c.flow_id is not None}:
+            if flow_id not in self._flow_budgets:
+                flow = self.store.find_flow(flow_id)
+                self._flow_budgets[flow_id] = flow.budget if flow else None
+            if self._flow_budgets[flow_id] is not None:
+                flow_budgets[flow_id] = self._flow_budgets[flow_id]
+        if daily is None and not flow_budgets:
+            return ready
+        name = adapter.settings.name
+        now = self.now()
+        today = self.store.spent(name, budget.day_start(now)) if daily is not None else 0.0
+        spent = {flow_id: self.store.flow_spent(flow_id) for flow_id in flow_budgets}
+        admitted: builtins.list[Command] = []
+        refused: builtins.list[tuple[Command, str, dict[str, Any]]] = []
+        why: dict[str, Any] = {}
+        for command in ready:
+            estimate = budget.estimate(command.request, adapter.settings.price)
+            ceiling = flow_budgets.get(command.flow_id or "")
+            if daily is not None and today + estimate > daily:
+                why[command.id] = {"budget": daily, "per": "day", "spent": today}
+            elif ceiling is not None and spent[command.flow_id or ""] + estimate > ceiling:
+                why[command.id] = {
+                    "budget": ceiling,
+                    "per": "flow",
+                    "spent": spent[command.flow_id or ""],
+                }
+            else:
+                admitted.append(command)
+                today += estimate
+                if ceiling is not None:
+                    spent[command.flow_id or ""] += estimate
+                continue
+            why[command.id]["estimate"] = estimate
+            changes = {
+                "reason": REASON_BUDGET,
+                "finished_at": now,
+                "owner": None,
+                "lease_until": None,
+            }
+            refused.append((command, REFUSE, changes))
+        if refused:
+            await self._move_many(refused, detail=lambda c: why[c.id])
+        return admitted
 
     def _within_limit(
         self, limit: RateLimit, ready: builtins.list[Command], more: bool

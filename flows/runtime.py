@@ -241,7 +241,14 @@ class FlowRunner:
         snapshot: Snapshot | None = None,
         forked_from: str | None = None,
         reuse_before: int | None = None,
+        budget: float | None = None,
     ) -> str:
+        if budget is not None and (
+            isinstance(budget, bool)
+            or not isinstance(budget, int | float)
+            or not 0 <= budget < float("inf")
+        ):
+            raise ValueError(f"a flow's budget must be a number, 0 or more, not {budget!r}")
         definition = REGISTRY.get(name)
         if definition is None:
             known = ", ".join(sorted(REGISTRY)) or "none"
@@ -264,6 +271,7 @@ class FlowRunner:
             params=params,
             vars={} if not scripted else None,
             forked_from=forked_from,
+            budget=None if budget is None else float(budget),
             owner=self.engine.owner if scripted else None,
             lease_until=now + self.engine._lease if scripted else None,
         )

@@ -1433,6 +1433,15 @@ class Store:
         ).fetchone()
         return float(row[0])
 
+    def flow_budgets(self) -> builtins.list[dict[str, Any]]:
+        """Every flow with a budget, and what its commands have cost."""
+        rows = self._conn.execute(
+            "SELECT flows.id AS flow, flows.name AS name, flows.budget AS budget, "
+            "(SELECT coalesce(sum(cost), 0.0) FROM commands WHERE flow_id = flows.id) AS spent "
+            "FROM flows WHERE budget IS NOT NULL ORDER BY flows.id"
+        )
+        return [dict(r) for r in rows]
+
     def flow_spent(self, flow_id: str) -> float:
         """The recorded cost of a flow's commands."""
         row = self._conn.execute(
