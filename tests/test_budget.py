@@ -14,6 +14,7 @@ from adapters.base import Price
 from adapters.scripted import ScriptedAdapter
 from flows.budget import estimate
 from tests.conftest import ask
+from tests.editor import RemoteError, served
 from tests.test_cli import Workspace
 from tests.test_providers_e2e import CHAT_COST, OPENAI, Server, ok
 
@@ -147,3 +148,41 @@ def test_stats_show_spend_against_budgets(tmp_path: Path) -> None:
     ]
     shown = ws.ok("stats", "--config", config)
     assert "2.0000 / 2.5000" in shown and "0.0000 / 10.0000" in shown
+
+
+async def test_flow_start_with_a_budget_over_a_real_serve(db_path: Path, tmp_path: Path) -> None:
+    config = tmp_path / "dovecote.toml"
+    config.write_text(
+        '[adapters.scripted]\nkind = "scripted"\n'
+        "price_per_mtok = { input = 1000000, output = 1000000 }\n"
+    )
+    async with served(db_path, "--config", str(config)) as (editor, _):
+        await editor.initialize()
+        for bad in ("lots", -1, 0, True, [1]):
+            with pytest.raises(RemoteError) as caught:
+                await editor.request(
+                    "flow/start", {"flow": "corrections", "params": {"text": "x"}, "budget": bad}
+                )
+            assert caught.value.code == -32602 and "budget" in caught.value.message, bad
+        # The corrections flow allows 64 + 2 * len(text) tokens: an estimate of
+        # about 70 dollars here, far past a budget of 10.
+        started = await editor.request(
+            "flow/start", {"flow": "corrections", "params": {"text": "teh"}, "budget": 10}
+        )
+        flow_id = started["flowId"]
+        await editor.wait_for(
+            lambda m: (
+                m["method"] == "flow/state"
+                and m["params"]["flowId"] == flow_id
+                and m["params"]["state"] == "stalled"
+            )
+        )
+        shown = await editor.request("flow/show", {"flowId": flow_id})
+        assert shown["budget"] == 10.0
+        [step] = shown["steps"]
+        command = await editor.request("command/show", {"commandId": step["commandId"]})
+        assert command["command"]["reason"] == "budget"
+        assert command["command"]["sentAt"] is None
+        assert [e["event"] for e in command["events"]] == ["submit", "refuse"]
+        listed = await editor.request("flow/list", {})
+    assert len(listed["flows"]) == 1  # the refused starts stored nothing

@@ -265,3 +265,29 @@ async def test_command_submit_with_cache_over_a_real_serve(db_path: Path) -> Non
             assert "cache must be" in str(caught.value)
         listed = await editor.request("command/list", {})
     assert len(listed["commands"]) == 2  # nothing stored for the refused ones
+
+
+async def test_an_adapter_configured_to_cache_over_a_real_serve(
+    db_path: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "dovecote.toml"
+    config.write_text('[adapters.scripted]\nkind = "scripted"\ncache = true\ncache_ttl = 3600\n')
+    request = {"messages": [{"role": "user", "content": "teh config"}]}
+    async with served(db_path, "--config", str(config)) as (editor, _):
+        await editor.initialize()
+        ids = []
+        for cache in (None, None, False):
+            params: dict[str, Any] = {"adapter": "scripted", "request": request}
+            if cache is not None:
+                params["cache"] = cache
+            ids.append((await editor.request("command/submit", params))["commandId"])
+            assert (await editor.wait_state(ids[-1]))["state"] == "done"
+        events = [
+            [e["event"] for e in (await editor.request("command/show", {"commandId": i}))["events"]]
+            for i in ids
+        ]
+    assert events == [
+        ["submit", "dispatch", "reply", "finish"],
+        ["submit", "resolve", "finish"],
+        ["submit", "dispatch", "reply", "finish"],  # the call said no
+    ]
