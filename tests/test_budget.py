@@ -170,13 +170,7 @@ async def test_flow_start_with_a_budget_over_a_real_serve(db_path: Path, tmp_pat
             "flow/start", {"flow": "corrections", "params": {"text": "teh"}, "budget": 10}
         )
         flow_id = started["flowId"]
-        await editor.wait_for(
-            lambda m: (
-                m["method"] == "flow/state"
-                and m["params"]["flowId"] == flow_id
-                and m["params"]["state"] == "stalled"
-            )
-        )
+        await editor.wait_flow_state(flow_id, "stalled")
         shown = await editor.request("flow/show", {"flowId": flow_id})
         assert shown["budget"] == 10.0
         [step] = shown["steps"]

@@ -48,12 +48,18 @@ def _pending(content: str, snapshot_id: str | None = None) -> Command:
     )
 
 
-def test_a_schema_2_file_is_upgraded_and_keeps_its_commands(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
+def _one_command(path: Path) -> Command:
+    """A new file at ``path`` with one pending command in it."""
     store = Store(path)
     command = _pending("keep me")
     store.commit_one(Insert(command))
     store.close()
+    return command
+
+
+def test_a_schema_2_file_is_upgraded_and_keeps_its_commands(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    command = _one_command(path)
     # Turn the file back into what schema 2 wrote: full indexes, version 2.
     conn = sqlite3.connect(path, isolation_level=None)
     for index, (table, column) in PARTIAL.items():
@@ -128,10 +134,7 @@ def test_opening_retries_a_file_another_process_holds_for_a_moment(
 
 def test_a_schema_4_file_gains_the_cache_and_flow_budgets(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
-    store = Store(path)
-    command = _pending("keep me")
-    store.commit_one(Insert(command))
-    store.close()
+    command = _one_command(path)
     conn = sqlite3.connect(path, isolation_level=None)
     _undo_v5(conn)
     conn.execute("PRAGMA user_version = 4")
