@@ -550,9 +550,7 @@ class Server:
                 "target": {"snapshot": snapshot.id, "policy": policy},
             }
         try:
-            flow_id = await self.engine._flows.start(
-                name, params, snapshot=snapshot, budget=budget
-            )
+            flow_id = await self.engine._flows.start(name, params, snapshot=snapshot, budget=budget)
         except BaseException:
             if snapshot is not None:
                 self.mirror.untrack(snapshot.uri, snapshot.id)
