@@ -207,6 +207,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configured(args: argparse.Namespace) -> tuple[config.ProviderConfig, ...]:
+    """The configured adapters, for a command that only looks: a file it
+    cannot read (another user's home) costs it the adapters' budgets, said
+    on stderr, not the rest of its answer."""
+    try:
+        return config.load_config(args.config).providers
+    except config.ConfigError as exc:
+        print(f"dovecote: adapter budgets not shown: {exc}", file=sys.stderr)
+        return ()
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     with _closing(_open_store(args)) as store:
         counts = store.counts()
@@ -219,7 +230,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                     "budget_per_day": p.settings.budget_per_day,
                     "spent_today": store.spent(p.name, today),
                 }
-                for p in config.load_config(args.config).providers
+                for p in _configured(args)
                 if p.settings.budget_per_day is not None
             ],
             "flows": store.flow_budgets(),

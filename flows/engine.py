@@ -564,12 +564,13 @@ class Engine:
 
     async def fork_flow(self, flow_id: str, from_step: int) -> str:
         """A new flow like ``flow_id`` that reuses its steps before
-        ``from_step`` (their recorded replies) and runs the rest anew."""
+        ``from_step`` (their recorded replies) and runs the rest anew, with
+        the same budget (what the reused steps cost is the old flow's)."""
         flow = self._flows.get(flow_id)
         if from_step < 1:
             raise ValueError(f"from_step must be 1 or more, not {from_step}")
         return await self._flows.start(
-            flow.name, flow.params, forked_from=flow.id, reuse_before=from_step
+            flow.name, flow.params, forked_from=flow.id, reuse_before=from_step, budget=flow.budget
         )
 
     @contextmanager
@@ -858,6 +859,10 @@ class Engine:
         """The commands of ``ready`` that no budget refuses; the others are
         dead-lettered with reason ``budget`` (flows.budget)."""
         daily = adapter.settings.budget_per_day
+        if not ready:
+            return ready
+        if len(self._flow_budgets) > UNSENT_KEPT:
+            self._flow_budgets.clear()  # read again when needed: a long life sees many flows
         flow_budgets = {}
         for flow_id in {c.flow_id for c in ready if c.flow_id is not None}:
             if flow_id not in self._flow_budgets:

@@ -180,3 +180,17 @@ async def test_flow_start_with_a_budget_over_a_real_serve(db_path: Path, tmp_pat
         assert [e["event"] for e in command["events"]] == ["submit", "refuse"]
         listed = await editor.request("flow/list", {})
     assert len(listed["flows"]) == 1  # the refused starts stored nothing
+
+
+async def test_a_fork_keeps_the_budget_and_starts_its_own_spend(db_path: Path) -> None:
+    adapter = scripted()
+    async with flows.open_engine(db_path, adapters=[adapter]) as engine:
+        flow_id = await engine.start_flow("test.three_calls", budget=4.5)
+        while engine.get_flow(flow_id).state != "stalled":
+            await trio.sleep(0.01)
+        # Steps 1 and 2 reused (their 4 spent stays the old flow's): step 3 fits.
+        fork = await engine.fork_flow(flow_id, from_step=3)
+        assert await engine.wait_flow(fork) == ["the", "receive", "address"]
+        assert engine.get_flow(fork).budget == 4.5
+        assert engine.store.flow_spent(fork) == 2.0
+    assert adapter.calls == 3
