@@ -291,3 +291,26 @@ async def test_an_adapter_configured_to_cache_over_a_real_serve(
         ["submit", "resolve", "finish"],
         ["submit", "dispatch", "reply", "finish"],  # the call said no
     ]
+
+
+async def test_a_hit_for_an_editor_region_is_merged_like_a_reply(db_path: Path) -> None:
+    uri = "file:///tmp/cached.txt"
+    region = "I recieve teh letter."
+    request = {"messages": [{"role": "user", "content": region}]}
+    async with served(db_path) as (editor, _):
+        await editor.initialize()
+        for name in ("a", "b"):
+            await editor.open(uri + name, region)
+            result = await editor.request(
+                "command/submit",
+                {
+                    "adapter": "scripted",
+                    "request": request,
+                    "cache": True,
+                    "target": {"uri": uri + name, "start": 0, "end": len(region)},
+                },
+            )
+            assert (await editor.wait_state(result["commandId"]))["state"] == "done"
+            assert editor.text(uri + name) == "I receive the letter."
+        shown = await editor.request("command/show", {"commandId": result["commandId"]})
+    assert [e["event"] for e in shown["events"]] == ["submit", "resolve", "finish"]
