@@ -332,7 +332,12 @@ class Engine:
                 )
                 extra.append(Move(command, resolved, RESOLVE, now, {"cached_from": source.id}))
                 extra.append(CountCacheHit(source.id, now))
-        results = await self._committer.commit_together([*operations, *extra])
+        together = [*operations, *extra]
+        # One operation needs no group (and its savepoint) to be all or nothing.
+        commit = (
+            self._committer.commit_all if len(together) == 1 else self._committer.commit_together
+        )
+        results = await commit(together)
         self._submitted([command], [results[len(operations) - 1]])
         if resolved is not None:
             self._committed(resolved, results[len(operations)])
