@@ -33,6 +33,14 @@ async def three_calls(ctx: flows.FlowContext) -> list[str]:
     return [(await ctx.call("scripted", ask(word))).text for word in ("teh", "recieve", "adress")]
 
 
+async def stalled_flow(engine: flows.Engine, budget: float) -> str:
+    """A ``test.three_calls`` flow with ``budget``, once it has stalled."""
+    flow_id = await engine.start_flow("test.three_calls", budget=budget)
+    while engine.get_flow(flow_id).state != "stalled":
+        await trio.sleep(0.01)
+    return flow_id
+
+
 def test_the_estimate_counts_the_prompt_and_max_tokens() -> None:
     request = flows.Request.from_json(ask("x" * 40, max_tokens=100))
     assert estimate(request, Price(input=1.0, output=3.0)) == pytest.approx((10 + 300) / 1e6)
@@ -43,9 +51,7 @@ async def test_a_flow_stops_before_the_call_that_would_pass_its_budget(db_path: 
     adapter = scripted()
     async with flows.open_engine(db_path, adapters=[adapter]) as engine:
         # Each call costs 2 (a word in, a word out); 'adress' is estimated at 2.
-        flow_id = await engine.start_flow("test.three_calls", budget=4.5)
-        while engine.get_flow(flow_id).state != "stalled":
-            await trio.sleep(0.01)
+        flow_id = await stalled_flow(engine, 4.5)
         steps = engine.store.flow_steps(flow_id)
         commands = [engine.get(s.command_id or "") for s in steps]
         assert [c.state for c in commands] == ["done", "done", "dead"]
@@ -133,9 +139,7 @@ def test_stats_show_spend_against_budgets(tmp_path: Path) -> None:
             await engine.call("scripted", ask("teh"))  # costs 2
             refused = await engine.wait(await engine.submit("scripted", ask("teh")))
             assert refused.reason == "budget"
-            flow_id = await engine.start_flow("test.three_calls", budget=10.0)
-            while engine.get_flow(flow_id).state != "stalled":
-                await trio.sleep(0.01)
+            flow_id = await stalled_flow(engine, 10.0)
             return flow_id
 
     flow_id = trio.run(spend)
@@ -185,9 +189,7 @@ async def test_flow_start_with_a_budget_over_a_real_serve(db_path: Path, tmp_pat
 async def test_a_fork_keeps_the_budget_and_starts_its_own_spend(db_path: Path) -> None:
     adapter = scripted()
     async with flows.open_engine(db_path, adapters=[adapter]) as engine:
-        flow_id = await engine.start_flow("test.three_calls", budget=4.5)
-        while engine.get_flow(flow_id).state != "stalled":
-            await trio.sleep(0.01)
+        flow_id = await stalled_flow(engine, 4.5)
         # Steps 1 and 2 reused (their 4 spent stays the old flow's): step 3 fits.
         fork = await engine.fork_flow(flow_id, from_step=3)
         assert await engine.wait_flow(fork) == ["the", "receive", "address"]
