@@ -204,6 +204,10 @@ class AdapterSettings:
     when its engine died: ``"retry"`` sends it again (if attempts are left),
     ``"dead"`` dead-letters it with reason ``interrupted`` for a person to
     decide, for providers where a repeated call would cost or act twice.
+
+    ``cache`` reuses the replies of identical calls for ``cache_ttl``
+    seconds (flows.cache); ``budget_per_day`` bounds what its calls may cost
+    in a UTC day, in the price's currency (flows.budget).
     """
 
     name: str
@@ -213,6 +217,9 @@ class AdapterSettings:
     price: Price | None = None
     timeout: float = 60.0
     on_interrupt: Literal["retry", "dead"] = "retry"
+    cache: bool = False
+    cache_ttl: float = 7 * 86400.0
+    budget_per_day: float | None = None
 
 
 @attrs.frozen

@@ -69,6 +69,9 @@ COMMON_KEYS = (
     "price_per_mtok",
     "timeout",
     "on_interrupt",
+    "cache",
+    "cache_ttl",
+    "budget_per_day",
 )
 HTTP_KEYS = ("base_url", "api_key_env", "model", "stream")
 LLAMACPP_KEYS = ("model_path", "n_ctx", "threads", "parallel", "stream")
@@ -394,6 +397,10 @@ class _Checker:
         tpm = get("tokens_per_minute", lambda v: _is_number(v) and v > 0, "a positive number")
         timeout = get("timeout", lambda v: _is_number(v) and v > 0, "a positive number of seconds")
         on_interrupt = get("on_interrupt", lambda v: v in ("retry", "dead"), '"retry" or "dead"')
+        cache = get("cache", lambda v: isinstance(v, bool), "true or false")
+        seconds = (lambda v: _is_number(v) and v > 0, "a positive number of seconds")
+        cache_ttl = get("cache_ttl", *seconds)
+        budget_per_day = get("budget_per_day", lambda v: _is_number(v) and v >= 0, "0 or more")
         base_url = get(
             "base_url",
             lambda v: isinstance(v, str) and re.fullmatch(r"https?://[^/\s]+(/\S*)?", v),
@@ -425,6 +432,9 @@ class _Checker:
             "price": price,
             "timeout": None if timeout is None else float(timeout),
             "on_interrupt": on_interrupt,
+            "cache": cache,
+            "cache_ttl": None if cache_ttl is None else float(cache_ttl),
+            "budget_per_day": None if budget_per_day is None else float(budget_per_day),
         }
         settings = AdapterSettings(
             name=name, **{key: value for key, value in given.items() if value is not None}

@@ -416,9 +416,10 @@ class Server:
         timeout = p.number("timeout", optional=True)
         max_attempts = p.integer("maxAttempts", optional=True, minimum=1)
         policy = p.choice("onConflict", POLICIES, default="drop")
+        cache = p.cache()
         snapshot = self._snapshot(p.section("target", optional=True))
         p.ready()
-        options: dict[str, Any] = {"priority": PRIORITY_INTERACTIVE}
+        options: dict[str, Any] = {"priority": PRIORITY_INTERACTIVE, "cache": cache}
         if timeout is not None:
             options["timeout"] = timeout
         if max_attempts is not None:
@@ -539,6 +540,7 @@ class Server:
         if not isinstance(params, dict):
             raise RpcError(INVALID_PARAMS, "flow/start: params must be an object")
         policy = p.choice("onConflict", POLICIES, default="drop")
+        budget = p.number("budget", optional=True)
         snapshot = self._snapshot(p.section("target", optional=True))
         p.ready()
         if snapshot is not None:
@@ -548,7 +550,7 @@ class Server:
                 "target": {"snapshot": snapshot.id, "policy": policy},
             }
         try:
-            flow_id = await self.engine._flows.start(name, params, snapshot=snapshot)
+            flow_id = await self.engine._flows.start(name, params, snapshot=snapshot, budget=budget)
         except BaseException:
             if snapshot is not None:
                 self.mirror.untrack(snapshot.uri, snapshot.id)

@@ -155,6 +155,14 @@ class Params:
             raise self._bad(name, "true or false")
         return value
 
+    def cache(self, name: str = "cache") -> bool | str | None:
+        """A call's cache option (flows.cache): true, false, "always", or
+        absent for the adapter's own setting."""
+        value = self.raw.get(name)
+        if not (value is None or isinstance(value, bool) or value == "always"):
+            raise self._bad(name, 'true, false or "always"')
+        return value
+
     def strings(self, name: str, *, optional: bool = False) -> Any:
         value = self.raw.get(name)
         if value is None and optional:

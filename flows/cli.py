@@ -19,12 +19,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from adapters import config
 from adapters.base import Adapter
 from adapters.human import HumanAdapter
 from adapters.scripted import ScriptedAdapter
+from flows import budget
 from flows.engine import default_db_path, open_engine
 from flows.errors import IllegalTransition, StoreError, UnknownCommand
 from flows.render import COMMAND_HEADERS, command_rows, show, table
@@ -48,16 +50,25 @@ def _adapters(args: argparse.Namespace) -> list[Adapter]:
     found = config.load_config(args.config)
     adapters: list[Adapter] = list(config.build_adapters(found))
     for provider in found.providers:
+        own: Adapter
         if provider.kind == "scripted":
-            adapters.append(
-                ScriptedAdapter(
-                    provider.name,
-                    max_in_flight=provider.settings.max_in_flight,
-                    on_interrupt=provider.settings.on_interrupt,
-                )
+            own = ScriptedAdapter(
+                provider.name,
+                max_in_flight=provider.settings.max_in_flight,
+                on_interrupt=provider.settings.on_interrupt,
             )
         elif provider.kind == "human":
-            adapters.append(HumanAdapter(provider.name, timeout=provider.settings.timeout))
+            own = HumanAdapter(provider.name, timeout=provider.settings.timeout)
+        else:
+            continue
+        own.settings = attrs.evolve(
+            own.settings,
+            price=provider.settings.price,
+            cache=provider.settings.cache,
+            cache_ttl=provider.settings.cache_ttl,
+            budget_per_day=provider.settings.budget_per_day,
+        )
+        adapters.append(own)
     return adapters
 
 
@@ -196,10 +207,34 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configured(args: argparse.Namespace) -> tuple[config.ProviderConfig, ...]:
+    """The configured adapters, for a command that only looks: a file it
+    cannot read (another user's home) costs it the adapters' budgets, said
+    on stderr, not the rest of its answer."""
+    try:
+        return config.load_config(args.config).providers
+    except config.ConfigError as exc:
+        print(f"dovecote: adapter budgets not shown: {exc}", file=sys.stderr)
+        return ()
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     with _closing(_open_store(args)) as store:
         counts = store.counts()
         usage = {by: store.usage_totals(by) for by in ("adapter", "flow", "day")}
+        today = budget.day_start(time.time())
+        budgets = {
+            "adapters": [
+                {
+                    "adapter": p.name,
+                    "budget_per_day": p.settings.budget_per_day,
+                    "spent_today": store.spent(p.name, today),
+                }
+                for p in _configured(args)
+                if p.settings.budget_per_day is not None
+            ],
+            "flows": store.flow_budgets(),
+        }
         if args.json:
             _print_json(
                 {
@@ -208,6 +243,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                         for (a, s), n in sorted(counts.items())
                     ],
                     "usage": usage,
+                    "budgets": budgets,
                 }
             )
             return 0
@@ -245,6 +281,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
                     ],
                 )
             )
+        spend = [
+            [
+                "adapter " + r["adapter"] + " today",
+                f"{r['spent_today']:.4f} / {r['budget_per_day']:.4f}",
+            ]
+            for r in budgets["adapters"]
+        ] + [
+            [f"flow {r['flow']} ({r['name']})", f"{r['spent']:.4f} / {r['budget']:.4f}"]
+            for r in budgets["flows"]
+        ]
+        if spend:
+            print("\nspend against budget")
+            print(table(("budget of", "spent / budget"), spend))
     return 0
 
 
@@ -255,6 +304,42 @@ def cmd_export(args: argparse.Namespace) -> int:
             record = command.to_json()
             record["events"] = [e.to_json() for e in store.history(command.id)]
             print(json.dumps(record, ensure_ascii=False))
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """``cache stats`` looks (a read-only file will do); ``cache clear``
+    forgets entries, never the commands they point to."""
+    if args.action == "clear":
+        older = None if args.older_than is None else time.time() - args.older_than
+        with _closing(Store.existing(args.db)) as store:
+            count = store.clear_cache(args.adapter, older)
+        if args.json:
+            _print_json({"cleared": count})
+        else:
+            print(f"cleared {count} cache entr{'y' if count == 1 else 'ies'}")
+        return 0
+    with _closing(_open_store(args)) as store:
+        rows = store.cache_stats()
+    if args.json:
+        _print_json({"adapters": rows})
+        return 0
+    print(
+        table(
+            ("adapter", "entries", "served", "hits", "bytes", "oldest"),
+            [
+                [
+                    r["adapter"],
+                    r["entries"],
+                    r["served"],
+                    r["hits"],
+                    r["bytes"],
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["oldest"])),
+                ]
+                for r in rows
+            ],
+        )
+    )
     return 0
 
 
@@ -516,10 +601,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("name")
     a.add_argument("--file", default=None, help="the file defining the flow")
 
-    add("stats", cmd_stats, "counts by state; tokens and cost by adapter, flow and day")
+    add(
+        "stats",
+        cmd_stats,
+        "counts by state; tokens and cost by adapter, flow and day; spend against budgets",
+    )
 
     p = add("export", cmd_export, "every command with its journal, one JSON object a line")
     p.add_argument("--state", action="append", help="only these states (repeatable)")
+
+    p = add("cache", cmd_cache, "the response cache: stats, or clear entries")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("stats", parents=[common], help="entries, hits and bytes by adapter")
+    a = actions.add_parser("clear", parents=[common], help="forget entries (the calls stay)")
+    a.add_argument("--adapter", default=None, help="only this adapter's entries")
+    a.add_argument("--older-than", type=duration, default=None, help="only older ones: 30d, 12h")
 
     p = add("prune", cmd_prune, "delete finished commands older than an age")
     p.add_argument("--older-than", type=duration, required=True, help="e.g. 30d, 12h")

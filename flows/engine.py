@@ -62,8 +62,9 @@ from adapters.base import (
     SendContext,
 )
 from adapters.scripted import ScriptedAdapter
+from flows import budget, typed
+from flows import cache as flows_cache
 from flows import handlers as handler_registry
-from flows import typed
 from flows.commit import Committer
 from flows.errors import CommandFailed, EngineClosing, StoreError
 from flows.ratelimit import RateLimit, estimate_tokens
@@ -90,6 +91,7 @@ from flows.states import (
     FAIL,
     FINISH,
     PENDING,
+    REASON_BUDGET,
     REASON_CANCELLED_BY_USER,
     REASON_ERROR,
     REASON_EXPIRED,
@@ -97,6 +99,7 @@ from flows.states import (
     REASON_INTERRUPTED,
     REASON_RETRIES_EXHAUSTED,
     REASON_TIMEOUT,
+    REFUSE,
     REPLIED,
     REPLY,
     RESOLVE,
@@ -108,8 +111,10 @@ from flows.states import (
     next_state,
 )
 from flows.store import (
+    AddCacheEntry,
     AddLateReply,
     Chain,
+    CountCacheHit,
     Insert,
     Move,
     Operation,
@@ -238,6 +243,8 @@ class Engine:
         self._waiters: dict[str, _Waiter] = {}
         self._subscribers: builtins.list[trio.MemorySendChannel[Notice]] = []
         self._flows = FlowRunner(self)
+        # Each flow's budget, once read: it never changes.
+        self._flow_budgets: dict[str, float | None] = {}
 
     # --- clock ---------------------------------------------------------------
 
@@ -266,14 +273,19 @@ class Engine:
         step: int | None = None,
         snapshot: Snapshot | None = None,
         detail: Any = None,
+        cache: bool | str | None = None,
     ) -> str:
         """Put a call in the pending table and return its id at once.
 
         ``snapshot``, the region a reply will be merged into, is stored in
         the same transaction. ``detail`` (JSON) is journaled with the submit:
-        what this call is to another (a typed call's re-ask). Everything is
-        validated before anything is stored: a bad argument raises
-        ``ValueError`` (or ``TypeError``) and changes nothing."""
+        what this call is to another (a typed call's re-ask). ``cache``:
+        ``True`` to reuse the reply of an identical earlier call (not when
+        sampling, ``temperature > 0``), ``"always"`` even then, ``False``
+        never, ``None`` as the adapter's ``cache`` setting says (flows.cache).
+        Everything is validated before anything is stored: a bad argument
+        raises ``ValueError`` (or ``TypeError``) and changes nothing."""
+        flows_cache.check_option(cache)
         command = self._new_command(
             adapter,
             request,
@@ -288,11 +300,54 @@ class Engine:
             snapshot_id=snapshot.id if snapshot else None,
         )
         storable(snapshot, "the snapshot")
-        (event,) = await self._committer.commit_all(
-            [Insert(command, detail=detail, snapshot=snapshot)]
-        )
-        self._submitted([command], [event])
+        await self.insert_cached(cache, [Insert(command, detail=detail, snapshot=snapshot)])
         return command.id
+
+    async def insert_cached(
+        self, cache: bool | str | None, operations: Sequence[Operation]
+    ) -> builtins.list[Any]:
+        """Commit ``operations``, with what the cache makes of each command
+        they insert: an entry under its key (a miss), or its resolution from
+        an earlier command's reply (a hit: ``pending -> replied`` at cost 0,
+        the source's id in the journal, and its handler run as for any
+        reply). No cache wanted: the operations alone."""
+        inserts = [(at, op.command) for at, op in enumerate(operations) if isinstance(op, Insert)]
+        assert inserts, "insert_cached commits the insert of at least one command"
+        extra: builtins.list[Operation] = []
+        resolved: builtins.list[tuple[int, Command]] = []  # (its Move's place, command)
+        now = self.now()
+        for _, command in inserts:
+            adapter = self.adapters[command.adapter]
+            if not flows_cache.wanted(cache, adapter.settings, command.request):
+                continue
+            key = flows_cache.key(adapter, command.request)
+            source = self.store.cached(key, now - adapter.settings.cache_ttl)
+            if source is None:
+                extra.append(AddCacheEntry(key, command.adapter, command.id, now))
+                continue
+            assert source.reply is not None
+            hit = command.evolve(
+                state=REPLIED,
+                reply=source.reply,
+                replied_at=now,
+                cost=0.0,
+                owner=self.owner,
+                lease_until=now + self._lease,
+            )
+            resolved.append((len(operations) + len(extra), hit))
+            extra.append(Move(command, hit, RESOLVE, now, {"cached_from": source.id}))
+            extra.append(CountCacheHit(source.id, now))
+        together = [*operations, *extra]
+        # One operation needs no group (and its savepoint) to be all or nothing.
+        commit = (
+            self._committer.commit_all if len(together) == 1 else self._committer.commit_together
+        )
+        results = await commit(together)
+        self._submitted([c for _, c in inserts], [results[at] for at, _ in inserts])
+        for at, hit in resolved:
+            self._committed(hit, results[at])
+            self.spawn(self._complete, hit)
+        return results
 
     async def submit_many(
         self,
@@ -519,9 +574,10 @@ class Engine:
 
     # --- flows ---------------------------------------------------------------
 
-    async def start_flow(self, name: str, /, **params: Any) -> str:
-        """Start the registered flow ``name`` with ``params``; its id."""
-        return await self._flows.start(name, params)
+    async def start_flow(self, name: str, /, *, budget: float | None = None, **params: Any) -> str:
+        """Start the registered flow ``name`` with ``params``; its id.
+        ``budget`` bounds what its calls may cost together (flows.budget)."""
+        return await self._flows.start(name, params, budget=budget)
 
     async def wait_flow(self, flow_id: str) -> Any:
         """The flow's result once it completes; ``FlowFailed`` if it failed
@@ -562,12 +618,13 @@ class Engine:
 
     async def fork_flow(self, flow_id: str, from_step: int) -> str:
         """A new flow like ``flow_id`` that reuses its steps before
-        ``from_step`` (their recorded replies) and runs the rest anew."""
+        ``from_step`` (their recorded replies) and runs the rest anew, with
+        the same budget (what the reused steps cost is the old flow's)."""
         flow = self._flows.get(flow_id)
         if from_step < 1:
             raise ValueError(f"from_step must be 1 or more, not {from_step}")
         return await self._flows.start(
-            flow.name, flow.params, forked_from=flow.id, reuse_before=from_step
+            flow.name, flow.params, forked_from=flow.id, reuse_before=from_step, budget=flow.budget
         )
 
     @contextmanager
@@ -802,6 +859,7 @@ class Engine:
                 if c.id not in self._claiming
             ]
             more = more or len(ready) == room
+            ready = await self._within_budget(adapter, ready)
             limit = self._limits.get(name)
             if limit is not None:
                 ready, more = self._within_limit(limit, ready, more)
@@ -848,6 +906,61 @@ class Engine:
                 )
                 self.spawn(self._send, adapter, command, scope)
         return more
+
+    async def _within_budget(
+        self, adapter: Adapter, ready: builtins.list[Command]
+    ) -> builtins.list[Command]:
+        """The commands of ``ready`` that no budget refuses; the others are
+        dead-lettered with reason ``budget`` (flows.budget)."""
+        daily = adapter.settings.budget_per_day
+        if not ready:
+            return ready
+        if len(self._flow_budgets) > UNSENT_KEPT:
+            self._flow_budgets.clear()  # read again when needed: a long life sees many flows
+        flow_budgets = {}
+        for flow_id in {c.flow_id for c in ready if c.flow_id is not None}:
+            if flow_id not in self._flow_budgets:
+                flow = self.store.find_flow(flow_id)
+                self._flow_budgets[flow_id] = flow.budget if flow else None
+            if self._flow_budgets[flow_id] is not None:
+                flow_budgets[flow_id] = self._flow_budgets[flow_id]
+        if daily is None and not flow_budgets:
+            return ready
+        name = adapter.settings.name
+        now = self.now()
+        today = self.store.spent(name, budget.day_start(now)) if daily is not None else 0.0
+        spent = {flow_id: self.store.flow_spent(flow_id) for flow_id in flow_budgets}
+        admitted: builtins.list[Command] = []
+        refused: builtins.list[tuple[Command, str, dict[str, Any]]] = []
+        why: dict[str, Any] = {}
+        for command in ready:
+            estimate = budget.estimate(command.request, adapter.settings.price)
+            ceiling = flow_budgets.get(command.flow_id or "")
+            if daily is not None and today + estimate > daily:
+                why[command.id] = {"budget": daily, "per": "day", "spent": today}
+            elif ceiling is not None and spent[command.flow_id or ""] + estimate > ceiling:
+                why[command.id] = {
+                    "budget": ceiling,
+                    "per": "flow",
+                    "spent": spent[command.flow_id or ""],
+                }
+            else:
+                admitted.append(command)
+                today += estimate
+                if ceiling is not None:
+                    spent[command.flow_id or ""] += estimate
+                continue
+            why[command.id]["estimate"] = estimate
+            changes = {
+                "reason": REASON_BUDGET,
+                "finished_at": now,
+                "owner": None,
+                "lease_until": None,
+            }
+            refused.append((command, REFUSE, changes))
+        if refused:
+            await self._move_many(refused, detail=lambda c: why[c.id])
+        return admitted
 
     def _within_limit(
         self, limit: RateLimit, ready: builtins.list[Command], more: bool

@@ -337,6 +337,8 @@ class Flow:
     forked_from: str | None = None
     owner: str | None = None
     lease_until: float | None = None
+    budget: float | None = None
+    """The most its commands may cost together (flows.budget), if bounded."""
 
     def to_json(self) -> dict[str, JSON]:
         return attrs.asdict(self)

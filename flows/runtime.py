@@ -38,6 +38,7 @@ import trio
 
 from adapters.base import Reply, Request
 from flows import checks, sampling, typed
+from flows.cache import check_option as check_cache_option
 from flows.records import Command, Flow, FlowChange, FlowStep, new_id, storable
 from flows.snapshots import Snapshot
 from flows.states import (
@@ -178,7 +179,7 @@ class FlowContext:
         """One model call as one step; its reply (recorded, after a crash).
 
         Options are ``Engine.submit``'s: ``timeout``, ``max_attempts``,
-        ``handler``, ``handler_args``, ``snapshot_id``. With
+        ``handler``, ``handler_args``, ``snapshot_id``, ``cache``. With
         ``result=SomeAttrsClass`` the reply is an instance of it, and each
         re-ask of a reply that does not fit is a step of its own (see
         flows/typed.py), so a resumed flow pays for none of them again."""
@@ -329,7 +330,14 @@ class FlowRunner:
         snapshot: Snapshot | None = None,
         forked_from: str | None = None,
         reuse_before: int | None = None,
+        budget: float | None = None,
     ) -> str:
+        if budget is not None and (
+            isinstance(budget, bool)
+            or not isinstance(budget, int | float)
+            or not 0 <= budget < float("inf")
+        ):
+            raise ValueError(f"a flow's budget must be a number, 0 or more, not {budget!r}")
         definition = REGISTRY.get(name)
         if definition is None:
             known = ", ".join(sorted(REGISTRY)) or "none"
@@ -352,6 +360,7 @@ class FlowRunner:
             params=params,
             vars={} if not scripted else None,
             forked_from=forked_from,
+            budget=None if budget is None else float(budget),
             owner=self.engine.owner if scripted else None,
             lease_until=now + self.engine._lease if scripted else None,
         )
@@ -411,6 +420,8 @@ class FlowRunner:
         their ids."""
         snapshot_id = options.pop("snapshot_id", None)
         priority = options.pop("priority", 0)
+        cache = options.pop("cache", None)
+        check_cache_option(cache)
         options = {
             "timeout": None,
             "max_attempts": 3,
@@ -434,7 +445,7 @@ class FlowRunner:
         steps = [step for step, _ in calls]
         detail = {"step": steps[0]} if len(steps) == 1 else {"steps": steps}
         details = [submit_detail for _, (_, _, submit_detail) in calls]
-        await self.wait_on(self.get(flow_id), commands, detail, submit_details=details)
+        await self.wait_on(self.get(flow_id), commands, detail, submit_details=details, cache=cache)
         return [command.id for command in commands]
 
     async def wait_on(
@@ -444,11 +455,14 @@ class FlowRunner:
         detail: Any,
         *,
         submit_details: Sequence[Any] = (),
+        cache: bool | str | None = None,
         **changes: Any,
     ) -> None:
         """Move ``flow`` to ``waiting`` and store its steps' ``commands``
         (each journaled with its ``submit_details``, if any), in one
-        transaction: a crash never leaves one without the other."""
+        transaction: a crash never leaves one without the other. A cached
+        call's entry, or its resolution from the cache, is in that
+        transaction too."""
         if isinstance(commands, Command):
             commands = [commands]
         details = list(submit_details) or [None] * len(commands)
@@ -462,14 +476,12 @@ class FlowRunner:
         )
         # Together or not at all: a flow cancelled meanwhile refuses the
         # move, and then its step's command must not be stored either.
-        results = await self.engine._committer.commit_together(
+        results = await self.engine.insert_cached(
+            cache,
             [MoveFlow(flow, moved, WAIT, detail)]
-            + [Insert(c, detail=d) for c, d in zip(commands, details, strict=True)]
+            + [Insert(c, detail=d) for c, d in zip(commands, details, strict=True)],
         )
         self._published(moved, results[0])
-        for command, event in zip(commands, results[1:], strict=True):
-            self.engine._committed(command, event)
-        self.engine._dispatch_wanted.set()
 
     async def await_commands(
         self, flow_id: str, steps: Sequence[int], command_ids: Sequence[str]

@@ -26,7 +26,9 @@ a lost race also raises, it never overwrites.
     pending --expire--> dead         (its whole-life ``expires_at`` passed)
     pending, sent --cancel--> cancelled
     pending --resolve--> replied     (a replay answered from a stored late
-                                      reply instead of calling the model)
+                                      reply, or a call from the response
+                                      cache, instead of calling the model)
+    pending --refuse--> dead         (sending it would pass a budget)
 
 A *flow* (several commands in a script or a declared machine) has a
 machine of its own, below: ``running`` while its code runs, ``waiting``
@@ -74,11 +76,29 @@ FAIL: Final = "fail"
 EXPIRE: Final = "expire"
 CANCEL: Final = "cancel"
 RESOLVE: Final = "resolve"
+REFUSE: Final = "refuse"
 
-COMMAND_EVENTS: Final = (DISPATCH, REPLY, FINISH, RETRY, TIMEOUT, FAIL, EXPIRE, CANCEL, RESOLVE)
+COMMAND_EVENTS: Final = (
+    DISPATCH,
+    REPLY,
+    FINISH,
+    RETRY,
+    TIMEOUT,
+    FAIL,
+    EXPIRE,
+    CANCEL,
+    RESOLVE,
+    REFUSE,
+)
 
 COMMAND_TRANSITIONS: Final[Mapping[str, Mapping[str, str]]] = {
-    PENDING: {DISPATCH: SENT, EXPIRE: DEAD, CANCEL: CANCELLED, RESOLVE: REPLIED},
+    PENDING: {
+        DISPATCH: SENT,
+        EXPIRE: DEAD,
+        CANCEL: CANCELLED,
+        RESOLVE: REPLIED,
+        REFUSE: DEAD,
+    },
     SENT: {REPLY: REPLIED, RETRY: PENDING, TIMEOUT: DEAD, FAIL: DEAD, CANCEL: CANCELLED},
     REPLIED: {FINISH: DONE, FAIL: DEAD},
     DONE: {},
@@ -121,6 +141,7 @@ REASON_RETRIES_EXHAUSTED: Final = "retries_exhausted"
 REASON_INTERRUPTED: Final = "interrupted"
 REASON_HANDLER_ERROR: Final = "handler_error"
 REASON_CANCELLED_BY_USER: Final = "cancelled_by_user"
+REASON_BUDGET: Final = "budget"  # refused before sending: it would pass a budget
 
 
 class IllegalTransition(Exception):

@@ -14,6 +14,8 @@ Tables
 ``flows``         one row per multi-step flow, with its own state machine.
 ``flow_steps``    each flow's journaled steps: which command served a call,
                   which value a ``now()`` or ``random()`` returned.
+``cache``         the response cache (flows.cache): which command's reply
+                  answers a call with a given key, and how often it has.
 
 Why writes come in batches
 --------------------------
@@ -78,7 +80,7 @@ from flows.states import (
     next_state,
 )
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 BUSY_TIMEOUT_MS: Final = 10_000
 
 # Column order of ``commands``: the names of ``Command``'s fields, as-is.
@@ -577,8 +579,41 @@ class Group:
         return [op.apply(cursor) for op in self.operations]
 
 
+@attrs.frozen
+class AddCacheEntry:
+    """A cached call's command, entered under its key as it is submitted:
+    its reply answers later calls with that key once it is ``done``."""
+
+    key: str
+    adapter: str
+    command_id: str
+    at: float
+
+    def apply(self, cursor: sqlite3.Cursor) -> None:
+        cursor.execute(
+            "INSERT INTO cache (command_id, key, adapter, created_at, hits) VALUES (?, ?, ?, ?, 0)",
+            (self.command_id, self.key, self.adapter, self.at),
+        )
+
+
+@attrs.frozen
+class CountCacheHit:
+    """One more call answered from ``command_id``'s entry."""
+
+    command_id: str
+    at: float
+
+    def apply(self, cursor: sqlite3.Cursor) -> None:
+        cursor.execute(
+            "UPDATE cache SET hits = hits + 1, last_hit_at = ? WHERE command_id = ?",
+            (self.at, self.command_id),
+        )  # an entry cleared meanwhile counts nothing: the hit is served all the same
+
+
 Operation = (
     Group
+    | AddCacheEntry
+    | CountCacheHit
     | Insert
     | Move
     | Chain
@@ -832,6 +867,8 @@ class Store:
                 self._create_v3()
             if version < 4:
                 self._create_v4()
+            if version < 5:
+                self._create_v5()
             self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self._conn.execute("COMMIT")
         except BaseException:
@@ -997,6 +1034,27 @@ class Store:
         where that text began (rows before this kept the whole document, from 0)."""
         self._conn.execute(
             "ALTER TABLE snapshots ADD COLUMN document_start INTEGER NOT NULL DEFAULT 0"
+        )
+
+    def _create_v5(self) -> None:
+        """The response cache; a flow's budget; and an index for what an
+        adapter has spent since a time (its budget per day)."""
+        self.db.table("cache").create(
+            {
+                "command_id": str,
+                "key": str,
+                "adapter": str,
+                "created_at": float,
+                "hits": int,
+                "last_hit_at": float,
+            },
+            pk="command_id",
+            not_null={"key", "adapter", "created_at", "hits"},
+        )
+        self.db.table("cache").create_index(["key"], index_name="cache_by_key")
+        self._conn.execute("ALTER TABLE flows ADD COLUMN budget REAL")
+        self._conn.execute(
+            "CREATE INDEX commands_spent ON commands (adapter, replied_at) WHERE cost IS NOT NULL"
         )
 
     # --- writes --------------------------------------------------------------
@@ -1315,6 +1373,81 @@ class Store:
             or f.lease_until < now
             or (f.owner != me and is_gone(f.owner))
         ]
+
+    # --- the response cache and budgets ------------------------------------
+
+    def cached(self, key: str, replied_since: float) -> Command | None:
+        """The newest ``done`` command entered under ``key`` whose reply came
+        after ``replied_since`` (older ones have outlived the TTL)."""
+        row = self._conn.execute(
+            "SELECT commands.* FROM cache JOIN commands ON commands.id = cache.command_id "
+            "WHERE cache.key = ? AND commands.state = 'done' AND commands.reply IS NOT NULL "
+            "AND commands.replied_at >= ? ORDER BY commands.replied_at DESC LIMIT 1",
+            (key, replied_since),
+        ).fetchone()
+        return None if row is None else command_from_row(row)
+
+    def cache_stats(self) -> builtins.list[dict[str, Any]]:
+        """Per adapter: entries (calls entered, the misses), those with a
+        reply to serve, hits, bytes of those replies, the oldest entry."""
+        rows = self._conn.execute(
+            """
+            SELECT cache.adapter AS adapter,
+                   count(*) AS entries,
+                   coalesce(sum(commands.state = 'done'), 0) AS served,
+                   coalesce(sum(cache.hits), 0) AS hits,
+                   coalesce(sum(CASE WHEN commands.state = 'done'
+                                     THEN length(CAST(commands.reply AS BLOB)) END), 0) AS bytes,
+                   min(cache.created_at) AS oldest
+              FROM cache LEFT JOIN commands ON commands.id = cache.command_id
+             GROUP BY cache.adapter ORDER BY cache.adapter
+            """
+        )
+        return [dict(r) for r in rows]
+
+    def clear_cache(self, adapter: str | None = None, older_than: float | None = None) -> int:
+        """Forget cache entries (of ``adapter``, made before ``older_than``);
+        how many. Their commands stay: the record is never the cache's."""
+        sql, params = "DELETE FROM cache WHERE 1", list[Any]()
+        if adapter is not None:
+            sql += " AND adapter = ?"
+            params.append(adapter)
+        if older_than is not None:
+            sql += " AND created_at < ?"
+            params.append(older_than)
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            count = self._conn.execute(sql, params).rowcount
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        return int(count)
+
+    def spent(self, adapter: str, since: float) -> float:
+        """The recorded cost of ``adapter``'s replies since ``since``."""
+        row = self._conn.execute(
+            "SELECT coalesce(sum(cost), 0.0) FROM commands "
+            "WHERE adapter = ? AND replied_at >= ? AND cost IS NOT NULL",
+            (adapter, since),
+        ).fetchone()
+        return float(row[0])
+
+    def flow_budgets(self) -> builtins.list[dict[str, Any]]:
+        """Every flow with a budget, and what its commands have cost."""
+        rows = self._conn.execute(
+            "SELECT flows.id AS flow, flows.name AS name, flows.budget AS budget, "
+            "(SELECT coalesce(sum(cost), 0.0) FROM commands WHERE flow_id = flows.id) AS spent "
+            "FROM flows WHERE budget IS NOT NULL ORDER BY flows.id"
+        )
+        return [dict(r) for r in rows]
+
+    def flow_spent(self, flow_id: str) -> float:
+        """The recorded cost of a flow's commands."""
+        row = self._conn.execute(
+            "SELECT coalesce(sum(cost), 0.0) FROM commands WHERE flow_id = ?", (flow_id,)
+        ).fetchone()
+        return float(row[0])
 
     def counts(self) -> dict[tuple[str, str], int]:
         """Number of commands by (adapter, state)."""

@@ -207,6 +207,17 @@ class Editor:
         )
         return dict(message["params"])
 
+    async def wait_flow_state(self, flow_id: str, state: str) -> dict[str, Any]:
+        """The ``flow/state`` notification of ``flow_id`` reaching ``state``."""
+        message = await self.wait_for(
+            lambda m: (
+                m["method"] == "flow/state"
+                and m["params"]["flowId"] == flow_id
+                and m["params"]["state"] == state
+            )
+        )
+        return dict(message["params"])
+
 
 @asynccontextmanager
 async def served(

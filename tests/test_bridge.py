@@ -419,13 +419,7 @@ async def test_flow_over_rpc_with_a_target_and_watch_after_reconnect(db_path: Pa
             },
         )
         flow_id = started["flowId"]
-        await editor.wait_for(
-            lambda m: (
-                m["method"] == "flow/state"
-                and m["params"]["flowId"] == flow_id
-                and m["params"]["state"] == "completed"
-            )
-        )
+        await editor.wait_flow_state(flow_id, "completed")
         shown = await editor.request("flow/show", {"flowId": flow_id})
         assert editor.text(URI) == "The quick fox."
         assert shown["state"] == "completed" and shown["result"] == {"text": "The quick fox."}

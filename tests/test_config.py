@@ -232,7 +232,11 @@ def test_a_wrong_value_names_the_file_the_key_and_what_is_expected(in_tmp: Path)
         ("max_inflight = 3",
          "adapters.local.max_inflight: unknown key; did you mean max_in_flight? (expected one of "
          "kind, max_in_flight, requests_per_minute, tokens_per_minute, price_per_mtok, timeout, "
-         "on_interrupt, base_url, api_key_env, model, stream)"),
+         "on_interrupt, cache, cache_ttl, budget_per_day, base_url, api_key_env, model, stream)"),
+        ('cache = "yes"', 'adapters.local.cache: expected true or false, got "yes"'),
+        ("cache_ttl = 0", "adapters.local.cache_ttl: expected a positive number of seconds, got 0"),
+        ("budget_per_day = -1", "adapters.local.budget_per_day: expected 0 or more, got -1"),
+        ("budget_per_day = nan", "adapters.local.budget_per_day: expected 0 or more, got nan"),
         ("default_max_tokens = 100",
          "adapters.local.default_max_tokens: not used by kind openai (only by anthropic)"),
     ],

@@ -73,7 +73,7 @@ def look(db: Path, *, user: int | None = None) -> dict[str, str]:
     return dict(json.loads(done.stdout))
 
 
-LOOKS = (["pending"], ["dead"], ["stats"], ["export"], ["flow", "list"])
+LOOKS = (["pending"], ["dead"], ["stats"], ["export"], ["flow", "list"], ["cache", "stats"])
 
 AS_USER = f"""
 import contextlib, io, json, os, sys

@@ -29,6 +29,13 @@ def _index_sql(path: Path) -> dict[str, str]:
         conn.close()
 
 
+def _undo_v5(conn: sqlite3.Connection) -> None:
+    """What schema 5 added, taken away: a file as schema 4 left it."""
+    conn.execute("DROP TABLE cache")
+    conn.execute("DROP INDEX commands_spent")
+    conn.execute("ALTER TABLE flows DROP COLUMN budget")
+
+
 def _pending(content: str, snapshot_id: str | None = None) -> Command:
     return Command(
         id=new_id(),
@@ -41,17 +48,24 @@ def _pending(content: str, snapshot_id: str | None = None) -> Command:
     )
 
 
-def test_a_schema_2_file_is_upgraded_and_keeps_its_commands(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
+def _one_command(path: Path) -> Command:
+    """A new file at ``path`` with one pending command in it."""
     store = Store(path)
     command = _pending("keep me")
     store.commit_one(Insert(command))
     store.close()
+    return command
+
+
+def test_a_schema_2_file_is_upgraded_and_keeps_its_commands(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    command = _one_command(path)
     # Turn the file back into what schema 2 wrote: full indexes, version 2.
     conn = sqlite3.connect(path, isolation_level=None)
     for index, (table, column) in PARTIAL.items():
         conn.execute(f"DROP INDEX {index}")
         conn.execute(f"CREATE INDEX {index} ON {table} ({column})")
+    _undo_v5(conn)
     conn.execute("ALTER TABLE snapshots DROP COLUMN document_start")
     conn.execute("PRAGMA user_version = 2")
     conn.close()
@@ -65,7 +79,7 @@ def test_a_schema_2_file_is_upgraded_and_keeps_its_commands(tmp_path: Path) -> N
     for index, (_, column) in PARTIAL.items():
         assert indexes[index].endswith(f"WHERE {column} IS NOT NULL"), indexes[index]
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (4,)
+    assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (5,)
     conn.close()
 
 
@@ -79,6 +93,7 @@ def test_a_schema_3_snapshot_keeps_its_whole_document_from_offset_0(tmp_path: Pa
     store.commit_one(Insert(command, snapshot=snapshot))
     store.close()
     conn = sqlite3.connect(path, isolation_level=None)
+    _undo_v5(conn)
     conn.execute("ALTER TABLE snapshots DROP COLUMN document_start")
     conn.execute("PRAGMA user_version = 3")
     conn.close()
@@ -115,3 +130,21 @@ def test_opening_retries_a_file_another_process_holds_for_a_moment(
     monkeypatch.setattr(Store, "_migrate", broken)
     with pytest.raises(StoreError, match="disk I/O error"):
         Store(tmp_path / "other")
+
+
+def test_a_schema_4_file_gains_the_cache_and_flow_budgets(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    command = _one_command(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    _undo_v5(conn)
+    conn.execute("PRAGMA user_version = 4")
+    conn.close()
+
+    store = Store(path)
+    assert store.get(command.id) == command
+    assert store.cache_stats() == []
+    assert store.spent("scripted", 0.0) == 0.0
+    store.close()
+    conn = sqlite3.connect(path)
+    assert "budget" in [r[1] for r in conn.execute("PRAGMA table_info(flows)")]
+    conn.close()
