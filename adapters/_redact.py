@@ -149,8 +149,10 @@ class _LogRedaction(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         cleaned = message
-        for redactor in self.redactors.values():
-            cleaned = redactor.text(cleaned)
+        # Longest first: a key inside another, removed first, would leave the
+        # rest of the longer one where it no longer matches.
+        for secret in sorted(self.redactors, key=len, reverse=True):
+            cleaned = self.redactors[secret].text(cleaned)
         if cleaned != message:
             record.msg, record.args = cleaned, None
         return True

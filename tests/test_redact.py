@@ -3,13 +3,15 @@ part of it whatever the pieces it arrives in (property tests)."""
 
 from __future__ import annotations
 
+import logging
 import urllib.parse
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from adapters._http import ProgressThrottle
-from adapters._redact import REDACTED, Redactor, clean_json, repair
+from adapters._redact import REDACTED, Redactor, clean_json, redact_http_logs, repair
 from tests.test_key_echoes import KEY, assert_no_key
 
 REDACTOR = Redactor(KEY)
@@ -82,3 +84,19 @@ def test_clean_json_reaches_keys_and_deep_values() -> None:
     while isinstance(leaf, list):
         (leaf,) = leaf
     assert leaf == f"a {REDACTED} \ufffd"
+
+
+def test_a_key_inside_another_key_does_not_unmask_the_longer_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two adapters, one key inside the other, registered shortest first:
+    httpcore's log still shows neither (the short one, removed first, used to
+    leave the rest of the long one)."""
+    short, long = "sk-inner-1234567890", "sk-outer-sk-inner-1234567890-tail-abcdefgh"
+    redact_http_logs(Redactor(short))
+    redact_http_logs(Redactor(long))
+    with caplog.at_level(logging.DEBUG, logger="httpcore.http11"):
+        logging.getLogger("httpcore.http11").debug("response headers: location=/x?key=%s", long)
+    logged = caplog.text
+    assert "response headers" in logged
+    assert all(long[i : i + 12] not in logged for i in range(len(long) - 11)), logged
