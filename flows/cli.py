@@ -249,12 +249,28 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """One JSON object per line: each command with its journal."""
+    """One JSON object per line: by default each command with its journal;
+    ``--format chat | preference`` the data set shapes of flows.datasets."""
+    from flows import datasets
+
     with _closing(_open_store(args)) as store:
-        for command in store.list(args.state or None):
-            record = command.to_json()
-            record["events"] = [e.to_json() for e in store.history(command.id)]
-            print(json.dumps(record, ensure_ascii=False))
+        after = datasets.since(args.since) if args.since else None
+        states = args.state or (["done"] if args.format != "commands" else None)
+        flow_ids: list[str | None] = [None]
+        if args.flow:
+            flow_ids = [f.id for f in store.flows() if args.flow in (f.id, f.name)]
+        for flow_id in flow_ids:
+            for command in store.list(states, adapter=args.adapter, flow_id=flow_id, since=after):
+                line: dict[str, Any] | None
+                if args.format == "chat":
+                    line = datasets.chat_line(command)
+                elif args.format == "preference":
+                    line = datasets.preference_line(command, store.history(command.id))
+                else:
+                    line = command.to_json()
+                    line["events"] = [e.to_json() for e in store.history(command.id)]
+                if line is not None:
+                    print(json.dumps(line, ensure_ascii=False))
     return 0
 
 
@@ -519,7 +535,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("stats", cmd_stats, "counts by state; tokens and cost by adapter, flow and day")
 
     p = add("export", cmd_export, "every command with its journal, one JSON object a line")
-    p.add_argument("--state", action="append", help="only these states (repeatable)")
+    p.add_argument(
+        "--format",
+        choices=("commands", "chat", "preference"),
+        default="commands",
+        help="commands (default: each command and its journal); chat (messages then the "
+        "reply, for fine-tuning); preference (prompt/chosen/rejected from editor corrections)",
+    )
+    p.add_argument(
+        "--state", action="append", help="only these states (repeatable; chat/preference: done)"
+    )
+    p.add_argument("--since", default=None, help="only calls made since: 7d, 12h, an ISO date")
+    p.add_argument("--adapter", default=None, help="only this adapter's calls")
+    p.add_argument("--flow", default=None, help="only this flow's calls (its id or its name)")
 
     p = add("prune", cmd_prune, "delete finished commands older than an age")
     p.add_argument("--older-than", type=duration, required=True, help="e.g. 30d, 12h")
