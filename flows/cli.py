@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -25,6 +25,7 @@ from adapters import config
 from adapters.base import Adapter
 from adapters.human import HumanAdapter
 from adapters.scripted import ScriptedAdapter
+from flows.checks import UnknownCheck
 from flows.engine import default_db_path, open_engine
 from flows.errors import IllegalTransition, StoreError, UnknownCommand
 from flows.render import COMMAND_HEADERS, command_rows, show, table
@@ -370,6 +371,82 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+EVAL_HEADERS: Final = (
+    *("adapter", "items", "passed", "pass rate", "cost $"),
+    *("p50 s", "p95 s", "retries", "dead"),
+)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Run a data set on each adapter, judge each reply, a table per adapter."""
+    from flows import evaluate
+
+    items, digest = evaluate.load_dataset(Path(args.dataset))
+    adapters = list(dict.fromkeys(args.adapter))
+    key = evaluate.run_key(digest, adapters, args.check)
+    return trio.run(_eval, args, items, adapters, key, _adapters(args))
+
+
+async def _eval(
+    args: argparse.Namespace, items: list[Any], names: list[str], key: str, adapters: list[Adapter]
+) -> int:
+    from flows import evaluate
+
+    async with open_engine(args.db, adapters=adapters) as engine:
+        for name in names:
+            if name not in engine.adapters:
+                known = ", ".join(sorted(engine.adapters))
+                raise ValueError(f"no adapter {name!r} (known: {known})")
+        outcomes = await evaluate.evaluate(engine, items, names, args.check, key, args.concurrency)
+    rows = evaluate.summary(outcomes, names)
+    if args.json:
+        _print_json(
+            {
+                "run": key,
+                "check": args.check,
+                "adapters": rows,
+                "items": [
+                    {
+                        "adapter": o.adapter,
+                        "line": o.item.line,
+                        "command_id": o.command.id if o.command else None,
+                        "state": o.command.state if o.command else None,
+                        "reply": o.command.reply.text if o.command and o.command.reply else None,
+                        "expected": o.item.expected,
+                        "score": o.score.to_json() if o.score else None,
+                    }
+                    for o in outcomes
+                ],
+            }
+        )
+        return 0
+
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    print(f"eval run {key} (check {args.check})")
+    print(
+        table(
+            EVAL_HEADERS,
+            [
+                [
+                    r["adapter"],
+                    r["items"],
+                    r["passed"],
+                    f"{r['pass_rate']:.0%}",
+                    f"{r['cost']:.4f}",
+                    seconds(r["p50_latency"]),
+                    seconds(r["p95_latency"]),
+                    r["retries"],
+                    r["dead"],
+                ]
+                for r in rows
+            ],
+        )
+    )
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flows import flowcli
 
@@ -549,6 +626,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="only this adapter's calls")
     p.add_argument("--flow", default=None, help="only this flow's calls (its id or its name)")
 
+    p = add("eval", cmd_eval, "run a JSONL data set on adapters and judge each reply by a check")
+    p.add_argument("dataset", metavar="DATASET.jsonl")
+    p.add_argument(
+        "--adapter", action="append", required=True, help="an adapter to evaluate (repeatable)"
+    )
+    p.add_argument("--check", required=True, help="the registered check that judges a reply")
+    p.add_argument("--concurrency", type=int, default=8, help="items called at once (default 8)")
+
     p = add("prune", cmd_prune, "delete finished commands older than an age")
     p.add_argument("--older-than", type=duration, required=True, help="e.g. 30d, 12h")
     return parser
@@ -583,6 +668,7 @@ USER_ERRORS = (
     IllegalTransition,
     StoreError,
     config.ConfigError,
+    UnknownCheck,
     ValueError,
     OSError,  # a file dovecote may not read or write: one line, not a traceback
 )
