@@ -363,6 +363,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 adapters=_adapters(args),
                 max_frame=args.max_frame,
                 max_outbox=args.max_outbox,
+                final_idle=args.final_idle,
             )
         )
     except ListenError as exc:
@@ -551,6 +552,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=64 * 1024 * 1024,
         metavar="BYTES",
         help="disconnect a client that leaves more than this unread (default 64 MiB)",
+    )
+    p.add_argument(
+        "--final-idle",
+        type=positive_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="a corrected region left alone this long holds its final text (default 60)",
     )
     p.add_argument("--verbose", action="store_true", help="log to stderr")
 
