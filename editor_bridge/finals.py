@@ -95,7 +95,21 @@ class FinalTexts:
 
     async def _write(self) -> None:
         async for command_id, text in self._receive:
-            try:
-                await self.engine.note(command_id, FINAL_TEXT, {"text": text})
-            except Exception:  # one lost event, not the bridge
-                log.exception("could not record the final text of %s", command_id)
+            await self._note(command_id, text)
+
+    async def drain(self) -> None:
+        """Write what is recorded and not yet written, now: a client that
+        goes (and may take the server with it) loses no final text."""
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            while True:
+                try:
+                    command_id, text = self._receive.receive_nowait()
+                except trio.WouldBlock:
+                    return
+                await self._note(command_id, text)
+
+    async def _note(self, command_id: str, text: str) -> None:
+        try:
+            await self.engine.note(command_id, FINAL_TEXT, {"text": text})
+        except Exception:  # one lost event, not the bridge
+            log.exception("could not record the final text of %s", command_id)

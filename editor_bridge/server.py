@@ -221,6 +221,7 @@ class Server:
                 del self.flow_owner[flow_id]
             for uri in session.uris:
                 self._closed(uri)
+            await self.finals.drain()
 
     async def _dispatch(
         self,

@@ -24,6 +24,7 @@ them. Two shapes, one JSON object a line:
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from datetime import datetime
@@ -85,9 +86,12 @@ def since(text: str, now: float | None = None) -> float:
         return now - float(match.group(1)) * _UNITS[match.group(2).lower()]
     stripped = text.strip()
     try:
-        return float(stripped)
+        epoch = float(stripped)
     except ValueError:
         pass
+    else:
+        if math.isfinite(epoch):
+            return epoch
     try:
         return datetime.fromisoformat(stripped.replace("Z", "+00:00")).timestamp()
     except ValueError:
