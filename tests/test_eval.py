@@ -221,3 +221,21 @@ def test_percentile_nearest_rank() -> None:
     assert percentile([3.0], 0.95) == 3.0
     assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
     assert percentile([float(n) for n in range(1, 101)], 0.95) == 95.0
+
+
+def test_the_example_runs_and_a_second_run_calls_nothing(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    env = clean_env(ws.root, DOVECOTE_DB=str(ws.db))
+    env["PATH"] = f"{Path(DOVECOTE).parent}:{env['PATH']}"
+    script = Path(__file__).resolve().parent.parent / "examples" / "eval.sh"
+    runs = [
+        subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=120)
+        for _ in range(2)
+    ]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+        table = run.stdout.splitlines()
+        assert table[3].split()[:4] == ["scripted", "5", "4", "80%"]
+        assert len([line for line in table if line.startswith('{"messages"')]) == 5
+    with closing(sqlite3.connect(ws.db)) as conn:
+        assert conn.execute("SELECT count(*) FROM commands").fetchone() == (5,)
