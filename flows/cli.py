@@ -119,6 +119,16 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 1 up, got {value}")
+    return value
+
+
 # --- commands that look ------------------------------------------------------
 
 
@@ -640,7 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter", action="append", required=True, help="an adapter to evaluate (repeatable)"
     )
     p.add_argument("--check", required=True, help="the registered check that judges a reply")
-    p.add_argument("--concurrency", type=int, default=8, help="items called at once (default 8)")
+    p.add_argument(
+        "--concurrency", type=positive_int, default=8, help="items called at once (default 8)"
+    )
 
     p = add("prune", cmd_prune, "delete finished commands older than an age")
     p.add_argument("--older-than", type=duration, required=True, help="e.g. 30d, 12h")

@@ -34,7 +34,7 @@ import trio
 
 from adapters.base import Request
 from flows import checks
-from flows.records import Command, FlowChange, StateChange
+from flows.records import Command, FlowChange, StateChange, storable
 from flows.runtime import FlowContext, flow
 from flows.states import DONE
 
@@ -57,7 +57,11 @@ def load_dataset(path: Path) -> tuple[list[Item], str]:
     """The items of the data set at ``path`` and its content hash."""
     data = path.read_bytes()
     items: list[Item] = []
-    for number, raw in enumerate(data.decode("utf-8").splitlines(), start=1):
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 (byte {exc.start})") from None
+    for number, raw in enumerate(text.splitlines(), start=1):
         if raw.strip():
             items.append(_item(path, number, raw))
     if not items:
@@ -73,6 +77,10 @@ def _item(path: Path, number: int, raw: str) -> Item:
         raise DatasetError(f"{where}: not JSON: {exc}") from None
     if not isinstance(value, dict):
         raise DatasetError(f"{where}: an item is a JSON object, not {type(value).__name__}")
+    try:
+        storable(value, "the item")
+    except ValueError as exc:
+        raise DatasetError(f"{where}: {exc}") from None
     unknown = set(value) - ITEM_FIELDS
     if unknown:
         raise DatasetError(

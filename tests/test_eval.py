@@ -180,6 +180,8 @@ def test_a_bad_line_is_refused_with_its_number(tmp_path: Path) -> None:
         '{"prompt": "a"\n': "set.jsonl:1: not JSON",
         '{"messages": [{"role": "robot", "content": "x"}]}\n': "set.jsonl:1:",
         "\n\n": "no items",
+        '{"prompt": "a"}\n{"prompt": "\\ud800"}\n': "set.jsonl:2: the item",
+        '{"prompt": "a", "expected": 99999999999999999999}\n': "set.jsonl:1: the item",
     }
     for text, message in cases.items():
         path = ws.root / "set.jsonl"
@@ -239,3 +241,36 @@ def test_the_example_runs_and_a_second_run_calls_nothing(tmp_path: Path) -> None
         assert len([line for line in table if line.startswith('{"messages"')]) == 5
     with closing(sqlite3.connect(ws.db)) as conn:
         assert conn.execute("SELECT count(*) FROM commands").fetchone() == (5,)
+
+
+def test_items_run_concurrently_a_bounded_number_at_once(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    lock, in_flight, most = threading.Lock(), [0], [0]
+
+    def provider(request: Recorded) -> Canned:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        time.sleep(0.3)  # the handler thread holds the request open
+        with lock:
+            in_flight[0] -= 1
+        return answer("x")
+
+    data = dataset(ws, *({"prompt": f"item {n}"} for n in range(7)))
+    with Server(default=provider) as server:
+        cfg = config(ws, server.url)
+        report = ws.json(
+            "eval",
+            data,
+            "--adapter",
+            "p",
+            "--check",
+            "nonempty",
+            "--concurrency",
+            "3",
+            "--config",
+            cfg,
+            EVAL_TEST_KEY=KEY,
+        )
+    assert report["adapters"][0]["passed"] == 7 and len(server.requests) == 7
+    assert most[0] == 3
