@@ -85,7 +85,9 @@ def test_chat_export_one_line_per_done_call_from_scripted_and_a_provider(
             'model = "gpt-4o-mini"\napi_key_env = "NO_SUCH_KEY_VAR"\n',
             Path("dovecote.toml"),
         )
-        provider = build_adapter(config.providers[0], {"NO_SUCH_KEY_VAR": "k"})
+        provider = build_adapter(
+            config.providers[0], {"NO_SUCH_KEY_VAR": "sk-datasets-test-0123456789"}
+        )
         assert provider is not None
 
         async def body() -> None:
