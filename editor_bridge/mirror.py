@@ -153,7 +153,10 @@ class Mirror:
         if document is not None:
             document._moved()
 
-    def change(self, uri: str, version: int, changes: Sequence[Change]) -> Document:
+    def change(
+        self, uri: str, version: int, changes: Sequence[Change], touched: set[str] | None = None
+    ) -> Document:
+        """Apply ``changes``; the keys of the regions they met are added to ``touched``."""
         document = self.get(uri)
         if version <= document.version:
             raise DocumentError(
@@ -173,6 +176,8 @@ class Mirror:
         for change in changes:
             document.rope.replace(change.start, change.end, change.text)
             for key, (start, end) in regions.items():
+                if touched is not None and change.start <= end and start <= change.end:
+                    touched.add(key)
                 regions[key] = move_region(start, end, change)
         document.version = version
         document._moved()

@@ -42,6 +42,7 @@ import trio
 
 from adapters.base import Adapter
 from adapters.human import HumanAdapter
+from editor_bridge.finals import IDLE
 from editor_bridge.framing import DEFAULT_MAX_FRAME
 from editor_bridge.rpc import DEFAULT_MAX_OUTBOX
 from editor_bridge.server import Server
@@ -195,6 +196,7 @@ async def serve(
     max_frame: int = DEFAULT_MAX_FRAME,
     max_outbox: int = DEFAULT_MAX_OUTBOX,
     ready: trio.Event | None = None,
+    final_idle: float = IDLE,
 ) -> None:
     specs = [parse_listen(s, allow_remote) for s in listen]
     with ExitStack() as cleanup:
@@ -202,7 +204,13 @@ async def serve(
         token = cleanup.enter_context(held_token(token_path(db))) if specs else None
         listeners = [one for spec in specs for one in await _listen(spec, cleanup)]
         async with open_engine(db, adapters=[*adapters, HumanAdapter()]) as engine:
-            server = Server(engine, token=token, max_frame=max_frame, max_outbox=max_outbox)
+            server = Server(
+                engine,
+                token=token,
+                max_frame=max_frame,
+                max_outbox=max_outbox,
+                final_idle=final_idle,
+            )
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.run)
                 await nursery.start(_until_signalled, nursery.cancel_scope)

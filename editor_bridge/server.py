@@ -38,6 +38,7 @@ import trio
 from adapters.base import Request
 from adapters.human import HumanAdapter
 from editor_bridge import wire
+from editor_bridge.finals import IDLE, FinalTexts
 from editor_bridge.framing import DEFAULT_MAX_FRAME
 from editor_bridge.mirror import Document, DocumentError, Mirror, edits_between, rebase
 from editor_bridge.rpc import (
@@ -124,6 +125,7 @@ class Server:
         document_wait: float = 30.0,
         max_frame: int = DEFAULT_MAX_FRAME,
         max_outbox: int = DEFAULT_MAX_OUTBOX,
+        final_idle: float = IDLE,
     ) -> None:
         self.engine = engine
         self.max_frame = max_frame
@@ -134,6 +136,7 @@ class Server:
         self.apply_tries = apply_tries
         self.document_wait = document_wait
         self.mirror = Mirror()
+        self.finals = FinalTexts(self.mirror, engine, final_idle)
         self.sessions: list[Session] = []
         self.owner_of: dict[str, Session] = {}
         self.flow_owner: dict[str, Session] = {}
@@ -150,6 +153,7 @@ class Server:
             "document/open": self.document_open,
             "document/change": self.document_change,
             "document/close": self.document_close,
+            "document/save": self.document_save,
             "command/submit": self.command_submit,
             "command/cancel": self.command_cancel,
             "command/reply": self.command_reply,
@@ -178,13 +182,15 @@ class Server:
         never waits (each connection queues what it is sent, bounded in
         bytes, and drops a client that falls behind), so it is never the
         subscription that falls behind because one client does."""
-        with self.engine.subscribe(buffer=math.inf) as notices:
-            task_status.started()
-            async for notice in notices:
-                try:
-                    self._forward(notice)
-                except Exception:  # one notice lost, not every later one
-                    log.exception("could not forward %r", notice)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.finals.run)
+            with self.engine.subscribe(buffer=math.inf) as notices:
+                task_status.started()
+                async for notice in notices:
+                    try:
+                        self._forward(notice)
+                    except Exception:  # one notice lost, not every later one
+                        log.exception("could not forward %r", notice)
 
     async def serve(
         self, receive: trio.abc.ReceiveStream, send: trio.abc.SendStream, *, needs_token: bool
@@ -214,8 +220,8 @@ class Server:
             for flow_id in [i for i, s in self.flow_owner.items() if s is session]:
                 del self.flow_owner[flow_id]
             for uri in session.uris:
-                if not any(uri in s.uris for s in self.sessions):
-                    self.mirror.close(uri)
+                self._closed(uri)
+            await self.finals.drain()
 
     async def _dispatch(
         self,
@@ -366,14 +372,37 @@ class Server:
                 raise RpcError(
                     INVALID_PARAMS, f"document/change: changes[{index}]: {exc}"
                 ) from None
-        self.mirror.change(uri, version, changes)
+        touched: set[str] = set()
+        self.mirror.change(uri, version, changes, touched)
+        if touched:
+            self.finals.touched(touched)
         return None
 
     def document_close(self, session: Session, p: Params) -> Any:
         uri = p.string("uri")
         session.uris.discard(uri)
+        self._closed(uri)
+        return None
+
+    def _closed(self, uri: str) -> None:
+        """A client let ``uri`` go: when it was the last, its corrected
+        regions' texts are final and the mirror forgets the document."""
         if not any(uri in s.uris for s in self.sessions):
+            self.finals.settle(uri)
             self.mirror.close(uri)
+
+    def document_save(self, session: Session, p: Params) -> Any:
+        """The editor saved ``uri``: what its corrected regions hold is what
+        the person kept (journaled as ``final_text``)."""
+        uri = p.string("uri")
+        version = p.integer("version", optional=True)
+        document = self.mirror.get(uri)
+        if version is not None and version > document.version:
+            raise DocumentError(
+                f"document/save: {uri!r} is at version {document.version}, not {version}: "
+                "send the changes before saving"
+            )
+        self.finals.settle(uri)
         return None
 
     # --- commands ------------------------------------------------------------
@@ -632,7 +661,8 @@ class Server:
             )
         if policy == "ask" and merge.conflicts:
             self._keep(command.id, snapshot.uri, snapshot.id, merge.text, merge.conflicts)
-        self.mirror.untrack(snapshot.uri, snapshot.id)
+        # Still live: what the person keeps of it is recorded later (finals).
+        self.finals.watch(snapshot.id, command.id, snapshot.uri)
         return outcome
 
     async def _region(self, snapshot: Snapshot) -> tuple[Document, tuple[int, int]]:

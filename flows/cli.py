@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import trio
@@ -27,6 +27,7 @@ from adapters.base import Adapter
 from adapters.human import HumanAdapter
 from adapters.scripted import ScriptedAdapter
 from flows import budget
+from flows.checks import UnknownCheck
 from flows.engine import default_db_path, open_engine
 from flows.errors import IllegalTransition, StoreError, UnknownCommand
 from flows.render import COMMAND_HEADERS, command_rows, show, table
@@ -126,6 +127,16 @@ def positive_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 1 up, got {value}")
     return value
 
 
@@ -298,12 +309,28 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """One JSON object per line: each command with its journal."""
+    """One JSON object per line: by default each command with its journal;
+    ``--format chat | preference`` the data set shapes of flows.datasets."""
+    from flows import datasets
+
     with _closing(_open_store(args)) as store:
-        for command in store.list(args.state or None):
-            record = command.to_json()
-            record["events"] = [e.to_json() for e in store.history(command.id)]
-            print(json.dumps(record, ensure_ascii=False))
+        after = datasets.since(args.since) if args.since else None
+        states = args.state or (["done"] if args.format != "commands" else None)
+        flow_ids: list[str | None] = [None]
+        if args.flow:
+            flow_ids = [f.id for f in store.flows() if args.flow in (f.id, f.name)]
+        for flow_id in flow_ids:
+            for command in store.list(states, adapter=args.adapter, flow_id=flow_id, since=after):
+                line: dict[str, Any] | None
+                if args.format == "chat":
+                    line = datasets.chat_line(command)
+                elif args.format == "preference":
+                    line = datasets.preference_line(command, store.history(command.id))
+                else:
+                    line = command.to_json()
+                    line["events"] = [e.to_json() for e in store.history(command.id)]
+                if line is not None:
+                    print(json.dumps(line, ensure_ascii=False))
     return 0
 
 
@@ -431,11 +458,88 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 adapters=_adapters(args),
                 max_frame=args.max_frame,
                 max_outbox=args.max_outbox,
+                final_idle=args.final_idle,
             )
         )
     except ListenError as exc:
         print(f"dovecote serve: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+EVAL_HEADERS: Final = (
+    *("adapter", "items", "passed", "pass rate", "cost $"),
+    *("p50 s", "p95 s", "retries", "dead"),
+)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Run a data set on each adapter, judge each reply, a table per adapter."""
+    from flows import evaluate
+
+    items, digest = evaluate.load_dataset(Path(args.dataset))
+    adapters = list(dict.fromkeys(args.adapter))
+    key = evaluate.run_key(digest, adapters, args.check)
+    return trio.run(_eval, args, items, adapters, key, _adapters(args))
+
+
+async def _eval(
+    args: argparse.Namespace, items: list[Any], names: list[str], key: str, adapters: list[Adapter]
+) -> int:
+    from flows import evaluate
+
+    async with open_engine(args.db, adapters=adapters) as engine:
+        for name in names:
+            if name not in engine.adapters:
+                known = ", ".join(sorted(engine.adapters))
+                raise ValueError(f"no adapter {name!r} (known: {known})")
+        outcomes = await evaluate.evaluate(engine, items, names, args.check, key, args.concurrency)
+    rows = evaluate.summary(outcomes, names)
+    if args.json:
+        _print_json(
+            {
+                "run": key,
+                "check": args.check,
+                "adapters": rows,
+                "items": [
+                    {
+                        "adapter": o.adapter,
+                        "line": o.item.line,
+                        "command_id": o.command.id if o.command else None,
+                        "state": o.command.state if o.command else None,
+                        "reply": o.command.reply.text if o.command and o.command.reply else None,
+                        "expected": o.item.expected,
+                        "score": o.score.to_json() if o.score else None,
+                    }
+                    for o in outcomes
+                ],
+            }
+        )
+        return 0
+
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    print(f"eval run {key} (check {args.check})")
+    print(
+        table(
+            EVAL_HEADERS,
+            [
+                [
+                    r["adapter"],
+                    r["items"],
+                    r["passed"],
+                    f"{r['pass_rate']:.0%}",
+                    f"{r['cost']:.4f}",
+                    seconds(r["p50_latency"]),
+                    seconds(r["p95_latency"]),
+                    r["retries"],
+                    r["dead"],
+                ]
+                for r in rows
+            ],
+        )
+    )
     return 0
 
 
@@ -544,6 +648,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="disconnect a client that leaves more than this unread (default 64 MiB)",
     )
+    p.add_argument(
+        "--final-idle",
+        type=positive_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="a corrected region left alone this long holds its final text (default 60)",
+    )
     p.add_argument("--verbose", action="store_true", help="log to stderr")
 
     add("adapters", cmd_adapters, "list configured adapters and whether their keys are set")
@@ -608,7 +719,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add("export", cmd_export, "every command with its journal, one JSON object a line")
-    p.add_argument("--state", action="append", help="only these states (repeatable)")
+    p.add_argument(
+        "--format",
+        choices=("commands", "chat", "preference"),
+        default="commands",
+        help="commands (default: each command and its journal); chat (messages then the "
+        "reply, for fine-tuning); preference (prompt/chosen/rejected from editor corrections)",
+    )
+    p.add_argument(
+        "--state", action="append", help="only these states (repeatable; chat/preference: done)"
+    )
+    p.add_argument("--since", default=None, help="only calls made since: 7d, 12h, an ISO date")
+    p.add_argument("--adapter", default=None, help="only this adapter's calls")
+    p.add_argument("--flow", default=None, help="only this flow's calls (its id or its name)")
+
+    p = add("eval", cmd_eval, "run a JSONL data set on adapters and judge each reply by a check")
+    p.add_argument("dataset", metavar="DATASET.jsonl")
+    p.add_argument(
+        "--adapter", action="append", required=True, help="an adapter to evaluate (repeatable)"
+    )
+    p.add_argument("--check", required=True, help="the registered check that judges a reply")
+    p.add_argument(
+        "--concurrency", type=positive_int, default=8, help="items called at once (default 8)"
+    )
 
     p = add("cache", cmd_cache, "the response cache: stats, or clear entries")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -651,6 +784,7 @@ USER_ERRORS = (
     IllegalTransition,
     StoreError,
     config.ConfigError,
+    UnknownCheck,
     ValueError,
     OSError,  # a file dovecote may not read or write: one line, not a traceback
 )

@@ -117,6 +117,7 @@ from flows.store import (
     CountCacheHit,
     Insert,
     Move,
+    Note,
     Operation,
     ReleaseLeases,
     RenewFlowLeases,
@@ -499,6 +500,12 @@ class Engine:
                 in_flight[1].cancel()
             self.spawn(self._complete, replied)
             return Delivery(accepted=True, late=False)
+
+    async def note(self, command_id: str, event: str, detail: Any = None) -> Event:
+        """Journal ``event`` on a command without moving it (the bridge's
+        ``final_text``): a fact about the call, kept with its history."""
+        event_row: Event = await self._committer.commit(Note(command_id, event, self.now(), detail))
+        return event_row
 
     async def cancel(self, command_id: str) -> Command:
         """Cancel a ``pending`` or ``sent`` command (its send is cancelled)."""

@@ -331,6 +331,28 @@ def _compare_and_set(cursor: sqlite3.Cursor, before: Command, after: Command, ev
 
 
 @attrs.frozen
+class Note:
+    """A journal row about a command that moves nothing: its state is the
+    same before and after (``from_state = to_state``), e.g. ``final_text``,
+    the person's text of a corrected region. The command must exist."""
+
+    command_id: str
+    event: str
+    at: float
+    detail: Any = None
+
+    def apply(self, cursor: sqlite3.Cursor) -> Event:
+        row = cursor.execute(
+            "SELECT state, flow_id FROM commands WHERE id = ?", (self.command_id,)
+        ).fetchone()
+        if row is None:
+            raise UnknownCommand(self.command_id)
+        return _journal(
+            cursor, self.command_id, row[1], self.at, row[0], row[0], self.event, self.detail
+        )
+
+
+@attrs.frozen
 class TakeOver:
     """Become the owner of a command another engine left behind, without
     changing its state (a ``replied`` command whose handler must run again)."""
@@ -617,6 +639,7 @@ Operation = (
     | Insert
     | Move
     | Chain
+    | Note
     | TakeOver
     | AddLateReply
     | UseLateReply
@@ -1163,8 +1186,13 @@ class Store:
         adapter: str | None = None,
         reason: str | None = None,
         newest_first: bool = False,
+        since: float | None = None,
     ) -> builtins.list[Command]:
+        """Commands in ``states``, by id; ``since``: created at or after it."""
         where, params = self._filters(states, flow_id=flow_id, adapter=adapter, reason=reason)
+        if since is not None:
+            where += (" AND " if where else " WHERE ") + "created_at >= ?"
+            params.append(since)
         sql = f"SELECT * FROM commands{where} ORDER BY id {'DESC' if newest_first else 'ASC'}"
         if limit is not None:
             sql += " LIMIT ?"

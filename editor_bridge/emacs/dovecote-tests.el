@@ -922,6 +922,44 @@ without waiting for the server; a wrong server is reported once."
                   (should (string-match-p (regexp-quote dead) (buffer-string))))))))
       (delete-directory project t))))
 
+;;;; Issue 18: what the person kept is journaled when the file is saved
+
+(defun dovecote-test--final-texts ()
+  "Return the details of every `final_text' event the server journaled."
+  (let (found)
+    (dolist (command (append (plist-get (jsonrpc-request (dovecote--live)
+                                                         'command/list nil)
+                                        :commands)
+                             nil))
+      (dolist (event (append (plist-get (jsonrpc-request
+                                         (dovecote--live) 'command/show
+                                         (list :commandId (plist-get command :id)))
+                                        :events)
+                             nil))
+        (when (equal (plist-get event :event) "final_text")
+          (push (plist-get event :detail) found))))
+    found))
+
+(ert-deftest dovecote-test-save-records-the-final-text ()
+  "Saving a corrected file journals what the person kept of the region.
+The save sends document/save; the region's text then is the call's
+`final_text' event."
+  (dovecote-test--with-server
+    (let ((file (expand-file-name "kept.txt" dovecote-test--directory)))
+      (with-temp-file file (insert "Teh garden is wierd.\n"))
+      (with-current-buffer (find-file-noselect file)
+        (rename-buffer "*dovecote-test kept*")
+        (dovecote-mode 1)
+        (dovecote-test--wait-until (dovecote--opened-p))
+        (dovecote-correct-region (point-min) (point-max))
+        (dovecote-test--wait-until (equal (buffer-string) "The garden is weird.\n"))
+        (dovecote-test--wait-until (zerop (dovecote-pending-count)))
+        (should-not (dovecote-test--final-texts))
+        (dovecote-test--replace "garden" "yard")
+        (save-buffer)
+        (should (equal (dovecote-test--wait-until (dovecote-test--final-texts))
+                       '((:text "The yard is weird.\n"))))))))
+
 ;;;; Issue 14: the invariant through kill and reopen, and revert
 
 (ert-deftest dovecote-test-kill-and-reopen-while-pending ()

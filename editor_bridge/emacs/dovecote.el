@@ -605,6 +605,14 @@ Offsets are code points from the start of the whole buffer."
                       (list :uri dovecote--uri))))
   (setq dovecote--opened nil))
 
+(defun dovecote--save ()
+  "Tell the server the current buffer was saved.
+What its corrected regions hold now is what the person kept."
+  (when (and dovecote--uri (dovecote--opened-p))
+    (ignore-errors
+      (jsonrpc-notify dovecote--opened 'document/save
+                      (list :uri dovecote--uri :version dovecote--version)))))
+
 (defun dovecote--replace (start end text)
   "Replace the text from START to END with TEXT, moving markers sensibly.
 The server hears of it as one replacement, not as an insertion and a
@@ -1374,6 +1382,7 @@ the server is not connected."
                   dovecote--opened nil)
             (add-hook 'after-change-functions #'dovecote--after-change nil t)
             (add-hook 'kill-buffer-hook #'dovecote--close nil t)
+            (add-hook 'after-save-hook #'dovecote--save nil t)
             (add-hook 'change-major-mode-hook
                       #'dovecote--before-major-mode-change nil t)
             ;; Never waits for the server: it is started in the
@@ -1386,6 +1395,7 @@ the server is not connected."
     (dovecote--close)
     (remove-hook 'after-change-functions #'dovecote--after-change t)
     (remove-hook 'kill-buffer-hook #'dovecote--close t)
+    (remove-hook 'after-save-hook #'dovecote--save t)
     (remove-hook 'change-major-mode-hook #'dovecote--before-major-mode-change t)
     (setq dovecote--uri nil)))
 

@@ -586,6 +586,37 @@ test("a_file_reloaded_while_pending", function()
   eq("New head.\nThe end.\nnew tail", T.text(b), "merged into the reloaded text")
 end)
 
+test("a_save_records_what_the_person_kept", function()
+  local connection = require("dovecote.connection")
+  local path = T.tmp .. "/kept.txt"
+  vim.fn.writefile({ "Teh garden is wierd." }, path)
+  vim.cmd("edit " .. path)
+  local b = vim.api.nvim_get_current_buf()
+  T.correct(b, "Teh", "wierd.")
+  T.settle()
+  eq("The garden is weird.", T.text(b), "corrected")
+  local function kept()
+    local found = {}
+    local listed = assert(connection.request_sync("command/list", { states = { "done" } }))
+    for _, command in ipairs(listed.commands) do
+      local shown = assert(connection.request_sync("command/show", { commandId = command.id }))
+      for _, event in ipairs(shown.events) do
+        if event.event == "final_text" then
+          found[#found + 1] = event.detail.text
+        end
+      end
+    end
+    return found
+  end
+  eq({}, kept(), "nothing recorded before the save")
+  T.replace(b, "garden", "yard")
+  vim.cmd("silent write")
+  T.wait_for(function()
+    return #kept() > 0
+  end, "the final text")
+  eq({ "The yard is weird." }, kept(), "what the person kept")
+end)
+
 -- The randomized editing property ------------------------------------------
 --
 -- A person edits at random (insertions, deletions, replacements before,

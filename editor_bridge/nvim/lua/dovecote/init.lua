@@ -285,6 +285,15 @@ local function attach_buffer(bufnr, version)
       end)
     end,
   })
+  -- Saved: what the corrected regions hold is what the person kept.
+  api.nvim_create_autocmd("BufWritePost", {
+    buffer = bufnr,
+    callback = function()
+      if docs[bufnr] == doc and doc.opened == connection.generation() then
+        connection.notify("document/save", { uri = doc.uri, version = doc.version })
+      end
+    end,
+  })
   open(doc)
   return doc
 end
