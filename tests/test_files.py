@@ -78,7 +78,7 @@ LOOKS = (["pending"], ["dead"], ["stats"], ["export"], ["flow", "list"], ["cache
 AS_USER = f"""
 import contextlib, io, json, os, sys
 import sqlite3, sqlite_utils
-import flows.cli, flows.flowcli
+import flows.cli, flows.datasets, flows.flowcli  # imported before the user cannot read them
 sqlite_utils.Database(sqlite3.connect(":memory:"))  # its plugins load lazily, from the venv
 db, user = sys.argv[1], int(sys.argv[2])
 os.setgroups([])
