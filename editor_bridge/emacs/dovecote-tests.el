@@ -737,8 +737,11 @@ The text stays, the highlight goes, the mode line says none pending."
       (dovecote-test--wait-until (zerop (dovecote-pending-count)))
       (pcase-let ((`(,start . ,end) (dovecote-test--region "#hang" "hung.")))
         (dovecote-correct-region start end))
+      ;; Its step is out and the flow waits on it (its flow/state may come
+      ;; after the step's command/state).
       (dovecote-test--wait-until
-        (cl-some (lambda (info) (plist-get info :command))
+        (cl-some (lambda (info) (and (plist-get info :command)
+                                     (equal (plist-get info :state) "waiting")))
                  (hash-table-values dovecote--flows)))
       (let ((source (current-buffer)))
         (with-current-buffer (dovecote-list-commands)
