@@ -23,13 +23,11 @@ from typing import Any, Final
 
 import attrs
 
+from flows.records import INT64_MAX, INT64_MIN  # what an SQLite INTEGER holds
+
 MAX_DEPTH: Final = 64
 """Arrays and objects inside each other, the message itself counting as one:
 far more than any method's params need, far less than the stack allows."""
-INT_MIN: Final = -(2**63)
-INT_MAX: Final = 2**63 - 1
-"""What an SQLite INTEGER holds: a version, a limit, an offset past these
-cannot be stored, compared or bound."""
 UNICODE: Final = "text must be valid Unicode (no lone surrogates)"
 _RANGE: Final = "integers must fit in 64 bits (-2**63 to 2**63 - 1)"
 
@@ -45,7 +43,7 @@ _QUICK_LOOK_BYTES: Final = 4096
 alternatives, scanned byte by byte, which on megabytes costs more than the
 walk (and holds the interpreter, in a worker thread too)."""
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
-_LONGEST_INT: Final = len(str(INT_MIN))
+_LONGEST_INT: Final = len(str(INT64_MIN))
 
 
 class _Huge:
@@ -167,7 +165,7 @@ def _scalar(value: Any, surrogates: bool) -> None:
         if surrogates and not value.isascii() and _SURROGATE.search(value):
             raise Refused(UNICODE)
     elif kind is int:
-        if not INT_MIN <= value <= INT_MAX:
+        if not INT64_MIN <= value <= INT64_MAX:
             raise Refused(_RANGE)
     elif kind is float:
         if not math.isfinite(value):
