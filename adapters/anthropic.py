@@ -46,7 +46,7 @@ from adapters._http import (
     parse_json,
     strip_slash,
 )
-from adapters.base import PermanentError, Reply, Request, Usage
+from adapters.base import PermanentError, Reply, Request, Usage, positive_int
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 API_VERSION = "2023-06-01"
@@ -106,11 +106,6 @@ def _schema_tool(response_format: Any) -> dict[str, Any] | None:
     }
 
 
-def _positive(instance: Any, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{attribute.name} must be a positive integer, not {value!r}")
-
-
 @attrs.define(eq=False)
 class AnthropicAdapter(HttpAdapter):
     """``AnthropicAdapter(settings, *, model, base_url=DEFAULT_BASE_URL,
@@ -122,7 +117,7 @@ class AnthropicAdapter(HttpAdapter):
     base_url: str = attrs.field(default=DEFAULT_BASE_URL, kw_only=True, converter=strip_slash)
     model: str = attrs.field(kw_only=True, validator=attrs.validators.instance_of(str))
     default_max_tokens: int = attrs.field(
-        default=DEFAULT_MAX_TOKENS, kw_only=True, validator=_positive
+        default=DEFAULT_MAX_TOKENS, kw_only=True, validator=positive_int
     )
 
     def endpoint(self) -> str:

@@ -52,11 +52,15 @@ def _check_messages(
         raise ValueError("a request needs at least one message")
 
 
-def _optional_positive_int(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is None:
-        return
+def positive_int(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """attrs validator: an integer above 0 (a bool is not one)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{attribute.name} must be a positive integer, not {value!r}")
+
+
+def _optional_positive_int(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        positive_int(instance, attribute, value)
 
 
 def _optional_temperature(instance: Request, attribute: attrs.Attribute[Any], value: Any) -> None:

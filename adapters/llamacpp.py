@@ -57,6 +57,7 @@ from adapters.base import (
     Request,
     RetryableError,
     SendContext,
+    positive_int,
 )
 from adapters.openai import OpenAIAdapter
 
@@ -118,11 +119,6 @@ def _model_path(value: str | os.PathLike[str] | None) -> Path | None:
     return None if value is None else Path(value).expanduser()
 
 
-def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{attribute.name} must be a positive integer, not {value!r}")
-
-
 @attrs.frozen
 class RunningServer:
     """One started server: its process, its address, and the OpenAI adapter
@@ -150,9 +146,9 @@ class LlamaCppAdapter:
 
     settings: AdapterSettings
     model_path: Path | None = attrs.field(default=None, kw_only=True, converter=_model_path)
-    n_ctx: int = attrs.field(default=DEFAULT_N_CTX, kw_only=True, validator=_positive)
-    threads: int = attrs.field(factory=default_threads, kw_only=True, validator=_positive)
-    parallel: int = attrs.field(default=DEFAULT_PARALLEL, kw_only=True, validator=_positive)
+    n_ctx: int = attrs.field(default=DEFAULT_N_CTX, kw_only=True, validator=positive_int)
+    threads: int = attrs.field(factory=default_threads, kw_only=True, validator=positive_int)
+    parallel: int = attrs.field(default=DEFAULT_PARALLEL, kw_only=True, validator=positive_int)
     stream: bool = attrs.field(default=True, kw_only=True)
     log_path: Path = attrs.field(
         default=attrs.Factory(
