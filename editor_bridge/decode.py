@@ -31,7 +31,8 @@ far more than any method's params need, far less than the stack allows."""
 UNICODE: Final = "text must be valid Unicode (no lone surrogates)"
 _RANGE: Final = "integers must fit in 64 bits (-2**63 to 2**63 - 1)"
 
-_ESCAPED_SURROGATE: Final = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+ESCAPED_SURROGATE: Final = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+"""In a body: the escape that may spell a lone surrogate."""
 _MAY_REFUSE: Final = re.compile(rb"\\u[dD][89abcdefABCDEF]|[0-9]{19}|[eE][+-]?[0-9]{3}")
 """What a body must hold for ``check`` to find anything: a surrogate's
 escape, an integer of 19 digits or more (or a float that many digits long:
@@ -42,7 +43,8 @@ _QUICK_LOOK_BYTES: Final = 4096
 """Only small bodies get the quick look: it is a regular expression of
 alternatives, scanned byte by byte, which on megabytes costs more than the
 walk (and holds the interpreter, in a worker thread too)."""
-_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+SURROGATE: Final = re.compile("[\ud800-\udfff]")
+"""In a decoded string: a lone surrogate (a valid pair decodes to one code point)."""
 _LONGEST_INT: Final = len(str(INT64_MIN))
 
 
@@ -126,7 +128,7 @@ def decode(body: bytes) -> Decoded:
         or body.count(b"[") + body.count(b"{") >= MAX_DEPTH
     ):
         try:
-            check(value, surrogates=_ESCAPED_SURROGATE.search(body) is not None)
+            check(value, surrogates=ESCAPED_SURROGATE.search(body) is not None)
         except Refused as refused:
             return Decoded(value, refused=refused)
     return Decoded(value)
@@ -148,7 +150,7 @@ def check(value: Any, *, surrogates: bool = True, depth: int = 1) -> None:
         raise Refused(f"nested deeper than {MAX_DEPTH} levels")
     for key, item in items:
         try:
-            if surrogates and type(key) is str and _SURROGATE.search(key):
+            if surrogates and type(key) is str and SURROGATE.search(key):
                 raise Refused(UNICODE + " in a key")
             if type(item) is dict or type(item) is list:
                 check(item, surrogates=surrogates, depth=depth + 1)
@@ -162,7 +164,7 @@ def check(value: Any, *, surrogates: bool = True, depth: int = 1) -> None:
 def _scalar(value: Any, surrogates: bool) -> None:
     kind = type(value)
     if kind is str:
-        if surrogates and not value.isascii() and _SURROGATE.search(value):
+        if surrogates and not value.isascii() and SURROGATE.search(value):
             raise Refused(UNICODE)
     elif kind is int:
         if not INT64_MIN <= value <= INT64_MAX:

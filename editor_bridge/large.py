@@ -29,7 +29,14 @@ from typing import Any, Final
 
 import trio
 
-from editor_bridge.decode import UNICODE, Decoded, Refused, decode
+from editor_bridge.decode import (
+    ESCAPED_SURROGATE,
+    SURROGATE,
+    UNICODE,
+    Decoded,
+    Refused,
+    decode,
+)
 
 LARGE_STRING: Final = 64 * 1024
 """Bytes of one string literal from which it is decoded apart, in pieces."""
@@ -47,8 +54,6 @@ whole, so a match never ends between a backslash and what it escapes
 _KEY: Final = re.compile(rb"[ \t\r\n]*+:")
 """What follows a string that is an object's key (kept in the skeleton)."""
 _ESCAPE_TAIL: Final = frozenset(b'\\"/bfnrtu0123456789abcdefABCDEF')
-_ESCAPED_SURROGATE: Final = re.compile(rb"\\u[dD][89abcdefABCDEF]")
-_LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 _strings: Final = json.JSONDecoder()
 
 
@@ -148,7 +153,7 @@ async def _string(body: bytes, start: int, end: int) -> str | Refused:
             ) from None
         except ValueError as exc:
             raise _Bad(f"not valid JSON: {exc}") from None
-        if _ESCAPED_SURROGATE.search(raw) and _LONE_SURROGATE.search(piece):
+        if ESCAPED_SURROGATE.search(raw) and SURROGATE.search(piece):
             return Refused(UNICODE)
         pieces.append(piece)
         await trio.lowlevel.checkpoint()

@@ -42,13 +42,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
 from collections.abc import Awaitable, Callable, Container
 from typing import Any, Final
 
 import trio
 
-from editor_bridge.decode import Decoded, Refused, check, decode
+from editor_bridge.decode import SURROGATE, Decoded, Refused, check, decode
 from editor_bridge.framing import DEFAULT_MAX_FRAME, FrameReader, encode
 from editor_bridge.large import decode_large
 
@@ -259,11 +258,11 @@ class Connection:
         method = message.get("method")
         log.warning("notification %r refused: %s", method, error.message)
         refused: dict[str, Any] = {"code": error.code, "message": error.message}
-        if isinstance(method, str) and not _SURROGATE.search(method):
+        if isinstance(method, str) and not SURROGATE.search(method):
             refused["method"] = method
         params = message.get("params")
         uri = params.get("uri") if isinstance(params, dict) else None
-        if isinstance(uri, str) and not _SURROGATE.search(uri):
+        if isinstance(uri, str) and not SURROGATE.search(uri):
             refused["uri"] = uri  # which document to re-open
         self.notify("server/error", refused)
 
@@ -420,9 +419,6 @@ class Connection:
         return answer.get("result")
 
 
-_SURROGATE: Final = re.compile("[\ud800-\udfff]")
-
-
 def _encode(message: dict[str, Any]) -> bytes:
     """``encode``, made safe for what came from inside: a lone surrogate (a
     provider's reply may hold one) is sent as U+FFFD rather than failing the
@@ -441,7 +437,7 @@ def _encode(message: dict[str, Any]) -> bytes:
 
 def _replace_surrogates(value: Any) -> Any:
     if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value)
+        return SURROGATE.sub("\ufffd", value)
     if isinstance(value, dict):
         return {_replace_surrogates(k): _replace_surrogates(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
