@@ -106,6 +106,20 @@ COMMAND_TRANSITIONS: Final[Mapping[str, Mapping[str, str]]] = {
     CANCELLED: {},
 }
 
+# What a state means for the columns that say who holds a command.
+#
+# A *leased* command is held by one engine (``owner``) until ``lease_until``:
+# its send is in flight or its reply handler runs, and another engine may take
+# it over only once the lease has run out (or its owner is known dead).
+# Entering any other state hands the command back: owner and lease are
+# cleared, so that no stale lease outlives the state that needed it. Entering
+# a terminal state stamps ``finished_at``.
+LEASED_STATES: Final = frozenset({SENT, REPLIED})
+CANCELLABLE_STATES: Final = frozenset(
+    s for s, moves in COMMAND_TRANSITIONS.items() if CANCEL in moves
+)
+LIVE_STATES: Final = frozenset(COMMAND_STATES) - TERMINAL_STATES
+
 # States of a flow.
 RUNNING: Final = "running"
 WAITING: Final = "waiting"
@@ -157,6 +171,13 @@ class IllegalTransition(Exception):
         self.command_id = command_id
         self.state = state
         self.event = event
+
+
+class LostRace(IllegalTransition):
+    """A move the table allows, refused because the row was no longer in the
+    state it was read in: another task or engine moved it first. Expected
+    wherever two writers may meet (a reply racing a timeout, two engines
+    taking over one lease); nothing was changed."""
 
 
 def next_state(
