@@ -70,6 +70,7 @@ from flows.store import (
     MoveFlow,
     Operation,
     RecordStep,
+    TakeOverFlow,
     owner_is_gone,
 )
 
@@ -515,10 +516,7 @@ class FlowRunner:
 
     async def record(self, step: FlowStep) -> None:
         flow = self.get(step.flow_id)
-        moved = attrs.evolve(flow, step=step.step, updated_at=self.engine.now())
-        await self.engine.committer.commit_together(
-            [RecordStep(step), MoveFlow(flow, moved, "record")]
-        )
+        await self.engine.committer.commit(RecordStep(step, flow))
 
     async def follow(
         self, flow: Flow, what: str, command: Command, step: int | None = None
@@ -579,10 +577,13 @@ class FlowRunner:
         for flow in self.engine.store.abandoned_flows(self.engine.owner, now, owner_is_gone):
             if not isinstance(REGISTRY.get(flow.name), ScriptedFlow) or flow.id in self._tasks:
                 continue
-            mine = attrs.evolve(flow, owner=self.engine.owner, lease_until=now + self.engine.lease)
+            until = now + self.engine.lease
+            mine = attrs.evolve(flow, owner=self.engine.owner, lease_until=until, updated_at=now)
             try:
-                await self.engine.committer.commit(MoveFlow(flow, mine, "take over"))
-            except LostRace:
+                await self.engine.committer.commit(
+                    TakeOverFlow(flow, self.engine.owner, until, now)
+                )
+            except LostRace:  # another engine took it first
                 continue
             taken += 1
             self.engine.spawn(self._run, mine)
