@@ -45,6 +45,7 @@ import functools
 import json
 import operator
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -154,7 +155,8 @@ def state_in(states: Iterable[str]) -> str:
     uses a partial index only for a query whose WHERE clause contains the
     index's own terms (a bound parameter is not one, nor is ``IN`` for ``=``)."""
     names = sorted(states)
-    assert names and all(name.isidentifier() for name in names), names  # our constants
+    if not names or not all(re.fullmatch("[a-z_]+", name) for name in names):
+        raise ValueError(f"not a set of state names: {names!r}")
     if len(names) == 1:
         return f"state = '{names[0]}'"
     return "state IN (" + ", ".join(f"'{name}'" for name in names) + ")"
@@ -464,12 +466,18 @@ def _note(cursor: _Batch, op: Note) -> Event:
     return _journal(cursor, op.command_id, row[1], op.at, row[0], row[0], op.event, op.detail)
 
 
+def _journal_take_over(cursor: _Batch, op: TakeOver | TakeOverFlow) -> Event:
+    """A take-over's journal row: a note (the state stays), naming the
+    previous and the new owner."""
+    b = op.before
+    command_id, flow_id = (None, b.id) if isinstance(b, Flow) else (b.id, b.flow_id)
+    who = {"from": b.owner, "to": op.owner}
+    return _journal(cursor, command_id, flow_id, op.at, b.state, b.state, TAKE_OVER, who)
+
+
 def _take_over(cursor: _Batch, op: TakeOver) -> Event:
     b = op.before
-    at = time.time() if op.at is None else op.at
-    event = _journal(
-        cursor, b.id, b.flow_id, at, b.state, b.state, TAKE_OVER, {"from": b.owner, "to": op.owner}
-    )
+    event = _journal_take_over(cursor, op)
     cursor.execute(
         "UPDATE commands SET owner = ?, lease_until = ? "
         "WHERE id = ? AND state = ? AND attempt = ? AND owner IS ?",
@@ -482,9 +490,7 @@ def _take_over(cursor: _Batch, op: TakeOver) -> Event:
 
 def _take_over_flow(cursor: _Batch, op: TakeOverFlow) -> Event:
     b = op.before
-    event = _journal(
-        cursor, None, b.id, op.at, b.state, b.state, TAKE_OVER, {"from": b.owner, "to": op.owner}
-    )
+    event = _journal_take_over(cursor, op)
     cursor.execute(
         "UPDATE flows SET owner = ?, lease_until = ?, updated_at = ? "
         "WHERE id = ? AND state = ? AND owner IS ?",

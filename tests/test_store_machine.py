@@ -477,7 +477,8 @@ class StoreMachine(RuleBasedStateMachine):
         owner = data.draw(st.sampled_from(self.owners), label="owner")
         if data.draw(st.booleans(), label="renew"):
             ids = data.draw(st.sets(st.sampled_from(sorted(self.commands) or ["none"])))
-            self.commit([RenewLeases(owner, self.tick() + LEASE, tuple(sorted(ids)))])
+            at = self.tick()
+            self.commit([RenewLeases(owner, at + LEASE, tuple(sorted(ids)), at)])
         else:
             self.commit([ReleaseLeases(owner)])
 
