@@ -49,7 +49,7 @@ import re
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -183,23 +183,6 @@ _LIVE_INDEXES: Final = (
 _INSERT_COMMAND: Final = (
     f"INSERT INTO commands ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
 )
-
-
-@functools.lru_cache(maxsize=256)
-def _moves_sql(columns: tuple[str, ...], count: int) -> str:
-    """``_move_sql`` for ``count`` commands in one statement: the new values
-    and each one's expected (id, state, attempt, owner) as rows of a VALUES
-    table; ``RETURNING`` names the rows that won their compare-and-set."""
-    width = len(columns) + 4
-    row = "(" + ", ".join("?" for _ in range(width)) + ")"
-    key = len(columns)
-    return (
-        f"UPDATE commands SET {', '.join(f'{c} = v.column{i}' for i, c in enumerate(columns, 1))} "
-        f"FROM (VALUES {', '.join(row for _ in range(count))}) AS v "
-        f"WHERE commands.id = v.column{key + 1} AND commands.state = v.column{key + 2} "
-        f"AND commands.attempt = v.column{key + 3} AND commands.owner IS v.column{key + 4} "
-        "RETURNING commands.id"
-    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -377,22 +360,17 @@ def _flow_lost_race(cursor: sqlite3.Cursor, expected: Flow, event: str) -> LostR
     )
 
 
-def _changed(before: Command, after: Command) -> tuple[str, ...]:
-    """The columns a transition from ``before`` to ``after`` writes."""
+def _compare_and_set(cursor: sqlite3.Cursor, before: Command, after: Command, event: str) -> None:
+    """Write ``after`` over ``before`` if the row is still ``before``'s
+    (state, attempt, owner); else raise the lost race."""
     # Command.evolve keeps every field it was not given: identity tells.
-    return tuple(
+    changed = tuple(
         column
         for column, new, old in zip(
             _MUTABLE, _mutable_values(after), _mutable_values(before), strict=True
         )
         if new is not old
     )
-
-
-def _compare_and_set(cursor: sqlite3.Cursor, before: Command, after: Command, event: str) -> None:
-    """Write ``after`` over ``before`` if the row is still ``before``'s
-    (state, attempt, owner); else raise the lost race."""
-    changed = _changed(before, after)
     cursor.execute(
         _move_sql(changed),
         (*command_row(after, changed), before.id, before.state, before.attempt, before.owner),
@@ -641,16 +619,7 @@ def _record_step(cursor: _Batch, op: RecordStep) -> None:
 
 
 def _group(cursor: _Batch, op: Group) -> builtins.list[Any]:
-    results: builtins.list[Any] = []
-    for run in _runs(op.operations):
-        if len(run) == 1:
-            results.append(_apply(cursor, run[0]))
-            continue
-        for result in _apply_run(cursor, run):
-            if isinstance(result, Exception):
-                raise result  # the group fails whole
-            results.append(result)
-    return results
+    return [_apply(cursor, member) for member in op.operations]
 
 
 def _add_cache_entry(cursor: _Batch, op: AddCacheEntry) -> None:
@@ -665,114 +634,6 @@ def _count_cache_hit(cursor: _Batch, op: CountCacheHit) -> None:
         "UPDATE cache SET hits = hits + 1, last_hit_at = ? WHERE command_id = ?",
         (op.at, op.command_id),
     )
-
-
-# --- Runs: consecutive operations of one kind, written by one statement ------
-#
-# A batch from the engine is mostly runs of the same kind: a thousand claims,
-# then the replies with their finishes, then a thousand new commands. A run
-# of plain inserts is one ``executemany``; a run of moves and chains that
-# write the same columns of different commands is one ``UPDATE ... FROM
-# (VALUES ...) RETURNING id``, which says which rows won their
-# compare-and-set. Results are the same as one operation at a time: a move
-# that lost is a ``LostRace`` and journals nothing; a run that SQLite refuses
-# as a whole (a value it cannot hold, a duplicate id) is undone and applied
-# again one operation at a time, so that the refusal reaches only its own.
-
-_MAX_VARIABLES: Final = 32_766  # SQLite's limit of bound parameters per statement
-
-
-def _run_key(op: Operation) -> tuple[str, ...] | None:
-    """What operations must share to be written together; ``None``: alone."""
-    if isinstance(op, Insert):
-        cmd = op.command
-        plain = op.snapshot is None and (cmd.flow_id is None or cmd.step is None)
-        return ("insert",) if plain else None
-    if isinstance(op, Move):
-        return _changed(op.before, op.after)
-    if isinstance(op, Chain) and op.moves:
-        return _changed(op.moves[0].before, op.moves[-1].after)
-    return None
-
-
-def _command_id(op: Operation) -> str:
-    if isinstance(op, Insert):
-        return op.command.id
-    if isinstance(op, Move):
-        return op.before.id
-    assert isinstance(op, Chain)
-    return op.moves[0].before.id
-
-
-def _runs(operations: Sequence[Operation]) -> Iterator[Sequence[Operation]]:
-    """``operations`` cut into runs (a run of one: written alone). A run
-    never holds two operations on one command: the second must see what the
-    first did, as it would one at a time."""
-    keys = [_run_key(op) for op in operations]
-    start = 0
-    while start < len(operations):
-        key = keys[start]
-        end = start + 1
-        if key is not None:
-            limit = _MAX_VARIABLES // (len(key) + 4)
-            ids = {_command_id(operations[start])}
-            while end < len(operations) and end - start < limit and keys[end] == key:
-                command_id = _command_id(operations[end])
-                if command_id in ids:
-                    break
-                ids.add(command_id)
-                end += 1
-        yield operations[start:end]
-        start = end
-
-
-def _moves_of(op: Operation) -> tuple[Move, ...]:
-    """The moves of a run's move or chain."""
-    if isinstance(op, Move):
-        return (op,)
-    assert isinstance(op, Chain)
-    return op.moves
-
-
-def _apply_run(cursor: _Batch, run: Sequence[Operation]) -> builtins.list[Any]:
-    """Apply a run (see ``_runs``); per operation its result, or the
-    exception that refused it alone (a lost race, a forbidden move). Raises
-    when SQLite refuses the run as a whole: the caller undoes it."""
-    if isinstance(run[0], Insert):
-        commands = [(op.command, op.detail) for op in run if isinstance(op, Insert)]
-        events: builtins.list[Any] = [
-            _journal(cursor, c.id, c.flow_id, c.created_at, None, c.state, "submit", detail)
-            for c, detail in commands
-        ]
-        cursor.executemany(_INSERT_COMMAND, [command_row(c) for c, _ in commands])
-        return events
-    results: builtins.list[Any] = [None] * len(run)
-    spans: builtins.list[tuple[int, tuple[Move, ...]]] = []
-    for i, op in enumerate(run):
-        assert isinstance(op, Move | Chain)
-        try:
-            op.check()
-        except (IllegalTransition, ValueError) as exc:
-            results[i] = exc
-        else:
-            spans.append((i, _moves_of(op)))
-    if not spans:
-        return results
-    first = spans[0][1]
-    columns = _changed(first[0].before, first[-1].after)
-    params: builtins.list[Any] = []
-    for _, moves in spans:
-        b, a = moves[0].before, moves[-1].after
-        params += (*command_row(a, columns), b.id, b.state, b.attempt, b.owner)
-    won = {row[0] for row in cursor.execute(_moves_sql(columns, len(spans)), params)}
-    for i, moves in spans:
-        b = moves[0].before
-        if b.id in won:
-            events = [_journal_move(cursor, move) for move in moves]
-            results[i] = events[0] if isinstance(run[i], Move) else events
-        else:
-            results[i] = _lost_race(cursor, b, moves[0].event)
-    return results
 
 
 _APPLY: Final[Mapping[type[Any], Callable[[_Batch, Any], Any]]] = {
@@ -1220,46 +1081,7 @@ class Store:
         error.__cause__ = exc
         return error
 
-    def _commit_alone(self, cursor: _Batch, op: Operation) -> Any:
-        """One operation in its own savepoint (about 3% of the lifecycle's
-        CPU time): whatever it raises, half way or not, it is undone alone,
-        a group as a whole."""
-        journaled, seq = len(cursor.rows), cursor.next_seq
-        cursor.execute("SAVEPOINT operation")
-        try:
-            result = _apply(cursor, op)
-        except Exception as exc:
-            if not self._conn.in_transaction:
-                raise  # SQLite rolled the whole transaction back
-            cursor.execute("ROLLBACK TO operation")
-            del cursor.rows[journaled:]
-            cursor.next_seq = seq
-            result = self._error(op, exc)
-        cursor.execute("RELEASE operation")
-        return result
-
-    def _commit_run(self, cursor: _Batch, run: Sequence[Operation]) -> builtins.list[Any] | None:
-        """A run in one savepoint; ``None`` if SQLite refused it as a whole
-        (then nothing of it is left, and each is to be tried alone)."""
-        journaled, seq = len(cursor.rows), cursor.next_seq
-        cursor.execute("SAVEPOINT run")
-        try:
-            results = _apply_run(cursor, run)
-        except Exception:
-            if not self._conn.in_transaction:
-                raise
-            cursor.execute("ROLLBACK TO run")
-            del cursor.rows[journaled:]
-            cursor.next_seq = seq
-            cursor.execute("RELEASE run")
-            return None
-        cursor.execute("RELEASE run")
-        return [
-            self._error(op, r) if isinstance(r, Exception) else r
-            for op, r in zip(run, results, strict=True)
-        ]
-
-    def _commit(self, operations: Sequence[Operation]) -> builtins.list[Any]:
+    def _commit(self, operations: Iterable[Operation]) -> builtins.list[Any]:
         conn = self._conn
         results: builtins.list[Any] = []
         cursor = conn.cursor(_Batch)
@@ -1269,14 +1091,22 @@ class Store:
                 0
             ]
             cursor.rows = []
-            for run in _runs(operations):
-                if len(run) > 1:
-                    done = self._commit_run(cursor, run)
-                    if done is not None:
-                        results.extend(done)
-                        continue
-                for op in run:
-                    results.append(self._commit_alone(cursor, op))
+            for op in operations:
+                # A savepoint each (about 3% of the lifecycle's CPU time):
+                # whatever an operation raises, half way or not, it is undone
+                # alone, a group as a whole.
+                journaled, seq = len(cursor.rows), cursor.next_seq
+                cursor.execute("SAVEPOINT operation")
+                try:
+                    results.append(_apply(cursor, op))
+                except Exception as exc:
+                    if not conn.in_transaction:
+                        raise  # SQLite rolled the whole transaction back
+                    cursor.execute("ROLLBACK TO operation")
+                    del cursor.rows[journaled:]
+                    cursor.next_seq = seq
+                    results.append(self._error(op, exc))
+                cursor.execute("RELEASE operation")
             cursor.executemany(_INSERT_EVENT, cursor.rows)
             cursor.execute("COMMIT")
         except BaseException:
