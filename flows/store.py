@@ -471,7 +471,7 @@ def _journal_take_over(cursor: _Batch, op: TakeOver | TakeOverFlow) -> Event:
     previous and the new owner."""
     b = op.before
     command_id, flow_id = (None, b.id) if isinstance(b, Flow) else (b.id, b.flow_id)
-    who = {"from": b.owner, "to": op.owner}
+    who = {"previous_owner": b.owner, "owner": op.owner}
     return _journal(cursor, command_id, flow_id, op.at, b.state, b.state, TAKE_OVER, who)
 
 

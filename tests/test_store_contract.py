@@ -316,7 +316,7 @@ def test_a_take_over_is_a_compare_and_set_journaled_as_a_note(make_store: MakeSt
     before = store.history(r.id)
     event = one(store, TakeOver(r, ME, AT + 200, AT + 170))
     assert (event.from_state, event.to_state, event.event) == (REPLIED, REPLIED, TAKE_OVER)
-    assert event.detail == {"from": OTHER, "to": ME} and event.at == AT + 170
+    assert event.detail == {"previous_owner": OTHER, "owner": ME} and event.at == AT + 170
     assert store.history(r.id) == [*before, event]
     mine = store.get(r.id)
     assert (mine.state, mine.owner, mine.lease_until) == (REPLIED, ME, AT + 200)
@@ -507,7 +507,7 @@ def test_a_flow_records_steps_and_is_taken_over_and_forked(make_store: MakeStore
     assert store.flow_steps(f.id) == [step]
     event = one(store, TakeOverFlow(counted, ME, AT + 90, AT + 60))
     assert (event.from_state, event.to_state, event.event) == (RUNNING, RUNNING, TAKE_OVER)
-    assert event.detail == {"from": OTHER, "to": ME}
+    assert event.detail == {"previous_owner": OTHER, "owner": ME}
     mine = store.find_flow(f.id)
     assert mine == attrs.evolve(counted, owner=ME, lease_until=AT + 90, updated_at=AT + 60)
     assert store.flow_history(f.id)[-1] == event
