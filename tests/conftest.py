@@ -9,13 +9,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import settings
+
+from flows.storage import StoreProtocol
+from tests.stores import STORES, StoreKind
 
 settings.register_profile("thorough", max_examples=2000, deadline=None)
 settings.register_profile("ci", deadline=None)
@@ -78,3 +81,19 @@ def mounted_tmpfs(mount: Path, size: str = "2m") -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture(params=sorted(STORES))
+def store_kind(request: pytest.FixtureRequest) -> Iterator[StoreKind]:
+    """Each store implementation in turn (tests/stores.py)."""
+    kind = STORES[request.param]()
+    try:
+        yield kind
+    finally:
+        kind.close()
+
+
+@pytest.fixture
+def make_store(store_kind: StoreKind) -> Callable[[], StoreProtocol]:
+    """Makes fresh, empty stores of the implementation under test."""
+    return store_kind.new

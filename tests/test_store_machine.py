@@ -14,10 +14,7 @@ tests/test_store_machine.py`` (the profile registered in conftest).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -34,6 +31,7 @@ from hypothesis.stateful import (
 
 from adapters.base import Reply, Request, Usage
 from flows.errors import StoreError
+from flows.operations import TAKE_OVER
 from flows.records import Command, CommandError, Event, LateReply, new_id
 from flows.states import (
     CANCEL,
@@ -54,8 +52,10 @@ from flows.states import (
     TERMINAL_STATES,
     TIMEOUT,
     IllegalTransition,
+    LostRace,
     next_state,
 )
+from flows.storage import StoreProtocol
 from flows.store import (
     AddLateReply,
     Group,
@@ -64,10 +64,13 @@ from flows.store import (
     Operation,
     ReleaseLeases,
     RenewLeases,
-    Store,
     TakeOver,
     UseLateReply,
 )
+from tests.stores import STORES, StoreKind, commit_one
+
+MakeStore = Callable[[], StoreProtocol]
+
 
 ADAPTERS = ("scripted", "other")
 HANDLERS = (None, "h1", "h2")
@@ -144,11 +147,12 @@ class LateModel:
 
 
 class StoreMachine(RuleBasedStateMachine):
+    KIND: Callable[[], StoreKind]  # the store implementation under test
+
     def __init__(self) -> None:
         super().__init__()
-        self.dir = Path(tempfile.mkdtemp(prefix="dovecote-machine-"))
-        self.path = self.dir / "dovecote.db"
-        self.store = Store(self.path)
+        self.kind = self.KIND()
+        self.store = self.kind.new()
         self.clock = 1_700_000_000.0
         # The model: every command as the store must hold it, its journal as
         # (from, to, event), and the first terminal record of each.
@@ -165,8 +169,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.counter = 0
 
     def teardown(self) -> None:
-        self.store.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.kind.close()
 
     # --- helpers -------------------------------------------------------------
 
@@ -297,8 +300,8 @@ class StoreMachine(RuleBasedStateMachine):
                     assert isinstance(result, StoreError), (op, result)
                 elif isinstance(op, Group):  # whatever its first loser raised
                     assert isinstance(result, IllegalTransition | StoreError), (op, result)
-                else:
-                    assert isinstance(result, IllegalTransition), (op, result)
+                else:  # a compare-and-set that found the row moved
+                    assert isinstance(result, LostRace), (op, result)
                 continue
             assert not isinstance(result, BaseException), (op, result)
             if isinstance(op, Group):
@@ -337,7 +340,12 @@ class StoreMachine(RuleBasedStateMachine):
                 self.terminal[after.id] = after
             self.applied.append(op)
         elif isinstance(op, TakeOver):
-            assert result is None
+            # Journaled, as a note: the state is the same before and after.
+            state = op.before.state
+            assert isinstance(result, Event)
+            assert (result.from_state, result.to_state, result.event) == (state, state, TAKE_OVER)
+            assert result.detail == {"from": op.before.owner, "to": op.owner}
+            self.journal[op.before.id].append((state, state, TAKE_OVER))
             current = self.commands[op.before.id]
             self.commands[op.before.id] = attrs.evolve(
                 current, owner=op.owner, lease_until=op.lease_until
@@ -460,8 +468,9 @@ class StoreMachine(RuleBasedStateMachine):
         every engine process names itself afresh)."""
         command = self.commands[data.draw(st.sampled_from(self.ids_in(SENT, REPLIED)))]
         owner = self.new_owner(2)
-        [result] = self.commit([TakeOver(command, owner, self.tick() + LEASE)])
-        assert result is None
+        at = self.tick()
+        [result] = self.commit([TakeOver(command, owner, at + LEASE, at)])
+        assert isinstance(result, Event) and result.at == at
 
     @rule(data=st.data())
     def leases(self, data: st.DataObject) -> None:
@@ -544,11 +553,11 @@ class StoreMachine(RuleBasedStateMachine):
         current = self.commands[op.before.id]
         assert _cas_key(current) != _cas_key(op.before)
         [result] = self.commit([op])
-        assert isinstance(result, IllegalTransition)
+        assert isinstance(result, LostRace)
         assert result.command_id == op.before.id
         assert result.state == current.state
         with pytest.raises(IllegalTransition):
-            self.store.commit_one(op)
+            commit_one(self.store, op)
 
     @rule(data=st.data())
     def forbidden_move(self, data: st.DataObject) -> None:
@@ -672,12 +681,12 @@ class StoreMachine(RuleBasedStateMachine):
         (or first open a second connection, as another process would, and
         close the first while the second holds the file)."""
         if data.draw(st.booleans(), label="overlap"):
-            other = Store(self.path)
+            other = self.kind.again(self.store)
             self.store.close()
             self.store = other
         else:
             self.store.close()
-            self.store = Store(self.path)
+            self.store = self.kind.reopen(self.store)
 
     @rule(data=st.data())
     def reads(self, data: st.DataObject) -> None:
@@ -755,6 +764,8 @@ class StoreMachine(RuleBasedStateMachine):
                 assert event.from_state == state
                 if state is None:
                     assert (event.event, event.to_state) == ("submit", PENDING)
+                elif event.event == TAKE_OVER:  # not a transition: the state stays
+                    assert event.to_state == state
                 else:
                     assert next_state(state, event.event) == event.to_state
                 state = event.to_state
@@ -762,7 +773,7 @@ class StoreMachine(RuleBasedStateMachine):
             seqs = [e.seq for e in history]
             assert seqs == sorted(set(seqs))
         # No journal row without its transition (a lost race journals nothing).
-        assert len(self.store.events_since(0, limit=1_000_000)) == total
+        assert self.kind.journal_rows(self.store) == total
 
     @invariant()
     def terminal_states_never_change(self) -> None:
@@ -808,14 +819,19 @@ class StoreMachine(RuleBasedStateMachine):
         assert [c.id for c, _, _ in waiting] == [i for i in dead if i not in self.replays]
 
 
-StoreMachine.TestCase.settings = settings(max_examples=MAX_EXAMPLES, stateful_step_count=STEPS)
-TestStoreMachine = StoreMachine.TestCase
+# One machine per store implementation (tests/stores.py).
+for _name, _kind in STORES.items():
+    _machine: type[StoreMachine] = type(
+        f"StoreMachine_{_name}", (StoreMachine,), {"KIND": staticmethod(_kind)}
+    )
+    _machine.TestCase.settings = settings(max_examples=MAX_EXAMPLES, stateful_step_count=STEPS)
+    globals()[f"TestStoreMachine_{_name}"] = _machine.TestCase
 
 
 # --- the store's own guard ---------------------------------------------------
 
 
-def _stored(store: Store, state: str) -> Command:
+def _stored(store: StoreProtocol, state: str) -> Command:
     command = Command(
         id=new_id(),
         adapter="scripted",
@@ -824,7 +840,7 @@ def _stored(store: Store, state: str) -> Command:
         created_at=1.0,
         timeout=5.0,
     )
-    store.commit_one(Insert(command))
+    commit_one(store, Insert(command))
     path = {
         PENDING: [],
         DEAD: [(EXPIRE, DEAD)],
@@ -833,14 +849,14 @@ def _stored(store: Store, state: str) -> Command:
     }[state]
     for event, target in path:
         moved = attrs.evolve(command, state=target)
-        store.commit_one(Move(command, moved, event, 2.0))
+        commit_one(store, Move(command, moved, event, 2.0))
         command = moved
     return command
 
 
 @pytest.mark.parametrize("state", ["done", DEAD, "cancelled"])
-def test_store_refuses_to_move_a_terminal_command(tmp_path: Path, state: str) -> None:
-    store = Store(tmp_path / "dovecote.db")
+def test_store_refuses_to_move_a_terminal_command(make_store: MakeStore, state: str) -> None:
+    store = make_store()
     try:
         command = _stored(store, state)
         revived = attrs.evolve(command, state=PENDING, reason=None, finished_at=None)
@@ -852,8 +868,10 @@ def test_store_refuses_to_move_a_terminal_command(tmp_path: Path, state: str) ->
         store.close()
 
 
-def test_store_refuses_a_move_whose_event_does_not_lead_to_its_state(tmp_path: Path) -> None:
-    store = Store(tmp_path / "dovecote.db")
+def test_store_refuses_a_move_whose_event_does_not_lead_to_its_state(
+    make_store: MakeStore,
+) -> None:
+    store = make_store()
     try:
         command = _stored(store, PENDING)
         wrong = attrs.evolve(command, state="done", finished_at=2.0)  # pending --dispatch--> done
