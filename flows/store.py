@@ -497,7 +497,11 @@ def _use_late_reply(cursor: _Batch, op: UseLateReply) -> None:
 def _renew_leases(cursor: _Batch, op: RenewLeases) -> frozenset[str]:
     if not op.ids:
         return frozenset()
-    held = f"owner = ? AND state IN {_LEASED} AND id IN ({', '.join('?' for _ in op.ids)})"
+    # ``+state``: not by the state index. Its planner guesses ten rows a state, so
+    # with a slice of 1,024 ids it walks every leased row for each slice (55 ms a
+    # slice at 100,000 in flight: every renewal pass cost O(in flight squared) and
+    # held the loop); by the ids it is 1,024 primary-key lookups.
+    held = f"owner = ? AND +state IN {_LEASED} AND id IN ({', '.join('?' for _ in op.ids)})"
     cursor.execute(
         f"UPDATE commands SET lease_until = ? WHERE {held}", (op.until, op.owner, *op.ids)
     )
