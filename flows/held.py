@@ -22,6 +22,7 @@ from typing import Final
 
 import trio
 
+from flows import collector
 from flows.records import Command
 
 UNSENT_KEPT: Final = 10_000
@@ -34,6 +35,10 @@ class Held:
         self._per_adapter: dict[str, int] = dict.fromkeys(adapters, 0)
         self.claiming: set[str] = set()
         self.handling: set[str] = set()
+        # Sends started and not ended (``_sending`` forgets a stopped one at
+        # once; its task ends later): while any is, the collector is told
+        # (flows.collector).
+        self._in_flight = 0
 
     # --- unsent ----------------------------------------------------------------
 
@@ -63,6 +68,8 @@ class Held:
         scope = trio.CancelScope()
         self._sending[command.id] = (command, scope)
         self._per_adapter[command.adapter] += 1
+        self._in_flight += 1
+        collector.holding(self)
         return scope
 
     def sending(self, command_id: str) -> Command | None:
@@ -86,6 +93,9 @@ class Held:
         if in_flight is not None and in_flight[0] is command:
             del self._sending[command.id]
         self._per_adapter[command.adapter] -= 1
+        self._in_flight -= 1
+        if not self._in_flight:
+            collector.idle(self)
 
     def sends(self) -> dict[str, Command]:
         """The sends in flight now (a copy)."""
