@@ -4,41 +4,60 @@ A send in flight is about thirty objects that CPython's cyclic collector
 tracks (its task and coroutines, its cancel scope and status, the command,
 its request and messages, its send context), and a full collection walks
 every tracked object in the process while nothing else runs: with 100,000
-calls in flight it paused the engine for 0.6 to 1.3 s, and the deadlines
+calls in flight it paused the engine for 0.6 to 1.8 s, and the deadlines
 due meanwhile were dead-lettered that late (p99 lateness followed the
 longest pause). It finds nothing there: a call's objects are freed by
 reference counting when its send ends (measured: 147 unreachable objects in
 all, over a run of 20,000 calls that timed out).
 
-So while this process has sends in flight, what it holds is frozen
-(``gc.freeze``, O(1): the tracked objects move to a generation no
-collection walks; a frozen object is still freed when its last reference
-goes), a send at a time as each starts; and when no engine in the process
-has a send in flight, everything is thawed (``gc.unfreeze``), so that a
-cycle that did form meanwhile (an exception kept in a frame that raised it,
-say) is collected by the next full collection. What a steady stream of
-calls pays is that such a cycle waits until the process is idle.
+So while the process has many sends in flight (``MANY``), what it holds is
+frozen every ``MANY`` sends started (``gc.freeze``, O(1): the tracked
+objects move to a generation no collection walks; a frozen object is still
+freed when its last reference goes), after a collection of the young
+generations, so that young garbage is not frozen with them. A full
+collection then walks at most the last ``MANY`` sends. When fewer than
+``MANY`` are in flight, everything is thawed (``gc.unfreeze``), so that a
+cycle that formed among frozen objects meanwhile (an exception kept in a
+frame it passed through, say) is collected by the next full collection:
+that is what a process that always has many calls in flight pays, such
+cycles wait for a quieter moment. A process with fewer than ``MANY`` in
+flight never freezes anything.
 
 The collector is one per process, so this is too: every engine of the
-process says when it starts holding sends and when it holds none.
+process reports its sends' starts and ends here.
 """
 
 from __future__ import annotations
 
 import gc
+from typing import Final
 
-_holding: set[int] = set()
+MANY: Final = 1024
 
-
-def holding(holder: object) -> None:
-    """``holder`` (an engine's ``Held``) starts a send: freeze what the
-    process holds now (the sends started before this one among it)."""
-    _holding.add(id(holder))
-    gc.freeze()
+_in_flight = 0
+_started_since_freeze = 0
+_frozen = False
 
 
-def idle(holder: object) -> None:
-    """``holder`` has no send in flight; when no holder has, thaw."""
-    _holding.discard(id(holder))
-    if not _holding:
+def started() -> None:
+    """A send started somewhere in this process."""
+    global _in_flight, _started_since_freeze, _frozen
+    _in_flight += 1
+    _started_since_freeze += 1
+    if _started_since_freeze >= MANY and _in_flight >= MANY:
+        gc.collect(1)
+        gc.freeze()
+        _started_since_freeze = 0
+        _frozen = True
+
+
+def ended() -> None:
+    """A send ended (however it ended)."""
+    global _in_flight, _started_since_freeze, _frozen
+    _in_flight -= 1
+    if _frozen and _in_flight < MANY:
+        # Everything frozen, ours or not (a program that froze its start-up
+        # objects itself sees them thawed here).
         gc.unfreeze()
+        _started_since_freeze = 0
+        _frozen = False

@@ -35,10 +35,6 @@ class Held:
         self._per_adapter: dict[str, int] = dict.fromkeys(adapters, 0)
         self.claiming: set[str] = set()
         self.handling: set[str] = set()
-        # Sends started and not ended (``_sending`` forgets a stopped one at
-        # once; its task ends later): while any is, the collector is told
-        # (flows.collector).
-        self._in_flight = 0
 
     # --- unsent ----------------------------------------------------------------
 
@@ -64,12 +60,12 @@ class Held:
         return max_in_flight - self._per_adapter[adapter]
 
     def start(self, command: Command) -> trio.CancelScope:
-        """A claimed command's send begins; the scope that stops it."""
+        """A claimed command's send begins; the scope that stops it. The
+        collector is told of every start and end (flows.collector)."""
         scope = trio.CancelScope()
         self._sending[command.id] = (command, scope)
         self._per_adapter[command.adapter] += 1
-        self._in_flight += 1
-        collector.holding(self)
+        collector.started()
         return scope
 
     def sending(self, command_id: str) -> Command | None:
@@ -93,9 +89,7 @@ class Held:
         if in_flight is not None and in_flight[0] is command:
             del self._sending[command.id]
         self._per_adapter[command.adapter] -= 1
-        self._in_flight -= 1
-        if not self._in_flight:
-            collector.idle(self)
+        collector.ended()
 
     def sends(self) -> dict[str, Command]:
         """The sends in flight now (a copy)."""

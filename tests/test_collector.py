@@ -1,6 +1,6 @@
 """The cyclic garbage collector leaves the sends in flight alone (flows.collector):
-their objects are frozen while any send is in flight, thawed when none is, and a
-cycle that forms meanwhile is still collected once the process is idle."""
+with many in flight their objects are frozen, thawed when few are, young garbage is
+never frozen, and a cycle that forms meanwhile is still collected once few are."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import trio.testing
 
 import flows
 from adapters.scripted import ScriptedAdapter
+from flows import collector
 from tests.conftest import ask
 
-SENDS = 1_000
+SENDS = 2 * collector.MANY
 
 
 class Knot:
@@ -38,8 +39,12 @@ async def test_sends_in_flight_are_frozen_and_thawed_when_they_end(
     hanging = ScriptedAdapter(max_in_flight=SENDS)
     async with flows.open_engine(db_path, adapters=[hanging]) as engine:
         with engine.subscribe(buffer=10 * SENDS) as notices:
+            young = Knot()  # garbage when the freezing starts: not to be frozen
+            young_collected = weakref.ref(young)
+            del young
             await engine.submit_many("scripted", [ask("#hang\nx")] * SENDS, timeout=60)
             await _all_sent(engine, hanging)
+            assert young_collected() is None
             # Each hanging send is dozens of tracked objects (its task, coroutines,
             # cancel scope, command, request): none of them is walked by a full
             # collection now.
@@ -74,6 +79,17 @@ async def test_closing_an_engine_with_sends_in_flight_thaws(
     assert gc.get_freeze_count() == 0
 
 
+async def test_few_sends_in_flight_freeze_nothing(
+    db_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    hanging = ScriptedAdapter(max_in_flight=collector.MANY - 1)
+    async with flows.open_engine(db_path, adapters=[hanging]) as engine:
+        await engine.submit_many("scripted", [ask("#hang\nx")] * SENDS, timeout=3600)
+        while hanging.calls < collector.MANY - 1:
+            await trio.sleep(0.001)
+        assert gc.get_freeze_count() == 0
+
+
 async def test_one_engine_idle_does_not_thaw_another_ones_sends(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -84,4 +100,20 @@ async def test_one_engine_idle_does_not_thaw_another_ones_sends(
         async with flows.open_engine(tmp_path / "b.db") as other:
             await other.call("scripted", ask("hello"))  # a send that starts and ends
         assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+
+
+def test_young_garbage_is_collected_not_frozen() -> None:
+    gc.collect()
+    young = Knot()  # garbage the moment many sends are in flight
+    collected = weakref.ref(young)
+    del young
+    for _ in range(collector.MANY):
+        collector.started()
+    try:
+        assert gc.get_freeze_count() > 0
+        assert collected() is None
+    finally:
+        for _ in range(collector.MANY):
+            collector.ended()
     assert gc.get_freeze_count() == 0
