@@ -403,9 +403,9 @@ async def _one_by_one_async(path: Path, n: int, gc_mode: str = "default") -> dic
     }
 
 
-def one_by_one_once(directory: Path, n: int) -> dict[str, Any]:
+def one_by_one_once(directory: Path, n: int, gc_mode: str = "default") -> dict[str, Any]:
     """One one-by-one run of ``n`` commands on a fresh file, in a new process."""
-    result = _spawn(ONE_BY_ONE, directory / "dovecote.db", n, "default", n / 100 + 600)
+    result = _spawn(ONE_BY_ONE, directory / "dovecote.db", n, gc_mode, n / 100 + 600)
     if result["counts"] != {"dead/timeout": n} or result["journal_timeouts"] != n:
         raise RuntimeError(
             f"deadletter one-by-one: end states {result['counts']}, "
