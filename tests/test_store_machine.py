@@ -344,7 +344,7 @@ class StoreMachine(RuleBasedStateMachine):
             state = op.before.state
             assert isinstance(result, Event)
             assert (result.from_state, result.to_state, result.event) == (state, state, TAKE_OVER)
-            assert result.detail == {"from": op.before.owner, "to": op.owner}
+            assert result.detail == {"previous_owner": op.before.owner, "owner": op.owner}
             self.journal[op.before.id].append((state, state, TAKE_OVER))
             current = self.commands[op.before.id]
             self.commands[op.before.id] = attrs.evolve(
@@ -477,7 +477,8 @@ class StoreMachine(RuleBasedStateMachine):
         owner = data.draw(st.sampled_from(self.owners), label="owner")
         if data.draw(st.booleans(), label="renew"):
             ids = data.draw(st.sets(st.sampled_from(sorted(self.commands) or ["none"])))
-            self.commit([RenewLeases(owner, self.tick() + LEASE, tuple(sorted(ids)))])
+            at = self.tick()
+            self.commit([RenewLeases(owner, at + LEASE, tuple(sorted(ids)), at)])
         else:
             self.commit([ReleaseLeases(owner)])
 
