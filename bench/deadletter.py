@@ -177,6 +177,16 @@ def make_template(path: Path, n: int, lead: float, window: float) -> float:
 # --- one run (in its own process) -------------------------------------------------
 
 
+def _end_state(db: Any) -> tuple[dict[str, int], int]:
+    """How many commands end in each ``state/reason``, and how many ``timeout``
+    rows the journal holds."""
+    counts = db.execute("SELECT state, reason, count(*) FROM commands GROUP BY state, reason")
+    journal = db.execute(
+        "SELECT count(*) FROM events WHERE event = 'timeout' AND to_state = 'dead'"
+    ).fetchone()[0]
+    return {f"{state}/{reason}": count for state, reason, count in counts}, int(journal)
+
+
 async def _run_async(path: Path, n: int, gc_mode: str = "default") -> dict[str, Any]:
     rss_before = _max_rss()
     hole = Blackhole()
@@ -218,19 +228,14 @@ async def _run_async(path: Path, n: int, gc_mode: str = "default") -> dict[str, 
                         seen += 1
                         last_dead = stamp
         peak = _max_rss()
-        counts = db.execute(
-            "SELECT state, reason, count(*) FROM commands GROUP BY state, reason"
-        ).fetchall()
-        journal = db.execute(
-            "SELECT count(*) FROM events WHERE event = 'timeout' AND to_state = 'dead'"
-        ).fetchone()[0]
+        counts, journal = _end_state(db)
         stored = sorted(
             r[0] for r in db.execute("SELECT finished_at - deadline FROM commands").fetchall()
         )
     lateness = sorted(observed)
     return {
         "n": n,
-        "counts": {f"{state}/{reason}": count for state, reason, count in counts},
+        "counts": counts,
         "journal_timeouts": journal,
         "seen_by_subscriber": len(lateness),
         "dead_before_subscribing": dead_before,
@@ -379,18 +384,13 @@ async def _one_by_one_async(path: Path, n: int, gc_mode: str = "default") -> dic
         while db.execute(live).fetchone()[0]:
             await trio.sleep(0.1)
         peak = _max_rss()
-        counts = db.execute(
-            "SELECT state, reason, count(*) FROM commands GROUP BY state, reason"
-        ).fetchall()
-        journal = db.execute(
-            "SELECT count(*) FROM events WHERE event = 'timeout' AND to_state = 'dead'"
-        ).fetchone()[0]
+        counts, journal = _end_state(db)
         rows = db.execute("SELECT sent_at, deadline, finished_at FROM commands").fetchall()
     stored = sorted(finished - deadline for _, deadline, finished in rows)
     most_live = _most_live([(sent, finished) for sent, _, finished in rows])
     return {
         "n": n,
-        "counts": {f"{state}/{reason}": count for state, reason, count in counts},
+        "counts": counts,
         "journal_timeouts": journal,
         "stored_p50": percentile(stored, 50),
         "stored_p99": percentile(stored, 99),
