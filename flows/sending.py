@@ -20,7 +20,6 @@ cancelled meanwhile: the move is a lost race) is kept as a late reply.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 import logging
@@ -54,8 +53,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("dovecote")
 
 
-def _progress(notices: Notices, command_id: str, text: str) -> None:
-    notices.publish(Progress(command_id, text))
+class _Progress:
+    """A send's ``report_progress``: one small object per send in flight (a
+    closure was three: function, cell and tuple; a partial three as well)."""
+
+    __slots__ = ("command_id", "notices")
+
+    def __init__(self, notices: Notices, command_id: str) -> None:
+        self.notices = notices
+        self.command_id = command_id
+
+    def __call__(self, text: str) -> None:
+        self.notices.publish(Progress(self.command_id, text))
 
 
 @attrs.frozen
@@ -107,8 +116,7 @@ class Sender:
             command_id=command.id,
             attempt=command.attempt,
             deadline=command.deadline,
-            # A partial rather than a closure: one object per send, not three.
-            report_progress=functools.partial(_progress, core.notices, command.id),
+            report_progress=_Progress(core.notices, command.id),
         )
         reply: Reply | None = None
         failure: BaseException | None = None
