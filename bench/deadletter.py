@@ -205,13 +205,12 @@ async def _run_async(path: Path, n: int, gc_mode: str = "default") -> dict[str, 
             "SELECT min(sent_at), min(deadline) FROM commands"
         ).fetchone()
         with engine.subscribe(buffer=n + 64) as notices:
-            # No checkpoint between subscribing and counting: nothing commits meanwhile.
-            dead_before = db.execute(
-                "SELECT count(*) FROM commands WHERE state = 'dead'"
-            ).fetchone()[0]
-            seen = dead_before
+            # By id: a transition committed just before subscribing may yet be
+            # published (its task resumes after the commit), so it is in both.
+            dead = {r[0] for r in db.execute("SELECT id FROM commands WHERE state = 'dead'")}
+            dead_before = len(dead)
             last_dead = math.nan
-            while seen < n:
+            while len(dead) < n:
                 batch = [await notices.receive()]
                 stamp = engine.now()
                 while True:
@@ -222,10 +221,12 @@ async def _run_async(path: Path, n: int, gc_mode: str = "default") -> dict[str, 
                 for notice in batch:
                     if isinstance(notice, flows.StateChange) and notice.command.state == "dead":
                         command = notice.command
+                        if command.id in dead:
+                            continue
                         assert command.deadline is not None
                         observed.append(stamp - command.deadline)
                         reasons[command.reason or ""] = reasons.get(command.reason or "", 0) + 1
-                        seen += 1
+                        dead.add(command.id)
                         last_dead = stamp
         peak = _max_rss()
         counts, journal = _end_state(db)
