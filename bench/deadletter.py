@@ -2,15 +2,20 @@
 
 Run from the repository root::
 
-    .venv/bin/python -m bench.deadletter [--n 100000] [--runs 3] [--lead 20] [--window 5]
+    .venv/bin/python -m bench.deadletter [--mode both] [--n 100000] [--runs 3] [--lead 20]
+        [--window 5] [--ns 2000,10000,100000] [--one-by-one-runs 1]
     .venv/bin/python -m bench.deadletter --profile    # one run in-process, under pyinstrument
+    .venv/bin/python -m bench.deadletter --profile --mode one-by-one --ns 30000
     .venv/bin/python -m bench.deadletter --memory --n 20000  # tracemalloc's top sites (slow)
-    .venv/bin/python -m bench.deadletter --gc freeze  # diagnosis: gc.freeze() after the claim
+    .venv/bin/python -m bench.deadletter --gc thawed  # diagnosis: flows.collector switched off
 
 What is measured
 ----------------
-How late the real engine dead-letters calls whose deadline passed, when it holds
-``--n`` (100,000) deadlines at once, on the real clock (no ``MockClock``).
+Two modes (``--mode``; both by default, one-by-one first).
+
+**In flight** (``in-flight``): how late the real engine dead-letters calls whose
+deadline passed, when it holds ``--n`` (100,000) deadlines at once, on the real clock
+(no ``MockClock``).
 
 * **Set-up (not timed)**: a dovecote file with N ``pending`` commands, put there through
   ``engine.submit_many`` (batches of 10, from 20 tasks) while their adapter is parked
@@ -45,13 +50,31 @@ How late the real engine dead-letters calls whose deadline passed, when it holds
   ended after the first deadline is flagged (lateness then includes the claim: rerun
   with a longer ``--lead``).
 
+* **Memory per in-flight command**: (peak RSS - RSS before the engine opens) / N.
+
+**One by one** (``one-by-one``), as a script makes its calls: N commands (2,000, 10,000
+and 100,000, ``--ns``) submitted one after another with ``await engine.submit``, paced
+at 1,600 a second (the issue's script ran at 1,300-1,800/s), each with a timeout of
+2-3 s (spread evenly over every 1,000 submits) and ``max_attempts`` 1, to the black
+hole opened to ``max_in_flight`` N from the start: about 4,000 commands are live at any
+time, whatever N is. A fresh file per run, each run in its own process. Lateness is
+``finished_at - deadline`` read from the rows once every command is dead; "most live"
+is the most commands between ``sent_at`` and ``finished_at`` at one instant, from the
+same rows. If lateness grows with N at a constant number live, something costs
+O(everything ever submitted).
+
+In both modes ``gc.callbacks`` time every cyclic-GC pass: the longest pause and the
+number of full (generation 2) collections are printed, since a full collection walks
+every tracked object while every timer waits.
+
 Percentiles are nearest-rank over the N commands of a run; the table gives the median,
 min and max over the runs. ``--runs`` defaults to 3, not 5: one run at N = 100,000
 takes 30-45 s (the lead, the window, the backlog, and opening and closing an engine
 that holds 100,000 commands); ``--runs 5`` for the record.
 
-Targets (issue 8): p99 lateness < 50 ms, peak memory < 200 MB, with 100,000 pending
-deadlines. No peer: the figures are absolute.
+Targets (issue 15): p99 lateness < 50 ms with 100,000 deadlines in flight, and < 50 ms
+at every N one by one; memory per in-flight command <= 2.5 kB (issue 8: peak memory
+< 200 MB). No peer: the figures are absolute.
 """
 
 from __future__ import annotations
@@ -68,9 +91,9 @@ import subprocess
 import sys
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import trio
@@ -86,6 +109,7 @@ from bench._common import (
     percentile,
     prefill,
     print_spread,
+    print_table,
     verdict,
 )
 
@@ -98,6 +122,14 @@ RUNS = 3
 STEP = 10  # commands per distinct timeout
 TARGET_P99 = 0.050  # seconds
 TARGET_PEAK = 200 * 1024 * 1024  # bytes
+TARGET_PER_COMMAND = 2500  # bytes of peak RSS per in-flight command (issue 15: 2.5 kB)
+THAWED: Final = "thawed"
+IN_FLIGHT: Final = "in-flight"
+ONE_BY_ONE: Final = "one-by-one"
+ONE_BY_ONE_NS = (2_000, 10_000, 100_000)
+SHORT_TIMEOUT = 2.0  # one-by-one: every timeout is 2-3 s
+SHORT_SPREAD = 1.0
+SUBMIT_RATE = 1600.0  # one-by-one submits offered per second (issue 15: 1,300-1,800/s)
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
 
@@ -145,6 +177,16 @@ def make_template(path: Path, n: int, lead: float, window: float) -> float:
 # --- one run (in its own process) -------------------------------------------------
 
 
+def _end_state(db: Any) -> tuple[dict[str, int], int]:
+    """How many commands end in each ``state/reason``, and how many ``timeout``
+    rows the journal holds."""
+    counts = db.execute("SELECT state, reason, count(*) FROM commands GROUP BY state, reason")
+    journal = db.execute(
+        "SELECT count(*) FROM events WHERE event = 'timeout' AND to_state = 'dead'"
+    ).fetchone()[0]
+    return {f"{state}/{reason}": count for state, reason, count in counts}, int(journal)
+
+
 async def _run_async(path: Path, n: int, gc_mode: str = "default") -> dict[str, Any]:
     rss_before = _max_rss()
     hole = Blackhole()
@@ -154,22 +196,21 @@ async def _run_async(path: Path, n: int, gc_mode: str = "default") -> dict[str, 
         db = engine.store.db
         opened_at = engine.now()
         hole.open_up(n)
-        while db.execute("SELECT count(*) FROM commands WHERE state = 'sent'").fetchone()[0] < n:
+        # Until every command is claimed (on a machine so busy that the claim outlasts
+        # the lead, the first are dead before the last are sent: ``slack`` says so).
+        while db.execute("SELECT count(*) FROM commands WHERE state = 'pending'").fetchone()[0]:
             await trio.sleep(0.02)
         claimed_at = engine.now()
-        if gc_mode == "freeze":
-            gc.freeze()  # diagnosis only: what the cyclic GC costs once N commands are held
         first_sent, first_deadline = db.execute(
             "SELECT min(sent_at), min(deadline) FROM commands"
         ).fetchone()
         with engine.subscribe(buffer=n + 64) as notices:
-            # No checkpoint between subscribing and counting: nothing commits meanwhile.
-            dead_before = db.execute(
-                "SELECT count(*) FROM commands WHERE state = 'dead'"
-            ).fetchone()[0]
-            seen = dead_before
+            # By id: a transition committed just before subscribing may yet be
+            # published (its task resumes after the commit), so it is in both.
+            dead = {r[0] for r in db.execute("SELECT id FROM commands WHERE state = 'dead'")}
+            dead_before = len(dead)
             last_dead = math.nan
-            while seen < n:
+            while len(dead) < n:
                 batch = [await notices.receive()]
                 stamp = engine.now()
                 while True:
@@ -180,25 +221,22 @@ async def _run_async(path: Path, n: int, gc_mode: str = "default") -> dict[str, 
                 for notice in batch:
                     if isinstance(notice, flows.StateChange) and notice.command.state == "dead":
                         command = notice.command
+                        if command.id in dead:
+                            continue
                         assert command.deadline is not None
                         observed.append(stamp - command.deadline)
                         reasons[command.reason or ""] = reasons.get(command.reason or "", 0) + 1
-                        seen += 1
+                        dead.add(command.id)
                         last_dead = stamp
         peak = _max_rss()
-        counts = db.execute(
-            "SELECT state, reason, count(*) FROM commands GROUP BY state, reason"
-        ).fetchall()
-        journal = db.execute(
-            "SELECT count(*) FROM events WHERE event = 'timeout' AND to_state = 'dead'"
-        ).fetchone()[0]
+        counts, journal = _end_state(db)
         stored = sorted(
             r[0] for r in db.execute("SELECT finished_at - deadline FROM commands").fetchall()
         )
     lateness = sorted(observed)
     return {
         "n": n,
-        "counts": {f"{state}/{reason}": count for state, reason, count in counts},
+        "counts": counts,
         "journal_timeouts": journal,
         "seen_by_subscriber": len(lateness),
         "dead_before_subscribing": dead_before,
@@ -215,27 +253,65 @@ async def _run_async(path: Path, n: int, gc_mode: str = "default") -> dict[str, 
         "rate": n / (last_dead - first_deadline) if last_dead > first_deadline else math.nan,
         "rss_before": rss_before,
         "peak_rss": peak,
+        "per_command": (peak - rss_before) / n,
     }
 
 
+@contextlib.contextmanager
+def _gc_pauses() -> Iterator[dict[str, Any]]:
+    """Count the cyclic collector's passes per generation and time them (``gc.callbacks``):
+    a full collection walks every tracked object, so its pause grows with what the
+    process holds, and every timer waits for it."""
+    counts = [0, 0, 0]
+    seconds = [0.0, 0.0, 0.0]
+    longest = [0.0]
+    began = [0.0]
+
+    def watch(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+            return
+        pause = time.perf_counter() - began[0]
+        counts[info["generation"]] += 1
+        seconds[info["generation"]] += pause
+        longest[0] = max(longest[0], pause)
+
+    found: dict[str, Any] = {}
+    gc.callbacks.append(watch)
+    try:
+        yield found
+    finally:
+        gc.callbacks.remove(watch)
+        found.update(
+            gc_collections=counts, gc_seconds=seconds, gc_longest=longest[0],
+            gc_tracked_at_end=len(gc.get_objects()),
+        )  # fmt: skip
+
+
 def child(argv: Sequence[str]) -> None:
-    """Entry point of a run's process: ``child([path, n, gc_mode])``; prints the result
-    as JSON."""
-    path, n, gc_mode = Path(argv[0]), int(argv[1]), argv[2]
-    print(json.dumps(trio.run(_run_async, path, n, gc_mode)), flush=True)
+    """Entry point of a run's process: ``child([mode, path, n, gc_mode])``, ``mode``
+    ``in-flight`` or ``one-by-one``; prints the result as JSON."""
+    mode, path, n, gc_mode = argv[0], Path(argv[1]), int(argv[2]), argv[3]
+    if gc_mode == THAWED:
+        # Diagnosis only: the engine as if flows.collector never froze anything, so
+        # that every full collection walks every send in flight.
+        from flows import collector
+
+        collector.MANY = 2**62  # type: ignore[misc]
+    measure = _run_async if mode == IN_FLIGHT else _one_by_one_async
+    with _gc_pauses() as pauses:
+        result = trio.run(measure, path, n, gc_mode)
+    print(json.dumps({**result, **pauses}), flush=True)
 
 
-def run_once(
-    template: Path, directory: Path, n: int, lead: float, window: float, gc_mode: str = "default"
-) -> dict[str, Any]:
-    """Copy the template and measure one run in a new process."""
-    path = directory / "dovecote.db"
-    shutil.copyfile(template, path)
+def _spawn(mode: str, path: Path, n: int, gc_mode: str, timeout: float) -> dict[str, Any]:
+    """``child`` in a new Python process; its result."""
     process = subprocess.run(
         [
             sys.executable,
             "-c",
             "import sys; from bench.deadletter import child; child(sys.argv[1:])",
+            mode,
             str(path),
             str(n),
             gc_mode,
@@ -243,11 +319,21 @@ def run_once(
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=lead + window + 600,
+        timeout=timeout,
     )
     if process.returncode != 0:
         raise RuntimeError(f"deadletter run failed ({process.returncode}):\n{process.stderr}")
     result: dict[str, Any] = json.loads(process.stdout.strip().splitlines()[-1])
+    return result
+
+
+def run_once(
+    template: Path, directory: Path, n: int, lead: float, window: float, gc_mode: str = "default"
+) -> dict[str, Any]:
+    """Copy the template and measure one in-flight run in a new process."""
+    path = directory / "dovecote.db"
+    shutil.copyfile(template, path)
+    result = _spawn(IN_FLIGHT, path, n, gc_mode, lead + window + 600)
     problems = []
     if result["counts"] != {"dead/timeout": n}:
         problems.append(f"end states {result['counts']}")
@@ -257,6 +343,75 @@ def run_once(
         problems.append(f"the subscriber saw {result['seen_by_subscriber']} dead")
     if problems:
         raise RuntimeError("deadletter: lost commands: " + "; ".join(problems))
+    return result
+
+
+# --- one by one: a script's steady stream of short timeouts ------------------------
+
+
+def _short_timeout(index: int) -> float:
+    """Command ``index``'s timeout: 2-3 s, spread evenly over every 1,000 submits."""
+    return SHORT_TIMEOUT + SHORT_SPREAD * (index % 1000) / 1000
+
+
+def _most_live(rows: Sequence[tuple[float, float]]) -> int:
+    """The most commands in flight at one instant, from their (sent_at, finished_at)."""
+    marks = sorted([(sent, 1) for sent, _ in rows] + [(done, -1) for _, done in rows])
+    live = most = 0
+    for _, step in marks:
+        live += step
+        most = max(most, live)
+    return most
+
+
+async def _one_by_one_async(path: Path, n: int, gc_mode: str = "default") -> dict[str, Any]:
+    """N commands submitted one after another (``await engine.submit``, paced at
+    ``SUBMIT_RATE``), each with a 2-3 s timeout, to the black hole opened to
+    ``max_in_flight`` N: about 2.5 s of submits (4,000) are live at any time. Lateness
+    is read from the rows once every command is dead."""
+    rss_before = _max_rss()
+    hole = Blackhole()
+    hole.open_up(n)
+    async with flows.open_engine(path, adapters=[hole]) as engine:
+        db = engine.store.db
+        started = time.perf_counter()
+        begun = trio.current_time()
+        for index in range(n):
+            # Paced as the issue's script went (1,600 a second): about 4,000 live.
+            await trio.sleep_until(begun + index / SUBMIT_RATE)
+            await engine.submit(ADAPTER, REQUEST, timeout=_short_timeout(index), max_attempts=1)
+        submitting = time.perf_counter() - started
+        live = "SELECT count(*) FROM commands WHERE state IN ('pending', 'sent')"
+        while db.execute(live).fetchone()[0]:
+            await trio.sleep(0.1)
+        peak = _max_rss()
+        counts, journal = _end_state(db)
+        rows = db.execute("SELECT sent_at, deadline, finished_at FROM commands").fetchall()
+    stored = sorted(finished - deadline for _, deadline, finished in rows)
+    most_live = _most_live([(sent, finished) for sent, _, finished in rows])
+    return {
+        "n": n,
+        "counts": counts,
+        "journal_timeouts": journal,
+        "stored_p50": percentile(stored, 50),
+        "stored_p99": percentile(stored, 99),
+        "stored_max": stored[-1],
+        "submit_rate": n / submitting,
+        "most_live": most_live,
+        "rss_before": rss_before,
+        "peak_rss": peak,
+        "per_command": (peak - rss_before) / most_live,
+    }
+
+
+def one_by_one_once(directory: Path, n: int, gc_mode: str = "default") -> dict[str, Any]:
+    """One one-by-one run of ``n`` commands on a fresh file, in a new process."""
+    result = _spawn(ONE_BY_ONE, directory / "dovecote.db", n, gc_mode, n / 100 + 600)
+    if result["counts"] != {"dead/timeout": n} or result["journal_timeouts"] != n:
+        raise RuntimeError(
+            f"deadletter one-by-one: end states {result['counts']}, "
+            f"{result['journal_timeouts']} timeouts journaled"
+        )
     return result
 
 
@@ -272,6 +427,8 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("stored_max", "lateness max (stored: finished_at - deadline)", "s"),
     ("peak_rss", "peak RSS of the run's process", "B"),
     ("rss_before", "RSS before the engine opens", "B"),
+    ("per_command", "memory per in-flight command ((peak - before) / N)", "kB"),
+    ("gc_longest", "longest cyclic-GC pause", "s"),
     ("claim_seconds", "claim of all N (first sent_at -> all sent)", "s"),
     ("slack", "first deadline - claim end (must be > 0)", "s"),
     ("rate", "dead-lettered/s (first deadline -> last dead)", "/s"),
@@ -285,6 +442,8 @@ def _shown(value: float, unit: str) -> str:
         return f"{value * 1000:,.1f} ms"
     if unit == "B":
         return f"{value / MB:,.0f} MB"
+    if unit == "kB":
+        return f"{value / 1000:,.2f} kB"
     return f"{value:,.0f}/s"
 
 
@@ -334,6 +493,7 @@ def _row(rows: Sequence[Row], key: str) -> Row:
 
 def headlines(rows: Sequence[Row]) -> list[Row]:
     p99, p50, peak = _row(rows, "observed_p99"), _row(rows, "observed_p50"), _row(rows, "peak_rss")
+    per = _row(rows, "per_command")
     n = p99["n"]
     return [
         headline(
@@ -348,7 +508,99 @@ def headlines(rows: Sequence[Row]) -> list[Row]:
             target=f"< {TARGET_PEAK / MB:.0f} MB",
             met=peak["median"] < TARGET_PEAK,
         ),
+        headline(
+            f"memory per in-flight command, {n:,} in flight (peak RSS - before) / N",
+            f"{per['median'] / 1000:,.2f} kB",
+            target=f"<= {TARGET_PER_COMMAND / 1000:g} kB",
+            met=per["median"] <= TARGET_PER_COMMAND,
+        ),
     ]
+
+
+# --- the one-by-one benchmark ---------------------------------------------------------
+
+
+def run_one_by_one(ns: Sequence[int], runs: int) -> list[dict[str, Any]]:
+    """``runs`` one-by-one runs at each N, interleaved (every N once, then again)."""
+    results: list[dict[str, Any]] = []
+    for _ in range(runs):
+        for n in ns:
+            with fresh_dir(f"{BENCH}-one-by-one") as directory:
+                results.append(one_by_one_once(directory, n))
+    return results
+
+
+def _by_n(results: Sequence[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    grouped: dict[int, list[dict[str, Any]]] = {}
+    for result in results:
+        grouped.setdefault(result["n"], []).append(result)
+    return grouped
+
+
+def _median(results: Sequence[dict[str, Any]], key: str) -> float:
+    return float(statistics.median(r[key] for r in results))
+
+
+def report_one_by_one(results: Sequence[dict[str, Any]]) -> None:
+    print(
+        f"dead-letter lateness, submitted one by one (await engine.submit), timeouts "
+        f"{SHORT_TIMEOUT:g}-{SHORT_TIMEOUT + SHORT_SPREAD:g} s, to a provider that never "
+        "answers (max_in_flight N); lateness = finished_at - deadline from the rows; "
+        "each run in its own process, median over runs"
+    )
+    shown = []
+    for n, group in sorted(_by_n(results).items()):
+        shown.append(
+            {
+                "n": f"{n:,}",
+                "runs": str(len(group)),
+                "submits": f"{_median(group, 'submit_rate'):,.0f}/s",
+                "live": f"{_median(group, 'most_live'):,.0f}",
+                **{
+                    key: f"{_median(group, key) * 1000:,.1f} ms"
+                    for key in ("stored_p50", "stored_p99", "stored_max", "gc_longest")
+                },
+                "gc2": f"{statistics.median(r['gc_collections'][2] for r in group):,.0f}",
+                "peak": f"{_median(group, 'peak_rss') / MB:,.0f} MB",
+                "per": f"{_median(group, 'per_command') / 1000:,.2f} kB",
+            }
+        )
+    print_table(
+        shown,
+        (
+            ("n", "N", fmt_str),
+            ("runs", "runs", fmt_str),
+            ("submits", "submits", fmt_str),
+            ("live", "most live", fmt_str),
+            ("stored_p50", "p50", fmt_str),
+            ("stored_p99", "p99", fmt_str),
+            ("stored_max", "max", fmt_str),
+            ("gc_longest", "longest GC pause", fmt_str),
+            ("gc2", "full GCs", fmt_str),
+            ("peak", "peak RSS", fmt_str),
+            ("per", "(peak - before) / most live", fmt_str),
+        ),
+    )
+    print("checked in every run: every command dead with reason timeout, and journaled")
+    for line in headlines_one_by_one(results):
+        print(f"target: {line['benchmark']} {line['target']}: {verdict(line['met'])} "
+              f"({line['dovecote']})")  # fmt: skip
+
+
+def headlines_one_by_one(results: Sequence[dict[str, Any]]) -> list[Row]:
+    lines = []
+    for n, group in sorted(_by_n(results).items()):
+        p99 = _median(group, "stored_p99")
+        lines.append(
+            headline(
+                f"dead-letter lateness p99, {n:,} submitted one by one, 2-3 s timeouts "
+                f"(about {_median(group, 'most_live'):,.0f} live)",
+                f"{p99 * 1000:,.1f} ms (p50 {_median(group, 'stored_p50') * 1000:,.1f} ms)",
+                target=f"< {TARGET_P99 * 1000:.0f} ms",
+                met=p99 < TARGET_P99,
+            )
+        )
+    return lines
 
 
 def report(rows: Sequence[Row], submit_rate: float, lead: float, window: float) -> None:
@@ -358,8 +610,8 @@ def report(rows: Sequence[Row], submit_rate: float, lead: float, window: float) 
         f"deadlines {lead:g} s + 0..{window:g} s after the claim ({n / window:,.0f} expiries/s "
         f"offered); {runs} run(s), each in its own process; median (min, max) over runs"
     )
-    if rows[0]["gc"] == "freeze":
-        print("DIAGNOSIS RUN: gc.freeze() once all N were sent; not the engine as shipped")
+    if rows[0]["gc"] == THAWED:
+        print("DIAGNOSIS RUN: flows.collector switched off (nothing frozen); not as shipped")
     print_spread(rows, (("variant", "measure", fmt_str),), lambda r, k: _shown(r[k], r["unit"]))
     print(f"set-up: {n:,} submits at {submit_rate:,.0f}/s (submit_many, 20 tasks, adapter parked)")
     if _row(rows, "slack")["min"] <= 0:
@@ -377,22 +629,27 @@ def report(rows: Sequence[Row], submit_rate: float, lead: float, window: float) 
 # --- profiling ---------------------------------------------------------------------
 
 
-def _in_process(n: int, lead: float, window: float, mode: str) -> None:
+def _in_process(n: int, lead: float, window: float, mode: str, which: str) -> None:
     """One run in this process, under pyinstrument (``profile``) or tracemalloc
-    (``memory``: the top allocation sites once every command is in flight)."""
+    (``memory``: the top allocation sites once every command is in flight, in-flight
+    mode only). ``which``: ``in-flight`` or ``one-by-one``."""
     with fresh_dir(f"{BENCH}-{mode}") as directory:
         path = directory / "dovecote.db"
-        make_template(path, n, lead, window)
+        if which == IN_FLIGHT:
+            make_template(path, n, lead, window)
+        measure = _run_async if which == IN_FLIGHT else _one_by_one_async
         if mode == "profile":
             try:
                 from pyinstrument import Profiler
             except ImportError:
                 sys.exit("--profile needs pyinstrument: .venv/bin/pip install pyinstrument")
             profiler = Profiler(interval=0.001, async_mode="disabled")
-            profiler.start()
-            result = trio.run(_run_async, path, n)
-            profiler.stop()
-            print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
+            with _gc_pauses() as pauses:
+                profiler.start()
+                result = trio.run(measure, path, n)
+                profiler.stop()
+            shown = {**result, **pauses}
+            print(json.dumps({k: v for k, v in shown.items() if not isinstance(v, dict)}))
             print(profiler.output_text(unicode=False, color=False))
             return
         import tracemalloc
@@ -428,8 +685,20 @@ def _in_process(n: int, lead: float, window: float, mode: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(prog="python -m bench.deadletter", description=__doc__)
-    parser.add_argument("--n", type=int, default=N, help=f"deadlines held at once ({N})")
-    parser.add_argument("--runs", type=int, default=RUNS, help=f"runs ({RUNS})")
+    parser.add_argument(
+        "--mode",
+        choices=(IN_FLIGHT, ONE_BY_ONE, "both"),
+        default="both",
+        help="in-flight (N claimed at once), one-by-one (a stream of submits), or both",
+    )
+    parser.add_argument("--n", type=int, default=N, help=f"in-flight: deadlines held ({N})")
+    parser.add_argument(
+        "--ns",
+        default=",".join(str(n) for n in ONE_BY_ONE_NS),
+        help="one-by-one: the Ns, comma-separated (2000,10000,100000)",
+    )
+    parser.add_argument("--runs", type=int, default=RUNS, help=f"in-flight runs ({RUNS})")
+    parser.add_argument("--one-by-one-runs", type=int, default=1, help="runs per N (1)")
     parser.add_argument(
         "--lead", type=float, default=LEAD, help=f"claim -> first deadline ({LEAD} s)"
     )
@@ -438,21 +707,31 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     )
     parser.add_argument(
         "--gc",
-        choices=("default", "freeze"),
+        choices=("default", THAWED),
         default="default",
-        help="diagnosis: 'freeze' calls gc.freeze() once all N are sent (not as shipped)",
+        help="diagnosis: 'thawed' switches flows.collector off (in-flight mode; not as shipped)",
     )
     parser.add_argument("--profile", action="store_true", help="one run in-process, pyinstrument")
     parser.add_argument("--memory", action="store_true", help="one run in-process, tracemalloc")
     args = parser.parse_args(argv)
+    ns = [int(n) for n in args.ns.split(",")]
     if args.profile or args.memory:
-        _in_process(args.n, args.lead, args.window, "profile" if args.profile else "memory")
+        which = IN_FLIGHT if args.mode == IN_FLIGHT or args.memory else ONE_BY_ONE
+        n = args.n if which == IN_FLIGHT else ns[-1]
+        _in_process(n, args.lead, args.window, "profile" if args.profile else "memory", which)
         return []
     started = time.perf_counter()
-    rows, submit_rate = run(args.n, args.runs, args.lead, args.window, args.gc)
-    report(rows, submit_rate, args.lead, args.window)
+    lines: list[Row] = []
+    if args.mode in (ONE_BY_ONE, "both"):
+        results = run_one_by_one(ns, args.one_by_one_runs)
+        report_one_by_one(results)
+        lines += headlines_one_by_one(results)
+    if args.mode in (IN_FLIGHT, "both"):
+        rows, submit_rate = run(args.n, args.runs, args.lead, args.window, args.gc)
+        report(rows, submit_rate, args.lead, args.window)
+        lines += headlines(rows)
     print(f"wall time {time.perf_counter() - started:.1f} s")
-    return headlines(rows)
+    return lines
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from typing import Final
 
 import trio
 
+from flows import collector
 from flows.records import Command
 
 UNSENT_KEPT: Final = 10_000
@@ -59,10 +60,12 @@ class Held:
         return max_in_flight - self._per_adapter[adapter]
 
     def start(self, command: Command) -> trio.CancelScope:
-        """A claimed command's send begins; the scope that stops it."""
+        """A claimed command's send begins; the scope that stops it. The
+        collector is told of every start and end (flows.collector)."""
         scope = trio.CancelScope()
         self._sending[command.id] = (command, scope)
         self._per_adapter[command.adapter] += 1
+        collector.started()
         return scope
 
     def sending(self, command_id: str) -> Command | None:
@@ -86,6 +89,7 @@ class Held:
         if in_flight is not None and in_flight[0] is command:
             del self._sending[command.id]
         self._per_adapter[command.adapter] -= 1
+        collector.ended()
 
     def sends(self) -> dict[str, Command]:
         """The sends in flight now (a copy)."""

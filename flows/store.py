@@ -528,7 +528,11 @@ def _use_late_reply(cursor: _Batch, op: UseLateReply) -> None:
 def _renew_leases(cursor: _Batch, op: RenewLeases) -> frozenset[str]:
     if not op.ids:
         return frozenset()
-    held = f"owner = ? AND {_LEASED} AND id IN ({', '.join('?' for _ in op.ids)})"
+    # ``+owner``: by the ids, not by the lease index. Its planner guesses ten rows an
+    # owner, so with a slice of 1,024 ids it walked every row this engine leases
+    # for each slice (80 ms a slice at 100,000 in flight: every renewal pass cost
+    # O(in flight squared) and held the loop); by the ids it is 1,024 lookups, 4 ms.
+    held = f"+owner = ? AND {_LEASED} AND id IN ({', '.join('?' for _ in op.ids)})"
     cursor.execute(
         f"UPDATE commands SET lease_until = ? WHERE {held}", (op.until, op.owner, *op.ids)
     )

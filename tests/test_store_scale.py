@@ -241,3 +241,27 @@ def test_states_are_written_into_sql_only_as_state_names(store: Store) -> None:
         with pytest.raises(ValueError, match="state names"):
             store.counts(bad)
     assert store.counts(["unheard_of"]) == {}
+
+
+def _lease(store: Store, first: int, count: int) -> tuple[str, ...]:
+    """``count`` more commands sent and leased by ``ME``; their ids."""
+    commands = [_command(n, id=f"held-{n:06d}") for n in range(first, first + count)]
+    store.commit([Insert(c) for c in commands])
+    store.commit([_sent(c, ME, NOW + 30) for c in commands])
+    return tuple(c.id for c in commands)
+
+
+def test_renewing_a_slice_of_leases_reads_as_much_with_many_more_held(store: Store) -> None:
+    """The keeper renews an engine's leases 1,024 ids at a time: a slice must cost
+    the same whether the engine holds one slice or a hundred (it walked every row
+    the owner leased for each slice: O(held squared) a renewal pass)."""
+    chunk = _lease(store, 0, 1024)
+
+    def renew(s: Store) -> object:
+        return s.commit([RenewLeases(ME, NOW + 60, chunk, NOW)])
+
+    before = _steps(store, renew)
+    _lease(store, 1024, 10 * 1024)
+    after = _steps(store, renew)
+    assert renew(store) == [frozenset(chunk)]
+    assert after <= before * 1.2 + 100, (before, after)
