@@ -77,6 +77,7 @@ from flows.states import (
     SENT,
     TERMINAL_STATES,
     IllegalTransition,
+    LostRace,
     next_state,
 )
 
@@ -221,7 +222,7 @@ class Insert:
                     (cmd.id, cmd.flow_id, cmd.step, cmd.replay_of),
                 )
                 if cursor.rowcount != 1:
-                    raise IllegalTransition(
+                    raise LostRace(
                         f"command {cmd.replay_of}: another replay took step {cmd.step} "
                         f"of flow {cmd.flow_id} over",
                         command_id=cmd.replay_of,
@@ -397,7 +398,7 @@ class UseLateReply:
             (self.used_by, self.late_reply_id),
         )
         if cursor.rowcount != 1:
-            raise IllegalTransition(f"late reply {self.late_reply_id} was already used")
+            raise LostRace(f"late reply {self.late_reply_id} was already used")
 
 
 @attrs.frozen
@@ -561,7 +562,7 @@ class MoveFlow:
         if cursor.rowcount != 1:
             row = cursor.execute("SELECT state, owner FROM flows WHERE id = ?", (b.id,)).fetchone()
             found = f"{row[0]!r} (owner {row[1]})" if row else "no such flow"
-            raise IllegalTransition(
+            raise LostRace(
                 f"flow {b.id}: cannot {self.event}: expected {b.state!r} (owner {b.owner}), "
                 f"found {found}",
                 command_id=b.id,
@@ -708,12 +709,12 @@ def _journal(
     )
 
 
-def _lost_race(cursor: sqlite3.Cursor, expected: Command, event: str) -> IllegalTransition:
+def _lost_race(cursor: sqlite3.Cursor, expected: Command, event: str) -> LostRace:
     row = cursor.execute(
         "SELECT state, attempt, owner FROM commands WHERE id = ?", (expected.id,)
     ).fetchone()
     found = "no such command" if row is None else f"{row[0]!r} (attempt {row[1]}, owner {row[2]})"
-    return IllegalTransition(
+    return LostRace(
         f"command {expected.id}: cannot {event}: expected {expected.state!r} "
         f"(attempt {expected.attempt}, owner {expected.owner}), found {found}",
         command_id=expected.id,
