@@ -25,6 +25,7 @@ import json
 import logging
 import random
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -32,7 +33,6 @@ import trio
 
 from adapters.base import Adapter, AdapterError, Reply, RetryableError, SendContext
 from flows.core import Core, moved
-from flows.notices import Progress
 from flows.records import Command, CommandError, storable
 from flows.states import (
     FAIL,
@@ -93,12 +93,11 @@ class Sender:
     async def _send(self, adapter: Adapter, command: Command, scope: trio.CancelScope) -> None:
         core = self._core
         assert command.deadline is not None
-        notices = core.notices
         context = SendContext(
             command_id=command.id,
             attempt=command.attempt,
             deadline=command.deadline,
-            report_progress=lambda text: notices.publish(Progress(command.id, text)),
+            report_progress=partial(core.notices.progress, command.id),
         )
         reply: Reply | None = None
         failure: BaseException | None = None
