@@ -88,8 +88,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -294,11 +295,12 @@ async def _raw_call(client: httpx.AsyncClient, url: str) -> float:
     return elapsed
 
 
-async def _raw_round(client: httpx.AsyncClient, url: str, n: int) -> Round:
+async def _round(call: Callable[[], Awaitable[float]], n: int) -> Round:
+    """``n`` tasks each make one ``call`` (which returns its own latency)."""
     latencies = [0.0] * n
 
     async def one(index: int) -> None:
-        latencies[index] = await _raw_call(client, url)
+        latencies[index] = await call()
 
     started, cpu = time.perf_counter(), time.process_time()
     async with trio.open_nursery() as nursery:
@@ -307,20 +309,26 @@ async def _raw_round(client: httpx.AsyncClient, url: str, n: int) -> Round:
     return Round(time.perf_counter() - started, latencies, latencies, time.process_time() - cpu)
 
 
+async def _calls(
+    call: Callable[[], Awaitable[float]], n: int, rounds: int, serial: int, warm: bool
+) -> tuple[list[Round], Round]:
+    """A warm-up round if ``warm``, ``rounds`` timed rounds, then ``serial`` calls one
+    at a time."""
+    if warm:
+        await _round(call, n)
+    timed = [await _round(call, n) for _ in range(rounds)]
+    started = time.perf_counter()
+    one_by_one = [await call() for _ in range(serial)]
+    return timed, Round(time.perf_counter() - started, one_by_one, one_by_one)
+
+
 async def raw_run(
     base_url: str, n: int, rounds: int, serial: int, transport: str, warm: bool
 ) -> tuple[list[Round], Round]:
-    """A fresh client: a warm-up round if ``warm``, ``rounds`` timed rounds, then
-    ``serial`` calls one at a time."""
+    """A fresh client, as ``_calls`` says."""
     url = f"{base_url}/chat/completions"
     async with make_client(n, transport) as client:
-        if warm:
-            await _raw_round(client, url, n)
-        timed = [await _raw_round(client, url, n) for _ in range(rounds)]
-        started = time.perf_counter()
-        one_by_one = [await _raw_call(client, url) for _ in range(serial)]
-        alone = Round(time.perf_counter() - started, one_by_one, one_by_one)
-    return timed, alone
+        return await _calls(partial(_raw_call, client, url), n, rounds, serial, warm)
 
 
 def _checked(engine: flows.Engine, ids: Sequence[str], seconds: float, cpu: float = 0.0) -> Round:
@@ -381,54 +389,43 @@ def _ignore(_: str) -> None:
     pass
 
 
-async def _adapter_round(adapter: OpenAIAdapter, request: Request, n: int) -> Round:
-    latencies = [0.0] * n
-
-    async def one(index: int) -> None:
-        latencies[index] = await _adapter_call(adapter, request)
-
-    started, cpu = time.perf_counter(), time.process_time()
-    async with trio.open_nursery() as nursery:
-        for index in range(n):
-            nursery.start_soon(one, index)
-    return Round(time.perf_counter() - started, latencies, latencies, time.process_time() - cpu)
-
-
 async def adapter_run(
     base_url: str, n: int, rounds: int, serial: int, transport: str, warm: bool
 ) -> tuple[list[Round], Round]:
-    """The adapter's ``send`` with no engine behind it (no command, no commit): what
-    dovecote's HTTP path costs against raw httpx's, apart from the engine's."""
+    """The adapter's ``send`` with no engine behind it (no command, no commit), as
+    ``_calls`` says: what dovecote's HTTP path costs against raw httpx's, apart from
+    the engine's."""
     request = Request.from_json(REQUEST)
     async with _adapter(base_url, n, transport) as adapter:
-        if warm:
-            await _adapter_round(adapter, request, n)
-        timed = [await _adapter_round(adapter, request, n) for _ in range(rounds)]
-        started = time.perf_counter()
-        one_by_one = [await _adapter_call(adapter, request) for _ in range(serial)]
-        alone = Round(time.perf_counter() - started, one_by_one, one_by_one)
-    return timed, alone
+        return await _calls(partial(_adapter_call, adapter, request), n, rounds, serial, warm)
 
 
-async def dovecote_run(
-    base_url: str, n: int, rounds: int, serial: int, transport: str, warm: bool
-) -> tuple[list[Round], Round]:
-    """A fresh engine on a fresh file: a warm-up round if ``warm``, ``rounds`` timed
-    rounds, then ``serial`` calls one at a time."""
+@asynccontextmanager
+async def _engine(base_url: str, n: int, transport: str) -> AsyncIterator[flows.Engine]:
+    """A fresh engine on a fresh file, with the adapter of ``_adapter``."""
     with fresh_dir(BENCH) as directory:
         async with (
             _adapter(base_url, n, transport) as adapter,
             flows.open_engine(directory / "dovecote.db", adapters=[adapter]) as engine,
         ):
-            if warm:
-                await _dovecote_round(engine, n)
-            timed = [await _dovecote_round(engine, n) for _ in range(rounds)]
-            ids = []
-            started = time.perf_counter()
-            for _ in range(serial):
-                ids.append(await engine.submit("bench", REQUEST, timeout=60))
-                await engine.wait(ids[-1])
-            alone = _checked(engine, ids, time.perf_counter() - started)
+            yield engine
+
+
+async def dovecote_run(
+    base_url: str, n: int, rounds: int, serial: int, transport: str, warm: bool
+) -> tuple[list[Round], Round]:
+    """A fresh engine: a warm-up round if ``warm``, ``rounds`` timed rounds, then
+    ``serial`` calls one at a time."""
+    async with _engine(base_url, n, transport) as engine:
+        if warm:
+            await _dovecote_round(engine, n)
+        timed = [await _dovecote_round(engine, n) for _ in range(rounds)]
+        ids = []
+        started = time.perf_counter()
+        for _ in range(serial):
+            ids.append(await engine.submit("bench", REQUEST, timeout=60))
+            await engine.wait(ids[-1])
+        alone = _checked(engine, ids, time.perf_counter() - started)
     return timed, alone
 
 
@@ -529,49 +526,25 @@ def run(
     rates = {system: [rate(t) for t in timed[system]] for system in SYSTEMS}
     cpus = {system: [cpu_per_call(t) for t in timed[system]] for system in SYSTEMS}
     ratio, minus = (lambda a, b: a / b), (lambda a, b: a - b)
+    name = {"raw": "raw httpx", "adapter": ADAPTER, "dovecote": "dovecote"}
     rows = [
-        _row("raw httpx", variant, "throughput", "calls/s", rates["raw"]),
-        _row(ADAPTER, variant, "throughput", "calls/s", rates["adapter"]),
-        _row("dovecote", variant, "throughput", "calls/s", rates["dovecote"]),
-        _row(
-            f"{ADAPTER} / raw",
-            variant,
-            "throughput ratio",
-            "x",
-            pairwise(rates["adapter"], rates["raw"], ratio),
-        ),
-        _row(
-            "dovecote / raw",
-            variant,
-            "throughput ratio",
-            "x",
-            pairwise(rates["dovecote"], rates["raw"], ratio),
-        ),
-        _row("raw httpx", variant, "client CPU per call", "cpu", cpus["raw"]),
-        _row(ADAPTER, variant, "client CPU per call", "cpu", cpus["adapter"]),
-        _row("dovecote", variant, "client CPU per call", "cpu", cpus["dovecote"]),
-        _row(
-            f"{ADAPTER} - raw",
-            variant,
-            "CPU added per call: HTTP path",
-            "cpu",
-            pairwise(cpus["adapter"], cpus["raw"], minus),
-        ),
-        _row(
-            f"dovecote - {ADAPTER}",
-            variant,
-            "CPU added per call: engine",
-            "cpu",
-            pairwise(cpus["dovecote"], cpus["adapter"], minus),
-        ),
-        _row(
-            "dovecote - raw",
-            variant,
-            "CPU added per call",
-            "cpu",
-            pairwise(cpus["dovecote"], cpus["raw"], minus),
-        ),
+        _row(name[system], variant, "throughput", "calls/s", rates[system]) for system in SYSTEMS
     ]
+    for system in ("adapter", "dovecote"):
+        ratios = pairwise(rates[system], rates["raw"], ratio)
+        rows.append(_row(f"{name[system]} / raw", variant, "throughput ratio", "x", ratios))
+    rows += [
+        _row(name[system], variant, "client CPU per call", "cpu", cpus[system])
+        for system in SYSTEMS
+    ]
+    for ours, theirs, measure in (
+        ("adapter", "raw", "CPU added per call: HTTP path"),
+        ("dovecote", "adapter", "CPU added per call: engine"),
+        ("dovecote", "raw", "CPU added per call"),
+    ):
+        difference = pairwise(cpus[ours], cpus[theirs], minus)
+        label = "raw" if theirs == "raw" else name[theirs]
+        rows.append(_row(f"{name[ours]} - {label}", variant, measure, "cpu", difference))
     raw_m, adapter_m, ours_m = ([merged(t) for t in timed[system]] for system in SYSTEMS)
     rows += _latency_rows(variant, raw_m, adapter_m, ours_m)
     if serial:
@@ -713,18 +686,14 @@ def profile(n: int, transport: str, rounds: int, warm: bool) -> None:
     profiler = Profiler(interval=0.0005, async_mode="disabled")
 
     async def profiled(base_url: str) -> list[Round]:
-        with fresh_dir(BENCH) as directory:
-            async with (
-                _adapter(base_url, n, transport) as adapter,
-                flows.open_engine(directory / "dovecote.db", adapters=[adapter]) as engine,
-            ):
-                if warm:
-                    await _dovecote_round(engine, n)
-                profiler.start()
-                try:
-                    return [await _dovecote_round(engine, n) for _ in range(rounds)]
-                finally:
-                    profiler.stop()
+        async with _engine(base_url, n, transport) as engine:
+            if warm:
+                await _dovecote_round(engine, n)
+            profiler.start()
+            try:
+                return [await _dovecote_round(engine, n) for _ in range(rounds)]
+            finally:
+                profiler.stop()
 
     with server_process() as base_url:
         timed = trio.run(profiled, base_url)
