@@ -385,6 +385,16 @@ async def test_a_stream_cut_mid_body_is_retryable(server: FakeProvider, make: Ma
     assert seen and seen[-1] == "The cat"
 
 
+async def test_a_whole_reply_cut_mid_body_is_retryable(server: FakeProvider, make: Make) -> None:
+    """The adapter's own pool raises httpcore's errors (adapters/_http.py, ``_post``):
+    a connection dropped inside the body is a transport failure, as through httpx."""
+    half = json.dumps(CHAT["response"]["body"]).encode()[:40]
+    server.queue(stream_response([half], "application/json", ending="cut"))
+    with pytest.raises(RetryableError) as caught:
+        await make().send(HELLO, context())
+    assert "RemoteProtocolError talking to" in caught.value.message, caught.value.message
+
+
 async def test_a_stream_that_ends_cleanly_before_done_is_retryable(
     server: FakeProvider, make: Make
 ) -> None:
@@ -503,7 +513,7 @@ async def test_the_adapters_own_client_sends_what_an_httpx_client_sends(
 ) -> None:
     """The adapter's own client hands its requests straight to its pool's transport
     (adapters/_http.py, ``_post``); on the wire they are what ``httpx.AsyncClient``
-    makes of the same call: the same headers (the length last) and the same bytes."""
+    makes of the same call: the same headers, in the same order, and the same bytes."""
     request = Request.from_json(
         {"messages": [{"role": "user", "content": 'h\u00e9llo "\U0001f600" \\ /'}]}
     )
@@ -513,7 +523,7 @@ async def test_the_adapters_own_client_sends_what_an_httpx_client_sends(
         await make(client=client).send(request, context())
     ours, httpxs = server.requests
     assert ours.raw == httpxs.raw
-    assert sorted(ours.headers.items()) == sorted(httpxs.headers.items())
+    assert list(ours.headers.items()) == list(httpxs.headers.items())
     assert ours.headers["content-type"] == "application/json"
     assert ours.headers["authorization"] == f"Bearer {SECRET}"
 
