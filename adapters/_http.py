@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
 import attrs
+import httpcore
 import httpx
 import trio
 
@@ -72,6 +73,17 @@ SNIPPET = 200
 
 NO_TIMEOUT = httpx.Timeout(None)
 """What a send asks of httpx: no timeouts of its own (see the module docstring)."""
+
+_NO_TIMEOUT_EXTENSIONS = {"timeout": NO_TIMEOUT.as_dict()}
+
+_POOL_ERRORS = (
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.ProxyError,
+    httpcore.UnsupportedProtocol,
+)
+"""What the pool raises that httpx calls a ``TransportError`` (its timeouts
+aside): a send through the pool fails with them as through httpx."""
 
 T = TypeVar("T")
 
@@ -297,6 +309,19 @@ def environment_proxies() -> bool:
     return any(proxies.get(scheme) for scheme in ("http", "https", "all"))
 
 
+@attrs.frozen
+class _Target:
+    """An adapter's endpoint and headers as given, and as a request needs them."""
+
+    endpoint: str
+    headers: dict[str, str]
+    url: httpx.URL
+    parsed: httpx.Headers
+    core_url: httpcore.URL
+    before_length: list[tuple[bytes, bytes]]
+    after_length: list[tuple[bytes, bytes]]
+
+
 @attrs.define(eq=False)
 class HttpAdapter:
     """The part of every HTTP adapter that is not a provider's dialect.
@@ -323,9 +348,8 @@ class HttpAdapter:
         default=None, kw_only=True, alias="client", repr=False
     )
     _owns_client: bool = attrs.field(default=False, init=False, repr=False)
-    _parsed_target: tuple[str, dict[str, str], httpx.URL, httpx.Headers] | None = attrs.field(
-        default=None, init=False, repr=False
-    )
+    _transport: PooledTransport | None = attrs.field(default=None, init=False, repr=False)
+    _parsed_target: _Target | None = attrs.field(default=None, init=False, repr=False)
     _redactor: Redactor | None = attrs.field(default=None, init=False, repr=False)
 
     # -- what a provider module supplies --
@@ -391,6 +415,7 @@ class HttpAdapter:
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
+        self._transport = self._parsed_target = None
         if client is not None and self._owns_client:
             self._owns_client = False
             await client.aclose()
@@ -411,6 +436,7 @@ class HttpAdapter:
                 transport=transport,
             )
             self._owns_client = True
+            self._transport = transport
         return self._client
 
     def safe_url(self) -> str:
@@ -419,30 +445,84 @@ class HttpAdapter:
         port = f":{url.port}" if url.port is not None else ""
         return f"{url.scheme}://{url.host}{port}{url.path}"
 
-    def _target(self) -> tuple[httpx.URL, httpx.Headers]:
-        """The endpoint and this adapter's headers, parsed once and kept while
-        ``endpoint()`` and ``headers()`` give the same: httpx parses a URL
-        given as a string and normalises a dict of headers on every request."""
+    def _target(self, client: httpx.AsyncClient) -> _Target:
+        """The endpoint and the headers of a request, parsed once and kept
+        while ``endpoint()`` and ``headers()`` give the same: httpx parses a
+        URL given as a string and normalises a dict of headers on every
+        request. For a request that goes straight to the pool (``_post``)
+        they are made in httpcore's form from a request httpx builds once,
+        so they are what ``client.build_request`` would send: the client's
+        headers updated with the adapter's, ``Host``, and around the body's
+        length (``Content-Length``) the JSON content type."""
         endpoint, headers = self.endpoint(), self.headers()
         target = self._parsed_target
-        if target is None or target[0] != endpoint or target[1] != headers:
-            target = self._parsed_target = (
-                endpoint,
-                headers,
-                httpx.URL(endpoint),
-                httpx.Headers(headers),
+        if target is None or target.endpoint != endpoint or target.headers != headers:
+            url = httpx.URL(endpoint)
+            model = client.build_request("POST", url, json={}, headers=headers).headers.raw
+            at = next(i for i, (k, _) in enumerate(model) if k.lower() == b"content-length")
+            target = self._parsed_target = _Target(
+                endpoint=endpoint,
+                headers=headers,
+                url=url,
+                parsed=httpx.Headers(headers),
+                core_url=httpcore.URL(
+                    scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path
+                ),
+                before_length=model[:at],
+                after_length=model[at + 1 :],
             )
-        return target[2], target[3]
+        return target
+
+    async def _post(self, body: dict[str, Any]) -> httpx.Response:
+        """POST ``body`` as JSON; the response's body is not read yet.
+
+        With the adapter's own client the request goes straight to its pool
+        (``PooledTransport.pool``), made in httpcore's form from headers made
+        once (``_target``), and its answer is read as an ``httpx.Response``:
+        what ``AsyncClient.send`` and the transport add around the pool
+        (auth, redirects, event hooks, cookies, timing, a log line, a second
+        form of every request, headers normalised twice) is nothing this
+        client is configured to do, and it cost about a quarter of the CPU of
+        a call (bench/overhead.py, "adapter alone" against raw httpx). The
+        pool raises httpcore's errors, which ``_exchange`` classifies as it
+        does httpx's. The one difference on the wire: cookies a server sets
+        are not sent back, so one command's reply cannot change another's
+        request. An injected client, or the proxy-aware one, gets the whole
+        of ``send``: its configuration belongs to its owner."""
+        client = self.http_client()
+        target = self._target(client)
+        transport = self._transport
+        if transport is None:
+            request = client.build_request(
+                "POST", target.url, json=body, headers=target.parsed, timeout=NO_TIMEOUT
+            )
+            return await client.send(request, stream=True)
+        # The bytes httpx's ``json=`` makes (httpx._content.encode_json).
+        content = json.dumps(
+            body, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+        ).encode("utf-8")
+        length = (b"Content-Length", str(len(content)).encode("ascii"))
+        answer = await transport.pool.handle_async_request(
+            httpcore.Request(
+                b"POST",
+                target.core_url,
+                headers=[*target.before_length, length, *target.after_length],
+                content=content,
+                extensions=_NO_TIMEOUT_EXTENSIONS,
+            )
+        )
+        assert isinstance(answer.stream, httpx.AsyncByteStream)  # the pool's own body
+        return httpx.Response(
+            answer.status,
+            headers=answer.headers,
+            stream=answer.stream,
+            extensions=answer.extensions,
+        )
 
     async def _exchange(self, body: dict[str, Any], context: SendContext) -> Reply:
         name = self.settings.name
-        client = self.http_client()
-        url, headers = self._target()
         try:
-            request = client.build_request(
-                "POST", url, json=body, headers=headers, timeout=NO_TIMEOUT
-            )
-            response = await client.send(request, stream=True)
+            response = await self._post(body)
             try:
                 if not 200 <= response.status_code <= 299:
                     raise self.status_error(response, await response.aread())
@@ -463,11 +543,11 @@ class HttpAdapter:
             raise PermanentError(f"{name}: malformed reply: {exc.shown(self._clean)}") from None
         except StreamCut as exc:
             raise RetryableError(f"{name}: stream cut: {exc}") from None
-        except httpx.TimeoutException as exc:
+        except (httpx.TimeoutException, httpcore.TimeoutException) as exc:
             raise RetryableError(
                 f"{name}: timed out talking to {self.safe_url()} ({type(exc).__name__})"
             ) from exc
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, *_POOL_ERRORS) as exc:
             raise RetryableError(
                 f"{name}: {type(exc).__name__} talking to {self.safe_url()}: "
                 f"{str(exc) or 'no detail'}"

@@ -244,8 +244,12 @@ async def _close(connection: httpcore.AsyncConnectionInterface) -> None:
         await connection.aclose()
 
 
-class _ReleasingStream:
-    """A response body that gives its connection back to the pool once closed."""
+class _ReleasingStream(httpx.AsyncByteStream):
+    """A response body that gives its connection back to the pool once closed.
+
+    An ``httpx.AsyncByteStream`` too, so that a caller of ``StackPool`` may
+    read a response as an ``httpx.Response`` without another layer around
+    the body (``PooledTransport.pool``)."""
 
     def __init__(
         self,
@@ -305,6 +309,8 @@ class PooledTransport(httpx.AsyncHTTPTransport):
         super().__init__(verify=ssl_context, trust_env=trust_env)
         # httpx keeps its pool in ``_pool`` (since 0.18); it is the one thing
         # replaced, and tests/test_adapter_pool.py checks that it is used.
-        self._pool = StackPool(
+        self._pool = self.pool = StackPool(
             max_connections, ssl_context=ssl_context, keepalive_expiry=keepalive_expiry
         )
+        """The pool itself, for a caller that makes its requests in httpcore's
+        form (``HttpAdapter._post``): it raises httpcore's errors, not httpx's."""

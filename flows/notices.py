@@ -69,6 +69,12 @@ class Notices:
             self.publish(StateChange(command, event))
         self.on_command(command)
 
+    def progress(self, command_id: str, text: str) -> None:
+        """A send's streamed text so far: a ``Progress`` notice, made only
+        when someone listens (a send reports it many times a second)."""
+        if self._subscribers:
+            self.publish(Progress(command_id, text))
+
     def publish(self, notice: Notice) -> None:
         """Give ``notice`` to every subscriber; drop one that fell behind."""
         for channel in list(self._subscribers):

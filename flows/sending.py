@@ -32,7 +32,7 @@ import trio
 
 from adapters.base import Adapter, AdapterError, Reply, RetryableError, SendContext
 from flows.core import Core, moved, until_closing
-from flows.notices import Notices, Progress
+from flows.notices import Notices
 from flows.records import Command, CommandError, storable
 from flows.states import (
     FAIL,
@@ -64,7 +64,7 @@ class _Progress:
         self.command_id = command_id
 
     def __call__(self, text: str) -> None:
-        self.notices.publish(Progress(self.command_id, text))
+        self.notices.progress(self.command_id, text)
 
 
 @attrs.frozen

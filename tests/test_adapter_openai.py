@@ -5,11 +5,13 @@ the time budget)."""
 from __future__ import annotations
 
 import email.utils
+import gzip
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -383,6 +385,16 @@ async def test_a_stream_cut_mid_body_is_retryable(server: FakeProvider, make: Ma
     assert seen and seen[-1] == "The cat"
 
 
+async def test_a_whole_reply_cut_mid_body_is_retryable(server: FakeProvider, make: Make) -> None:
+    """The adapter's own pool raises httpcore's errors (adapters/_http.py, ``_post``):
+    a connection dropped inside the body is a transport failure, as through httpx."""
+    half = json.dumps(CHAT["response"]["body"]).encode()[:40]
+    server.queue(stream_response([half], "application/json", ending="cut"))
+    with pytest.raises(RetryableError) as caught:
+        await make().send(HELLO, context())
+    assert "RemoteProtocolError talking to" in caught.value.message, caught.value.message
+
+
 async def test_a_stream_that_ends_cleanly_before_done_is_retryable(
     server: FakeProvider, make: Make
 ) -> None:
@@ -494,6 +506,54 @@ async def test_an_injected_client_is_used_and_left_open(server: FakeProvider) ->
         assert not client.is_closed
     assert server.requests[0].headers["x-trace"] == "t-1"
     assert server.requests[0].path == "/v1/chat/completions"
+
+
+async def test_the_adapters_own_client_sends_what_an_httpx_client_sends(
+    server: FakeProvider, make: Make
+) -> None:
+    """The adapter's own client hands its requests straight to its pool's transport
+    (adapters/_http.py, ``_post``); on the wire they are what ``httpx.AsyncClient``
+    makes of the same call: the same headers, in the same order, and the same bytes."""
+    request = Request.from_json(
+        {"messages": [{"role": "user", "content": 'h\u00e9llo "\U0001f600" \\ /'}]}
+    )
+    server.queue(canned(CHAT["response"]), canned(CHAT["response"]))
+    await make().send(request, context())
+    async with httpx.AsyncClient(headers={"user-agent": "dovecote"}) as client:
+        await make(client=client).send(request, context())
+    ours, httpxs = server.requests
+    assert ours.raw == httpxs.raw
+    assert list(ours.headers.items()) == list(httpxs.headers.items())
+    assert ours.headers["content-type"] == "application/json"
+    assert ours.headers["authorization"] == f"Bearer {SECRET}"
+
+
+async def test_a_cookie_a_reply_sets_is_not_sent_with_the_next_request(
+    server: FakeProvider, make: Make
+) -> None:
+    """Every command stands alone: what one reply sets cannot change another's request."""
+    set_cookie = {"set-cookie": "session=from-the-first-reply; Path=/"}
+    first = attrs.evolve(
+        canned(CHAT["response"]), headers={"content-type": "application/json", **set_cookie}
+    )
+    server.queue(first, canned(CHAT["response"]))
+    adapter = make()
+    await adapter.send(HELLO, context())
+    await adapter.send(HELLO, context())
+    assert "cookie" not in server.requests[1].headers
+
+
+async def test_a_gzip_encoded_reply_is_decoded(server: FakeProvider, make: Make) -> None:
+    body = json.dumps(CHAT["response"]["body"]).encode()
+    server.queue(
+        Canned(
+            headers={"content-type": "application/json", "content-encoding": "gzip"},
+            body=gzip.compress(body),
+        )
+    )
+    reply = await make().send(HELLO, context())
+    assert reply.text == CHAT["reply"]["text"]
+    assert "gzip" in server.requests[0].headers["accept-encoding"]
 
 
 async def test_aclose_closes_the_adapters_own_client(make: Make) -> None:

@@ -17,8 +17,10 @@ from adapters._pool import PooledTransport, StackPool
 from adapters.base import AdapterSettings
 from adapters.openai import OpenAIAdapter
 from tests.fake_providers import (
+    HELLO,
     Canned,
     FakeProvider,
+    context,
     json_response,
     refused_url,
     serve,
@@ -256,3 +258,25 @@ async def test_with_a_proxy_in_the_environment_httpx_keeps_its_own_transport(
     monkeypatch.setenv(variable, "http://127.0.0.1:3128")
     transport = adapter.http_client()._transport
     assert type(transport) is httpx.AsyncHTTPTransport
+
+
+async def test_with_a_proxy_in_the_environment_a_send_goes_through_it(
+    server: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adapter's own pool (and its straight path to it) is for direct
+    connections only: with a proxy named, the request reaches the proxy, asking it
+    for the provider's absolute URL."""
+    for name in ("no_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setenv("HTTP_PROXY", server.url)
+    server.queue(json_response({"choices": [{"message": {"role": "assistant", "content": "via"}}]}))
+    adapter = OpenAIAdapter(
+        AdapterSettings(name="local"), base_url="http://provider.invalid/v1", stream=False
+    )
+    try:
+        reply = await adapter.send(HELLO, context())
+    finally:
+        await adapter.aclose()
+    assert reply.text == "via"
+    assert server.requests[0].path == "http://provider.invalid/v1/chat/completions"
