@@ -78,3 +78,42 @@ def mounted_tmpfs(mount: Path, size: str = "2m") -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+# --- PostgreSQL: one throw-away cluster per session (tests/pgcluster.py) -----
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """A PostgreSQL server of our own for the whole session, stopped at its
+    end (on a failure or ^C too). Missing, it skips the tests that need it,
+    and fails them under CI=true; one that will not start fails them."""
+    from tests.pgcluster import Cluster, ClusterError, bin_dir
+
+    if bin_dir() is None:
+        message = (
+            "PostgreSQL is not installed (make installs it as root: apt-get install postgresql)"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + " (required under CI=true)")
+        pytest.skip(message)
+    cluster = Cluster()
+    atexit.register(cluster.stop)  # should the session end without its teardown
+    try:
+        cluster.start()
+    except ClusterError as exc:
+        pytest.fail(f"could not start PostgreSQL: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+_databases = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def pg_url(pg_cluster: Any) -> str:
+    """The URL of a new, empty database on the session's cluster (about
+    25 ms to make: a test never sees another's rows)."""
+    return str(pg_cluster.create_database(f"test_{next(_databases)}"))
