@@ -195,9 +195,9 @@ class Cluster:
         with psycopg.connect(self.url(database), autocommit=True) as conn:
             conn.execute(sql.encode())
 
-    def create_database(self, name: str) -> str:
-        """A new empty database; its URL."""
-        self.psql(f'CREATE DATABASE "{name}" OWNER {SUPERUSER}')
+    def create_database(self, name: str, owner: str = SUPERUSER) -> str:
+        """A new empty database; its URL (as the superuser)."""
+        self.psql(f'CREATE DATABASE "{name}" OWNER {owner}')
         return self.url(name)
 
 
