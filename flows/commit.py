@@ -29,7 +29,8 @@ import outcome
 import trio
 
 from flows.errors import EngineClosing, StoreError
-from flows.store import Group, Operation, Store
+from flows.operations import Group, Operation
+from flows.storage import StoreProtocol
 
 
 def _refuse(_: Any) -> trio.lowlevel.Abort:
@@ -37,7 +38,7 @@ def _refuse(_: Any) -> trio.lowlevel.Abort:
 
 
 class Committer:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: StoreProtocol) -> None:
         self._store = store
         self._offload = bool(getattr(store, "commit_blocks", False))
         self._queue: list[tuple[list[Operation], trio.lowlevel.Task]] = []
@@ -75,7 +76,7 @@ class Committer:
             else:
                 results = self._store.commit(operations)
         except Exception as exc:
-            # ``Store.commit`` reports failures as results; should anything
+            # ``StoreProtocol.commit`` reports failures as results; should anything
             # still escape it, every waiter hears of it and the loop goes on.
             error = StoreError(f"could not commit: {type(exc).__name__}: {exc}")
             error.__cause__ = exc

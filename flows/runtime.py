@@ -59,6 +59,7 @@ from flows.states import (
     WAIT,
     WAITING,
     IllegalTransition,
+    LostRace,
     next_state,
 )
 from flows.store import (
@@ -68,6 +69,7 @@ from flows.store import (
     MoveFlow,
     Operation,
     RecordStep,
+    TakeOverFlow,
     owner_is_gone,
 )
 
@@ -532,10 +534,7 @@ class FlowRunner:
 
     async def record(self, step: FlowStep) -> None:
         flow = self.get(step.flow_id)
-        moved = attrs.evolve(flow, step=step.step, updated_at=self.engine.now())
-        await self.engine._committer.commit_together(
-            [RecordStep(step), MoveFlow(flow, moved, "record")]
-        )
+        await self.engine._committer.commit(RecordStep(step, flow))
 
     async def move(self, flow: Flow, event: str, detail: Any = None, **changes: Any) -> Flow:
         after = attrs.evolve(
@@ -585,10 +584,13 @@ class FlowRunner:
         for flow in self.engine.store.abandoned_flows(self.engine.owner, now, owner_is_gone):
             if not isinstance(REGISTRY.get(flow.name), ScriptedFlow) or flow.id in self._tasks:
                 continue
-            mine = attrs.evolve(flow, owner=self.engine.owner, lease_until=now + self.engine._lease)
+            until = now + self.engine._lease
+            mine = attrs.evolve(flow, owner=self.engine.owner, lease_until=until, updated_at=now)
             try:
-                await self.engine._committer.commit(MoveFlow(flow, mine, "take over"))
-            except IllegalTransition:
+                await self.engine._committer.commit(
+                    TakeOverFlow(flow, self.engine.owner, until, now)
+                )
+            except LostRace:  # another engine took it first
                 continue
             taken += 1
             self.engine.spawn(self._run, mine)

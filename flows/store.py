@@ -42,7 +42,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import functools
-import itertools
 import json
 import operator
 import os
@@ -51,7 +50,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import sqlite_utils
@@ -59,6 +58,28 @@ from sqlite_utils.db import DescIndex
 
 from adapters.base import Reply, Request
 from flows.errors import SchemaTooNew, StoreError, UnknownCommand
+from flows.operations import (
+    TAKE_OVER,
+    AddCacheEntry,
+    AddLateReply,
+    Chain,
+    CopySteps,
+    CountCacheHit,
+    Group,
+    Insert,
+    InsertFlow,
+    Move,
+    MoveFlow,
+    Note,
+    Operation,
+    RecordStep,
+    ReleaseLeases,
+    RenewFlowLeases,
+    RenewLeases,
+    TakeOver,
+    TakeOverFlow,
+    UseLateReply,
+)
 from flows.records import (
     Command,
     CommandError,
@@ -70,15 +91,50 @@ from flows.records import (
 )
 from flows.snapshots import Snapshot
 from flows.states import (
+    FLOW_STATES,
     FLOW_TERMINAL_STATES,
-    FLOW_TRANSITIONS,
+    LEASED_STATES,
     PENDING,
-    REPLIED,
-    SENT,
     TERMINAL_STATES,
     IllegalTransition,
-    next_state,
+    LostRace,
 )
+
+if TYPE_CHECKING:
+    from flows.storage import StoreProtocol
+
+# The operations are flows.operations' records; they are importable from
+# here too, where the engine, the runtime and the tests have always found them.
+__all__ = [
+    "COLUMNS",
+    "SCHEMA_VERSION",
+    "AddCacheEntry",
+    "AddLateReply",
+    "Chain",
+    "CopySteps",
+    "CountCacheHit",
+    "Group",
+    "Insert",
+    "InsertFlow",
+    "Move",
+    "MoveFlow",
+    "Note",
+    "Operation",
+    "RecordStep",
+    "ReleaseLeases",
+    "RenewFlowLeases",
+    "RenewLeases",
+    "Store",
+    "TakeOver",
+    "TakeOverFlow",
+    "UseLateReply",
+    "command_from_row",
+    "command_row",
+    "flow_from_row",
+    "make_owner",
+    "owner_is_gone",
+    "sql_states",
+]
 
 SCHEMA_VERSION: Final = 5
 BUSY_TIMEOUT_MS: Final = 10_000
@@ -88,6 +144,21 @@ COLUMNS: Final = tuple(f.name for f in attrs.fields(Command))
 # Columns a transition may change: everything but identity and the call itself.
 _MUTABLE: Final = tuple(c for c in COLUMNS if c not in ("id", "adapter", "request", "created_at"))
 _JSON_COLUMNS: Final = frozenset({"request", "reply", "error", "handler_args"})
+
+
+def sql_states(states: Iterable[str]) -> str:
+    """``('a', 'b')``: a set of states as an SQL list of literals, in one
+    order, so that a query and a partial index built from the same set say
+    the same thing (SQLite uses a partial index only for a query whose WHERE
+    clause contains the index's own terms, and a bound parameter is not one)."""
+    names = sorted(states)
+    assert all(name.isidentifier() for name in names), names  # our constants, never input
+    return "(" + ", ".join(f"'{name}'" for name in names) + ")"
+
+
+_LEASED: Final = sql_states(LEASED_STATES)
+_TIMED: Final = f"state = '{PENDING}' AND (expires_at IS NOT NULL OR not_before IS NOT NULL)"
+_LIVE_FLOWS: Final = sql_states(set(FLOW_STATES) - FLOW_TERMINAL_STATES)
 
 _INSERT_COMMAND: Final = (
     f"INSERT INTO commands ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
@@ -180,477 +251,13 @@ def _event_from_row(row: sqlite3.Row) -> Event:
     )
 
 
-# --- Operations: what the engine asks the store to commit --------------------
-
-
-@attrs.frozen
-class Insert:
-    """A new command, born ``pending``, and its first journal row; with the
-    snapshot of the region it is about, if any, in the same transaction."""
-
-    command: Command
-    detail: Any = None
-    snapshot: Snapshot | None = None
-
-    def apply(self, cursor: sqlite3.Cursor) -> Event:
-        cmd = self.command
-        # Journaled first (the row waits in the batch): a detail that cannot
-        # be stored raises before anything is written.
-        event = _journal(
-            cursor, cmd.id, cmd.flow_id, cmd.created_at, None, cmd.state, "submit", self.detail
-        )
-        if self.snapshot is not None:
-            self._snapshot(cursor, self.snapshot)
-        cursor.execute(_INSERT_COMMAND, command_row(cmd))
-        if cmd.flow_id is not None and cmd.step is not None:
-            if cmd.replay_of is None:
-                # A flow's call and the step that records it commit together:
-                # a crash can never leave a call its flow does not know of.
-                cursor.execute(
-                    "INSERT INTO flow_steps (flow_id, step, kind, command_id, value, created_at) "
-                    "VALUES (?, ?, 'call', ?, NULL, ?)",
-                    (cmd.flow_id, cmd.step, cmd.id, cmd.created_at),
-                )
-            else:
-                # A replay takes its dead original's step over: the flow
-                # resumes. Only one replay can: a second one would be a call
-                # its flow never reads.
-                cursor.execute(
-                    "UPDATE flow_steps SET command_id = ? "
-                    "WHERE flow_id = ? AND step = ? AND command_id = ?",
-                    (cmd.id, cmd.flow_id, cmd.step, cmd.replay_of),
-                )
-                if cursor.rowcount != 1:
-                    raise IllegalTransition(
-                        f"command {cmd.replay_of}: another replay took step {cmd.step} "
-                        f"of flow {cmd.flow_id} over",
-                        command_id=cmd.replay_of,
-                        state="dead",
-                        event="replay",
-                    )
-        return event
-
-    @staticmethod
-    def _snapshot(cursor: sqlite3.Cursor, s: Snapshot) -> None:
-        cursor.execute(
-            "INSERT INTO snapshots "
-            '(id, uri, version, start, "end", text, created_at, document, document_start) '
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                s.id,
-                s.uri,
-                s.version,
-                s.start,
-                s.end,
-                s.text,
-                s.created_at,
-                s.document,
-                s.document_start,
-            ),
-        )
-
-
-@attrs.frozen
-class Move:
-    """A transition: ``before`` is the command as the caller last read it,
-    ``after`` the command as it must become. Compare-and-set on state,
-    attempt and owner, so that neither a concurrent transition nor another
-    engine's takeover is ever overwritten."""
-
-    before: Command
-    after: Command
-    event: str
-    at: float
-    detail: Any = None
-
-    def apply(self, cursor: sqlite3.Cursor) -> Event:
-        self.check()
-        event = self.journal(cursor)  # first, as in Insert.apply
-        _compare_and_set(cursor, self.before, self.after, self.event)
-        return event
-
-    def check(self) -> None:
-        """The table is enforced here too, not only by the engine: no caller
-        can move a terminal command or journal an event that lies."""
-        b, a = self.before, self.after
-        if next_state(b.state, self.event, command_id=b.id) != a.state:
-            raise IllegalTransition(
-                f"command {b.id}: {self.event} from {b.state!r} leads to "
-                f"{next_state(b.state, self.event)!r}, not {a.state!r}",
-                command_id=b.id,
-                state=b.state,
-                event=self.event,
-            )
-
-    def journal(self, cursor: sqlite3.Cursor) -> Event:
-        b, a = self.before, self.after
-        return _journal(cursor, a.id, a.flow_id, self.at, b.state, a.state, self.event, self.detail)
-
-
-@attrs.frozen
-class Chain:
-    """Transitions of one command in a row, each starting where the one
-    before ended (``sent -> replied -> done`` for a reply with no handler):
-    every one is checked and journaled, the row is written once. The
-    compare-and-set is the first move's, so the chain is all or nothing."""
-
-    moves: tuple[Move, ...]
-
-    def apply(self, cursor: sqlite3.Cursor) -> builtins.list[Event]:
-        for move, following in itertools.pairwise(self.moves):
-            if following.before is not move.after:
-                raise ValueError("a chain's moves must follow one another")
-        for move in self.moves:
-            move.check()
-        first, last = self.moves[0], self.moves[-1]
-        events = [move.journal(cursor) for move in self.moves]  # first, as in Insert.apply
-        _compare_and_set(cursor, first.before, last.after, first.event)
-        return events
-
+# --- How each operation is written in SQLite ----------------------------------
+#
+# The operations themselves are flows.operations' plain records; the SQL of
+# each kind is a function here, found by the operation's type (``_APPLY``).
+# Each takes the batch's cursor and returns what the caller is told.
 
 _mutable_values: Final = operator.attrgetter(*_MUTABLE)
-
-
-def _compare_and_set(cursor: sqlite3.Cursor, before: Command, after: Command, event: str) -> None:
-    """Write ``after`` over ``before`` if the row is still ``before``'s
-    (state, attempt, owner); else raise the lost race."""
-    # Command.evolve keeps every field it was not given: identity tells.
-    changed = tuple(
-        column
-        for column, new, old in zip(
-            _MUTABLE, _mutable_values(after), _mutable_values(before), strict=True
-        )
-        if new is not old
-    )
-    cursor.execute(
-        _move_sql(changed),
-        (*command_row(after, changed), before.id, before.state, before.attempt, before.owner),
-    )
-    if cursor.rowcount != 1:
-        raise _lost_race(cursor, before, event)
-
-
-@attrs.frozen
-class Note:
-    """A journal row about a command that moves nothing: its state is the
-    same before and after (``from_state = to_state``), e.g. ``final_text``,
-    the person's text of a corrected region. The command must exist."""
-
-    command_id: str
-    event: str
-    at: float
-    detail: Any = None
-
-    def apply(self, cursor: sqlite3.Cursor) -> Event:
-        row = cursor.execute(
-            "SELECT state, flow_id FROM commands WHERE id = ?", (self.command_id,)
-        ).fetchone()
-        if row is None:
-            raise UnknownCommand(self.command_id)
-        return _journal(
-            cursor, self.command_id, row[1], self.at, row[0], row[0], self.event, self.detail
-        )
-
-
-@attrs.frozen
-class TakeOver:
-    """Become the owner of a command another engine left behind, without
-    changing its state (a ``replied`` command whose handler must run again)."""
-
-    before: Command
-    owner: str
-    lease_until: float
-
-    def apply(self, cursor: sqlite3.Cursor) -> None:
-        b = self.before
-        cursor.execute(
-            "UPDATE commands SET owner = ?, lease_until = ? "
-            "WHERE id = ? AND state = ? AND attempt = ? AND owner IS ?",
-            (self.owner, self.lease_until, b.id, b.state, b.attempt, b.owner),
-        )
-        if cursor.rowcount != 1:
-            raise _lost_race(cursor, b, "take over")
-
-
-@attrs.frozen
-class AddLateReply:
-    command_id: str
-    reply: Reply
-    at: float
-
-    def apply(self, cursor: sqlite3.Cursor) -> int:
-        cursor.execute(
-            "INSERT INTO late_replies (command_id, reply, received_at) VALUES (?, ?, ?)",
-            (self.command_id, _dumps(self.reply.to_json()), self.at),
-        )
-        return int(cursor.lastrowid or 0)
-
-
-@attrs.frozen
-class UseLateReply:
-    late_reply_id: int
-    used_by: str
-
-    def apply(self, cursor: sqlite3.Cursor) -> None:
-        cursor.execute(
-            "UPDATE late_replies SET used_by = ? WHERE id = ? AND used_by IS NULL",
-            (self.used_by, self.late_reply_id),
-        )
-        if cursor.rowcount != 1:
-            raise IllegalTransition(f"late reply {self.late_reply_id} was already used")
-
-
-@attrs.frozen
-class RenewLeases:
-    """Extend the lease of the commands ``ids`` that ``owner`` still holds;
-    returns the ids it still holds, so the engine learns which ones were
-    taken from it.
-
-    By ids, not "all the owner holds", so that an engine with a hundred
-    thousand calls in flight renews them a slice per transaction instead of
-    stalling on one update of every row."""
-
-    owner: str
-    until: float
-    ids: tuple[str, ...]
-
-    def apply(self, cursor: sqlite3.Cursor) -> frozenset[str]:
-        if not self.ids:
-            return frozenset()
-        marks = ", ".join("?" for _ in self.ids)
-        held = "owner = ? AND state IN (?, ?) AND id IN (" + marks + ")"
-        cursor.execute(
-            f"UPDATE commands SET lease_until = ? WHERE {held}",
-            (self.until, self.owner, SENT, REPLIED, *self.ids),
-        )
-        cursor.execute(
-            f"SELECT id FROM commands WHERE {held}", (self.owner, SENT, REPLIED, *self.ids)
-        )
-        return frozenset(row[0] for row in cursor.fetchall())
-
-
-@attrs.frozen
-class RenewFlowLeases:
-    """Extend the lease of the flows ``ids`` that ``owner`` runs. By ids, as
-    ``RenewLeases``: a flow whose script stopped (its commit refused) is not
-    renewed, so that its lease runs out and it is taken up again."""
-
-    owner: str
-    until: float
-    ids: tuple[str, ...]
-
-    def apply(self, cursor: sqlite3.Cursor) -> None:
-        if self.ids:
-            cursor.execute(
-                "UPDATE flows SET lease_until = ? "
-                f"WHERE owner = ? AND id IN ({', '.join('?' for _ in self.ids)})",
-                (self.until, self.owner, *self.ids),
-            )
-
-
-@attrs.frozen
-class ReleaseLeases:
-    """End every lease ``owner`` holds now (a clean shutdown), so that the
-    next engine takes its work over at once instead of after the lease."""
-
-    owner: str
-
-    def apply(self, cursor: sqlite3.Cursor) -> None:
-        cursor.execute(
-            "UPDATE commands SET lease_until = 0 WHERE owner = ? AND state IN (?, ?)",
-            (self.owner, SENT, REPLIED),
-        )
-        cursor.execute("UPDATE flows SET lease_until = 0 WHERE owner = ?", (self.owner,))
-
-
-_FLOW_COLUMNS: Final = tuple(f.name for f in attrs.fields(Flow))
-_FLOW_JSON: Final = frozenset({"params", "vars", "result"})
-
-
-def _flow_row(flow: Flow, columns: Sequence[str] = _FLOW_COLUMNS) -> tuple[Any, ...]:
-    return tuple(_dumps(getattr(flow, c)) if c in _FLOW_JSON else getattr(flow, c) for c in columns)
-
-
-def flow_from_row(row: sqlite3.Row) -> Flow:
-    fields = {k: row[k] for k in _FLOW_COLUMNS}
-    for name in _FLOW_JSON:
-        fields[name] = _loads(fields[name])
-    return Flow(**fields)
-
-
-@attrs.frozen
-class InsertFlow:
-    """A new flow, born ``running``, and its first journal row; with the
-    snapshot of an editor region it works on, if any."""
-
-    flow: Flow
-    snapshot: Snapshot | None = None
-
-    def apply(self, cursor: sqlite3.Cursor) -> Event:
-        f = self.flow
-        detail = {"forked_from": f.forked_from} if f.forked_from else None
-        event = _journal(cursor, None, f.id, f.created_at, None, f.state, "start", detail)
-        if self.snapshot is not None:
-            Insert._snapshot(cursor, self.snapshot)
-        cursor.execute(
-            f"INSERT INTO flows ({', '.join(_FLOW_COLUMNS)}) "
-            f"VALUES ({', '.join('?' for _ in _FLOW_COLUMNS)})",
-            _flow_row(f),
-        )
-        return event
-
-
-@attrs.frozen
-class CopySteps:
-    """A fork: the steps of ``source`` before ``before`` become the new
-    flow's, so it reuses their replies instead of calling again."""
-
-    source: str
-    target: str
-    before: int
-
-    def apply(self, cursor: sqlite3.Cursor) -> None:
-        cursor.execute(
-            "INSERT INTO flow_steps (flow_id, step, kind, command_id, value, created_at) "
-            "SELECT ?, step, kind, command_id, value, created_at FROM flow_steps "
-            "WHERE flow_id = ? AND step < ?",
-            (self.target, self.source, self.before),
-        )
-
-
-_FLOW_BOOKKEEPING: Final = frozenset({"take over", "record"})
-"""Flow updates that are not transitions: a new owner, a step counted."""
-
-_FLOW_MUTABLE: Final = tuple(
-    c for c in _FLOW_COLUMNS if c not in ("id", "name", "created_at", "params", "forked_from")
-)
-
-
-@attrs.frozen
-class MoveFlow:
-    """A flow transition, compare-and-set on its state and owner; journaled
-    when the state changes (an owner or step change alone is not)."""
-
-    before: Flow
-    after: Flow
-    event: str
-    detail: Any = None
-
-    def apply(self, cursor: sqlite3.Cursor) -> Event | None:
-        b, a = self.before, self.after
-        if self.event in _FLOW_BOOKKEEPING:
-            if a.state != b.state:
-                raise IllegalTransition(f"flow {b.id}: {self.event} cannot change its state")
-        elif next_state(b.state, self.event, table=FLOW_TRANSITIONS, what="flow") != a.state:
-            raise IllegalTransition(
-                f"flow {b.id}: {self.event} from {b.state!r} does not lead to {a.state!r}",
-                command_id=b.id,
-                state=b.state,
-                event=self.event,
-            )
-        event = None  # an owner or step change alone is not a transition
-        if b.state != a.state:  # journaled first, as in Insert.apply
-            event = _journal(
-                cursor, None, a.id, a.updated_at, b.state, a.state, self.event, self.detail
-            )
-        cursor.execute(
-            f"UPDATE flows SET {', '.join(f'{c} = ?' for c in _FLOW_MUTABLE)} "
-            "WHERE id = ? AND state = ? AND owner IS ?",
-            (*_flow_row(a, _FLOW_MUTABLE), b.id, b.state, b.owner),
-        )
-        if cursor.rowcount != 1:
-            row = cursor.execute("SELECT state, owner FROM flows WHERE id = ?", (b.id,)).fetchone()
-            found = f"{row[0]!r} (owner {row[1]})" if row else "no such flow"
-            raise IllegalTransition(
-                f"flow {b.id}: cannot {self.event}: expected {b.state!r} (owner {b.owner}), "
-                f"found {found}",
-                command_id=b.id,
-                state=row[0] if row else "",
-                event=self.event,
-            )
-        return event
-
-
-@attrs.frozen
-class RecordStep:
-    """A journaled value of a flow (``now``, ``random``, a sleep's end)."""
-
-    step: FlowStep
-
-    def apply(self, cursor: sqlite3.Cursor) -> None:
-        s = self.step
-        cursor.execute(
-            "INSERT INTO flow_steps (flow_id, step, kind, command_id, value, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (s.flow_id, s.step, s.kind, s.command_id, _dumps(s.value), s.created_at),
-        )
-
-
-@attrs.frozen
-class Group:
-    """Operations that commit together or not at all: if any one raises (a
-    lost compare-and-set, a value SQLite refuses), every one of them is
-    rolled back and the group's result is that error. Its value is the list
-    of its operations' results. A caller whose operations only make sense
-    together says so with a group (``Committer.commit_together``); the
-    operations of one batch are otherwise independent of each other."""
-
-    operations: tuple[Operation, ...]
-
-    def apply(self, cursor: sqlite3.Cursor) -> builtins.list[Any]:
-        return [op.apply(cursor) for op in self.operations]
-
-
-@attrs.frozen
-class AddCacheEntry:
-    """A cached call's command, entered under its key as it is submitted:
-    its reply answers later calls with that key once it is ``done``."""
-
-    key: str
-    adapter: str
-    command_id: str
-    at: float
-
-    def apply(self, cursor: sqlite3.Cursor) -> None:
-        cursor.execute(
-            "INSERT INTO cache (command_id, key, adapter, created_at, hits) VALUES (?, ?, ?, ?, 0)",
-            (self.command_id, self.key, self.adapter, self.at),
-        )
-
-
-@attrs.frozen
-class CountCacheHit:
-    """One more call answered from ``command_id``'s entry."""
-
-    command_id: str
-    at: float
-
-    def apply(self, cursor: sqlite3.Cursor) -> None:
-        cursor.execute(
-            "UPDATE cache SET hits = hits + 1, last_hit_at = ? WHERE command_id = ?",
-            (self.at, self.command_id),
-        )  # an entry cleared meanwhile counts nothing: the hit is served all the same
-
-
-Operation = (
-    Group
-    | AddCacheEntry
-    | CountCacheHit
-    | Insert
-    | Move
-    | Chain
-    | Note
-    | TakeOver
-    | AddLateReply
-    | UseLateReply
-    | RenewLeases
-    | RenewFlowLeases
-    | ReleaseLeases
-    | InsertFlow
-    | CopySteps
-    | MoveFlow
-    | RecordStep
-)
 
 
 class _Batch(sqlite3.Cursor):
@@ -668,7 +275,7 @@ class _Batch(sqlite3.Cursor):
 
 
 def _journal(
-    cursor: sqlite3.Cursor,
+    cursor: _Batch,
     command_id: str | None,
     flow_id: str | None,
     at: float,
@@ -677,7 +284,6 @@ def _journal(
     event: str,
     detail: Any,
 ) -> Event:
-    assert isinstance(cursor, _Batch)
     cursor.next_seq += 1
     if detail is not cursor.last_detail:
         encoded = _dumps(detail)
@@ -708,18 +314,330 @@ def _journal(
     )
 
 
-def _lost_race(cursor: sqlite3.Cursor, expected: Command, event: str) -> IllegalTransition:
+def _lost_race(cursor: sqlite3.Cursor, expected: Command, event: str) -> LostRace:
     row = cursor.execute(
         "SELECT state, attempt, owner FROM commands WHERE id = ?", (expected.id,)
     ).fetchone()
     found = "no such command" if row is None else f"{row[0]!r} (attempt {row[1]}, owner {row[2]})"
-    return IllegalTransition(
+    return LostRace(
         f"command {expected.id}: cannot {event}: expected {expected.state!r} "
         f"(attempt {expected.attempt}, owner {expected.owner}), found {found}",
         command_id=expected.id,
         state=row[0] if row else "",
         event=event,
     )
+
+
+def _flow_lost_race(cursor: sqlite3.Cursor, expected: Flow, event: str) -> LostRace:
+    row = cursor.execute("SELECT state, owner FROM flows WHERE id = ?", (expected.id,)).fetchone()
+    found = f"{row[0]!r} (owner {row[1]})" if row else "no such flow"
+    return LostRace(
+        f"flow {expected.id}: cannot {event}: expected {expected.state!r} "
+        f"(owner {expected.owner}), found {found}",
+        command_id=expected.id,
+        state=row[0] if row else "",
+        event=event,
+    )
+
+
+def _compare_and_set(cursor: sqlite3.Cursor, before: Command, after: Command, event: str) -> None:
+    """Write ``after`` over ``before`` if the row is still ``before``'s
+    (state, attempt, owner); else raise the lost race."""
+    # Command.evolve keeps every field it was not given: identity tells.
+    changed = tuple(
+        column
+        for column, new, old in zip(
+            _MUTABLE, _mutable_values(after), _mutable_values(before), strict=True
+        )
+        if new is not old
+    )
+    cursor.execute(
+        _move_sql(changed),
+        (*command_row(after, changed), before.id, before.state, before.attempt, before.owner),
+    )
+    if cursor.rowcount != 1:
+        raise _lost_race(cursor, before, event)
+
+
+def _insert_snapshot(cursor: sqlite3.Cursor, s: Snapshot) -> None:
+    cursor.execute(
+        "INSERT INTO snapshots "
+        '(id, uri, version, start, "end", text, created_at, document, document_start) '
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            s.id,
+            s.uri,
+            s.version,
+            s.start,
+            s.end,
+            s.text,
+            s.created_at,
+            s.document,
+            s.document_start,
+        ),
+    )
+
+
+def _insert(cursor: _Batch, op: Insert) -> Event:
+    cmd = op.command
+    # Journaled first (the row waits in the batch): a detail that cannot be
+    # stored raises before anything is written.
+    event = _journal(
+        cursor, cmd.id, cmd.flow_id, cmd.created_at, None, cmd.state, "submit", op.detail
+    )
+    if op.snapshot is not None:
+        _insert_snapshot(cursor, op.snapshot)
+    cursor.execute(_INSERT_COMMAND, command_row(cmd))
+    if cmd.flow_id is not None and cmd.step is not None:
+        if cmd.replay_of is None:
+            # A flow's call and the step that records it commit together: a
+            # crash can never leave a call its flow does not know of.
+            cursor.execute(
+                "INSERT INTO flow_steps (flow_id, step, kind, command_id, value, created_at) "
+                "VALUES (?, ?, 'call', ?, NULL, ?)",
+                (cmd.flow_id, cmd.step, cmd.id, cmd.created_at),
+            )
+        else:
+            # A replay takes its dead original's step over: the flow resumes.
+            # Only one replay can: a second one would be a call its flow
+            # never reads.
+            cursor.execute(
+                "UPDATE flow_steps SET command_id = ? "
+                "WHERE flow_id = ? AND step = ? AND command_id = ?",
+                (cmd.id, cmd.flow_id, cmd.step, cmd.replay_of),
+            )
+            if cursor.rowcount != 1:
+                raise LostRace(
+                    f"command {cmd.replay_of}: another replay took step {cmd.step} "
+                    f"of flow {cmd.flow_id} over",
+                    command_id=cmd.replay_of,
+                    state="dead",
+                    event="replay",
+                )
+    return event
+
+
+def _journal_move(cursor: _Batch, move: Move) -> Event:
+    b, a = move.before, move.after
+    return _journal(cursor, a.id, a.flow_id, move.at, b.state, a.state, move.event, move.detail)
+
+
+def _move(cursor: _Batch, op: Move) -> Event:
+    op.check()
+    event = _journal_move(cursor, op)  # first, as in _insert
+    _compare_and_set(cursor, op.before, op.after, op.event)
+    return event
+
+
+def _chain(cursor: _Batch, op: Chain) -> builtins.list[Event]:
+    op.check()
+    first, last = op.moves[0], op.moves[-1]
+    events = [_journal_move(cursor, move) for move in op.moves]  # first, as in _insert
+    _compare_and_set(cursor, first.before, last.after, first.event)
+    return events
+
+
+def _note(cursor: _Batch, op: Note) -> Event:
+    row = cursor.execute(
+        "SELECT state, flow_id FROM commands WHERE id = ?", (op.command_id,)
+    ).fetchone()
+    if row is None:
+        raise UnknownCommand(op.command_id)
+    return _journal(cursor, op.command_id, row[1], op.at, row[0], row[0], op.event, op.detail)
+
+
+def _take_over(cursor: _Batch, op: TakeOver) -> Event:
+    b = op.before
+    at = time.time() if op.at is None else op.at
+    event = _journal(
+        cursor, b.id, b.flow_id, at, b.state, b.state, TAKE_OVER, {"from": b.owner, "to": op.owner}
+    )
+    cursor.execute(
+        "UPDATE commands SET owner = ?, lease_until = ? "
+        "WHERE id = ? AND state = ? AND attempt = ? AND owner IS ?",
+        (op.owner, op.lease_until, b.id, b.state, b.attempt, b.owner),
+    )
+    if cursor.rowcount != 1:
+        raise _lost_race(cursor, b, TAKE_OVER)
+    return event
+
+
+def _take_over_flow(cursor: _Batch, op: TakeOverFlow) -> Event:
+    b = op.before
+    event = _journal(
+        cursor, None, b.id, op.at, b.state, b.state, TAKE_OVER, {"from": b.owner, "to": op.owner}
+    )
+    cursor.execute(
+        "UPDATE flows SET owner = ?, lease_until = ?, updated_at = ? "
+        "WHERE id = ? AND state = ? AND owner IS ?",
+        (op.owner, op.lease_until, op.at, b.id, b.state, b.owner),
+    )
+    if cursor.rowcount != 1:
+        raise _flow_lost_race(cursor, b, TAKE_OVER)
+    return event
+
+
+def _add_late_reply(cursor: _Batch, op: AddLateReply) -> int:
+    cursor.execute(
+        "INSERT INTO late_replies (command_id, reply, received_at) VALUES (?, ?, ?)",
+        (op.command_id, _dumps(op.reply.to_json()), op.at),
+    )
+    return int(cursor.lastrowid or 0)
+
+
+def _use_late_reply(cursor: _Batch, op: UseLateReply) -> None:
+    cursor.execute(
+        "UPDATE late_replies SET used_by = ? WHERE id = ? AND used_by IS NULL",
+        (op.used_by, op.late_reply_id),
+    )
+    if cursor.rowcount != 1:
+        raise LostRace(f"late reply {op.late_reply_id} was already used")
+
+
+def _renew_leases(cursor: _Batch, op: RenewLeases) -> frozenset[str]:
+    if not op.ids:
+        return frozenset()
+    held = f"owner = ? AND state IN {_LEASED} AND id IN ({', '.join('?' for _ in op.ids)})"
+    cursor.execute(
+        f"UPDATE commands SET lease_until = ? WHERE {held}", (op.until, op.owner, *op.ids)
+    )
+    cursor.execute(f"SELECT id FROM commands WHERE {held}", (op.owner, *op.ids))
+    return frozenset(row[0] for row in cursor.fetchall())
+
+
+def _renew_flow_leases(cursor: _Batch, op: RenewFlowLeases) -> None:
+    if op.ids:
+        cursor.execute(
+            "UPDATE flows SET lease_until = ? "
+            f"WHERE owner = ? AND id IN ({', '.join('?' for _ in op.ids)})",
+            (op.until, op.owner, *op.ids),
+        )
+
+
+def _release_leases(cursor: _Batch, op: ReleaseLeases) -> None:
+    cursor.execute(
+        f"UPDATE commands SET lease_until = 0 WHERE owner = ? AND state IN {_LEASED}", (op.owner,)
+    )
+    cursor.execute(
+        f"UPDATE flows SET lease_until = 0 WHERE owner = ? AND state IN {_LIVE_FLOWS}",
+        (op.owner,),
+    )
+
+
+_FLOW_COLUMNS: Final = tuple(f.name for f in attrs.fields(Flow))
+_FLOW_JSON: Final = frozenset({"params", "vars", "result"})
+_FLOW_MUTABLE: Final = tuple(
+    c for c in _FLOW_COLUMNS if c not in ("id", "name", "created_at", "params", "forked_from")
+)
+
+
+def _flow_row(flow: Flow, columns: Sequence[str] = _FLOW_COLUMNS) -> tuple[Any, ...]:
+    return tuple(_dumps(getattr(flow, c)) if c in _FLOW_JSON else getattr(flow, c) for c in columns)
+
+
+def flow_from_row(row: sqlite3.Row) -> Flow:
+    fields = {k: row[k] for k in _FLOW_COLUMNS}
+    for name in _FLOW_JSON:
+        fields[name] = _loads(fields[name])
+    return Flow(**fields)
+
+
+def _insert_flow(cursor: _Batch, op: InsertFlow) -> Event:
+    f = op.flow
+    detail = {"forked_from": f.forked_from} if f.forked_from else None
+    event = _journal(cursor, None, f.id, f.created_at, None, f.state, "start", detail)
+    if op.snapshot is not None:
+        _insert_snapshot(cursor, op.snapshot)
+    cursor.execute(
+        f"INSERT INTO flows ({', '.join(_FLOW_COLUMNS)}) "
+        f"VALUES ({', '.join('?' for _ in _FLOW_COLUMNS)})",
+        _flow_row(f),
+    )
+    return event
+
+
+def _copy_steps(cursor: _Batch, op: CopySteps) -> None:
+    cursor.execute(
+        "INSERT INTO flow_steps (flow_id, step, kind, command_id, value, created_at) "
+        "SELECT ?, step, kind, command_id, value, created_at FROM flow_steps "
+        "WHERE flow_id = ? AND step < ?",
+        (op.target, op.source, op.before),
+    )
+
+
+def _move_flow(cursor: _Batch, op: MoveFlow) -> Event:
+    op.check()
+    b, a = op.before, op.after
+    event = _journal(cursor, None, a.id, a.updated_at, b.state, a.state, op.event, op.detail)
+    cursor.execute(
+        f"UPDATE flows SET {', '.join(f'{c} = ?' for c in _FLOW_MUTABLE)} "
+        "WHERE id = ? AND state = ? AND owner IS ?",
+        (*_flow_row(a, _FLOW_MUTABLE), b.id, b.state, b.owner),
+    )
+    if cursor.rowcount != 1:
+        raise _flow_lost_race(cursor, b, op.event)
+    return event
+
+
+def _record_step(cursor: _Batch, op: RecordStep) -> None:
+    s, f = op.step, op.flow
+    cursor.execute(
+        "UPDATE flows SET step = ?, updated_at = ? WHERE id = ? AND state = ? AND owner IS ?",
+        (s.step, s.created_at, f.id, f.state, f.owner),
+    )
+    if cursor.rowcount != 1:
+        raise _flow_lost_race(cursor, f, "record a step")
+    cursor.execute(
+        "INSERT INTO flow_steps (flow_id, step, kind, command_id, value, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (s.flow_id, s.step, s.kind, s.command_id, _dumps(s.value), s.created_at),
+    )
+
+
+def _group(cursor: _Batch, op: Group) -> builtins.list[Any]:
+    return [_apply(cursor, member) for member in op.operations]
+
+
+def _add_cache_entry(cursor: _Batch, op: AddCacheEntry) -> None:
+    cursor.execute(
+        "INSERT INTO cache (command_id, key, adapter, created_at, hits) VALUES (?, ?, ?, ?, 0)",
+        (op.command_id, op.key, op.adapter, op.at),
+    )
+
+
+def _count_cache_hit(cursor: _Batch, op: CountCacheHit) -> None:
+    cursor.execute(
+        "UPDATE cache SET hits = hits + 1, last_hit_at = ? WHERE command_id = ?",
+        (op.at, op.command_id),
+    )
+
+
+_APPLY: Final[Mapping[type[Any], Callable[[_Batch, Any], Any]]] = {
+    Insert: _insert,
+    Move: _move,
+    Chain: _chain,
+    Note: _note,
+    TakeOver: _take_over,
+    TakeOverFlow: _take_over_flow,
+    AddLateReply: _add_late_reply,
+    UseLateReply: _use_late_reply,
+    RenewLeases: _renew_leases,
+    RenewFlowLeases: _renew_flow_leases,
+    ReleaseLeases: _release_leases,
+    InsertFlow: _insert_flow,
+    CopySteps: _copy_steps,
+    MoveFlow: _move_flow,
+    RecordStep: _record_step,
+    Group: _group,
+    AddCacheEntry: _add_cache_entry,
+    CountCacheHit: _count_cache_hit,
+}
+"""The SQL of each kind of operation. A kind missing here is a bug caught
+by the contract tests (every kind is committed there)."""
+
+
+def _apply(cursor: _Batch, op: Operation) -> Any:
+    return _APPLY[type(op)](cursor, op)
 
 
 # --- Owners ------------------------------------------------------------------
@@ -1137,7 +1055,7 @@ class Store:
                 journaled, seq = len(cursor.rows), cursor.next_seq
                 cursor.execute("SAVEPOINT operation")
                 try:
-                    results.append(op.apply(cursor))
+                    results.append(_apply(cursor, op))
                 except Exception as exc:
                     if not conn.in_transaction:
                         raise  # SQLite rolled the whole transaction back
@@ -1285,10 +1203,10 @@ class Store:
         exactly that record: it is taken from ``known`` rather than decoded
         again (the request's JSON is most of a command's reading cost)."""
         sql = (
-            "SELECT * FROM commands WHERE state = ? AND adapter = ? "
+            f"SELECT * FROM commands WHERE state = '{PENDING}' AND adapter = ? "
             "AND (not_before IS NULL OR not_before <= ?)"
         )
-        params: builtins.list[Any] = [PENDING, adapter, now]
+        params: builtins.list[Any] = [adapter, now]
         if handlers is not None:
             names = list(handlers)
             sql += f" AND (handler IS NULL OR handler IN ({', '.join('?' for _ in names)}))"
@@ -1307,11 +1225,7 @@ class Store:
     def timed_pending(self) -> builtins.list[tuple[str, float | None, float | None]]:
         """(id, expires_at, not_before) of every pending command with a time
         attached: what the timer must watch after a restart."""
-        rows = self._conn.execute(
-            "SELECT id, expires_at, not_before FROM commands WHERE state = ? "
-            "AND (expires_at IS NOT NULL OR not_before IS NOT NULL)",
-            (PENDING,),
-        )
+        rows = self._conn.execute(f"SELECT id, expires_at, not_before FROM commands WHERE {_TIMED}")
         return [(r[0], r[1], r[2]) for r in rows]
 
     def abandoned(
@@ -1323,25 +1237,32 @@ class Store:
         engine renews the leases of what it holds, so one it let run out is
         one it lost hold of (a commit the disk refused); the engine skips
         those it still holds."""
-        owners = [
-            r[0]
-            for r in self._conn.execute(
-                "SELECT DISTINCT owner FROM commands WHERE state IN (?, ?) AND owner IS NOT ?",
-                (SENT, REPLIED, me),
-            )
+        return [
+            command_from_row(r)
+            for r in self._conn.execute(*self._lost_hold("commands", _LEASED, me, now, is_gone))
         ]
-        gone = [o for o in owners if o is None or is_gone(o)]
-        sql = (
-            "SELECT * FROM commands WHERE state IN (?, ?) "
-            "AND (lease_until IS NULL OR lease_until < ?"
+
+    def _lost_hold(
+        self, table: str, states: str, me: str, now: float, is_gone: Callable[[str], bool]
+    ) -> tuple[str, builtins.list[Any]]:
+        """The query of the rows in ``states`` of ``table`` whose holder lost
+        them. Only held rows are read, through their partial index: first the
+        few distinct owners (``is_gone`` runs once per owner, not per row),
+        then the rows of a lapsed lease or a gone owner."""
+        owners = self._conn.execute(
+            f"SELECT DISTINCT owner FROM {table} WHERE state IN {states} AND owner IS NOT ?",
+            (me,),
         )
-        params: builtins.list[Any] = [SENT, REPLIED, now]
-        named = [o for o in gone if o is not None]
-        if named:
-            sql += f" OR owner IN ({', '.join('?' for _ in named)})"
-            params.extend(named)
-        sql += ") ORDER BY id"
-        return [command_from_row(r) for r in self._conn.execute(sql, params)]
+        gone = [o for (o,) in owners if o is not None and is_gone(o)]
+        sql = (
+            f"SELECT * FROM {table} WHERE state IN {states} "
+            "AND (owner IS NULL OR lease_until IS NULL OR lease_until < ?"
+        )
+        params: builtins.list[Any] = [now]
+        if gone:
+            sql += f" OR owner IN ({', '.join('?' for _ in gone)})"
+            params.extend(gone)
+        return sql + ") ORDER BY id", params
 
     def find_flow(self, flow_id: str) -> Flow | None:
         row = self._conn.execute("SELECT * FROM flows WHERE id = ?", (flow_id,)).fetchone()
@@ -1386,20 +1307,9 @@ class Store:
         """Unfinished flows nobody (alive) runs: no owner, a lease run out,
         or an owner that ``is_gone``. As with ``abandoned``, ``me`` is never
         gone, but its own flows whose lease it let run out are here."""
-        terminal = tuple(FLOW_TERMINAL_STATES)
-        rows = self._conn.execute(
-            f"SELECT * FROM flows WHERE state NOT IN ({', '.join('?' for _ in terminal)}) "
-            "ORDER BY id",
-            terminal,
-        )
-        flows = [flow_from_row(r) for r in rows]
         return [
-            f
-            for f in flows
-            if f.owner is None
-            or f.lease_until is None
-            or f.lease_until < now
-            or (f.owner != me and is_gone(f.owner))
+            flow_from_row(r)
+            for r in self._conn.execute(*self._lost_hold("flows", _LIVE_FLOWS, me, now, is_gone))
         ]
 
     # --- the response cache and budgets ------------------------------------
@@ -1477,12 +1387,30 @@ class Store:
         ).fetchone()
         return float(row[0])
 
-    def counts(self) -> dict[tuple[str, str], int]:
-        """Number of commands by (adapter, state)."""
-        rows = self._conn.execute(
-            "SELECT adapter, state, count(*) FROM commands GROUP BY adapter, state"
-        )
-        return {(r[0], r[1]): r[2] for r in rows}
+    def counts(self, states: Iterable[str] | None = None) -> dict[tuple[str, str], int]:
+        """Number of commands by (adapter, state), of ``states`` if given.
+        Each state is counted under the condition of the partial index that
+        holds it, if one does, so that counting live work reads live rows."""
+        if states is None:
+            groups = ["1"]
+        else:
+            wanted = set(states)
+            groups = [
+                f"state IN {sql_states(group)}"
+                for group in (wanted & {PENDING}, wanted & LEASED_STATES)
+                if group
+            ]
+            rest = wanted - {PENDING} - LEASED_STATES
+            if rest:
+                groups.append(f"state IN {sql_states(rest)}")
+        counted: dict[tuple[str, str], int] = {}
+        for where in groups:
+            for adapter, state, count in self._conn.execute(
+                f"SELECT adapter, state, count(*) FROM commands WHERE {where} "
+                "GROUP BY adapter, state"
+            ):
+                counted[adapter, state] = count
+        return counted
 
     def usage_totals(self, by: str) -> builtins.list[dict[str, Any]]:
         """Calls, tokens and cost grouped ``by`` adapter, flow or day."""
@@ -1526,3 +1454,9 @@ class Store:
             conn.execute("ROLLBACK")
             raise
         return int(count)
+
+
+if TYPE_CHECKING:
+
+    def _satisfies(store: Store) -> StoreProtocol:
+        return store  # mypy --strict checks here that Store is a StoreProtocol

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flows
+from flows.operations import TAKE_OVER
 from flows.states import FLOW_EVENTS, FLOW_STATES, FLOW_TRANSITIONS, IllegalTransition, next_state
 from tests.conftest import PYTHON, ROOT, ask
 from tests.test_crash import read_line
@@ -285,6 +286,9 @@ def replays_to(events: list[Any], state: str) -> bool:
             return False
         if current is None:
             if event.event != "start":
+                return False
+        elif event.event == TAKE_OVER:  # a new runner, not a transition
+            if event.to_state != current:
                 return False
         elif FLOW_TRANSITIONS[current].get(event.event) != event.to_state:
             return False

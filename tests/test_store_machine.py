@@ -34,6 +34,7 @@ from hypothesis.stateful import (
 
 from adapters.base import Reply, Request, Usage
 from flows.errors import StoreError
+from flows.operations import TAKE_OVER
 from flows.records import Command, CommandError, Event, LateReply, new_id
 from flows.states import (
     CANCEL,
@@ -54,6 +55,7 @@ from flows.states import (
     TERMINAL_STATES,
     TIMEOUT,
     IllegalTransition,
+    LostRace,
     next_state,
 )
 from flows.store import (
@@ -297,8 +299,8 @@ class StoreMachine(RuleBasedStateMachine):
                     assert isinstance(result, StoreError), (op, result)
                 elif isinstance(op, Group):  # whatever its first loser raised
                     assert isinstance(result, IllegalTransition | StoreError), (op, result)
-                else:
-                    assert isinstance(result, IllegalTransition), (op, result)
+                else:  # a compare-and-set that found the row moved
+                    assert isinstance(result, LostRace), (op, result)
                 continue
             assert not isinstance(result, BaseException), (op, result)
             if isinstance(op, Group):
@@ -337,7 +339,12 @@ class StoreMachine(RuleBasedStateMachine):
                 self.terminal[after.id] = after
             self.applied.append(op)
         elif isinstance(op, TakeOver):
-            assert result is None
+            # Journaled, as a note: the state is the same before and after.
+            state = op.before.state
+            assert isinstance(result, Event)
+            assert (result.from_state, result.to_state, result.event) == (state, state, TAKE_OVER)
+            assert result.detail == {"from": op.before.owner, "to": op.owner}
+            self.journal[op.before.id].append((state, state, TAKE_OVER))
             current = self.commands[op.before.id]
             self.commands[op.before.id] = attrs.evolve(
                 current, owner=op.owner, lease_until=op.lease_until
@@ -460,8 +467,9 @@ class StoreMachine(RuleBasedStateMachine):
         every engine process names itself afresh)."""
         command = self.commands[data.draw(st.sampled_from(self.ids_in(SENT, REPLIED)))]
         owner = self.new_owner(2)
-        [result] = self.commit([TakeOver(command, owner, self.tick() + LEASE)])
-        assert result is None
+        at = self.tick()
+        [result] = self.commit([TakeOver(command, owner, at + LEASE, at)])
+        assert isinstance(result, Event) and result.at == at
 
     @rule(data=st.data())
     def leases(self, data: st.DataObject) -> None:
@@ -544,7 +552,7 @@ class StoreMachine(RuleBasedStateMachine):
         current = self.commands[op.before.id]
         assert _cas_key(current) != _cas_key(op.before)
         [result] = self.commit([op])
-        assert isinstance(result, IllegalTransition)
+        assert isinstance(result, LostRace)
         assert result.command_id == op.before.id
         assert result.state == current.state
         with pytest.raises(IllegalTransition):
@@ -755,6 +763,8 @@ class StoreMachine(RuleBasedStateMachine):
                 assert event.from_state == state
                 if state is None:
                     assert (event.event, event.to_state) == ("submit", PENDING)
+                elif event.event == TAKE_OVER:  # not a transition: the state stays
+                    assert event.to_state == state
                 else:
                     assert next_state(state, event.event) == event.to_state
                 state = event.to_state
