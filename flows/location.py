@@ -22,8 +22,7 @@ import attrs
 from flows.errors import StoreError
 
 if TYPE_CHECKING:
-    from flows.pgstore import PostgresStore
-    from flows.store import Store
+    from flows.storage import StoreProtocol
 
 SCHEMES: Final = ("postgresql://", "postgres://")
 
@@ -41,7 +40,7 @@ def location(text: str) -> str | Path:
 def open_store(
     where: str | os.PathLike[str],
     mode: Literal["write", "existing", "read"] = "write",
-) -> Store | PostgresStore:
+) -> StoreProtocol:
     """The store at ``where``: a ``postgresql://`` URL is PostgreSQL, any
     other text or path a SQLite file. ``write`` creates what is missing (an
     engine, ``serve``); ``existing`` needs the database to be there (a

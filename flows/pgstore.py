@@ -50,22 +50,8 @@ from adapters.base import Reply
 from flows import schema
 from flows.errors import SchemaTooNew, StoreError, UnknownCommand
 from flows.location import PgLocation
-from flows.records import Command, Event, Flow, FlowStep, LateReply, storable_text
-from flows.snapshots import Snapshot
-from flows.states import (
-    DISPATCH,
-    FLOW_STATES,
-    FLOW_TERMINAL_STATES,
-    FLOW_TRANSITIONS,
-    LEASED_STATES,
-    PENDING,
-    TERMINAL_STATES,
-    IllegalTransition,
-    LostRace,
-    next_state,
-)
-from flows.store import (
-    COLUMNS,
+from flows.operations import (
+    TAKE_OVER,
     AddCacheEntry,
     AddLateReply,
     Chain,
@@ -83,11 +69,22 @@ from flows.store import (
     RenewFlowLeases,
     RenewLeases,
     TakeOver,
+    TakeOverFlow,
     UseLateReply,
-    command_from_row,
-    command_row,
-    flow_from_row,
 )
+from flows.records import Command, Event, Flow, FlowStep, LateReply, storable_text
+from flows.snapshots import Snapshot
+from flows.states import (
+    DISPATCH,
+    FLOW_STATES,
+    FLOW_TERMINAL_STATES,
+    LEASED_STATES,
+    PENDING,
+    TERMINAL_STATES,
+    IllegalTransition,
+    LostRace,
+)
+from flows.store import COLUMNS, command_from_row, command_row, flow_from_row
 
 NOW: Final = "extract(epoch FROM clock_timestamp())"
 """The server's clock, in the epoch seconds every time column holds."""
@@ -97,7 +94,6 @@ _SCHEMA_LOCK: Final = 0x646F7665636F7402  # creating the schema
 CHANNEL: Final = "dovecote"
 """The LISTEN/NOTIFY channel of wake-ups (see ``wait_for_change``)."""
 
-_TAKE_OVER: Final = "take over"
 _MUTABLE: Final = tuple(c for c in COLUMNS if c not in ("id", "adapter", "request", "created_at"))
 _mutable_values: Final = operator.attrgetter(*_MUTABLE)
 _FLOW_COLUMNS: Final = tuple(f.name for f in attrs.fields(Flow))
@@ -381,11 +377,7 @@ def _move(batch: _Batch, op: Move) -> _Journaled:
 
 
 def _chain(batch: _Batch, op: Chain) -> builtins.list[_Journaled]:
-    for move, following in zip(op.moves, op.moves[1:], strict=False):
-        if following.before is not move.after:
-            raise ValueError("a chain's moves must follow one another")
-    for move in op.moves:
-        move.check()
+    op.check()
     events = [_journal_move(batch, move) for move in op.moves]
     first, last = op.moves[0], op.moves[-1]
     _compare_and_set(batch, first.before, last.after, first.event, last.at)
@@ -403,14 +395,14 @@ def _note(batch: _Batch, op: Note) -> _Journaled:
 
 def _take_over(batch: _Batch, op: TakeOver) -> _Journaled:
     b = op.before
-    at: float | None = getattr(op, "at", None)
+    at = op.at
     event = batch.journal(
         b.id,
         b.flow_id,
         time.time() if at is None else at,
         b.state,
         b.state,
-        _TAKE_OVER,
+        TAKE_OVER,
         {"from": b.owner, "to": op.owner},
     )
     lease, params = _lease(op.lease_until, at)
@@ -419,7 +411,23 @@ def _take_over(batch: _Batch, op: TakeOver) -> _Journaled:
         (op.owner, *params, b.id, b.state, b.attempt, b.owner),
     )
     if done.rowcount != 1:
-        raise _lost_race(batch, b, _TAKE_OVER)
+        raise _lost_race(batch, b, TAKE_OVER)
+    return event
+
+
+def _take_over_flow(batch: _Batch, op: TakeOverFlow) -> _Journaled:
+    b = op.before
+    event = batch.journal(
+        None, b.id, op.at, b.state, b.state, TAKE_OVER, {"from": b.owner, "to": op.owner}
+    )
+    lease, params = _lease(op.lease_until, op.at)
+    done = batch.execute(
+        f"UPDATE flows SET owner = %s, lease_until = {lease}, updated_at = %s "
+        "WHERE id = %s AND state = %s AND owner IS NOT DISTINCT FROM %s",
+        (op.owner, *params, op.at, b.id, b.state, b.owner),
+    )
+    if done.rowcount != 1:
+        raise _flow_lost_race(batch, b, TAKE_OVER)
     return event
 
 
@@ -445,7 +453,7 @@ def _use_late_reply(batch: _Batch, op: UseLateReply) -> None:
 def _renew_leases(batch: _Batch, op: RenewLeases) -> frozenset[str]:
     if not op.ids:
         return frozenset()
-    lease, params = _lease(op.until, getattr(op, "at", None))
+    lease, params = _lease(op.until, op.at)
     rows = batch.execute(
         f"UPDATE commands SET lease_until = {lease} "
         "WHERE owner = %s AND state = ANY(%s) AND id = ANY(%s) RETURNING id",
@@ -456,7 +464,7 @@ def _renew_leases(batch: _Batch, op: RenewLeases) -> frozenset[str]:
 
 def _renew_flow_leases(batch: _Batch, op: RenewFlowLeases) -> None:
     if op.ids:
-        lease, params = _lease(op.until, getattr(op, "at", None))
+        lease, params = _lease(op.until, op.at)
         batch.execute(
             f"UPDATE flows SET lease_until = {lease} WHERE owner = %s AND id = ANY(%s)",
             (*params, op.owner, list(op.ids)),
@@ -513,14 +521,8 @@ def _copy_steps(batch: _Batch, op: CopySteps) -> None:
 
 
 def _move_flow(batch: _Batch, op: MoveFlow) -> _Journaled | None:
+    op.check()
     b, a = op.before, op.after
-    if next_state(b.state, op.event, table=FLOW_TRANSITIONS, what="flow") != a.state:
-        raise IllegalTransition(
-            f"flow {b.id}: {op.event} from {b.state!r} does not lead to {a.state!r}",
-            command_id=b.id,
-            state=b.state,
-            event=op.event,
-        )
     event = None
     if b.state != a.state:
         event = batch.journal(None, a.id, a.updated_at, b.state, a.state, op.event, op.detail)
@@ -537,15 +539,14 @@ def _move_flow(batch: _Batch, op: MoveFlow) -> _Journaled | None:
 
 def _record_step(batch: _Batch, op: RecordStep) -> None:
     s = op.step
-    flow: Flow | None = getattr(op, "flow", None)
-    if flow is not None:
-        done = batch.execute(
-            "UPDATE flows SET step = %s, updated_at = %s WHERE id = %s AND state = %s "
-            "AND owner IS NOT DISTINCT FROM %s",
-            (s.step, s.created_at, flow.id, flow.state, flow.owner),
-        )
-        if done.rowcount != 1:
-            raise _flow_lost_race(batch, flow, "record a step")
+    flow = op.flow
+    done = batch.execute(
+        "UPDATE flows SET step = %s, updated_at = %s WHERE id = %s AND state = %s "
+        "AND owner IS NOT DISTINCT FROM %s",
+        (s.step, s.created_at, flow.id, flow.state, flow.owner),
+    )
+    if done.rowcount != 1:
+        raise _flow_lost_race(batch, flow, "record a step")
     batch.execute(
         "INSERT INTO flow_steps (flow_id, step, kind, command_id, value, created_at) "
         "VALUES (%s, %s, %s, %s, %s, %s)",
@@ -577,6 +578,7 @@ _APPLY: Final[Mapping[type[Any], Callable[[_Batch, Any], Any]]] = {
     Chain: _chain,
     Note: _note,
     TakeOver: _take_over,
+    TakeOverFlow: _take_over_flow,
     AddLateReply: _add_late_reply,
     UseLateReply: _use_late_reply,
     RenewLeases: _renew_leases,
@@ -988,21 +990,25 @@ class PostgresStore:
         """As SQLite's, but whether a lease ran out is the server's to say
         (``now``, the engine's clock, is not used): see the module's
         docstring."""
-        owners = [
-            r[0]
-            for r in self._rows(
-                "SELECT DISTINCT owner FROM commands WHERE state = ANY(%s) "
-                "AND owner IS DISTINCT FROM %s",
-                (builtins.list(_LEASED), me),
-            )
-        ]
-        gone = [o for o in owners if o is not None and is_gone(o)]
-        rows = self._rows(
-            f"SELECT * FROM commands WHERE state = ANY(%s) "
-            f"AND (lease_until IS NULL OR lease_until < {NOW} OR owner = ANY(%s)) ORDER BY id",
-            (builtins.list(_LEASED), gone),
+        return [_command(r) for r in self._lost_hold("commands", _LEASED, me, is_gone)]
+
+    def _lost_hold(
+        self, table: str, states: Sequence[str], me: str, is_gone: Callable[[str], bool]
+    ) -> builtins.list[_Row]:
+        """The rows in ``states`` of ``table`` whose holder lost them: no
+        owner, a lease lapsed on the server's clock, or an owner ``is_gone``
+        (asked once per owner)."""
+        owners = self._rows(
+            f"SELECT DISTINCT owner FROM {table} WHERE state = ANY(%s) "
+            "AND owner IS DISTINCT FROM %s",
+            (builtins.list(states), me),
         )
-        return [_command(r) for r in rows]
+        gone = [o for (o,) in owners if o is not None and is_gone(o)]
+        return self._rows(
+            f"SELECT * FROM {table} WHERE state = ANY(%s) AND (owner IS NULL "
+            f"OR lease_until IS NULL OR lease_until < {NOW} OR owner = ANY(%s)) ORDER BY id",
+            (builtins.list(states), gone),
+        )
 
     def find_flow(self, flow_id: str) -> Flow | None:
         rows = self._rows("SELECT * FROM flows WHERE id = %s", (flow_id,))
@@ -1043,16 +1049,7 @@ class PostgresStore:
         self, me: str, now: float, is_gone: Callable[[str], bool]
     ) -> builtins.list[Flow]:
         """As SQLite's, the lease judged on the server's clock."""
-        rows = self._rows(
-            f"SELECT *, (lease_until IS NULL OR lease_until < {NOW}) AS run_out FROM flows "
-            "WHERE state = ANY(%s) ORDER BY id",
-            (builtins.list(_LIVE_FLOWS),),
-        )
-        return [
-            _flow(r)
-            for r in rows
-            if r["owner"] is None or r["run_out"] or (r["owner"] != me and is_gone(r["owner"]))
-        ]
+        return [_flow(r) for r in self._lost_hold("flows", _LIVE_FLOWS, me, is_gone)]
 
     # --- the response cache and budgets ------------------------------------
 
@@ -1122,8 +1119,11 @@ class PostgresStore:
         )
         return float(rows[0][0])
 
-    def counts(self) -> dict[tuple[str, str], int]:
-        rows = self._rows("SELECT adapter, state, count(*) FROM commands GROUP BY adapter, state")
+    def counts(self, states: Iterable[str] | None = None) -> dict[tuple[str, str], int]:
+        where, params = self._filters(states)
+        rows = self._rows(
+            f"SELECT adapter, state, count(*) FROM commands{where} GROUP BY adapter, state", params
+        )
         return {(r[0], r[1]): int(r[2]) for r in rows}
 
     def usage_totals(self, by: str) -> builtins.list[dict[str, Any]]:
