@@ -93,6 +93,21 @@ _JOURNAL_LOCK: Final = 0x646F7665636F7401  # 'dovecot' + 1: the journal's ids
 _SCHEMA_LOCK: Final = 0x646F7665636F7402  # creating the schema
 CHANNEL: Final = "dovecote"
 """The LISTEN/NOTIFY channel of wake-ups (see ``wait_for_change``)."""
+_READY: Final = "ready"
+
+
+@attrs.frozen
+class Changes:
+    """What other engines committed that someone here may wait for."""
+
+    ready: frozenset[str] = frozenset()
+    """Adapters with commands to claim (new, or back to pending)."""
+    finished: tuple[tuple[str, str], ...] = ()
+    """``(command id, terminal state)`` of commands that ended."""
+
+    def __bool__(self) -> bool:
+        return bool(self.ready or self.finished)
+
 
 _MUTABLE: Final = tuple(c for c in COLUMNS if c not in ("id", "adapter", "request", "created_at"))
 _mutable_values: Final = operator.attrgetter(*_MUTABLE)
@@ -305,8 +320,10 @@ def _compare_and_set(batch: _Batch, before: Command, after: Command, event: str,
     cursor = batch.execute(f"UPDATE commands SET {', '.join(sets)} WHERE {where}", (*params, *key))
     if cursor.rowcount != 1:
         raise _lost_race(batch, before, event)
-    if after.state in TERMINAL_STATES or (after.state == PENDING and before.state != PENDING):
+    if after.state in TERMINAL_STATES:
         batch.notices.append(f"{after.state}:{after.id}")
+    elif after.state == PENDING and before.state != PENDING:  # a retry: claimable again
+        batch.notices.append(f"{_READY}:{after.adapter}")
 
 
 def _insert_snapshot(batch: _Batch, s: Snapshot) -> None:
@@ -360,7 +377,7 @@ def _insert(batch: _Batch, op: Insert) -> _Journaled:
                     state="dead",
                     event="replay",
                 )
-    batch.notices.append(f"{cmd.state}:{cmd.adapter}")
+    batch.notices.append(f"{_READY}:{cmd.adapter}")
     return event
 
 
@@ -680,6 +697,8 @@ class PostgresStore:
         self._read.close()
         if self._write is not None:
             self._write.close()
+        if "_listener" in self.__dict__:
+            self._listener.close()
 
     # --- schema --------------------------------------------------------------
 
@@ -824,8 +843,12 @@ class PostgresStore:
                         for r in batch.rows
                     ],
                 )
-            for notice in dict.fromkeys(batch.notices):
-                batch.execute("SELECT pg_notify(%s, %s)", (CHANNEL, notice))
+            if batch.notices:
+                # One statement for the batch's wake-ups, however many.
+                batch.execute(
+                    "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p",
+                    (CHANNEL, _payloads(batch.notices)),
+                )
         return [_resolve(r) for r in results]
 
     def commit_one(self, operation: Operation) -> Any:
@@ -1170,25 +1193,49 @@ class PostgresStore:
         conn.execute(f"LISTEN {CHANNEL}")
         return conn
 
-    def wait_for_change(self, timeout: float) -> builtins.list[str]:
-        """Block until another connection commits a change others may be
-        waiting for, or ``timeout`` seconds pass; what changed, as
-        ``"pending:<adapter>"`` (a new command to claim), ``"<state>:<id>"``
-        (a command that became terminal, or went back to ``pending``).
-        Meant for a worker thread (``trio.to_thread.run_sync``): the first
-        call starts listening, so a change committed before it is not seen
-        (read the table after it returns, not before)."""
-        changes = []
-        for notice in self._listener.notifies(timeout=timeout, stop_after=1):
-            changes.append(notice.payload)
+    def wait_for_change(self, timeout: float) -> Changes:
+        """Block until another connection commits a change someone may wait
+        for, or ``timeout`` seconds pass (then the ``Changes`` are empty):
+        commands to claim, by adapter, and commands that ended. Meant for a
+        worker thread (``trio.to_thread.run_sync``). Listening starts at the
+        first call (or ``listen``), so a change committed before it is not
+        seen: read the table after starting to listen, not before."""
+        payloads = [n.payload for n in self._listener.notifies(timeout=timeout, stop_after=1)]
         # What came with it in the same moment: one wake-up, every change.
-        for notice in self._listener.notifies(timeout=0.0):
-            changes.append(notice.payload)
-        return changes
+        payloads += [n.payload for n in self._listener.notifies(timeout=0.0)]
+        ready, finished = set(), []
+        for notice in (line for p in payloads for line in p.split("\n")):
+            kind, _, key = notice.partition(":")
+            if kind == _READY:
+                ready.add(key)
+            else:
+                finished.append((key, kind))
+        return Changes(frozenset(ready), tuple(finished))
 
     def listen(self) -> None:
         """Start listening now (see ``wait_for_change``)."""
         _ = self._listener
+
+
+_PAYLOAD_BYTES: Final = 7900  # PostgreSQL's limit is 8000 bytes a notification
+
+
+def _payloads(notices: Iterable[str]) -> builtins.list[str]:
+    """The batch's distinct notices, newline-joined into as few payloads as
+    fit PostgreSQL's size limit."""
+    payloads: builtins.list[str] = []
+    current: builtins.list[str] = []
+    size = 0
+    for notice in dict.fromkeys(notices):
+        length = len(notice.encode()) + 1
+        if current and size + length > _PAYLOAD_BYTES:
+            payloads.append("\n".join(current))
+            current, size = [], 0
+        current.append(notice)
+        size += length
+    if current:
+        payloads.append("\n".join(current))
+    return payloads
 
 
 def _plain(row: _Row) -> dict[str, Any]:
