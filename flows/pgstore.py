@@ -87,6 +87,7 @@ from flows.states import (
 from flows.store import COLUMNS, command_from_row, command_row, flow_from_row
 
 NOW: Final = "extract(epoch FROM clock_timestamp())"
+LEASE_EXPIRES: Final = schema.LEASE_EXPIRES
 """The server's clock, in the epoch seconds every time column holds."""
 
 _JOURNAL_LOCK: Final = 0x646F7665636F7401  # 'dovecot' + 1: the journal's ids
@@ -246,13 +247,15 @@ def _resolve(result: Any) -> Any:
 
 
 def _lease(until: float | None, at: float | None) -> tuple[str, builtins.list[Any]]:
-    """The SQL value of a lease that ends ``until - at`` seconds from now on
-    the server's clock (``at`` unknown: measured from this host's clock)."""
-    if until is None:
-        return "%s", [None]
-    if until == 0:  # a lease ended on purpose (ReleaseLeases)
-        return "%s", [0.0]
-    return f"{NOW} + %s", [until - (time.time() if at is None else at)]
+    """The SET terms of a lease: ``lease_until`` as the engine gave it (read
+    back as written, like every other column), and ``lease_expires``, when
+    it runs out on the server's clock: ``until - at`` seconds from now
+    (``at`` unknown: measured from this host's clock). An ended lease (0,
+    ``ReleaseLeases``) or none at all is the same on both clocks."""
+    if until is None or until == 0:
+        return f"lease_until = %s, {LEASE_EXPIRES} = %s", [until, until]
+    duration = until - (time.time() if at is None else at)
+    return f"lease_until = %s, {LEASE_EXPIRES} = {NOW} + %s", [until, duration]
 
 
 def _lost_race(batch: _Batch, expected: Command, event: str) -> LostRace:
@@ -303,7 +306,7 @@ def _compare_and_set(batch: _Batch, before: Command, after: Command, event: str,
     for column, value in zip(changed, values, strict=True):
         if column == "lease_until":
             sql, extra = _lease(after.lease_until, at)
-            sets.append(f"lease_until = {sql}")
+            sets.append(sql)
             params.extend(extra)
         else:
             sets.append(f'"{column}" = %s')
@@ -424,7 +427,7 @@ def _take_over(batch: _Batch, op: TakeOver) -> _Journaled:
     )
     lease, params = _lease(op.lease_until, at)
     done = batch.execute(
-        f"UPDATE commands SET owner = %s, lease_until = {lease} WHERE {_CAS}",
+        f"UPDATE commands SET owner = %s, {lease} WHERE {_CAS}",
         (op.owner, *params, b.id, b.state, b.attempt, b.owner),
     )
     if done.rowcount != 1:
@@ -439,7 +442,7 @@ def _take_over_flow(batch: _Batch, op: TakeOverFlow) -> _Journaled:
     )
     lease, params = _lease(op.lease_until, op.at)
     done = batch.execute(
-        f"UPDATE flows SET owner = %s, lease_until = {lease}, updated_at = %s "
+        f"UPDATE flows SET owner = %s, {lease}, updated_at = %s "
         "WHERE id = %s AND state = %s AND owner IS NOT DISTINCT FROM %s",
         (op.owner, *params, op.at, b.id, b.state, b.owner),
     )
@@ -472,7 +475,7 @@ def _renew_leases(batch: _Batch, op: RenewLeases) -> frozenset[str]:
         return frozenset()
     lease, params = _lease(op.until, op.at)
     rows = batch.execute(
-        f"UPDATE commands SET lease_until = {lease} "
+        f"UPDATE commands SET {lease} "
         "WHERE owner = %s AND state = ANY(%s) AND id = ANY(%s) RETURNING id",
         (*params, op.owner, list(_LEASED), list(op.ids)),
     ).fetchall()
@@ -483,25 +486,27 @@ def _renew_flow_leases(batch: _Batch, op: RenewFlowLeases) -> None:
     if op.ids:
         lease, params = _lease(op.until, op.at)
         batch.execute(
-            f"UPDATE flows SET lease_until = {lease} WHERE owner = %s AND id = ANY(%s)",
+            f"UPDATE flows SET {lease} WHERE owner = %s AND id = ANY(%s)",
             (*params, op.owner, list(op.ids)),
         )
 
 
 def _release_leases(batch: _Batch, op: ReleaseLeases) -> None:
     batch.execute(
-        "UPDATE commands SET lease_until = 0 WHERE owner = %s AND state = ANY(%s)",
+        f"UPDATE commands SET lease_until = 0, {LEASE_EXPIRES} = 0 "
+        "WHERE owner = %s AND state = ANY(%s)",
         (op.owner, list(_LEASED)),
     )
     batch.execute(
-        "UPDATE flows SET lease_until = 0 WHERE owner = %s AND state = ANY(%s)",
+        f"UPDATE flows SET lease_until = 0, {LEASE_EXPIRES} = 0 "
+        "WHERE owner = %s AND state = ANY(%s)",
         (op.owner, list(_LIVE_FLOWS)),
     )
 
 
-def _flow_values(flow: Flow, columns: Sequence[str], at: float) -> tuple[list[str], list[Any]]:
-    """SET/VALUES terms and parameters of ``columns`` of ``flow``; its lease
-    on the server's clock, measured from ``at``."""
+def _flow_values(flow: Flow, columns: Sequence[str], at: float) -> tuple[str, list[Any]]:
+    """The SET terms and parameters of ``columns`` of ``flow``; its lease
+    also on the server's clock, measured from ``at``."""
     terms, params = [], []
     for c in columns:
         if c == "lease_until":
@@ -509,10 +514,10 @@ def _flow_values(flow: Flow, columns: Sequence[str], at: float) -> tuple[list[st
             terms.append(sql)
             params.extend(extra)
         else:
-            terms.append("%s")
+            terms.append(f"{c} = %s")
             value = getattr(flow, c)
             params.append(_dumps(value) if c in _FLOW_JSON else value)
-    return terms, params
+    return ", ".join(terms), params
 
 
 def _insert_flow(batch: _Batch, op: InsertFlow) -> _Journaled:
@@ -521,10 +526,14 @@ def _insert_flow(batch: _Batch, op: InsertFlow) -> _Journaled:
     event = batch.journal(None, f.id, f.created_at, None, f.state, "start", detail)
     if op.snapshot is not None:
         _insert_snapshot(batch, op.snapshot)
-    terms, params = _flow_values(f, _FLOW_COLUMNS, f.created_at)
     batch.execute(
-        f"INSERT INTO flows ({', '.join(_FLOW_COLUMNS)}) VALUES ({', '.join(terms)})", params
+        f"INSERT INTO flows ({', '.join(_FLOW_COLUMNS)}) "
+        f"VALUES ({', '.join('%s' for _ in _FLOW_COLUMNS)})",
+        [_dumps(getattr(f, c)) if c in _FLOW_JSON else getattr(f, c) for c in _FLOW_COLUMNS],
     )
+    if f.lease_until is not None:
+        lease, params = _lease(f.lease_until, f.created_at)
+        batch.execute(f"UPDATE flows SET {lease} WHERE id = %s", (*params, f.id))
     return event
 
 
@@ -543,8 +552,7 @@ def _move_flow(batch: _Batch, op: MoveFlow) -> _Journaled | None:
     event = None
     if b.state != a.state:
         event = batch.journal(None, a.id, a.updated_at, b.state, a.state, op.event, op.detail)
-    terms, params = _flow_values(a, _FLOW_MUTABLE, a.updated_at)
-    sets = ", ".join(f"{c} = {t}" for c, t in zip(_FLOW_MUTABLE, terms, strict=True))
+    sets, params = _flow_values(a, _FLOW_MUTABLE, a.updated_at)
     done = batch.execute(
         f"UPDATE flows SET {sets} WHERE id = %s AND state = %s AND owner IS NOT DISTINCT FROM %s",
         (*params, b.id, b.state, b.owner),
@@ -1029,7 +1037,8 @@ class PostgresStore:
         gone = [o for (o,) in owners if o is not None and is_gone(o)]
         return self._rows(
             f"SELECT * FROM {table} WHERE state = ANY(%s) AND (owner IS NULL "
-            f"OR lease_until IS NULL OR lease_until < {NOW} OR owner = ANY(%s)) ORDER BY id",
+            f"OR {LEASE_EXPIRES} IS NULL OR {LEASE_EXPIRES} < {NOW} OR owner = ANY(%s)) "
+            "ORDER BY id",
             (builtins.list(states), gone),
         )
 

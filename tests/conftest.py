@@ -9,13 +9,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import settings
+
+from flows.storage import StoreProtocol
+from tests.stores import STORES, StoreKind
 
 settings.register_profile("thorough", max_examples=2000, deadline=None)
 settings.register_profile("ci", deadline=None)
@@ -85,35 +88,36 @@ def mounted_tmpfs(mount: Path, size: str = "2m") -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[Any]:
-    """A PostgreSQL server of our own for the whole session, stopped at its
-    end (on a failure or ^C too). Missing, it skips the tests that need it,
-    and fails them under CI=true; one that will not start fails them."""
-    from tests.pgcluster import Cluster, ClusterError, bin_dir
+    """The session's PostgreSQL server (started at first use, stopped at the
+    end of the session, on a failure or ^C too). Missing, it skips the tests
+    that need it, and fails them under CI=true; one that will not start
+    fails them."""
+    from tests.pgcluster import shared_cluster, stop_shared_cluster
 
-    if bin_dir() is None:
-        message = (
-            "PostgreSQL is not installed (make installs it as root: apt-get install postgresql)"
-        )
-        if os.environ.get("CI") == "true":
-            pytest.fail(message + " (required under CI=true)")
-        pytest.skip(message)
-    cluster = Cluster()
-    atexit.register(cluster.stop)  # should the session end without its teardown
     try:
-        cluster.start()
-    except ClusterError as exc:
-        pytest.fail(f"could not start PostgreSQL: {exc}")
-    try:
-        yield cluster
+        yield shared_cluster()
     finally:
-        cluster.stop()
-
-
-_databases = iter(range(1, 1_000_000))
+        stop_shared_cluster()
 
 
 @pytest.fixture
 def pg_url(pg_cluster: Any) -> str:
     """The URL of a new, empty database on the session's cluster (about
     25 ms to make: a test never sees another's rows)."""
-    return str(pg_cluster.create_database(f"test_{next(_databases)}"))
+    return str(pg_cluster.create_database())
+
+
+@pytest.fixture(params=sorted(STORES))
+def store_kind(request: pytest.FixtureRequest) -> Iterator[StoreKind]:
+    """Each store implementation in turn (tests/stores.py)."""
+    kind = STORES[request.param]()
+    try:
+        yield kind
+    finally:
+        kind.close()
+
+
+@pytest.fixture
+def make_store(store_kind: StoreKind) -> Callable[[], StoreProtocol]:
+    """Makes fresh, empty stores of the implementation under test."""
+    return store_kind.new
