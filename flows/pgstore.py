@@ -13,11 +13,13 @@ What differs from SQLite, and why
   lands inside a batch's open transaction.
 - **Database time for leases.** Engines on several hosts have clocks that
   disagree; a lease written on one host's clock and read on another's could
-  be stolen while it is live. So the store keeps every lease on the
-  server's clock: it takes the *duration* the engine asked for (the
-  operation's ``lease_until`` less the ``at`` it was measured from) and
-  adds it to ``clock_timestamp()``; "has this lease run out" is asked of
-  the server too (``abandoned``), never of the engine's ``now``.
+  be stolen while it is live. So each leased table has one column of
+  PostgreSQL's own, ``lease_expires`` (``flows.schema.LEASE_EXPIRES``): the
+  lease's *duration* as the engine asked for it (the operation's
+  ``lease_until`` less the ``at`` it was measured from) added to the
+  server's ``clock_timestamp()``. ``abandoned`` asks the server whether that
+  has passed, never the engine's ``now``. ``lease_until`` keeps what the
+  engine wrote, so a row reads back exactly as committed, as in SQLite.
 - **Claims skip locked rows.** A claim (``pending`` -> ``sent``) is a
   compare-and-set ``... FOR UPDATE SKIP LOCKED``: when another engine is
   claiming the same row, this one loses the race at once instead of waiting
