@@ -10,14 +10,19 @@ import attrs
 import pytest
 
 from adapters.base import Request
+from flows.core import moved
 from flows.records import Command, new_id
 from flows.states import (
     COMMAND_EVENTS,
     COMMAND_STATES,
     COMMAND_TRANSITIONS,
+    FLOW_FOLLOWS_STEP,
+    FLOW_TRANSITIONS,
+    LEASED_STATES,
     TERMINAL_STATES,
     IllegalTransition,
     LostRace,
+    entering,
     next_state,
 )
 from flows.storage import StoreProtocol
@@ -148,3 +153,47 @@ def test_evolve_is_attrs_evolve() -> None:
         command.evolve(state="flying")
     with pytest.raises(TypeError, match="no field"):
         command.evolve(colour="blue")
+
+
+@pytest.mark.parametrize(("state", "event", "target"), ALLOWED)
+def test_every_move_applies_what_entering_its_target_sets(
+    state: str, event: str, target: str
+) -> None:
+    # A command held by an engine: whatever the move, the lease survives
+    # only into a leased state, and only a terminal state is stamped.
+    held = _command(state).evolve(owner="host:1:engine", lease_until=50.0)
+    after = moved(held, event, 7.0, {})
+    assert after.state == target
+    assert (after.owner is not None) == (target in LEASED_STATES)
+    assert (after.lease_until is not None) == (target in LEASED_STATES)
+    assert (after.finished_at == 7.0) == (target in TERMINAL_STATES)
+    # The mover's own changes come on top (a claim names its owner).
+    claimed = moved(held, event, 7.0, {"owner": "host:2:other"})
+    assert claimed.owner == "host:2:other"
+
+
+def test_entering_is_written_for_every_state() -> None:
+    for state in COMMAND_STATES:
+        changes = entering(state, 3.0)
+        assert ("owner" in changes) == (state not in LEASED_STATES)
+        assert changes.get("finished_at") == (3.0 if state in TERMINAL_STATES else None)
+
+
+@pytest.mark.parametrize(("key", "events"), list(FLOW_FOLLOWS_STEP.items()))
+def test_a_flow_follows_its_step_by_legal_moves_only(
+    key: tuple[str, str], events: tuple[str, ...]
+) -> None:
+    state = key[1]
+    for event in events:
+        state = next_state(state, event, table=FLOW_TRANSITIONS, what="flow")
+    # A finished step leaves its flow running; a dead one, stalled; a replay, waiting.
+    assert state == {"step done": "running", "step dead": "stalled"}.get(key[0], "waiting")
+
+
+def test_a_lost_race_is_an_illegal_transition() -> None:
+    # Callers that catch every refusal still catch a lost race; callers that
+    # expect only a race catch LostRace and let a forbidden move surface.
+    assert issubclass(LostRace, IllegalTransition)
+    with pytest.raises(IllegalTransition) as refused:
+        next_state("done", "dispatch")
+    assert not isinstance(refused.value, LostRace)
