@@ -78,9 +78,6 @@ from flows.records import Command, Event, Flow, FlowStep, LateReply, storable_te
 from flows.snapshots import Snapshot
 from flows.states import (
     DISPATCH,
-    FLOW_STATES,
-    FLOW_TERMINAL_STATES,
-    LEASED_STATES,
     PENDING,
     TERMINAL_STATES,
     IllegalTransition,
@@ -119,9 +116,10 @@ _FLOW_JSON: Final = frozenset({"params", "vars", "result"})
 _FLOW_MUTABLE: Final = tuple(
     c for c in _FLOW_COLUMNS if c not in ("id", "name", "created_at", "params", "forked_from")
 )
-_LEASED: Final = tuple(sorted(LEASED_STATES))
-_LIVE_FLOWS: Final = tuple(sorted(set(FLOW_STATES) - FLOW_TERMINAL_STATES))
-_TERMINAL: Final = tuple(sorted(TERMINAL_STATES))
+# The watched queries say their partial index's own words (flows.schema).
+_LEASED: Final = schema.LEASED_ROWS
+_LIVE_FLOWS: Final = schema.LIVE_FLOW_ROWS
+_TERMINAL: Final = schema.state_in(TERMINAL_STATES)
 
 _encode: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -477,9 +475,8 @@ def _renew_leases(batch: _Batch, op: RenewLeases) -> frozenset[str]:
         return frozenset()
     lease, params = _lease(op.until, op.at)
     rows = batch.execute(
-        f"UPDATE commands SET {lease} "
-        "WHERE owner = %s AND state = ANY(%s) AND id = ANY(%s) RETURNING id",
-        (*params, op.owner, list(_LEASED), list(op.ids)),
+        f"UPDATE commands SET {lease} WHERE owner = %s AND {_LEASED} AND id = ANY(%s) RETURNING id",
+        (*params, op.owner, list(op.ids)),
     ).fetchall()
     return frozenset(r[0] for r in rows)
 
@@ -495,14 +492,12 @@ def _renew_flow_leases(batch: _Batch, op: RenewFlowLeases) -> None:
 
 def _release_leases(batch: _Batch, op: ReleaseLeases) -> None:
     batch.execute(
-        f"UPDATE commands SET lease_until = 0, {LEASE_EXPIRES} = 0 "
-        "WHERE owner = %s AND state = ANY(%s)",
-        (op.owner, list(_LEASED)),
+        f"UPDATE commands SET lease_until = 0, {LEASE_EXPIRES} = 0 WHERE owner = %s AND {_LEASED}",
+        (op.owner,),
     )
     batch.execute(
-        f"UPDATE flows SET lease_until = 0, {LEASE_EXPIRES} = 0 "
-        "WHERE owner = %s AND state = ANY(%s)",
-        (op.owner, list(_LIVE_FLOWS)),
+        f"UPDATE flows SET lease_until = 0, {LEASE_EXPIRES} = 0 WHERE owner = %s AND {_LIVE_FLOWS}",
+        (op.owner,),
     )
 
 
@@ -991,10 +986,10 @@ class PostgresStore:
         """As SQLite's. ``not_before`` is the engine's own time (a retry's
         back-off), so it is compared with the engine's ``now``."""
         sql = (
-            "SELECT * FROM commands WHERE state = %s AND adapter = %s "
+            f"SELECT * FROM commands WHERE {schema.PENDING_ROWS} AND adapter = %s "
             "AND (not_before IS NULL OR not_before <= %s)"
         )
-        params: builtins.list[Any] = [PENDING, adapter, now]
+        params: builtins.list[Any] = [adapter, now]
         if handlers is not None:
             sql += " AND (handler IS NULL OR handler = ANY(%s))"
             params.append(builtins.list(handlers))
@@ -1011,9 +1006,7 @@ class PostgresStore:
 
     def timed_pending(self) -> builtins.list[tuple[str, float | None, float | None]]:
         rows = self._rows(
-            "SELECT id, expires_at, not_before FROM commands WHERE state = %s "
-            "AND (expires_at IS NOT NULL OR not_before IS NOT NULL)",
-            (PENDING,),
+            f"SELECT id, expires_at, not_before FROM commands WHERE {schema.TIMED_ROWS}"
         )
         return [(r[0], r[1], r[2]) for r in rows]
 
@@ -1026,22 +1019,21 @@ class PostgresStore:
         return [_command(r) for r in self._lost_hold("commands", _LEASED, me, is_gone)]
 
     def _lost_hold(
-        self, table: str, states: Sequence[str], me: str, is_gone: Callable[[str], bool]
+        self, table: str, states: str, me: str, is_gone: Callable[[str], bool]
     ) -> builtins.list[_Row]:
         """The rows in ``states`` of ``table`` whose holder lost them: no
         owner, a lease lapsed on the server's clock, or an owner ``is_gone``
         (asked once per owner)."""
         owners = self._rows(
-            f"SELECT DISTINCT owner FROM {table} WHERE state = ANY(%s) "
-            "AND owner IS DISTINCT FROM %s",
-            (builtins.list(states), me),
+            f"SELECT DISTINCT owner FROM {table} WHERE {states} AND owner IS DISTINCT FROM %s",
+            (me,),
         )
         gone = [o for (o,) in owners if o is not None and is_gone(o)]
         return self._rows(
-            f"SELECT * FROM {table} WHERE state = ANY(%s) AND (owner IS NULL "
+            f"SELECT * FROM {table} WHERE {states} AND (owner IS NULL "
             f"OR {LEASE_EXPIRES} IS NULL OR {LEASE_EXPIRES} < {NOW} OR owner = ANY(%s)) "
             "ORDER BY id",
-            (builtins.list(states), gone),
+            (gone,),
         )
 
     def find_flow(self, flow_id: str) -> Flow | None:
@@ -1184,15 +1176,15 @@ class PostgresStore:
 
     def prune(self, older_than: float) -> int:
         conn = self._writer()
-        select = "SELECT id FROM commands WHERE state = ANY(%s) AND finished_at < %s"
-        params = (builtins.list(_TERMINAL), older_than)
+        select = f"SELECT id FROM commands WHERE {_TERMINAL} AND finished_at < %s"
+        params = (older_than,)
         with conn.transaction(), conn.cursor() as cursor:
             cursor.execute(f"DELETE FROM events WHERE command_id IN ({select})".encode(), params)
             cursor.execute(
                 f"DELETE FROM late_replies WHERE command_id IN ({select})".encode(), params
             )
             cursor.execute(
-                b"DELETE FROM commands WHERE state = ANY(%s) AND finished_at < %s", params
+                f"DELETE FROM commands WHERE {_TERMINAL} AND finished_at < %s".encode(), params
             )
             return int(cursor.rowcount)
 
