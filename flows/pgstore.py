@@ -84,6 +84,7 @@ from flows.states import (
     LostRace,
 )
 from flows.store import COLUMNS, command_from_row, command_row, flow_from_row
+from flows.wakeups import Changes
 
 NOW: Final = "extract(epoch FROM clock_timestamp())"
 LEASE_EXPIRES: Final = schema.LEASE_EXPIRES
@@ -94,19 +95,6 @@ _SCHEMA_LOCK: Final = 0x646F7665636F7402  # creating the schema
 CHANNEL: Final = "dovecote"
 """The LISTEN/NOTIFY channel of wake-ups (see ``wait_for_change``)."""
 _READY: Final = "ready"
-
-
-@attrs.frozen
-class Changes:
-    """What other engines committed that someone here may wait for."""
-
-    ready: frozenset[str] = frozenset()
-    """Adapters with commands to claim (new, or back to pending)."""
-    finished: tuple[tuple[str, str], ...] = ()
-    """``(command id, terminal state)`` of commands that ended."""
-
-    def __bool__(self) -> bool:
-        return bool(self.ready or self.finished)
 
 
 _MUTABLE: Final = tuple(c for c in COLUMNS if c not in ("id", "adapter", "request", "created_at"))

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import subprocess
 import textwrap
+from typing import Any
 
 from flows.operations import Group, Insert, Move
-from flows.pgstore import Changes, PostgresStore
+from flows.pgstore import PostgresStore
 from flows.records import Command, new_id
 from flows.states import CANCEL, CANCELLED
+from flows.wakeups import Changes
 from tests.conftest import PYTHON, ROOT
 
 # The other process: submits one command, then cancels it, each committed
@@ -100,3 +102,63 @@ def test_what_is_rolled_back_wakes_nobody(pg_url: str) -> None:
     finally:
         here.close()
         there.close()
+
+
+async def test_relay_wakes_the_dispatcher_and_a_waiter_for_work_done_elsewhere(
+    pg_url: str,
+) -> None:
+    """flows.wakeups.relay, as an engine runs it: another connection's submit
+    wakes the dispatcher, its cancel wakes a task waiting here (which would
+    otherwise sleep its whole minute), and closing the store after the relay
+    is cancelled leaves nothing hanging."""
+    import trio
+
+    from adapters.base import Request
+    from flows.notices import Notices
+    from flows.wakeups import relay
+
+    here, there = PostgresStore(pg_url), PostgresStore(pg_url)
+    notices = Notices()
+    woken = trio.Event()
+    command = Command(
+        id=new_id(),
+        adapter="far",
+        state="pending",
+        created_at=1.0,
+        timeout=30.0,
+        request=Request.from_json({"messages": [{"role": "user", "content": "hi"}]}),
+    )
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(relay, here, woken.set, notices)
+                await trio.to_thread.run_sync(there.commit_one, Insert(command))
+                await woken.wait()
+
+                async def cancel_elsewhere() -> None:
+                    await trio.sleep(0.1)
+                    cancelled = command.evolve(state=CANCELLED, finished_at=2.0)
+                    await trio.to_thread.run_sync(
+                        there.commit_one, Move(command, cancelled, CANCEL, 2.0)
+                    )
+
+                nursery.start_soon(cancel_elsewhere)
+                assert await notices.wait_terminal(command.id, 60) is None  # woken, not told
+                assert here.get(command.id).state == CANCELLED
+                nursery.cancel_scope.cancel()
+    finally:
+        here.close()
+        there.close()
+
+
+async def test_relay_needs_no_task_for_a_store_that_cannot_tell(tmp_path: Any) -> None:
+    import trio
+
+    from flows.notices import Notices
+    from flows.store import Store
+    from flows.wakeups import relay
+
+    store = Store(tmp_path / "x.db")
+    with trio.fail_after(5):
+        await relay(store, lambda: None, Notices())  # returns at once
+    store.close()
