@@ -36,7 +36,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import decimal
-import functools
 import json
 import operator
 import threading
@@ -84,7 +83,7 @@ from flows.states import (
     LostRace,
 )
 from flows.store import COLUMNS, command_from_row, command_row, flow_from_row
-from flows.wakeups import Changes
+from flows.wakeups import EVERY_ADAPTER, Changes
 
 NOW: Final = "extract(epoch FROM clock_timestamp())"
 LEASE_EXPIRES: Final = schema.LEASE_EXPIRES
@@ -662,6 +661,7 @@ class PostgresStore:
         self.path = self.location.display  # what messages name the database by
         self.read_only = read_only
         self._reader_lock = threading.Lock()
+        self._listener: psycopg.Connection[Any] | None = None
         self._read = connect(self.location, read_only=read_only)
         try:
             if read_only:
@@ -690,7 +690,7 @@ class PostgresStore:
         self._read.close()
         if self._write is not None:
             self._write.close()
-        if "_listener" in self.__dict__:
+        if self._listener is not None:
             self._listener.close()
 
     # --- schema --------------------------------------------------------------
@@ -1178,11 +1178,17 @@ class PostgresStore:
 
     # --- wake-ups ------------------------------------------------------------
 
-    @functools.cached_property
-    def _listener(self) -> psycopg.Connection[Any]:
-        conn = connect(self.location)
-        conn.execute(f"LISTEN {CHANNEL}")
-        return conn
+    def _listening(self) -> psycopg.Connection[Any]:
+        """The connection that LISTENs, opened (again) when it is missing."""
+        if self._listener is None or self._listener.closed:
+            conn = connect(self.location)
+            conn.execute(f"LISTEN {CHANNEL}")
+            self._listener = conn
+        return self._listener
+
+    def listen(self) -> None:
+        """Start listening now (see ``wait_for_change``)."""
+        self._listening()
 
     def wait_for_change(self, timeout: float) -> Changes:
         """Block until another connection commits a change someone may wait
@@ -1190,22 +1196,33 @@ class PostgresStore:
         commands to claim, by adapter, and commands that ended. Meant for a
         worker thread (``trio.to_thread.run_sync``). Listening starts at the
         first call (or ``listen``), so a change committed before it is not
-        seen: read the table after starting to listen, not before."""
-        payloads = [n.payload for n in self._listener.notifies(timeout=timeout, stop_after=1)]
-        # What came with it in the same moment: one wake-up, every change.
-        payloads += [n.payload for n in self._listener.notifies(timeout=0.0)]
+        seen: read the table after starting to listen, not before.
+
+        A lost connection (the server restarted) is opened again, and this
+        call returns ``EVERY_ADAPTER`` ready: what was told meanwhile is
+        lost, and the caller should look."""
+        try:
+            listener = self._listening()
+            notices = builtins.list(listener.notifies(timeout=timeout, stop_after=1))
+            # What came with it in the same moment: one wake-up, every change.
+            notices += builtins.list(listener.notifies(timeout=0.0))
+        except (psycopg.Error, StoreError):
+            if self._listener is not None:
+                with contextlib.suppress(Exception):
+                    self._listener.close()
+            self._listener = None
+            time.sleep(min(timeout, 0.5))  # the server may be coming back: no busy loop
+            with contextlib.suppress(StoreError):
+                self._listening()  # listening again before the caller looks
+            return Changes(ready=frozenset({EVERY_ADAPTER}))
         ready, finished = set(), []
-        for notice in (line for p in payloads for line in p.split("\n")):
+        for notice in (line for n in notices for line in n.payload.split("\n")):
             kind, _, key = notice.partition(":")
             if kind == _READY:
                 ready.add(key)
             else:
                 finished.append((key, kind))
         return Changes(frozenset(ready), tuple(finished))
-
-    def listen(self) -> None:
-        """Start listening now (see ``wait_for_change``)."""
-        _ = self._listener
 
 
 _PAYLOAD_BYTES: Final = 7900  # PostgreSQL's limit is 8000 bytes a notification

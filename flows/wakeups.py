@@ -24,6 +24,10 @@ LISTEN_SLICE: Final = 1.0
 an abandoned wait may outlive the engine that closed."""
 
 
+EVERY_ADAPTER: Final = "*"
+"""In ``Changes.ready``: changes may have been missed; every adapter should look."""
+
+
 @attrs.frozen
 class Changes:
     """What other engines committed that someone here may wait for."""

@@ -321,3 +321,32 @@ def test_a_reader_paging_the_journal_misses_nothing_that_writers_commit(pg_url: 
             store.close()
     assert errors == []
     assert len(seen) == 450 and seen == sorted(set(seen))
+
+
+def test_a_store_carries_on_after_the_server_restarts(pg_cluster: Any, pg_url: str) -> None:
+    """``pg_ctl restart -m immediate`` (a crash and a recovery) cuts every
+    connection: what was committed is there, a read connects again by
+    itself, the batch in the cut is told it failed and the next one
+    commits, and the listener says "look" once, then listens again."""
+    from flows.operations import Insert
+    from flows.wakeups import EVERY_ADAPTER
+
+    store, other = PostgresStore(pg_url), PostgresStore(pg_url)
+    try:
+        kept = _pending()
+        store.commit_one(Insert(kept))
+        store.listen()
+        pg_cluster.restart("immediate")
+        assert store.get(kept.id) == kept  # committed before the crash; read reconnects
+        assert store.wait_for_change(5).ready == {EVERY_ADAPTER}
+        results = store.commit([Insert(_pending())])
+        if isinstance(results[0], BaseException):  # the cut batch, told
+            assert "the batch failed" in str(results[0])
+            results = store.commit([Insert(_pending())])
+        assert not isinstance(results[0], BaseException)
+        other.commit([Insert(_pending("after"))])  # its writer reconnects too
+        other.commit([Insert(_pending("after"))])
+        assert "after" in store.wait_for_change(10).ready
+    finally:
+        store.close()
+        other.close()
