@@ -689,6 +689,11 @@ class Store:
     engine serialises writes through its committer task."""
 
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
+        if str(path).lower().startswith(("postgresql:", "postgres:")):
+            # A URL taken for a path would become directories named after it.
+            raise StoreError(
+                "a postgresql:// URL is not a SQLite file: open it with flows.location.open_store"
+            )
         self.path = Path(path)
         self.read_only = read_only
         try:

@@ -10,6 +10,7 @@ import logging
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -355,3 +356,17 @@ def test_a_store_carries_on_after_the_server_restarts(pg_cluster: Any, pg_url: s
     finally:
         store.close()
         other.close()
+
+
+def test_sqlite_refuses_a_url_rather_than_make_directories_of_it(tmp_path: Any) -> None:
+    import os
+
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for url in ("postgresql://me@host/db", Path("postgresql://me@host/db")):
+            with pytest.raises(StoreError, match="not a SQLite file"):
+                Store(url)
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        os.chdir(here)
