@@ -607,6 +607,26 @@ def _apply(batch: _Batch, op: Operation) -> Any:
     return _APPLY[type(op)](batch, op)
 
 
+_ONE_STATEMENT: Final = frozenset(
+    {Move, Chain, Note, TakeOver, TakeOverFlow, UseLateReply, RenewLeases, RenewFlowLeases}
+    | {AddLateReply, MoveFlow, CountCacheHit, AddCacheEntry, CopySteps}
+)
+"""Operations that write with one statement (their journal rows wait in the
+batch): nothing of one is left to undo when it fails."""
+
+
+def _one_statement(op: Operation) -> bool:
+    if isinstance(op, Insert):  # a plain submit; not one with a snapshot or a flow's step
+        c = op.command
+        return op.snapshot is None and (c.flow_id is None or c.step is None)
+    return type(op) in _ONE_STATEMENT
+
+
+class _Refused(Exception):
+    """The server refused a statement outside a savepoint: the transaction
+    is lost, and the batch is run again with a savepoint per operation."""
+
+
 # --- Connecting -------------------------------------------------------------
 
 
@@ -795,19 +815,38 @@ class PostgresStore:
         error.__cause__ = exc
         return error
 
-    def _commit(self, operations: Iterable[Operation]) -> builtins.list[Any]:
+    def _commit(self, operations: Sequence[Operation]) -> builtins.list[Any]:
+        try:
+            return self._commit_batch(operations, careful=False)
+        except _Refused:
+            return self._commit_batch(operations, careful=True)
+
+    def _commit_batch(self, operations: Sequence[Operation], careful: bool) -> builtins.list[Any]:
+        """One transaction. An operation of several statements runs in a
+        savepoint of its own, so that one failing half way is undone alone.
+        One of a single statement does not (a savepoint costs two round trips
+        to the server, more than the statement): if it loses its race it
+        wrote nothing; if the server refuses it (an error aborts the whole
+        transaction), the batch is rolled back and run again ``careful``,
+        every operation in its own savepoint."""
         conn = self._writer()
         results: builtins.list[Any] = []
         with conn.transaction(), conn.cursor() as cursor:
             batch = _Batch(cursor)
             for op in operations:
                 journaled, notices = len(batch.rows), len(batch.notices)
+                alone = careful or not _one_statement(op)
                 try:
-                    with conn.transaction():
+                    if alone:
+                        with conn.transaction():
+                            results.append(_apply(batch, op))
+                    else:
                         results.append(_apply(batch, op))
                 except Exception as exc:
                     if conn.broken:
                         raise  # the connection, not the operation
+                    if not alone and isinstance(exc, psycopg.Error):
+                        raise _Refused from exc
                     del batch.rows[journaled:]
                     del batch.notices[notices:]
                     results.append(self._error(op, exc))

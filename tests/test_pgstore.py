@@ -370,3 +370,25 @@ def test_sqlite_refuses_a_url_rather_than_make_directories_of_it(tmp_path: Any) 
         assert list(tmp_path.iterdir()) == []
     finally:
         os.chdir(here)
+
+
+def test_an_operation_the_server_refuses_fails_alone(pg_url: str) -> None:
+    """A plain submit runs without a savepoint of its own (one round trip,
+    not three); when the server refuses one (a duplicate id aborts the whole
+    transaction), the batch runs again with a savepoint each: the others
+    commit, journaled once, and only that one is told."""
+    from flows.operations import Insert
+
+    store = PostgresStore(pg_url)
+    try:
+        a, b = _pending(), _pending()
+        store.commit_one(Insert(a))
+        first, refused, second = store.commit([Insert(b), Insert(a), Insert(_pending())])
+        assert not isinstance(first, BaseException) and not isinstance(second, BaseException)
+        assert isinstance(refused, StoreError) and "UniqueViolation" in str(refused)
+        assert first.seq < second.seq
+        assert [e.event for e in store.history(b.id)] == ["submit"]
+        assert [e.event for e in store.history(a.id)] == ["submit"]  # not journaled again
+        assert len(store.list()) == 3
+    finally:
+        store.close()
