@@ -3,7 +3,7 @@ test (tests/test_pg_engines.py): it serves the ``count`` adapter, whose
 every send is a line ``<command id> <attempt> <pid>`` in the log file, and
 stops once no ``count`` command is left to do.
 
-python tests/pg_engine_worker.py URL LOG
+python tests/pg_engine_worker.py URL LOG [LEASE [SEND_SECONDS]]
 """
 
 from __future__ import annotations
@@ -21,24 +21,26 @@ from flows.states import LIVE_STATES
 
 
 class Counting:
-    def __init__(self, log: Any) -> None:
+    def __init__(self, log: Any, seconds: float) -> None:
         self.settings = AdapterSettings(name="count", max_in_flight=64)
         self.log = log
+        self.seconds = seconds
 
     async def send(self, request: Request, context: SendContext) -> Reply:
         self.log.write(f"{context.command_id} {context.attempt} {os.getpid()}\n")
-        await trio.sleep(0)
+        await trio.sleep(self.seconds)
         return Reply("ok")
 
     async def aclose(self) -> None:
         pass
 
 
-async def main(url: str, log_path: str) -> None:
+async def main(url: str, log_path: str, lease: float, seconds: float) -> None:
     store = PostgresStore(url)
     with open(log_path, "a", buffering=1) as log:
         async with trio.open_nursery() as nursery:
-            engine = Engine(store, nursery, [Counting(log)], poll_interval=0.02)  # type: ignore[arg-type]
+            adapters = [Counting(log, seconds)]
+            engine = Engine(store, nursery, adapters, poll_interval=0.02, lease=lease)  # type: ignore[arg-type]
             await engine.run()
             print("started", flush=True)
             idle = 0
@@ -51,4 +53,6 @@ async def main(url: str, log_path: str) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1], sys.argv[2])
+    given = sys.argv[3:5]
+    lease, seconds = (float(a) for a in [*given, *["30", "0"][len(given) :]])
+    trio.run(main, sys.argv[1], sys.argv[2], lease, seconds)

@@ -77,3 +77,100 @@ def test_three_engines_share_five_thousand_commands_each_sent_once(
             if engine.poll() is None:
                 engine.kill()
         store.close()
+
+
+def _start(url: str, log: Path, *options: str) -> subprocess.Popen[str]:
+    engine = subprocess.Popen(
+        [PYTHON, str(ROOT / "tests" / "pg_engine_worker.py"), url, str(log), *options],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert engine.stdout is not None and engine.stdout.readline().strip() == "started"
+    return engine
+
+
+def _submit(store: PostgresStore, n: int, max_attempts: int = 1) -> list[str]:
+    request = Request.from_json({"messages": [{"role": "user", "content": "count me"}]})
+    commands = [
+        Command(
+            id=new_id(),
+            adapter="count",
+            request=request,
+            state="pending",
+            created_at=1_700_000_000.0,
+            timeout=60.0,
+            max_attempts=max_attempts,
+        )
+        for _ in range(n)
+    ]
+    for at in range(0, n, 500):
+        results = store.commit([Insert(c) for c in commands[at : at + 500]])
+        assert all(not isinstance(r, BaseException) for r in results)
+    return [c.id for c in commands]
+
+
+def _sends(logs: list[Path]) -> list[list[str]]:
+    return [line.split() for log in logs for line in log.read_text().splitlines()]
+
+
+def _every_state_is_its_last_journal_event(store: PostgresStore, ids: list[str]) -> None:
+    for command_id in ids:
+        assert store.get(command_id).state == store.history(command_id)[-1].to_state
+
+
+def test_kill_9_of_one_of_three_engines_under_load_loses_nothing(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The engine doing the work is killed with sends in flight: the other
+    two take its commands over by themselves (same host: its pid is gone)
+    and send them again; nothing is lost, every command ends done, and the
+    commands sent twice are at most those it had in flight."""
+    import os
+    import signal
+    import time
+
+    store = PostgresStore(pg_url)
+    logs = [tmp_path / f"engine-{i}.log" for i in range(ENGINES)]
+    # A short lease (1.5 s: recovery every 0.5 s) and 20 ms sends.
+    engines = [_start(pg_url, log, "1.5", "0.02") for log in logs]
+    try:
+        ids = _submit(store, 1_500, max_attempts=3)
+        give_up = time.monotonic() + 60
+        while len(_sends(logs)) < 300 and time.monotonic() < give_up:
+            time.sleep(0.02)
+        busiest = collections.Counter(pid for _, _, pid in _sends(logs)).most_common(1)[0][0]
+        victim = next(e for e in engines if str(e.pid) == busiest)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=10)
+
+        for engine in engines:
+            if engine is not victim:
+                assert engine.wait(timeout=240) == 0
+        assert store.counts() == {("count", "done"): 1_500}  # none lost, none dead
+        _every_state_is_its_last_journal_event(store, ids)
+        per_command = collections.Counter(command_id for command_id, _, _ in _sends(logs))
+        assert set(per_command) == set(ids)
+        twice = {i for i, n in per_command.items() if n > 1}
+        shares = collections.Counter(pid for _, _, pid in _sends(logs))
+        # What the others took from it (journaled: a retry for the engine
+        # gone) and it had sent is sent again, on a second attempt; nothing else.
+        mark = f":{victim.pid}:"
+        held = {
+            i
+            for i in ids
+            for e in store.history(i)
+            if e.event == "retry" and mark in str((e.detail or {}).get("owner"))
+        }
+        sent_by_victim = {i for i, _, pid in _sends(logs) if pid == str(victim.pid)}
+        assert twice == held & sent_by_victim
+        assert all(store.get(i).attempt == 2 for i in held)
+        print(
+            f"kill -9: {len(held)} taken from the victim, {len(twice)} of 1,500 sent twice; "
+            f"sends by engine {dict(shares)}"
+        )
+    finally:
+        for engine in engines:
+            if engine.poll() is None:
+                engine.kill()
+        store.close()
