@@ -16,6 +16,7 @@ import trio
 
 from adapters.base import AdapterSettings, Reply, Request, SendContext
 from flows.engine import Engine
+from flows.errors import StoreError
 from flows.pgstore import PostgresStore
 from flows.states import LIVE_STATES
 
@@ -46,7 +47,11 @@ async def main(url: str, log_path: str, lease: float, seconds: float) -> None:
             idle = 0
             while idle < 10:  # 10 looks in a row with nothing left: done
                 await trio.sleep(0.1)
-                live = store.counts(LIVE_STATES)
+                try:
+                    live = store.counts(LIVE_STATES)
+                except StoreError:  # the server is restarting: look again
+                    idle = 0
+                    continue
                 idle = 0 if any(a == "count" for a, _ in live) else idle + 1
             nursery.cancel_scope.cancel()
     store.close()
