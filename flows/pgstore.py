@@ -400,19 +400,18 @@ def _note(batch: _Batch, op: Note) -> _Journaled:
     return batch.journal(op.command_id, row[1], op.at, row[0], row[0], op.event, op.detail)
 
 
+def _journal_take_over(batch: _Batch, op: TakeOver | TakeOverFlow) -> _Journaled:
+    """As SQLite's: a note (the state stays) naming the previous and the new owner."""
+    b = op.before
+    command_id, flow_id = (None, b.id) if isinstance(b, Flow) else (b.id, b.flow_id)
+    who = {"previous_owner": b.owner, "owner": op.owner}
+    return batch.journal(command_id, flow_id, op.at, b.state, b.state, TAKE_OVER, who)
+
+
 def _take_over(batch: _Batch, op: TakeOver) -> _Journaled:
     b = op.before
-    at = op.at
-    event = batch.journal(
-        b.id,
-        b.flow_id,
-        time.time() if at is None else at,
-        b.state,
-        b.state,
-        TAKE_OVER,
-        {"from": b.owner, "to": op.owner},
-    )
-    lease, params = _lease(op.lease_until, at)
+    event = _journal_take_over(batch, op)
+    lease, params = _lease(op.lease_until, op.at)
     done = batch.execute(
         f"UPDATE commands SET owner = %s, {lease} WHERE {_CAS}",
         (op.owner, *params, b.id, b.state, b.attempt, b.owner),
@@ -424,9 +423,7 @@ def _take_over(batch: _Batch, op: TakeOver) -> _Journaled:
 
 def _take_over_flow(batch: _Batch, op: TakeOverFlow) -> _Journaled:
     b = op.before
-    event = batch.journal(
-        None, b.id, op.at, b.state, b.state, TAKE_OVER, {"from": b.owner, "to": op.owner}
-    )
+    event = _journal_take_over(batch, op)
     lease, params = _lease(op.lease_until, op.at)
     done = batch.execute(
         f"UPDATE flows SET owner = %s, {lease}, updated_at = %s "
