@@ -124,7 +124,7 @@ class Cluster:
         reap_stale()
         if self.as_root:
             shutil.chown(self.dir, "postgres", "postgres")
-        os.chmod(self.dir, 0o755)  # the tests (root or the owner) reach the socket in it
+        os.chmod(self.dir, 0o700)  # its socket trusts whoever reaches it: the owner (and root)
         self._run(
             "initdb",
             "-D",
@@ -140,19 +140,21 @@ class Cluster:
             "--no-instructions",
         )
         with open(self.data / "pg_hba.conf", "w") as hba:
-            # The password role only over TCP with its password; everyone
-            # else trusted, on the socket and the loopback address alone.
+            # Trust only on the socket, which only its owner reaches (0700);
+            # over TCP (loopback only) the password role with its password,
+            # and nobody else.
             hba.write(
                 f"host all {PASSWORD_USER} 127.0.0.1/32 scram-sha-256\n"
                 f"local all {PASSWORD_USER} reject\n"
                 "local all all trust\n"
-                "host all all 127.0.0.1/32 trust\n"
+                "host all all 127.0.0.1/32 reject\n"
             )
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write(
                 f"port = {self.port}\n"
                 "listen_addresses = '127.0.0.1'\n"
                 f"unix_socket_directories = '{self.dir}'\n"
+                "unix_socket_permissions = 0700\n"
                 "fsync = off\n"
                 "full_page_writes = off\n"
                 "max_connections = 200\n"
@@ -179,11 +181,8 @@ class Cluster:
 
     # --- addresses ---------------------------------------------------------
 
-    def url(self, database: str = SUPERUSER, *, tcp: bool = False) -> str:
-        """A URL for ``database`` as the trusted superuser: on the Unix
-        socket (the faster), or over TCP."""
-        if tcp:
-            return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+    def url(self, database: str = SUPERUSER) -> str:
+        """A URL for ``database`` as the trusted superuser, on the Unix socket."""
         return f"postgresql://{SUPERUSER}@/{database}?host={self.dir}&port={self.port}"
 
     def password_url(self, database: str = SUPERUSER, password: str | None = PASSWORD) -> str:
