@@ -10,7 +10,7 @@ EL := editor_bridge/emacs
 NVIM ?= nvim
 NV := editor_bridge/nvim
 
-.PHONY: demo demo-model model test lint lua-lint typecheck pytest emacs-test emacs-model-test nvim nvim-test fuzz fuzz-protocol fuzz-emacs nvim-fuzz bench clean
+.PHONY: postgresql demo demo-model model test lint lua-lint typecheck pytest emacs-test emacs-model-test nvim nvim-test fuzz fuzz-protocol fuzz-emacs nvim-fuzz bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,7 +47,7 @@ lint: $(STAMP) lua-lint
 typecheck: $(STAMP)
 	$(BIN)/mypy flows adapters editor_bridge
 
-pytest: $(STAMP) model
+pytest: $(STAMP) model postgresql
 	$(BIN)/python -m pytest -q
 
 # The Emacs client (editor_bridge/emacs): byte-compile with warnings as errors,
@@ -105,6 +105,21 @@ apt = command -v $(1) >/dev/null 2>&1 || { \
 	  else \
 	    echo "$(1) not found and not root: apt-get install $(2)" >&2; exit 1; \
 	  fi; }; command -v $(1) >/dev/null 2>&1 || { echo "$(1) is still missing" >&2; exit 1; }
+
+# PostgreSQL's server, for the tests of the PostgreSQL store (tests/pgcluster.py
+# starts a throw-away cluster of it in a temporary directory): Debian's
+# postgresql package, installed when missing and running as root; else the
+# target fails (never skips).
+HAS_INITDB = command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
+postgresql:
+	@$(HAS_INITDB) || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "postgresql: initdb not found; installing postgresql" >&2; \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y --no-install-recommends postgresql || exit 1; \
+	  else \
+	    echo "postgresql: initdb not found and not root: apt-get install postgresql" >&2; exit 1; \
+	  fi; }; $(HAS_INITDB) || { echo "postgresql: initdb is still missing" >&2; exit 1; }
 
 # The Lua of the Neovim client, checked as ruff checks the Python.
 lua-lint:

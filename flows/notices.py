@@ -85,6 +85,14 @@ class Notices:
                 self._subscribers.remove(channel)
                 channel.close()
 
+    def ended_elsewhere(self, command_id: str) -> None:
+        """Another process committed ``command_id`` terminal (a store's
+        wake-up, flows.wakeups): its waiters wake to read the row, which
+        that commit made visible before telling."""
+        waiter = self._waiters.pop(command_id, None)
+        if waiter is not None:
+            waiter.woken.set()
+
     async def wait_terminal(self, command_id: str, timeout: float) -> Command | None:
         """The command once this engine commits it terminal, or ``None``
         after ``timeout`` seconds (another process may have ended it: the

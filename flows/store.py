@@ -52,7 +52,6 @@ import functools
 import json
 import operator
 import os
-import re
 import socket
 import sqlite3
 import time
@@ -97,6 +96,7 @@ from flows.records import (
     LateReply,
     storable_text,
 )
+from flows.schema import state_in
 from flows.snapshots import Snapshot
 from flows.states import (
     DEAD,
@@ -153,20 +153,6 @@ COLUMNS: Final = tuple(f.name for f in attrs.fields(Command))
 # Columns a transition may change: everything but identity and the call itself.
 _MUTABLE: Final = tuple(c for c in COLUMNS if c not in ("id", "adapter", "request", "created_at"))
 _JSON_COLUMNS: Final = frozenset({"request", "reply", "error", "handler_args"})
-
-
-def state_in(states: Iterable[str]) -> str:
-    """``state = 'a'`` or ``state IN ('a', 'b')``: a set of states as an SQL
-    condition on literals, always written the same way, so that a query
-    and a partial index built from the same set say the same words. SQLite
-    uses a partial index only for a query whose WHERE clause contains the
-    index's own terms (a bound parameter is not one, nor is ``IN`` for ``=``)."""
-    names = sorted(states)
-    if not names or not all(re.fullmatch("[a-z_]+", name) for name in names):
-        raise ValueError(f"not a set of state names: {names!r}")
-    if len(names) == 1:
-        return f"state = '{names[0]}'"
-    return "state IN (" + ", ".join(f"'{name}'" for name in names) + ")"
 
 
 _PENDING: Final = state_in([PENDING])
@@ -714,6 +700,11 @@ class Store:
     engine serialises writes through its committer task."""
 
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
+        if str(path).lower().startswith(("postgresql:", "postgres:")):
+            # A URL taken for a path would become directories named after it.
+            raise StoreError(
+                "a postgresql:// URL is not a SQLite file: open it with flows.location.open_store"
+            )
         self.path = Path(path)
         self.read_only = read_only
         try:

@@ -83,6 +83,30 @@ def mounted_tmpfs(mount: Path, size: str = "2m") -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+# --- PostgreSQL: one throw-away cluster per session (tests/pgcluster.py) -----
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """The session's PostgreSQL server (started at first use, stopped at the
+    end of the session, on a failure or ^C too). Missing, it skips the tests
+    that need it, and fails them under CI=true; one that will not start
+    fails them."""
+    from tests.pgcluster import shared_cluster, stop_shared_cluster
+
+    try:
+        yield shared_cluster()
+    finally:
+        stop_shared_cluster()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: Any) -> str:
+    """The URL of a new, empty database on the session's cluster (about
+    25 ms to make: a test never sees another's rows)."""
+    return str(pg_cluster.create_database())
+
+
 @pytest.fixture(params=sorted(STORES))
 def store_kind(request: pytest.FixtureRequest) -> Iterator[StoreKind]:
     """Each store implementation in turn (tests/stores.py)."""
