@@ -49,10 +49,11 @@ from editor_bridge.rpc import (
     RpcError,
 )
 from editor_bridge.wire import Params
-from flows.engine import PRIORITY_INTERACTIVE, Engine, Progress
+from flows.engine import Engine, Progress
 from flows.errors import IllegalTransition, StoreError, UnknownCommand
 from flows.handlers import handler
 from flows.merge import Conflict, apply_policy, three_way, whole_lines
+from flows.options import DEFAULT_MAX_ATTEMPTS, PRIORITY_INTERACTIVE, CallOptions
 from flows.records import Command, FlowChange, StateChange, new_id
 from flows.runtime import REGISTRY as FLOWS
 from flows.runtime import UnknownFlow
@@ -448,17 +449,18 @@ class Server:
         cache = p.cache()
         snapshot = self._snapshot(p.section("target", optional=True))
         p.ready()
-        options: dict[str, Any] = {"priority": PRIORITY_INTERACTIVE, "cache": cache}
-        if timeout is not None:
-            options["timeout"] = timeout
-        if max_attempts is not None:
-            options["max_attempts"] = max_attempts
-        if snapshot is not None:
-            options.update(
-                handler=APPLY_HANDLER, handler_args={"policy": policy}, snapshot=snapshot
-            )
         try:
-            command_id = await self.engine.submit(adapter, request, **options)
+            options = CallOptions(
+                timeout=timeout,
+                max_attempts=DEFAULT_MAX_ATTEMPTS if max_attempts is None else max_attempts,
+                priority=PRIORITY_INTERACTIVE,
+                cache=cache,
+                handler=APPLY_HANDLER if snapshot is not None else None,
+                handler_args={"policy": policy} if snapshot is not None else None,
+            )
+            command_id = await self.engine.submit(
+                adapter, request, snapshot=snapshot, options=options
+            )
         except BaseException:
             if snapshot is not None:
                 self.mirror.untrack(snapshot.uri, snapshot.id)
@@ -579,7 +581,9 @@ class Server:
                 "target": {"snapshot": snapshot.id, "policy": policy},
             }
         try:
-            flow_id = await self.engine._flows.start(name, params, snapshot=snapshot, budget=budget)
+            flow_id = await self.engine.flow_runner.start(
+                name, params, snapshot=snapshot, budget=budget
+            )
         except BaseException:
             if snapshot is not None:
                 self.mirror.untrack(snapshot.uri, snapshot.id)

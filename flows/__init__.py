@@ -21,6 +21,7 @@ from flows.errors import (
     UnknownCommand,
 )
 from flows.handlers import handler
+from flows.options import CallOptions
 from flows.records import (
     Command,
     CommandError,
@@ -36,6 +37,7 @@ from flows.runtime import FlowContext, FlowFailed, UnknownFlow, flow
 from flows.store import Store
 
 __all__ = [
+    "CallOptions",
     "Command",
     "CommandError",
     "CommandFailed",

@@ -16,6 +16,7 @@ registered can carry the flow on, after a crash as before it.
 
 from __future__ import annotations
 
+import contextlib
 import string
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from flows.handlers import handler
+from flows.options import CallOptions
 from flows.runtime import REGISTRY, FlowRunner, register
 from flows.states import (
     COMPLETE,
@@ -31,10 +33,11 @@ from flows.states import (
     FLOW_TERMINAL_STATES,
     RESUME,
     RETRY,
-    STALL,
     STALLED,
-    WAITING,
+    STEP_DEAD,
+    STEP_REPLAYED,
     IllegalTransition,
+    LostRace,
     next_state,
 )
 
@@ -116,18 +119,13 @@ class DeclaredFlow:
         if stage.system:
             request["system"] = _fill(stage.system, values)
         step = flow.step + 1
-        command = engine._new_command(
-            stage.adapter,
-            request,
+        options = CallOptions(
             timeout=stage.timeout,
-            max_attempts=3,
             handler=ADVANCE,
             handler_args={"flow": flow.id, "stage": stage_name},
-            priority=0,
-            expires_at=None,
-            flow_id=flow.id,
-            step=step,
-            snapshot_id=None,
+        )
+        (command,) = engine.new_commands(
+            stage.adapter, [request], options, flow_id=flow.id, step=step
         )
         await runner.wait_on(flow, command, {"stage": stage_name, "step": step}, stage=stage_name)
 
@@ -159,13 +157,9 @@ class DeclaredFlow:
     async def step_changed(self, runner: FlowRunner, command: Command) -> None:
         """A stage's command died (stall) or a replay took it over (retry)."""
         flow = runner.get(command.flow_id or "")
-        try:
-            if command.state == DEAD and flow.state == WAITING:
-                await runner.move(flow, STALL, {"dead_letter": command.id})
-            elif command.replay_of is not None and flow.state == STALLED:
-                await runner.move(flow, RETRY, {"command": command.id})
-        except IllegalTransition:
-            pass  # moved meanwhile by the handler: it knows better
+        what = STEP_DEAD if command.state == DEAD else STEP_REPLAYED
+        with contextlib.suppress(LostRace):  # moved meanwhile by the handler: it knows better
+            await runner.follow(flow, what, command)
 
 
 def _fill(template: str, values: Mapping[str, Any]) -> str:
@@ -193,8 +187,8 @@ def declare(
 
 @handler(ADVANCE)
 async def _advance(engine: Engine, command: Command) -> Any:
-    flow = engine._flows.get((command.handler_args or {})["flow"])
+    flow = engine.flow_runner.get((command.handler_args or {})["flow"])
     definition = REGISTRY.get(flow.name)
     if not isinstance(definition, DeclaredFlow):
         raise LookupError(f"no declared flow registered as {flow.name!r}")
-    return await definition.advance(engine._flows, command)
+    return await definition.advance(engine.flow_runner, command)

@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from flows.states import COMMAND_TRANSITIONS, FLOW_TRANSITIONS, PENDING, RUNNING
+from flows.states import (
+    COMMAND_STATES,
+    COMMAND_TRANSITIONS,
+    FLOW_FOLLOWS_STEP,
+    FLOW_TRANSITIONS,
+    LEASED_STATES,
+    PENDING,
+    RUNNING,
+    TERMINAL_STATES,
+    entering,
+)
 
 
 def mermaid(table: Mapping[str, Mapping[str, str]], initial: str, title: str) -> str:
@@ -51,8 +61,22 @@ def render_docs() -> str:
         "",
     ]
     parts += _rows(COMMAND_TRANSITIONS)
+    parts += ["", "### What entering a state sets", ""]
+    parts += ["| state | leased | terminal | entering it sets |", "| --- | --- | --- | --- |"]
+    for state in COMMAND_STATES:
+        sets = ", ".join(
+            f"{column} = {'now' if column == 'finished_at' else 'null'}"
+            for column in entering(state, 0.0)
+        )
+        leased = "yes" if state in LEASED_STATES else ""
+        terminal = "yes" if state in TERMINAL_STATES else ""
+        parts.append(f"| {state} | {leased} | {terminal} | {sets or '(what the move gives)'} |")
     parts += ["", "## Flow", "", mermaid(FLOW_TRANSITIONS, RUNNING, "flow"), ""]
     parts += _rows(FLOW_TRANSITIONS)
+    parts += ["", "### How a flow follows its step's command", ""]
+    parts += ["| the step's command | flow state | the flow's moves |", "| --- | --- | --- |"]
+    for (what, state), events in FLOW_FOLLOWS_STEP.items():
+        parts.append(f"| {what} | {state} | {', '.join(events)} |")
     return "\n".join(parts) + "\n"
 
 

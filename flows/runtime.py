@@ -38,24 +38,25 @@ import trio
 
 from adapters.base import Reply, Request
 from flows import checks, sampling, typed
-from flows.cache import check_option as check_cache_option
+from flows.options import CallOptions
 from flows.records import Command, Flow, FlowChange, FlowStep, new_id, storable
 from flows.snapshots import Snapshot
 from flows.states import (
     CANCEL,
+    CANCELLABLE_STATES,
     CANCELLED,
     COMPLETE,
     COMPLETED,
     DEAD,
     DONE,
     FAIL,
+    FLOW_FOLLOWS_STEP,
     FLOW_TERMINAL_STATES,
     FLOW_TRANSITIONS,
     RESUME,
-    RETRY,
     RUNNING,
-    STALL,
-    STALLED,
+    STEP_DEAD,
+    STEP_DONE,
     WAIT,
     WAITING,
     IllegalTransition,
@@ -288,7 +289,7 @@ class FlowContext:
         """Sleep until a wake-up time fixed on the first run: a resumed
         flow sleeps only what is left."""
         wake_at = float(await self._value("sleep", lambda: self._engine.now() + seconds))
-        await trio.sleep_until(self._engine._trio_time(wake_at))
+        await trio.sleep_until(self._engine.clock.trio_time(wake_at))
 
     async def ask_human(
         self, question: str, *, adapter: str = "human", timeout: float = 3600.0
@@ -364,12 +365,12 @@ class FlowRunner:
             forked_from=forked_from,
             budget=None if budget is None else float(budget),
             owner=self.engine.owner if scripted else None,
-            lease_until=now + self.engine._lease if scripted else None,
+            lease_until=now + self.engine.lease if scripted else None,
         )
         operations: list[Operation] = [InsertFlow(flow, snapshot)]
         if forked_from is not None and reuse_before is not None:
             operations.append(CopySteps(forked_from, flow.id, reuse_before))
-        results = await self.engine._committer.commit_together(operations)
+        results = await self.engine.committer.commit_together(operations)
         self._published(flow, results[0])
         if scripted:
             self.engine.spawn(self._run, flow)
@@ -393,12 +394,12 @@ class FlowRunner:
             try:
                 cancelled = await self.move(flow, CANCEL, error="cancelled", owner=None)
                 break
-            except IllegalTransition:
+            except LostRace:
                 continue
         scope = self._tasks.pop(flow_id, None)
         if scope is not None:
             scope.cancel()
-        for command in self.engine.store.list(["pending", "sent"], flow_id=flow_id):
+        for command in self.engine.store.list(sorted(CANCELLABLE_STATES), flow_id=flow_id):
             with contextlib.suppress(IllegalTransition):  # it finished meanwhile
                 await self.engine.cancel(command.id)
         return cancelled
@@ -421,33 +422,20 @@ class FlowRunner:
         detail))`` and move the flow to ``waiting``, in one transaction;
         their ids."""
         snapshot_id = options.pop("snapshot_id", None)
-        priority = options.pop("priority", 0)
-        cache = options.pop("cache", None)
-        check_cache_option(cache)
-        options = {
-            "timeout": None,
-            "max_attempts": 3,
-            "handler": None,
-            "handler_args": None,
-            **options,
-        }
+        chosen = CallOptions(**options)
         commands = [
-            self.engine._new_command(
-                adapter,
-                request,
-                priority=priority,
-                expires_at=None,
-                flow_id=flow_id,
-                step=step,
-                snapshot_id=snapshot_id,
-                **options,
-            )
+            command
             for step, (adapter, request, _) in calls
+            for command in self.engine.new_commands(
+                adapter, [request], chosen, flow_id=flow_id, step=step, snapshot_id=snapshot_id
+            )
         ]
         steps = [step for step, _ in calls]
         detail = {"step": steps[0]} if len(steps) == 1 else {"steps": steps}
         details = [submit_detail for _, (_, _, submit_detail) in calls]
-        await self.wait_on(self.get(flow_id), commands, detail, submit_details=details, cache=cache)
+        await self.wait_on(
+            self.get(flow_id), commands, detail, submit_details=details, cache=chosen.cache
+        )
         return [command.id for command in commands]
 
     async def wait_on(
@@ -513,15 +501,9 @@ class FlowRunner:
                 raise StepCancelled(f"step {step}'s command {command.id} was cancelled")
             flow = self.get(flow_id)
             if command.state == DONE and command.reply is not None:
-                if flow.state == STALLED:
-                    flow = await self.move(flow, RETRY, {"step": step, "command": command.id})
-                if flow.state == WAITING:
-                    await self.move(flow, RESUME, {"step": step})
+                await self.follow(flow, STEP_DONE, command, step)
                 return command.reply
-            if flow.state == RUNNING:  # resumed after a crash onto a dead step
-                flow = await self.move(flow, WAIT, {"step": step})
-            if flow.state == WAITING:
-                await self.move(flow, STALL, {"step": step, "dead_letter": command.id})
+            await self.follow(flow, STEP_DEAD, command, step)
             command_id = await self._replacement(flow_id, step, command_id)
 
     async def _replacement(self, flow_id: str, step: int, dead_id: str) -> str:
@@ -534,7 +516,18 @@ class FlowRunner:
 
     async def record(self, step: FlowStep) -> None:
         flow = self.get(step.flow_id)
-        await self.engine._committer.commit(RecordStep(step, flow))
+        await self.engine.committer.commit(RecordStep(step, flow))
+
+    async def follow(
+        self, flow: Flow, what: str, command: Command, step: int | None = None
+    ) -> Flow:
+        """Move ``flow`` as its step's command ``command`` says (``what``:
+        ``STEP_DONE``, ``STEP_DEAD``, ``STEP_REPLAYED``), by the table
+        ``FLOW_FOLLOWS_STEP``; the flow after."""
+        detail = {"command": command.id} if step is None else {"step": step, "command": command.id}
+        for event in FLOW_FOLLOWS_STEP.get((what, flow.state), ()):
+            flow = await self.move(flow, event, detail)
+        return flow
 
     async def move(self, flow: Flow, event: str, detail: Any = None, **changes: Any) -> Flow:
         after = attrs.evolve(
@@ -545,7 +538,7 @@ class FlowRunner:
             updated_at=self.engine.now(),
             **changes,
         )
-        journal = await self.engine._committer.commit(MoveFlow(flow, after, event, detail))
+        journal = await self.engine.committer.commit(MoveFlow(flow, after, event, detail))
         self._published(after, journal)
         return after
 
@@ -584,10 +577,10 @@ class FlowRunner:
         for flow in self.engine.store.abandoned_flows(self.engine.owner, now, owner_is_gone):
             if not isinstance(REGISTRY.get(flow.name), ScriptedFlow) or flow.id in self._tasks:
                 continue
-            until = now + self.engine._lease
+            until = now + self.engine.lease
             mine = attrs.evolve(flow, owner=self.engine.owner, lease_until=until, updated_at=now)
             try:
-                await self.engine._committer.commit(
+                await self.engine.committer.commit(
                     TakeOverFlow(flow, self.engine.owner, until, now)
                 )
             except LostRace:  # another engine took it first
@@ -601,7 +594,7 @@ class FlowRunner:
     def _published(self, flow: Flow, event: Any) -> None:
         self._wake(flow.id)
         if event is not None:
-            self.engine._publish(FlowChange(flow, event))
+            self.engine.notices.publish(FlowChange(flow, event))
 
     def on_command(self, command: Command) -> None:
         """Called for every committed command transition."""
@@ -623,7 +616,7 @@ class FlowRunner:
 
     async def _wait_change(self, flow_id: str) -> None:
         event = self._changed.setdefault(flow_id, trio.Event())
-        with trio.move_on_after(self.engine._poll_interval):
+        with trio.move_on_after(self.engine.poll_interval):
             await event.wait()
 
 

@@ -53,7 +53,7 @@ The drawings in docs/states.md are generated from these tables by
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Final
+from typing import Any, Final
 
 # States of a command.
 PENDING: Final = "pending"
@@ -120,6 +120,22 @@ CANCELLABLE_STATES: Final = frozenset(
 )
 LIVE_STATES: Final = frozenset(COMMAND_STATES) - TERMINAL_STATES
 
+
+def entering(state: str, at: float) -> dict[str, Any]:
+    """The columns that entering ``state`` at ``at`` sets, whatever the move:
+    out of a leased state the lease goes with it; a terminal state is
+    stamped with when it finished. The caller's own changes come on top
+    (a claim names its owner and lease). One rule, applied by every mover,
+    in the manner of h11's state-triggered transitions."""
+    changes: dict[str, Any] = {}
+    if state not in LEASED_STATES:
+        changes["owner"] = None
+        changes["lease_until"] = None
+    if state in TERMINAL_STATES:
+        changes["finished_at"] = at
+    return changes
+
+
 # States of a flow.
 RUNNING: Final = "running"
 WAITING: Final = "waiting"
@@ -145,6 +161,23 @@ FLOW_TRANSITIONS: Final[Mapping[str, Mapping[str, str]]] = {
     COMPLETED: {},
     FAILED: {},
     CANCELLED: {},
+}
+
+# How a flow follows the command of the step it waits on: (the step's
+# command became ..., the flow is ...) -> the flow's moves, in order. A step
+# that ends ``done`` resumes its flow (a stalled one is first retried: a
+# replay answered it); one that ends ``dead`` stalls it (a flow resumed by
+# recovery onto a dead step first waits on it); a replay taking over a dead
+# step retries a stalled flow. Any other pair moves nothing.
+STEP_DONE: Final = "step done"
+STEP_DEAD: Final = "step dead"
+STEP_REPLAYED: Final = "step replayed"
+FLOW_FOLLOWS_STEP: Final[Mapping[tuple[str, str], tuple[str, ...]]] = {
+    (STEP_DONE, WAITING): (RESUME,),
+    (STEP_DONE, STALLED): (RETRY, RESUME),
+    (STEP_DEAD, RUNNING): (WAIT, STALL),
+    (STEP_DEAD, WAITING): (STALL,),
+    (STEP_REPLAYED, STALLED): (RETRY,),
 }
 
 # Why a command is dead or cancelled (the ``reason`` column).

@@ -9,13 +9,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import settings
+
+from flows.storage import StoreProtocol
+from tests.stores import STORES, StoreKind
 
 settings.register_profile("thorough", max_examples=2000, deadline=None)
 settings.register_profile("ci", deadline=None)
@@ -117,3 +120,19 @@ def pg_url(pg_cluster: Any) -> str:
     """The URL of a new, empty database on the session's cluster (about
     25 ms to make: a test never sees another's rows)."""
     return str(pg_cluster.create_database(f"test_{next(_databases)}"))
+
+
+@pytest.fixture(params=sorted(STORES))
+def store_kind(request: pytest.FixtureRequest) -> Iterator[StoreKind]:
+    """Each store implementation in turn (tests/stores.py)."""
+    kind = STORES[request.param]()
+    try:
+        yield kind
+    finally:
+        kind.close()
+
+
+@pytest.fixture
+def make_store(store_kind: StoreKind) -> Callable[[], StoreProtocol]:
+    """Makes fresh, empty stores of the implementation under test."""
+    return store_kind.new

@@ -506,7 +506,7 @@ async def test_submit_many_with_one_bad_request_stores_none(db_path: Path) -> No
 async def test_claims_come_in_bounded_rounds_without_waiting_between(
     db_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("flows.engine.CLAIM_BATCH", 7)
+    monkeypatch.setattr("flows.dispatch.CLAIM_BATCH", 7)
     recorder = Recorder(max_in_flight=100)
     recorder.answers = [1.0] * 50
     async with flows.open_engine(db_path, adapters=[recorder]) as engine:
@@ -564,7 +564,7 @@ async def test_a_claim_committed_with_a_lease_renewal_still_times_out(
 async def test_leases_of_long_sends_and_handlers_are_renewed_slice_by_slice(
     db_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("flows.engine.RENEW_BATCH", 3)
+    monkeypatch.setattr("flows.keeper.RENEW_BATCH", 3)
     adapter = Hanging(max_in_flight=100)
     handler_may_end = trio.Event()
 

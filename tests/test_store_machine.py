@@ -14,10 +14,7 @@ tests/test_store_machine.py`` (the profile registered in conftest).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -58,6 +55,7 @@ from flows.states import (
     LostRace,
     next_state,
 )
+from flows.storage import StoreProtocol
 from flows.store import (
     AddLateReply,
     Group,
@@ -66,10 +64,13 @@ from flows.store import (
     Operation,
     ReleaseLeases,
     RenewLeases,
-    Store,
     TakeOver,
     UseLateReply,
 )
+from tests.stores import STORES, StoreKind, commit_one
+
+MakeStore = Callable[[], StoreProtocol]
+
 
 ADAPTERS = ("scripted", "other")
 HANDLERS = (None, "h1", "h2")
@@ -146,11 +147,12 @@ class LateModel:
 
 
 class StoreMachine(RuleBasedStateMachine):
+    KIND: Callable[[], StoreKind]  # the store implementation under test
+
     def __init__(self) -> None:
         super().__init__()
-        self.dir = Path(tempfile.mkdtemp(prefix="dovecote-machine-"))
-        self.path = self.dir / "dovecote.db"
-        self.store = Store(self.path)
+        self.kind = self.KIND()
+        self.store = self.kind.new()
         self.clock = 1_700_000_000.0
         # The model: every command as the store must hold it, its journal as
         # (from, to, event), and the first terminal record of each.
@@ -167,8 +169,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.counter = 0
 
     def teardown(self) -> None:
-        self.store.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.kind.close()
 
     # --- helpers -------------------------------------------------------------
 
@@ -556,7 +557,7 @@ class StoreMachine(RuleBasedStateMachine):
         assert result.command_id == op.before.id
         assert result.state == current.state
         with pytest.raises(IllegalTransition):
-            self.store.commit_one(op)
+            commit_one(self.store, op)
 
     @rule(data=st.data())
     def forbidden_move(self, data: st.DataObject) -> None:
@@ -680,12 +681,12 @@ class StoreMachine(RuleBasedStateMachine):
         (or first open a second connection, as another process would, and
         close the first while the second holds the file)."""
         if data.draw(st.booleans(), label="overlap"):
-            other = Store(self.path)
+            other = self.kind.again(self.store)
             self.store.close()
             self.store = other
         else:
             self.store.close()
-            self.store = Store(self.path)
+            self.store = self.kind.reopen(self.store)
 
     @rule(data=st.data())
     def reads(self, data: st.DataObject) -> None:
@@ -772,7 +773,7 @@ class StoreMachine(RuleBasedStateMachine):
             seqs = [e.seq for e in history]
             assert seqs == sorted(set(seqs))
         # No journal row without its transition (a lost race journals nothing).
-        assert len(self.store.events_since(0, limit=1_000_000)) == total
+        assert self.kind.journal_rows(self.store) == total
 
     @invariant()
     def terminal_states_never_change(self) -> None:
@@ -818,14 +819,19 @@ class StoreMachine(RuleBasedStateMachine):
         assert [c.id for c, _, _ in waiting] == [i for i in dead if i not in self.replays]
 
 
-StoreMachine.TestCase.settings = settings(max_examples=MAX_EXAMPLES, stateful_step_count=STEPS)
-TestStoreMachine = StoreMachine.TestCase
+# One machine per store implementation (tests/stores.py).
+for _name, _kind in STORES.items():
+    _machine: type[StoreMachine] = type(
+        f"StoreMachine_{_name}", (StoreMachine,), {"KIND": staticmethod(_kind)}
+    )
+    _machine.TestCase.settings = settings(max_examples=MAX_EXAMPLES, stateful_step_count=STEPS)
+    globals()[f"TestStoreMachine_{_name}"] = _machine.TestCase
 
 
 # --- the store's own guard ---------------------------------------------------
 
 
-def _stored(store: Store, state: str) -> Command:
+def _stored(store: StoreProtocol, state: str) -> Command:
     command = Command(
         id=new_id(),
         adapter="scripted",
@@ -834,7 +840,7 @@ def _stored(store: Store, state: str) -> Command:
         created_at=1.0,
         timeout=5.0,
     )
-    store.commit_one(Insert(command))
+    commit_one(store, Insert(command))
     path = {
         PENDING: [],
         DEAD: [(EXPIRE, DEAD)],
@@ -843,14 +849,14 @@ def _stored(store: Store, state: str) -> Command:
     }[state]
     for event, target in path:
         moved = attrs.evolve(command, state=target)
-        store.commit_one(Move(command, moved, event, 2.0))
+        commit_one(store, Move(command, moved, event, 2.0))
         command = moved
     return command
 
 
 @pytest.mark.parametrize("state", ["done", DEAD, "cancelled"])
-def test_store_refuses_to_move_a_terminal_command(tmp_path: Path, state: str) -> None:
-    store = Store(tmp_path / "dovecote.db")
+def test_store_refuses_to_move_a_terminal_command(make_store: MakeStore, state: str) -> None:
+    store = make_store()
     try:
         command = _stored(store, state)
         revived = attrs.evolve(command, state=PENDING, reason=None, finished_at=None)
@@ -862,8 +868,10 @@ def test_store_refuses_to_move_a_terminal_command(tmp_path: Path, state: str) ->
         store.close()
 
 
-def test_store_refuses_a_move_whose_event_does_not_lead_to_its_state(tmp_path: Path) -> None:
-    store = Store(tmp_path / "dovecote.db")
+def test_store_refuses_a_move_whose_event_does_not_lead_to_its_state(
+    make_store: MakeStore,
+) -> None:
+    store = make_store()
     try:
         command = _stored(store, PENDING)
         wrong = attrs.evolve(command, state="done", finished_at=2.0)  # pending --dispatch--> done
