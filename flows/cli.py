@@ -30,19 +30,20 @@ from flows import budget
 from flows.checks import UnknownCheck
 from flows.engine import default_db_path, open_engine
 from flows.errors import IllegalTransition, StoreError, UnknownCommand
+from flows.location import location, open_store
 from flows.render import COMMAND_HEADERS, command_rows, show, table
 from flows.runtime import UnknownFlow
 from flows.states import PENDING, REPLIED, SENT, TERMINAL_STATES
-from flows.store import Store
+from flows.storage import StoreProtocol
 
 
 def _print_json(value: Any) -> None:
     print(json.dumps(value, ensure_ascii=False, indent=2))
 
 
-def _open_store(args: argparse.Namespace) -> Store:
+def _open_store(args: argparse.Namespace) -> StoreProtocol:
     """The database, read-only: for the commands that only look."""
-    return Store.for_reading(args.db)
+    return open_store(args.db, "read")
 
 
 def _adapters(args: argparse.Namespace) -> list[Adapter]:
@@ -339,7 +340,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     forgets entries, never the commands they point to."""
     if args.action == "clear":
         older = None if args.older_than is None else time.time() - args.older_than
-        with _closing(Store.existing(args.db)) as store:
+        with _closing(open_store(args.db, "existing")) as store:
             count = store.clear_cache(args.adapter, older)
         if args.json:
             _print_json({"cleared": count})
@@ -371,7 +372,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    with _closing(Store.existing(args.db)) as store:
+    with _closing(open_store(args.db, "existing")) as store:
         count = store.prune(time.time() - args.older_than)
     if args.json:
         _print_json({"deleted": count})
@@ -451,7 +452,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         trio.run(
             partial(
                 serve,
-                Path(args.db),
+                args.db,
                 stdio=args.stdio,
                 listen=args.listen or (),
                 allow_remote=args.allow_remote,
@@ -570,10 +571,10 @@ class UsageError(Exception):
 
 
 class _closing:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: StoreProtocol) -> None:
         self.store = store
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> StoreProtocol:
         return self.store
 
     def __exit__(self, *exc: object) -> None:
@@ -588,9 +589,11 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
     unset = None if defaults else argparse.SUPPRESS
     common.add_argument(
         "--db",
-        type=Path,
+        type=location,
         default=unset,
-        help="database file (default: $DOVECOTE_DB or ./.dovecote/dovecote.db)",
+        help=(
+            "database file or postgresql:// URL (default: $DOVECOTE_DB or ./.dovecote/dovecote.db)"
+        ),
     )
     common.add_argument("--config", default=unset, help="dovecote.toml with provider settings")
     common.add_argument(

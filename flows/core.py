@@ -30,7 +30,8 @@ from flows.held import Held
 from flows.notices import Notices
 from flows.records import Command, Event
 from flows.states import LostRace, entering, next_state
-from flows.store import Move, Store
+from flows.storage import StoreProtocol
+from flows.store import Move
 from flows.timers import Timers
 
 log = logging.getLogger("dovecote")
@@ -119,7 +120,7 @@ class Mover:
 class Core:
     """The engine's shared parts (see the module docstring)."""
 
-    store: Store
+    store: StoreProtocol
     committer: Committer
     timers: Timers
     clock: Clock

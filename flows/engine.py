@@ -61,6 +61,7 @@ from flows.dispatch import Dispatcher
 from flows.errors import CommandFailed, EngineClosing, StoreError
 from flows.held import Held
 from flows.keeper import Keeper
+from flows.location import location, open_store
 from flows.notices import Notice, Notices, Progress
 from flows.options import (
     PRIORITY_BATCH,
@@ -85,6 +86,7 @@ from flows.states import (
     LostRace,
     next_state,
 )
+from flows.storage import StoreProtocol
 from flows.store import (
     AddCacheEntry,
     AddLateReply,
@@ -94,7 +96,6 @@ from flows.store import (
     Note,
     Operation,
     ReleaseLeases,
-    Store,
     UseLateReply,
     make_owner,
 )
@@ -121,24 +122,31 @@ __all__ = [
 ]
 
 
-def default_db_path(cwd: Path | None = None) -> Path:
+def default_db_path(cwd: Path | None = None) -> str | Path:
     """The database when no ``--db`` is given: one rule for the CLI, ``dovecote serve``
     and so the editors, so that ``dovecote dead`` in a shell shows an editor's calls.
 
-    ``$DOVECOTE_DB``; else the nearest ``.dovecote/dovecote.db`` in ``cwd`` (the current
+    ``$DOVECOTE_DB`` (a path, or a ``postgresql://`` URL: flows.location); else the
+    nearest ``.dovecote/dovecote.db`` in ``cwd`` (the current
     directory) or its parents, as git finds ``.git`` (a project's own database, made by
     ``mkdir .dovecote``); else ``$XDG_DATA_HOME/dovecote/dovecote.db``, by default under
     ``~/.local/share`` (a relative ``$XDG_DATA_HOME`` is ignored, as the XDG spec says).
     """
     if env := os.environ.get("DOVECOTE_DB"):
-        return Path(env)
+        return location(env)
     here = (cwd or Path.cwd()).absolute()
     for directory in (here, *here.parents):
         if (directory / DEFAULT_DB.parent).is_dir():
             return directory / DEFAULT_DB
+    return user_data_dir() / DEFAULT_DB.name
+
+
+def user_data_dir() -> Path:
+    """dovecote's directory under ``$XDG_DATA_HOME`` (an absolute one), by
+    default ``~/.local/share/dovecote``."""
     data = os.environ.get("XDG_DATA_HOME", "")
     home = Path(data) if os.path.isabs(data) else Path.home() / ".local" / "share"
-    return home / "dovecote" / DEFAULT_DB.name
+    return home / "dovecote"
 
 
 class Engine:
@@ -146,7 +154,7 @@ class Engine:
 
     def __init__(
         self,
-        store: Store,
+        store: StoreProtocol,
         nursery: trio.Nursery,
         adapters: Iterable[Adapter],
         *,
@@ -668,12 +676,13 @@ async def open_engine(
     adapters: Iterable[Adapter] = (),
     **options: Any,
 ) -> AsyncIterator[Engine]:
-    """Open the database at ``path`` (default ``$DOVECOTE_DB`` or
-    ``./.dovecote/dovecote.db``) and run an engine on it until the block
-    ends. The scripted adapter is always present; ``adapters`` add to it or
-    replace it by name. Options: ``handlers``, ``lease``, ``poll_interval``,
-    ``backoff``, ``wall_clock``, ``seed``."""
-    store = Store(path if path is not None else default_db_path())
+    """Open the database at ``path``, a file or a ``postgresql://`` URL
+    (default ``$DOVECOTE_DB`` or ``./.dovecote/dovecote.db``), and run an
+    engine on it until the block ends. The scripted adapter is always
+    present; ``adapters`` add to it or replace it by name. Options:
+    ``handlers``, ``lease``, ``poll_interval``, ``backoff``, ``wall_clock``,
+    ``seed``."""
+    store = open_store(path if path is not None else default_db_path())
     chosen: dict[str, Adapter] = {"scripted": ScriptedAdapter.from_env()}
     for adapter in adapters:
         chosen[adapter.settings.name] = adapter

@@ -22,11 +22,11 @@ from adapters.human import HumanAdapter
 from flows.declared import DeclaredFlow
 from flows.diagrams import dot, mermaid
 from flows.engine import Engine, open_engine
+from flows.location import open_store
 from flows.records import FlowChange, StateChange
 from flows.render import table, when
 from flows.runtime import REGISTRY, ScriptedFlow
 from flows.states import COMPLETED, FLOW_TERMINAL_STATES, STALLED
-from flows.store import Store
 
 EXIT_FAILED = 1
 EXIT_STALLED = 3
@@ -176,7 +176,7 @@ async def cancel(args: argparse.Namespace, adapters: list[Adapter]) -> int:
 
 
 def show(args: argparse.Namespace) -> int:
-    store = Store.for_reading(args.db)
+    store = open_store(args.db, "read")
     try:
         flow = store.find_flow(args.id)
         if flow is None:
@@ -250,7 +250,7 @@ def _step_json(step: Any) -> dict[str, Any]:
 
 
 def listing(args: argparse.Namespace) -> int:
-    store = Store.for_reading(args.db)
+    store = open_store(args.db, "read")
     try:
         found = store.flows(args.state or None)
     finally:
