@@ -12,7 +12,9 @@ around one store (their shared record is flows.core.Core):
 * the **timers** (flows.timers) ring at deadlines, expiries and due retries,
   and the **keeper** (flows.keeper) acts on them, renews this engine's
   leases and takes over work that a dead engine left behind;
-* the **flow runner** (flows.runtime) runs multi-step flows.
+* the **flow runner** (flows.runtime) runs multi-step flows;
+* the **wake-ups** (flows.wakeups), on a store that announces what other
+  processes commit (PostgreSQL), wake the dispatcher and the waiters at once.
 
 Every reply, whether a send returns it, a person types it or another
 process delivers it, enters through ``deliver``, which matches it to its
@@ -100,6 +102,7 @@ from flows.store import (
     make_owner,
 )
 from flows.timers import EXPIRY, Timers
+from flows.wakeups import Wakeups, feed_of
 
 log = logging.getLogger("dovecote")
 T = TypeVar("T")
@@ -200,6 +203,8 @@ class Engine:
             running_flows=self.flow_runner.running,
             resume_flows=self.flow_runner.resume,
         )
+        feed = feed_of(store)
+        self._wakeups = Wakeups(core, feed, self._wake) if feed is not None else None
 
     def _ring(self, alarms: Any) -> Awaitable[None]:
         return self._keeper.ring(alarms)
@@ -394,7 +399,8 @@ class Engine:
         """The command once it is terminal (``done``, ``dead`` or ``cancelled``).
 
         Transitions made by this engine wake the waiter at once; those made
-        by another process on the same file are seen by polling."""
+        by another process are seen at once on a store that announces them
+        (PostgreSQL, flows.wakeups), else by polling (SQLite)."""
         # One this engine holds is not terminal: no need to read it to know.
         command = self._core.held.known(command_id) or self.store.get(command_id)
         while not command.is_terminal:
@@ -641,6 +647,9 @@ class Engine:
         self._keeper.schedule_stored()
         await core.nursery.start(self.committer.run)
         await core.nursery.start(_service, core.timers.run)
+        if self._wakeups is not None:
+            # Listening before recovery reads the table: nothing falls between.
+            await core.nursery.start(_service, self._wakeups.run)
         await self._keeper.recover()
         await self.flow_runner.resume()
         await core.nursery.start(_service, self._dispatcher.run)

@@ -669,15 +669,18 @@ class PostgresStore:
         self.path = self.location.display  # what messages name the database by
         self.read_only = read_only
         self._reader_lock = threading.Lock()
+        # The server processes of this store's writers (one, or more after
+        # reconnects): their notifications are our own, not news.
+        self._own_pids: set[int] = set()
         self._read = connect(self.location, read_only=read_only)
         try:
             if read_only:
                 self._check_schema()
             else:
                 self._set_up()
-            self._write: psycopg.Connection[Any] | None = (
-                None if read_only else connect(self.location)
-            )
+            self._write: psycopg.Connection[Any] | None = None
+            if not read_only:
+                self._writer()
         except BaseException:
             self._read.close()
             raise
@@ -697,8 +700,7 @@ class PostgresStore:
         self._read.close()
         if self._write is not None:
             self._write.close()
-        if "_listener" in self.__dict__:
-            self._listener.close()
+        self.stop_listening()
 
     # --- schema --------------------------------------------------------------
 
@@ -789,6 +791,7 @@ class PostgresStore:
             raise StoreError(f"{self.path} is open read-only")
         if self._write is None or self._write.closed:
             self._write = connect(self.location)
+            self._own_pids.add(self._write.info.backend_pid)
         return self._write
 
     def _error(self, operation: Operation, exc: Exception) -> Exception:
@@ -1194,15 +1197,26 @@ class PostgresStore:
         return conn
 
     def wait_for_change(self, timeout: float) -> Changes:
-        """Block until another connection commits a change someone may wait
+        """Block until another store commits a change someone may wait
         for, or ``timeout`` seconds pass (then the ``Changes`` are empty):
         commands to claim, by adapter, and commands that ended. Meant for a
-        worker thread (``trio.to_thread.run_sync``). Listening starts at the
-        first call (or ``listen``), so a change committed before it is not
-        seen: read the table after starting to listen, not before."""
-        payloads = [n.payload for n in self._listener.notifies(timeout=timeout, stop_after=1)]
-        # What came with it in the same moment: one wake-up, every change.
-        payloads += [n.payload for n in self._listener.notifies(timeout=0.0)]
+        worker thread (``trio.to_thread.run_sync``), or, with ``timeout=0``,
+        for when ``listening()``'s descriptor is readable. Listening starts
+        at the first call (or ``listen``), so a change committed before it is
+        not seen: read the table after starting to listen, not before. This
+        store's own commits are not reported (its engine knows them). A lost
+        connection is a ``StoreError``, and the next call listens anew (what
+        was announced meanwhile is lost: read the table again)."""
+        try:
+            notices = list(self._listener.notifies(timeout=timeout, stop_after=1))
+            # What came with it in the same moment: one wake-up, every change.
+            notices += self._listener.notifies(timeout=0.0)
+        except psycopg.Error as exc:
+            self.stop_listening()
+            raise StoreError(
+                f"database {self.path}: stopped listening: {self.location.scrub(str(exc))}"
+            ) from None
+        payloads = [n.payload for n in notices if n.pid not in self._own_pids]
         ready, finished = set(), []
         for notice in (line for p in payloads for line in p.split("\n")):
             kind, _, key = notice.partition(":")
@@ -1215,6 +1229,20 @@ class PostgresStore:
     def listen(self) -> None:
         """Start listening now (see ``wait_for_change``)."""
         _ = self._listener
+
+    def listening(self) -> int:
+        """Start listening (if not yet) and return the descriptor of the
+        listening connection: readable when a change is announced (or the
+        connection ends), so that trio can wait for it without a thread
+        (``trio.lowlevel.wait_readable``) and then ask ``wait_for_change(0)``."""
+        return self._listener.fileno()
+
+    def stop_listening(self) -> None:
+        """Close the listening connection (the next ``listen`` opens another)."""
+        listener = self.__dict__.pop("_listener", None)
+        if listener is not None:
+            with contextlib.suppress(Exception):
+                listener.close()
 
 
 _PAYLOAD_BYTES: Final = 7900  # PostgreSQL's limit is 8000 bytes a notification
