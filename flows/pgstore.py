@@ -39,7 +39,7 @@ import json
 import operator
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Final, cast
 
 import attrs
@@ -615,6 +615,47 @@ def _apply(batch: _Batch, op: Operation) -> Any:
     return _APPLY[type(op)](batch, op)
 
 
+def _waited_for(op: Operation) -> Iterator[tuple[str, str]]:
+    """``(table, id)`` of the existing rows ``op`` updates waiting for
+    their locks (a claim does not wait: it skips a locked row)."""
+    if isinstance(op, Move):
+        if not (op.before.state == PENDING and op.event == DISPATCH):
+            yield "commands", op.before.id
+    elif isinstance(op, Chain | Group):
+        for inner in op.moves if isinstance(op, Chain) else op.operations:
+            yield from _waited_for(inner)
+    elif isinstance(op, TakeOver):
+        yield "commands", op.before.id
+    elif isinstance(op, RenewLeases):
+        yield from (("commands", i) for i in op.ids)
+    elif isinstance(op, MoveFlow | TakeOverFlow):
+        yield "flows", op.before.id
+    elif isinstance(op, RecordStep):
+        yield "flows", op.flow.id
+    elif isinstance(op, RenewFlowLeases):
+        yield from (("flows", i) for i in op.ids)
+
+
+def _lock_in_order(batch: _Batch, operations: Sequence[Operation]) -> None:
+    """Lock the rows the batch will update, by table and id, before any
+    operation runs. Engines commit batches that touch the same rows in
+    different orders (two engines recovering one dead engine's work, a
+    reply racing a cancel): taking the locks in one order makes the later
+    batch wait for the earlier one, where taking them as the operations
+    come would deadlock, and PostgreSQL would abort one side's operations.
+    ``FOR NO KEY UPDATE``: the lock an ``UPDATE`` takes anyway."""
+    wanted: dict[str, set[str]] = {"commands": set(), "flows": set()}
+    for op in operations:
+        for table, row_id in _waited_for(op):
+            wanted[table].add(row_id)
+    for table in ("commands", "flows"):
+        if wanted[table]:
+            batch.execute(
+                f"SELECT 1 FROM {table} WHERE id = ANY(%s) ORDER BY id FOR NO KEY UPDATE",
+                (sorted(wanted[table]),),
+            )
+
+
 # --- Connecting -------------------------------------------------------------
 
 
@@ -805,11 +846,12 @@ class PostgresStore:
         error.__cause__ = exc
         return error
 
-    def _commit(self, operations: Iterable[Operation]) -> builtins.list[Any]:
+    def _commit(self, operations: Sequence[Operation]) -> builtins.list[Any]:
         conn = self._writer()
         results: builtins.list[Any] = []
         with conn.transaction(), conn.cursor() as cursor:
             batch = _Batch(cursor)
+            _lock_in_order(batch, operations)
             for op in operations:
                 journaled, notices = len(batch.rows), len(batch.notices)
                 try:
