@@ -13,6 +13,7 @@ import collections
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,9 +23,10 @@ from typing import Any
 import psycopg
 
 from adapters.base import Request
-from flows.operations import Insert
+from flows.operations import Insert, Move
 from flows.pgstore import PostgresStore
 from flows.records import Command, new_id
+from flows.states import RETRY, LostRace
 from tests.conftest import PYTHON, ROOT
 
 ENGINES = 3
@@ -216,3 +218,59 @@ def test_the_server_restarted_under_load_loses_nothing(
     attempts = dict(query(pg_url, "SELECT id, attempt FROM commands"))
     # A send made again was a new attempt, journaled as a retry.
     assert all(attempts[i] > 1 for i in twice)
+
+
+def test_two_engines_moving_the_same_rows_in_opposite_orders_do_not_deadlock(
+    pg_url: str,
+) -> None:
+    """Two survivors recovering one dead engine's sends commit the same
+    moves in different orders: one wins each row, the other loses the race;
+    neither is aborted by a deadlock (which refused whole batches)."""
+    request = Request.from_json({"messages": [{"role": "user", "content": "hi"}]})
+    sent = [
+        Command(
+            id=new_id(),
+            adapter="scripted",
+            request=request,
+            state="sent",
+            created_at=1.0,
+            timeout=30.0,
+            max_attempts=5,
+            owner="elsewhere:1:dead",
+            lease_until=5.0,
+        )
+        for _ in range(200)
+    ]
+    setup = PostgresStore(pg_url)
+    assert not [r for r in setup.commit([Insert(c) for c in sent]) if isinstance(r, Exception)]
+    setup.close()
+    results: dict[int, list[Any]] = {}
+
+    def recover(n: int, order: list[Command]) -> None:
+        store = PostgresStore(pg_url)
+        try:
+            results[n] = store.commit(
+                [
+                    Move(
+                        c,
+                        c.evolve(state="pending", attempt=2, owner=None, lease_until=None),
+                        RETRY,
+                        2.0,
+                    )
+                    for c in order
+                ]
+            )
+        finally:
+            store.close()
+
+    threads = [
+        threading.Thread(target=recover, args=(0, sent)),
+        threading.Thread(target=recover, args=(1, sent[::-1])),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for at in range(len(sent)):
+        kinds = {type(results[n][at]).__name__ for n in (0, 1)}
+        assert kinds == {"Event", LostRace.__name__}, kinds
