@@ -319,6 +319,15 @@ def _compare_and_set(batch: _Batch, before: Command, after: Command, event: str,
         where = _CAS
     cursor = batch.execute(f"UPDATE commands SET {', '.join(sets)} WHERE {where}", (*params, *key))
     if cursor.rowcount != 1:
+        if where is not _CAS:
+            # A lost claim is common when engines share a table: no second
+            # query to say what became of the row.
+            raise LostRace(
+                f"command {before.id}: cannot {event}: claimed by another engine",
+                command_id=before.id,
+                state=before.state,
+                event=event,
+            )
         raise _lost_race(batch, before, event)
     if after.state in TERMINAL_STATES:
         batch.notices.append(f"{after.state}:{after.id}")
@@ -1034,6 +1043,10 @@ class PostgresStore:
             sql += " AND (handler IS NULL OR handler = ANY(%s))"
             params.append(builtins.list(handlers))
         sql += " ORDER BY priority DESC, id LIMIT %s"
+        if not self.read_only:
+            # Not the rows another engine is claiming right now: they would
+            # only be lost races (the lock is this statement's alone).
+            sql += " FOR UPDATE SKIP LOCKED"
         params.append(limit)
         known = known or {}
         ready = []
