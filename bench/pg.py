@@ -39,7 +39,7 @@ from typing import Any
 
 import psycopg
 
-from bench._common import REQUEST, headline, percentile
+from bench._common import headline, percentile
 from tests.pgcluster import Cluster
 
 ROLES = [sys.executable, "-m", "bench.pg_roles"]
@@ -105,30 +105,14 @@ def lifecycle(cluster: Cluster, n: int, runs: int) -> dict[str, float]:
 
 
 def submit_all(url: str, count: int) -> None:
-    from adapters.base import Request
+    from bench.pg_roles import pending
     from flows.operations import Insert
     from flows.pgstore import PostgresStore
-    from flows.records import Command, new_id
 
     store = PostgresStore(url)
-    body = Request.from_json(REQUEST)
     try:
         for first in range(0, count, 1000):
-            now = time.time()
-            batch = [
-                Insert(
-                    Command(
-                        id=new_id(),
-                        adapter="instant",
-                        request=body,
-                        state="pending",
-                        created_at=now,
-                        timeout=60.0,
-                    )
-                )
-                for _ in range(min(1000, count - first))
-            ]
-            store.commit(batch)
+            store.commit([Insert(c) for c in pending(min(1000, count - first))])
     finally:
         store.close()
 

@@ -161,20 +161,30 @@ def count_claims() -> None:
 # --- submit: one command at a time, for the wake-up latency -----------------
 
 
+def pending(count: int) -> list[Command]:
+    """``count`` new pending commands for the instant adapter."""
+    body = Request.from_json(REQUEST)
+    now = time.time()
+    return [
+        Command(
+            id=new_id(),
+            adapter="instant",
+            request=body,
+            state="pending",
+            created_at=now,
+            timeout=60.0,
+        )
+        for _ in range(count)
+    ]
+
+
 def submit_role(url: str, count: int, gap: float) -> list[str]:
     store = PostgresStore(url)
-    body = Request.from_json(REQUEST)
     ids = []
     try:
         for _ in range(count):
-            command = Command(
-                id=new_id(),
-                adapter="instant",
-                request=body,
-                state="pending",
-                created_at=time.time(),
-                timeout=60.0,
-            )
+            # Made as it is submitted: its created_at is the submit's time.
+            [command] = pending(1)
             store.commit_one(Insert(command))
             ids.append(command.id)
             time.sleep(gap)
