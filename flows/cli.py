@@ -591,9 +591,8 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
         "--db",
         type=location,
         default=unset,
-        help=(
-            "database file or postgresql:// URL (default: $DOVECOTE_DB or ./.dovecote/dovecote.db)"
-        ),
+        help="database file or postgresql:// URL (default: $DOVECOTE_DB or "
+        "./.dovecote/dovecote.db)",
     )
     common.add_argument("--config", default=unset, help="dovecote.toml with provider settings")
     common.add_argument(

@@ -126,11 +126,12 @@ class Keeper:
         # time we resume.
         sending = core.held.sends()
         ids = [*sending, *core.held.handling]
-        until = core.clock.now() + core.lease
-        await core.committer.commit(RenewFlowLeases(core.owner, until, self._running_flows()))
+        now = core.clock.now()
+        until = now + core.lease
+        await core.committer.commit(RenewFlowLeases(core.owner, until, self._running_flows(), now))
         for first in range(0, len(ids), RENEW_BATCH):
             chunk = tuple(ids[first : first + RENEW_BATCH])
-            held = await core.committer.commit(RenewLeases(core.owner, until, chunk))
+            held = await core.committer.commit(RenewLeases(core.owner, until, chunk, now))
             for command_id in chunk:
                 command = sending.get(command_id)
                 if command is not None and command_id not in held:
@@ -164,7 +165,7 @@ class Keeper:
         for command in takeovers:
             lease_until = now + core.lease
             try:
-                await core.committer.commit(TakeOver(command, core.owner, lease_until))
+                await core.committer.commit(TakeOver(command, core.owner, lease_until, now))
             except LostRace:
                 continue
             taken += 1

@@ -23,6 +23,7 @@ the same *duration*: ``after.lease_until - at`` for a claim,
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from typing import Any, Final
 
 import attrs
@@ -30,7 +31,7 @@ import attrs
 from adapters.base import Reply
 from flows.records import Command, Flow, FlowStep
 from flows.snapshots import Snapshot
-from flows.states import FLOW_TRANSITIONS, IllegalTransition, next_state
+from flows.states import COMMAND_TRANSITIONS, FLOW_TRANSITIONS, IllegalTransition, next_state
 
 TAKE_OVER: Final = "take over"
 """The journal's name for a take-over. Not an event of either state table,
@@ -38,6 +39,26 @@ on purpose: a take-over changes who holds a command or flow, never its
 state (``from_state`` and ``to_state`` of its journal row are the same, as
 for a ``Note``), so the table need not and must not allow it, and replaying
 the journal's transitions still gives every current state."""
+
+
+def _check_leads(
+    before: Command | Flow,
+    after: Command | Flow,
+    event: str,
+    table: Mapping[str, Mapping[str, str]],
+    what: str,
+) -> None:
+    """``IllegalTransition`` unless ``table`` allows ``event`` from
+    ``before``'s state and it leads to ``after``'s."""
+    target = next_state(before.state, event, command_id=before.id, table=table, what=what)
+    if target != after.state:
+        raise IllegalTransition(
+            f"{what} {before.id}: {event} from {before.state!r} leads to {target!r}, "
+            f"not {after.state!r}",
+            command_id=before.id,
+            state=before.state,
+            event=event,
+        )
 
 
 @attrs.frozen
@@ -69,15 +90,7 @@ class Move:
     def check(self) -> None:
         """The table is enforced by the store too, not only by the engine: no
         caller can move a terminal command or journal an event that lies."""
-        b, a = self.before, self.after
-        if next_state(b.state, self.event, command_id=b.id) != a.state:
-            raise IllegalTransition(
-                f"command {b.id}: {self.event} from {b.state!r} leads to "
-                f"{next_state(b.state, self.event)!r}, not {a.state!r}",
-                command_id=b.id,
-                state=b.state,
-                event=self.event,
-            )
+        _check_leads(self.before, self.after, self.event, COMMAND_TRANSITIONS, "command")
 
 
 @attrs.frozen
@@ -114,15 +127,13 @@ class TakeOver:
     """Become the owner of a command another engine left behind, without
     changing its state (a ``replied`` command whose handler must run again):
     compare-and-set on state, attempt and owner, journaled as ``TAKE_OVER``
-    with the previous and the new owner.
-
-    ``at`` is when the lease was measured from; ``None`` (an engine that
-    does not say) journals the store's clock instead."""
+    with the previous and the new owner, at ``at`` (when the lease was
+    measured from)."""
 
     before: Command
     owner: str
     lease_until: float
-    at: float | None = None
+    at: float
 
 
 @attrs.frozen
@@ -169,7 +180,7 @@ class RenewLeases:
     owner: str
     until: float
     ids: tuple[str, ...]
-    at: float | None = None
+    at: float
 
 
 @attrs.frozen
@@ -181,7 +192,7 @@ class RenewFlowLeases:
     owner: str
     until: float
     ids: tuple[str, ...]
-    at: float | None = None
+    at: float
 
 
 @attrs.frozen
@@ -223,14 +234,7 @@ class MoveFlow:
     detail: Any = None
 
     def check(self) -> None:
-        b, a = self.before, self.after
-        if next_state(b.state, self.event, table=FLOW_TRANSITIONS, what="flow") != a.state:
-            raise IllegalTransition(
-                f"flow {b.id}: {self.event} from {b.state!r} does not lead to {a.state!r}",
-                command_id=b.id,
-                state=b.state,
-                event=self.event,
-            )
+        _check_leads(self.before, self.after, self.event, FLOW_TRANSITIONS, "flow")
 
 
 @attrs.frozen

@@ -13,11 +13,13 @@ What differs from SQLite, and why
   lands inside a batch's open transaction.
 - **Database time for leases.** Engines on several hosts have clocks that
   disagree; a lease written on one host's clock and read on another's could
-  be stolen while it is live. So the store keeps every lease on the
-  server's clock: it takes the *duration* the engine asked for (the
-  operation's ``lease_until`` less the ``at`` it was measured from) and
-  adds it to ``clock_timestamp()``; "has this lease run out" is asked of
-  the server too (``abandoned``), never of the engine's ``now``.
+  be stolen while it is live. So each leased table has one column of
+  PostgreSQL's own, ``lease_expires`` (``flows.schema.LEASE_EXPIRES``): the
+  lease's *duration* as the engine asked for it (the operation's
+  ``lease_until`` less the ``at`` it was measured from) added to the
+  server's ``clock_timestamp()``. ``abandoned`` asks the server whether that
+  has passed, never the engine's ``now``. ``lease_until`` keeps what the
+  engine wrote, so a row reads back exactly as committed, as in SQLite.
 - **Claims skip locked rows.** A claim (``pending`` -> ``sent``) is a
   compare-and-set ``... FOR UPDATE SKIP LOCKED``: when another engine is
   claiming the same row, this one loses the race at once instead of waiting
@@ -34,7 +36,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import decimal
-import functools
 import json
 import operator
 import threading
@@ -76,17 +77,16 @@ from flows.records import Command, Event, Flow, FlowStep, LateReply, storable_te
 from flows.snapshots import Snapshot
 from flows.states import (
     DISPATCH,
-    FLOW_STATES,
-    FLOW_TERMINAL_STATES,
-    LEASED_STATES,
     PENDING,
     TERMINAL_STATES,
     IllegalTransition,
     LostRace,
 )
 from flows.store import COLUMNS, command_from_row, command_row, flow_from_row
+from flows.wakeups import EVERY_ADAPTER, Changes
 
 NOW: Final = "extract(epoch FROM clock_timestamp())"
+LEASE_EXPIRES: Final = schema.LEASE_EXPIRES
 """The server's clock, in the epoch seconds every time column holds."""
 
 _JOURNAL_LOCK: Final = 0x646F7665636F7401  # 'dovecot' + 1: the journal's ids
@@ -96,19 +96,6 @@ CHANNEL: Final = "dovecote"
 _READY: Final = "ready"
 
 
-@attrs.frozen
-class Changes:
-    """What other engines committed that someone here may wait for."""
-
-    ready: frozenset[str] = frozenset()
-    """Adapters with commands to claim (new, or back to pending)."""
-    finished: tuple[tuple[str, str], ...] = ()
-    """``(command id, terminal state)`` of commands that ended."""
-
-    def __bool__(self) -> bool:
-        return bool(self.ready or self.finished)
-
-
 _MUTABLE: Final = tuple(c for c in COLUMNS if c not in ("id", "adapter", "request", "created_at"))
 _mutable_values: Final = operator.attrgetter(*_MUTABLE)
 _FLOW_COLUMNS: Final = tuple(f.name for f in attrs.fields(Flow))
@@ -116,9 +103,10 @@ _FLOW_JSON: Final = frozenset({"params", "vars", "result"})
 _FLOW_MUTABLE: Final = tuple(
     c for c in _FLOW_COLUMNS if c not in ("id", "name", "created_at", "params", "forked_from")
 )
-_LEASED: Final = tuple(sorted(LEASED_STATES))
-_LIVE_FLOWS: Final = tuple(sorted(set(FLOW_STATES) - FLOW_TERMINAL_STATES))
-_TERMINAL: Final = tuple(sorted(TERMINAL_STATES))
+# The watched queries say their partial index's own words (flows.schema).
+_LEASED: Final = schema.LEASED_ROWS
+_LIVE_FLOWS: Final = schema.LIVE_FLOW_ROWS
+_TERMINAL: Final = schema.state_in(TERMINAL_STATES)
 
 _encode: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -246,13 +234,15 @@ def _resolve(result: Any) -> Any:
 
 
 def _lease(until: float | None, at: float | None) -> tuple[str, builtins.list[Any]]:
-    """The SQL value of a lease that ends ``until - at`` seconds from now on
-    the server's clock (``at`` unknown: measured from this host's clock)."""
-    if until is None:
-        return "%s", [None]
-    if until == 0:  # a lease ended on purpose (ReleaseLeases)
-        return "%s", [0.0]
-    return f"{NOW} + %s", [until - (time.time() if at is None else at)]
+    """The SET terms of a lease: ``lease_until`` as the engine gave it (read
+    back as written, like every other column), and ``lease_expires``, when
+    it runs out on the server's clock: ``until - at`` seconds from now
+    (``at`` unknown: measured from this host's clock). An ended lease (0,
+    ``ReleaseLeases``) or none at all is the same on both clocks."""
+    if until is None or until == 0:
+        return f"lease_until = %s, {LEASE_EXPIRES} = %s", [until, until]
+    duration = until - (time.time() if at is None else at)
+    return f"lease_until = %s, {LEASE_EXPIRES} = {NOW} + %s", [until, duration]
 
 
 def _lost_race(batch: _Batch, expected: Command, event: str) -> LostRace:
@@ -303,7 +293,7 @@ def _compare_and_set(batch: _Batch, before: Command, after: Command, event: str,
     for column, value in zip(changed, values, strict=True):
         if column == "lease_until":
             sql, extra = _lease(after.lease_until, at)
-            sets.append(f"lease_until = {sql}")
+            sets.append(sql)
             params.extend(extra)
         else:
             sets.append(f'"{column}" = %s')
@@ -323,7 +313,7 @@ def _compare_and_set(batch: _Batch, before: Command, after: Command, event: str,
             # A lost claim is common when engines share a table: no second
             # query to say what became of the row.
             raise LostRace(
-                f"command {before.id}: cannot {event}: claimed by another engine",
+                f"command {before.id}: cannot {event}: being claimed by another engine, or since",
                 command_id=before.id,
                 state=before.state,
                 event=event,
@@ -433,7 +423,7 @@ def _take_over(batch: _Batch, op: TakeOver) -> _Journaled:
     )
     lease, params = _lease(op.lease_until, at)
     done = batch.execute(
-        f"UPDATE commands SET owner = %s, lease_until = {lease} WHERE {_CAS}",
+        f"UPDATE commands SET owner = %s, {lease} WHERE {_CAS}",
         (op.owner, *params, b.id, b.state, b.attempt, b.owner),
     )
     if done.rowcount != 1:
@@ -448,7 +438,7 @@ def _take_over_flow(batch: _Batch, op: TakeOverFlow) -> _Journaled:
     )
     lease, params = _lease(op.lease_until, op.at)
     done = batch.execute(
-        f"UPDATE flows SET owner = %s, lease_until = {lease}, updated_at = %s "
+        f"UPDATE flows SET owner = %s, {lease}, updated_at = %s "
         "WHERE id = %s AND state = %s AND owner IS NOT DISTINCT FROM %s",
         (op.owner, *params, op.at, b.id, b.state, b.owner),
     )
@@ -481,9 +471,8 @@ def _renew_leases(batch: _Batch, op: RenewLeases) -> frozenset[str]:
         return frozenset()
     lease, params = _lease(op.until, op.at)
     rows = batch.execute(
-        f"UPDATE commands SET lease_until = {lease} "
-        "WHERE owner = %s AND state = ANY(%s) AND id = ANY(%s) RETURNING id",
-        (*params, op.owner, list(_LEASED), list(op.ids)),
+        f"UPDATE commands SET {lease} WHERE owner = %s AND {_LEASED} AND id = ANY(%s) RETURNING id",
+        (*params, op.owner, list(op.ids)),
     ).fetchall()
     return frozenset(r[0] for r in rows)
 
@@ -492,25 +481,25 @@ def _renew_flow_leases(batch: _Batch, op: RenewFlowLeases) -> None:
     if op.ids:
         lease, params = _lease(op.until, op.at)
         batch.execute(
-            f"UPDATE flows SET lease_until = {lease} WHERE owner = %s AND id = ANY(%s)",
+            f"UPDATE flows SET {lease} WHERE owner = %s AND id = ANY(%s)",
             (*params, op.owner, list(op.ids)),
         )
 
 
 def _release_leases(batch: _Batch, op: ReleaseLeases) -> None:
     batch.execute(
-        "UPDATE commands SET lease_until = 0 WHERE owner = %s AND state = ANY(%s)",
-        (op.owner, list(_LEASED)),
+        f"UPDATE commands SET lease_until = 0, {LEASE_EXPIRES} = 0 WHERE owner = %s AND {_LEASED}",
+        (op.owner,),
     )
     batch.execute(
-        "UPDATE flows SET lease_until = 0 WHERE owner = %s AND state = ANY(%s)",
-        (op.owner, list(_LIVE_FLOWS)),
+        f"UPDATE flows SET lease_until = 0, {LEASE_EXPIRES} = 0 WHERE owner = %s AND {_LIVE_FLOWS}",
+        (op.owner,),
     )
 
 
-def _flow_values(flow: Flow, columns: Sequence[str], at: float) -> tuple[list[str], list[Any]]:
-    """SET/VALUES terms and parameters of ``columns`` of ``flow``; its lease
-    on the server's clock, measured from ``at``."""
+def _flow_values(flow: Flow, columns: Sequence[str], at: float) -> tuple[str, list[Any]]:
+    """The SET terms and parameters of ``columns`` of ``flow``; its lease
+    also on the server's clock, measured from ``at``."""
     terms, params = [], []
     for c in columns:
         if c == "lease_until":
@@ -518,10 +507,10 @@ def _flow_values(flow: Flow, columns: Sequence[str], at: float) -> tuple[list[st
             terms.append(sql)
             params.extend(extra)
         else:
-            terms.append("%s")
+            terms.append(f"{c} = %s")
             value = getattr(flow, c)
             params.append(_dumps(value) if c in _FLOW_JSON else value)
-    return terms, params
+    return ", ".join(terms), params
 
 
 def _insert_flow(batch: _Batch, op: InsertFlow) -> _Journaled:
@@ -530,10 +519,14 @@ def _insert_flow(batch: _Batch, op: InsertFlow) -> _Journaled:
     event = batch.journal(None, f.id, f.created_at, None, f.state, "start", detail)
     if op.snapshot is not None:
         _insert_snapshot(batch, op.snapshot)
-    terms, params = _flow_values(f, _FLOW_COLUMNS, f.created_at)
     batch.execute(
-        f"INSERT INTO flows ({', '.join(_FLOW_COLUMNS)}) VALUES ({', '.join(terms)})", params
+        f"INSERT INTO flows ({', '.join(_FLOW_COLUMNS)}) "
+        f"VALUES ({', '.join('%s' for _ in _FLOW_COLUMNS)})",
+        [_dumps(getattr(f, c)) if c in _FLOW_JSON else getattr(f, c) for c in _FLOW_COLUMNS],
     )
+    if f.lease_until is not None:
+        lease, params = _lease(f.lease_until, f.created_at)
+        batch.execute(f"UPDATE flows SET {lease} WHERE id = %s", (*params, f.id))
     return event
 
 
@@ -552,8 +545,7 @@ def _move_flow(batch: _Batch, op: MoveFlow) -> _Journaled | None:
     event = None
     if b.state != a.state:
         event = batch.journal(None, a.id, a.updated_at, b.state, a.state, op.event, op.detail)
-    terms, params = _flow_values(a, _FLOW_MUTABLE, a.updated_at)
-    sets = ", ".join(f"{c} = {t}" for c, t in zip(_FLOW_MUTABLE, terms, strict=True))
+    sets, params = _flow_values(a, _FLOW_MUTABLE, a.updated_at)
     done = batch.execute(
         f"UPDATE flows SET {sets} WHERE id = %s AND state = %s AND owner IS NOT DISTINCT FROM %s",
         (*params, b.id, b.state, b.owner),
@@ -719,6 +711,7 @@ class PostgresStore:
         self.path = self.location.display  # what messages name the database by
         self.read_only = read_only
         self._reader_lock = threading.Lock()
+        self._listener: psycopg.Connection[Any] | None = None
         # The server processes of this store's writers (one, or more after
         # reconnects): their notifications are our own, not news.
         self._own_pids: set[int] = set()
@@ -750,7 +743,8 @@ class PostgresStore:
         self._read.close()
         if self._write is not None:
             self._write.close()
-        self.stop_listening()
+        if self._listener is not None:
+            self._listener.close()
 
     # --- schema --------------------------------------------------------------
 
@@ -1035,10 +1029,10 @@ class PostgresStore:
         """As SQLite's. ``not_before`` is the engine's own time (a retry's
         back-off), so it is compared with the engine's ``now``."""
         sql = (
-            "SELECT * FROM commands WHERE state = %s AND adapter = %s "
+            f"SELECT * FROM commands WHERE {schema.PENDING_ROWS} AND adapter = %s "
             "AND (not_before IS NULL OR not_before <= %s)"
         )
-        params: builtins.list[Any] = [PENDING, adapter, now]
+        params: builtins.list[Any] = [adapter, now]
         if handlers is not None:
             sql += " AND (handler IS NULL OR handler = ANY(%s))"
             params.append(builtins.list(handlers))
@@ -1059,9 +1053,7 @@ class PostgresStore:
 
     def timed_pending(self) -> builtins.list[tuple[str, float | None, float | None]]:
         rows = self._rows(
-            "SELECT id, expires_at, not_before FROM commands WHERE state = %s "
-            "AND (expires_at IS NOT NULL OR not_before IS NOT NULL)",
-            (PENDING,),
+            f"SELECT id, expires_at, not_before FROM commands WHERE {schema.TIMED_ROWS}"
         )
         return [(r[0], r[1], r[2]) for r in rows]
 
@@ -1074,21 +1066,21 @@ class PostgresStore:
         return [_command(r) for r in self._lost_hold("commands", _LEASED, me, is_gone)]
 
     def _lost_hold(
-        self, table: str, states: Sequence[str], me: str, is_gone: Callable[[str], bool]
+        self, table: str, states: str, me: str, is_gone: Callable[[str], bool]
     ) -> builtins.list[_Row]:
         """The rows in ``states`` of ``table`` whose holder lost them: no
         owner, a lease lapsed on the server's clock, or an owner ``is_gone``
         (asked once per owner)."""
         owners = self._rows(
-            f"SELECT DISTINCT owner FROM {table} WHERE state = ANY(%s) "
-            "AND owner IS DISTINCT FROM %s",
-            (builtins.list(states), me),
+            f"SELECT DISTINCT owner FROM {table} WHERE {states} AND owner IS DISTINCT FROM %s",
+            (me,),
         )
         gone = [o for (o,) in owners if o is not None and is_gone(o)]
         return self._rows(
-            f"SELECT * FROM {table} WHERE state = ANY(%s) AND (owner IS NULL "
-            f"OR lease_until IS NULL OR lease_until < {NOW} OR owner = ANY(%s)) ORDER BY id",
-            (builtins.list(states), gone),
+            f"SELECT * FROM {table} WHERE {states} AND (owner IS NULL "
+            f"OR {LEASE_EXPIRES} IS NULL OR {LEASE_EXPIRES} < {NOW} OR owner = ANY(%s)) "
+            "ORDER BY id",
+            (gone,),
         )
 
     def find_flow(self, flow_id: str) -> Flow | None:
@@ -1231,73 +1223,77 @@ class PostgresStore:
 
     def prune(self, older_than: float) -> int:
         conn = self._writer()
-        select = "SELECT id FROM commands WHERE state = ANY(%s) AND finished_at < %s"
-        params = (builtins.list(_TERMINAL), older_than)
+        select = f"SELECT id FROM commands WHERE {_TERMINAL} AND finished_at < %s"
+        params = (older_than,)
         with conn.transaction(), conn.cursor() as cursor:
             cursor.execute(f"DELETE FROM events WHERE command_id IN ({select})".encode(), params)
             cursor.execute(
                 f"DELETE FROM late_replies WHERE command_id IN ({select})".encode(), params
             )
             cursor.execute(
-                b"DELETE FROM commands WHERE state = ANY(%s) AND finished_at < %s", params
+                f"DELETE FROM commands WHERE {_TERMINAL} AND finished_at < %s".encode(), params
             )
             return int(cursor.rowcount)
 
     # --- wake-ups ------------------------------------------------------------
 
-    @functools.cached_property
-    def _listener(self) -> psycopg.Connection[Any]:
-        conn = connect(self.location)
-        conn.execute(f"LISTEN {CHANNEL}")
-        return conn
+    def _listening(self) -> psycopg.Connection[Any]:
+        """The connection that LISTENs, opened (again) when it is missing."""
+        if self._listener is None or self._listener.closed:
+            conn = connect(self.location)
+            conn.execute(f"LISTEN {CHANNEL}")
+            self._listener = conn
+        return self._listener
+
+    def listen(self) -> None:
+        """Start listening now (see ``wait_for_change``)."""
+        self._listening()
+
+    def listening(self) -> int:
+        """Start listening (if not yet, or again) and return the descriptor
+        of the listening connection: readable when a change is announced
+        (or the connection ends), so that trio can wait for it without a
+        thread (``trio.lowlevel.wait_readable``), then ask
+        ``wait_for_change(0)``."""
+        return self._listening().fileno()
 
     def wait_for_change(self, timeout: float) -> Changes:
-        """Block until another store commits a change someone may wait
+        """Block until another connection commits a change someone may wait
         for, or ``timeout`` seconds pass (then the ``Changes`` are empty):
         commands to claim, by adapter, and commands that ended. Meant for a
-        worker thread (``trio.to_thread.run_sync``), or, with ``timeout=0``,
-        for when ``listening()``'s descriptor is readable. Listening starts
-        at the first call (or ``listen``), so a change committed before it is
-        not seen: read the table after starting to listen, not before. This
-        store's own commits are not reported (its engine knows them). A lost
-        connection is a ``StoreError``, and the next call listens anew (what
-        was announced meanwhile is lost: read the table again)."""
+        worker thread (``trio.to_thread.run_sync``). Listening starts at the
+        first call (or ``listen``), so a change committed before it is not
+        seen: read the table after starting to listen, not before.
+
+        A lost connection (the server restarted) is opened again, and this
+        call returns ``EVERY_ADAPTER`` ready: what was told meanwhile is
+        lost, and the caller should look."""
         try:
-            notices = list(self._listener.notifies(timeout=timeout, stop_after=1))
+            listener = self._listening()
+            notices = builtins.list(listener.notifies(timeout=timeout, stop_after=1))
             # What came with it in the same moment: one wake-up, every change.
-            notices += self._listener.notifies(timeout=0.0)
-        except psycopg.Error as exc:
-            self.stop_listening()
-            raise StoreError(
-                f"database {self.path}: stopped listening: {self.location.scrub(str(exc))}"
-            ) from None
-        payloads = [n.payload for n in notices if n.pid not in self._own_pids]
+            notices += builtins.list(listener.notifies(timeout=0.0))
+        except (psycopg.Error, StoreError):
+            if self._listener is not None:
+                with contextlib.suppress(Exception):
+                    self._listener.close()
+            self._listener = None
+            time.sleep(min(timeout, 0.5))  # the server may be coming back: no busy loop
+            with contextlib.suppress(StoreError):
+                self._listening()  # listening again before the caller looks
+            return Changes(ready=frozenset({EVERY_ADAPTER}))
         ready, finished = set(), []
-        for notice in (line for p in payloads for line in p.split("\n")):
+        # This store's own commits are not news: its engine knows them.
+        mine = self._own_pids
+        for notice in (
+            line for n in notices if n.pid not in mine for line in n.payload.split("\n")
+        ):
             kind, _, key = notice.partition(":")
             if kind == _READY:
                 ready.add(key)
             else:
                 finished.append((key, kind))
         return Changes(frozenset(ready), tuple(finished))
-
-    def listen(self) -> None:
-        """Start listening now (see ``wait_for_change``)."""
-        _ = self._listener
-
-    def listening(self) -> int:
-        """Start listening (if not yet) and return the descriptor of the
-        listening connection: readable when a change is announced (or the
-        connection ends), so that trio can wait for it without a thread
-        (``trio.lowlevel.wait_readable``) and then ask ``wait_for_change(0)``."""
-        return self._listener.fileno()
-
-    def stop_listening(self) -> None:
-        """Close the listening connection (the next ``listen`` opens another)."""
-        listener = self.__dict__.pop("_listener", None)
-        if listener is not None:
-            with contextlib.suppress(Exception):
-                listener.close()
 
 
 _PAYLOAD_BYTES: Final = 7900  # PostgreSQL's limit is 8000 bytes a notification

@@ -89,8 +89,10 @@ from flows.records import (
     LateReply,
     storable_text,
 )
+from flows.schema import state_in
 from flows.snapshots import Snapshot
 from flows.states import (
+    DEAD,
     FLOW_STATES,
     FLOW_TERMINAL_STATES,
     LEASED_STATES,
@@ -133,10 +135,10 @@ __all__ = [
     "flow_from_row",
     "make_owner",
     "owner_is_gone",
-    "sql_states",
+    "state_in",
 ]
 
-SCHEMA_VERSION: Final = 5
+SCHEMA_VERSION: Final = 6
 BUSY_TIMEOUT_MS: Final = 10_000
 
 # Column order of ``commands``: the names of ``Command``'s fields, as-is.
@@ -146,19 +148,23 @@ _MUTABLE: Final = tuple(c for c in COLUMNS if c not in ("id", "adapter", "reques
 _JSON_COLUMNS: Final = frozenset({"request", "reply", "error", "handler_args"})
 
 
-def sql_states(states: Iterable[str]) -> str:
-    """``('a', 'b')``: a set of states as an SQL list of literals, in one
-    order, so that a query and a partial index built from the same set say
-    the same thing (SQLite uses a partial index only for a query whose WHERE
-    clause contains the index's own terms, and a bound parameter is not one)."""
-    names = sorted(states)
-    assert all(name.isidentifier() for name in names), names  # our constants, never input
-    return "(" + ", ".join(f"'{name}'" for name in names) + ")"
+_PENDING: Final = state_in([PENDING])
+_LEASED: Final = state_in(LEASED_STATES)
+_TIMED: Final = f"{_PENDING} AND (expires_at IS NOT NULL OR not_before IS NOT NULL)"
+_LIVE_FLOWS: Final = state_in(set(FLOW_STATES) - FLOW_TERMINAL_STATES)
 
-
-_LEASED: Final = sql_states(LEASED_STATES)
-_TIMED: Final = f"state = '{PENDING}' AND (expires_at IS NOT NULL OR not_before IS NOT NULL)"
-_LIVE_FLOWS: Final = sql_states(set(FLOW_STATES) - FLOW_TERMINAL_STATES)
+_LIVE_INDEXES: Final = (
+    # Claims: ready_to_send, per adapter, priority then age.
+    f"CREATE INDEX commands_ready ON commands (adapter, priority DESC, id) WHERE {_PENDING}",
+    # What the timers watch after a restart: timed_pending.
+    f"CREATE INDEX commands_timed ON commands (id) WHERE {_TIMED}",
+    # Leases and take-over: abandoned, renewals and releases, by holder.
+    f"CREATE INDEX commands_leased ON commands (owner, lease_until) WHERE {_LEASED}",
+    # The dead letters waiting for a person (the dead_letters view).
+    f"CREATE INDEX commands_dead ON commands (id) WHERE {state_in([DEAD])}",
+    # Flows in progress, by holder: abandoned_flows, renewals, releases.
+    f"CREATE INDEX flows_live ON flows (owner, lease_until) WHERE {_LIVE_FLOWS}",
+)
 
 _INSERT_COMMAND: Final = (
     f"INSERT INTO commands ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
@@ -446,12 +452,18 @@ def _note(cursor: _Batch, op: Note) -> Event:
     return _journal(cursor, op.command_id, row[1], op.at, row[0], row[0], op.event, op.detail)
 
 
+def _journal_take_over(cursor: _Batch, op: TakeOver | TakeOverFlow) -> Event:
+    """A take-over's journal row: a note (the state stays), naming the
+    previous and the new owner."""
+    b = op.before
+    command_id, flow_id = (None, b.id) if isinstance(b, Flow) else (b.id, b.flow_id)
+    who = {"from": b.owner, "to": op.owner}
+    return _journal(cursor, command_id, flow_id, op.at, b.state, b.state, TAKE_OVER, who)
+
+
 def _take_over(cursor: _Batch, op: TakeOver) -> Event:
     b = op.before
-    at = time.time() if op.at is None else op.at
-    event = _journal(
-        cursor, b.id, b.flow_id, at, b.state, b.state, TAKE_OVER, {"from": b.owner, "to": op.owner}
-    )
+    event = _journal_take_over(cursor, op)
     cursor.execute(
         "UPDATE commands SET owner = ?, lease_until = ? "
         "WHERE id = ? AND state = ? AND attempt = ? AND owner IS ?",
@@ -464,9 +476,7 @@ def _take_over(cursor: _Batch, op: TakeOver) -> Event:
 
 def _take_over_flow(cursor: _Batch, op: TakeOverFlow) -> Event:
     b = op.before
-    event = _journal(
-        cursor, None, b.id, op.at, b.state, b.state, TAKE_OVER, {"from": b.owner, "to": op.owner}
-    )
+    event = _journal_take_over(cursor, op)
     cursor.execute(
         "UPDATE flows SET owner = ?, lease_until = ?, updated_at = ? "
         "WHERE id = ? AND state = ? AND owner IS ?",
@@ -497,7 +507,7 @@ def _use_late_reply(cursor: _Batch, op: UseLateReply) -> None:
 def _renew_leases(cursor: _Batch, op: RenewLeases) -> frozenset[str]:
     if not op.ids:
         return frozenset()
-    held = f"owner = ? AND state IN {_LEASED} AND id IN ({', '.join('?' for _ in op.ids)})"
+    held = f"owner = ? AND {_LEASED} AND id IN ({', '.join('?' for _ in op.ids)})"
     cursor.execute(
         f"UPDATE commands SET lease_until = ? WHERE {held}", (op.until, op.owner, *op.ids)
     )
@@ -516,10 +526,10 @@ def _renew_flow_leases(cursor: _Batch, op: RenewFlowLeases) -> None:
 
 def _release_leases(cursor: _Batch, op: ReleaseLeases) -> None:
     cursor.execute(
-        f"UPDATE commands SET lease_until = 0 WHERE owner = ? AND state IN {_LEASED}", (op.owner,)
+        f"UPDATE commands SET lease_until = 0 WHERE owner = ? AND {_LEASED}", (op.owner,)
     )
     cursor.execute(
-        f"UPDATE flows SET lease_until = 0 WHERE owner = ? AND state IN {_LIVE_FLOWS}",
+        f"UPDATE flows SET lease_until = 0 WHERE owner = ? AND {_LIVE_FLOWS}",
         (op.owner,),
     )
 
@@ -679,6 +689,11 @@ class Store:
     engine serialises writes through its committer task."""
 
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
+        if str(path).lower().startswith(("postgresql:", "postgres:")):
+            # A URL taken for a path would become directories named after it.
+            raise StoreError(
+                "a postgresql:// URL is not a SQLite file: open it with flows.location.open_store"
+            )
         self.path = Path(path)
         self.read_only = read_only
         try:
@@ -737,9 +752,7 @@ class Store:
     def _check_schema(self) -> None:
         """Read-only, the schema cannot be brought up to date: refuse one
         that is not this dovecote's, rather than misread it."""
-        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            self._migrate()  # raises SchemaTooNew
+        version = self._schema_version()
         if version < SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} has schema {version}, and this dovecote reads schema "
@@ -788,33 +801,39 @@ class Store:
     # --- schema --------------------------------------------------------------
 
     def _migrate(self) -> None:
-        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise SchemaTooNew(
-                f"{self.path} was written by a newer dovecote (schema {version}); "
-                f"this one understands schema {SCHEMA_VERSION} and older: upgrade dovecote"
-            )
-        if version == SCHEMA_VERSION:
+        if self._schema_version() == SCHEMA_VERSION:
             return
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             # Another process may have migrated while we waited for the lock.
-            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-            if version < 1:
-                self._create_v1()
-            if version < 2:
-                self._create_v2()
-            if version < 3:
-                self._create_v3()
-            if version < 4:
-                self._create_v4()
-            if version < 5:
-                self._create_v5()
+            version = self._schema_version()
+            steps = (
+                self._create_v1,
+                self._create_v2,
+                self._create_v3,
+                self._create_v4,
+                self._create_v5,
+                self._create_v6,
+            )
+            for target, step in enumerate(steps[:SCHEMA_VERSION], start=1):
+                if version < target:
+                    step()
             self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self._conn.execute("COMMIT")
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
+
+    def _schema_version(self) -> int:
+        """The file's schema version; ``SchemaTooNew`` past ours, before
+        anything is written."""
+        version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"{self.path} was written by a newer dovecote (schema {version}); "
+                f"this one understands schema {SCHEMA_VERSION} and older: upgrade dovecote"
+            )
+        return version
 
     def _create_v1(self) -> None:
         db = self.db
@@ -997,6 +1016,21 @@ class Store:
         self._conn.execute(
             "CREATE INDEX commands_spent ON commands (adapter, replied_at) WHERE cost IS NOT NULL"
         )
+
+    def _create_v6(self) -> None:
+        """Live rows indexed apart from finished ones, so that what the
+        engine watches costs the same with a million finished rows in the
+        file as with none. Each index holds only the rows in the states it
+        serves (its WHERE is built from flows.states, and the queries that use
+        it say the very same words: SQLite takes a partial index only for a
+        query whose WHERE contains the index's own terms). A finished row
+        leaves them all, and the full index on state they replace goes: it
+        was written for every row and every transition, and read mostly for
+        the few live rows."""
+        conn = self._conn
+        conn.execute("DROP INDEX commands_by_state")
+        for sql in _LIVE_INDEXES:
+            conn.execute(sql)
 
     # --- writes --------------------------------------------------------------
 
@@ -1203,7 +1237,7 @@ class Store:
         exactly that record: it is taken from ``known`` rather than decoded
         again (the request's JSON is most of a command's reading cost)."""
         sql = (
-            f"SELECT * FROM commands WHERE state = '{PENDING}' AND adapter = ? "
+            f"SELECT * FROM commands WHERE {_PENDING} AND adapter = ? "
             "AND (not_before IS NULL OR not_before <= ?)"
         )
         params: builtins.list[Any] = [adapter, now]
@@ -1237,32 +1271,31 @@ class Store:
         engine renews the leases of what it holds, so one it let run out is
         one it lost hold of (a commit the disk refused); the engine skips
         those it still holds."""
-        return [
-            command_from_row(r)
-            for r in self._conn.execute(*self._lost_hold("commands", _LEASED, me, now, is_gone))
-        ]
+        return [command_from_row(r) for r in self._lost_hold("commands", _LEASED, me, now, is_gone)]
 
     def _lost_hold(
         self, table: str, states: str, me: str, now: float, is_gone: Callable[[str], bool]
-    ) -> tuple[str, builtins.list[Any]]:
-        """The query of the rows in ``states`` of ``table`` whose holder lost
-        them. Only held rows are read, through their partial index: first the
-        few distinct owners (``is_gone`` runs once per owner, not per row),
+    ) -> builtins.list[sqlite3.Row]:
+        """The rows in ``states`` of ``table`` whose holder lost them, by id.
+        Only held rows are read, through their partial index: first the few
+        distinct owners (``is_gone`` runs once per owner, not per row),
         then the rows of a lapsed lease or a gone owner."""
         owners = self._conn.execute(
-            f"SELECT DISTINCT owner FROM {table} WHERE state IN {states} AND owner IS NOT ?",
+            f"SELECT DISTINCT owner FROM {table} WHERE {states} AND owner IS NOT ?",
             (me,),
         )
         gone = [o for (o,) in owners if o is not None and is_gone(o)]
         sql = (
-            f"SELECT * FROM {table} WHERE state IN {states} "
+            f"SELECT * FROM {table} WHERE {states} "
             "AND (owner IS NULL OR lease_until IS NULL OR lease_until < ?"
         )
         params: builtins.list[Any] = [now]
         if gone:
             sql += f" OR owner IN ({', '.join('?' for _ in gone)})"
             params.extend(gone)
-        return sql + ") ORDER BY id", params
+        # Sorted here, not by ORDER BY id, which would lead SQLite to walk
+        # the whole table in id order instead of the few rows of the index.
+        return sorted(self._conn.execute(sql + ")", params), key=operator.itemgetter("id"))
 
     def find_flow(self, flow_id: str) -> Flow | None:
         row = self._conn.execute("SELECT * FROM flows WHERE id = ?", (flow_id,)).fetchone()
@@ -1307,10 +1340,7 @@ class Store:
         """Unfinished flows nobody (alive) runs: no owner, a lease run out,
         or an owner that ``is_gone``. As with ``abandoned``, ``me`` is never
         gone, but its own flows whose lease it let run out are here."""
-        return [
-            flow_from_row(r)
-            for r in self._conn.execute(*self._lost_hold("flows", _LIVE_FLOWS, me, now, is_gone))
-        ]
+        return [flow_from_row(r) for r in self._lost_hold("flows", _LIVE_FLOWS, me, now, is_gone)]
 
     # --- the response cache and budgets ------------------------------------
 
@@ -1396,13 +1426,11 @@ class Store:
         else:
             wanted = set(states)
             groups = [
-                f"state IN {sql_states(group)}"
-                for group in (wanted & {PENDING}, wanted & LEASED_STATES)
-                if group
+                state_in(group) for group in (wanted & {PENDING}, wanted & LEASED_STATES) if group
             ]
             rest = wanted - {PENDING} - LEASED_STATES
             if rest:
-                groups.append(f"state IN {sql_states(rest)}")
+                groups.append(state_in(rest))
         counted: dict[tuple[str, str], int] = {}
         for where in groups:
             for adapter, state, count in self._conn.execute(

@@ -14,42 +14,62 @@ With it:
 
 One task waits on the listening connection's descriptor in trio itself
 (``trio.lowlevel.wait_readable``), so closing the engine cancels it at
-once, with no thread left blocked; the announcements are then read without
-waiting. Connecting, and reading rows, block on the network, so they run in
-a worker thread. A lost connection (the server restarted) is opened again
-with a growing pause; since announcements made meanwhile are lost, the
-dispatcher and every waiter then look at the table themselves.
+once, with no thread left blocked on the connection; once it is readable,
+the announcements are taken in a worker thread (they are there: it does not
+wait), as are connecting and reading rows, which block on the network. A
+lost connection (the server restarted) is opened again by the store, and
+after it with a growing pause; since announcements made meanwhile are lost
+(``EVERY_ADAPTER``), the dispatcher and every waiter then look at the table
+themselves.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import Final, Protocol
 
+import attrs
 import trio
 
 from flows.core import Core
 from flows.errors import StoreError
 from flows.records import Command, Event
 
-if TYPE_CHECKING:
-    from flows.pgstore import Changes
-
 log = logging.getLogger("dovecote")
 
 RECONNECT_FIRST: Final = 0.05  # seconds before listening again after a loss
 RECONNECT_MOST: Final = 2.0  # the longest pause between tries
 
+EVERY_ADAPTER: Final = "*"
+"""In ``Changes.ready``: changes may have been missed; every adapter should look."""
+
+
+@attrs.frozen
+class Changes:
+    """What other engines committed that someone here may wait for."""
+
+    ready: frozenset[str] = frozenset()
+    """Adapters with commands to claim (new, or back to pending)."""
+    finished: tuple[tuple[str, str], ...] = ()
+    """``(command id, terminal state)`` of commands that ended."""
+
+    def __bool__(self) -> bool:
+        return bool(self.ready or self.finished)
+
 
 class ChangeFeed(Protocol):
-    """What a store that announces changes offers (flows.pgstore)."""
+    """A store that can say when other processes commit (flows.pgstore)."""
 
-    def listening(self) -> int: ...
+    def listening(self) -> int:
+        """Listen (again, if the connection was lost); the descriptor that
+        becomes readable when a change is announced."""
+        ...
 
-    def wait_for_change(self, timeout: float) -> Changes: ...
-
-    def stop_listening(self) -> None: ...
+    def wait_for_change(self, timeout: float) -> Changes:
+        """The changes announced, waiting at most ``timeout`` seconds;
+        ``EVERY_ADAPTER`` ready when some may have been missed."""
+        ...
 
 
 def feed_of(store: object) -> ChangeFeed | None:
@@ -72,17 +92,19 @@ class Wakeups:
         fd = await self._listen(first=True)
         task_status.started()
         while True:
-            try:
-                await trio.lowlevel.wait_readable(fd)
-                changes = self._feed.wait_for_change(0.0)
-            except StoreError as exc:
+            await trio.lowlevel.wait_readable(fd)
+            # In a thread: on a lost connection the store connects again.
+            changes = await trio.to_thread.run_sync(
+                self._feed.wait_for_change, 0.0, abandon_on_cancel=True
+            )
+            if EVERY_ADAPTER in changes.ready:
+                # The connection was lost: what was announced meanwhile is
+                # lost too, so the dispatcher and every waiter look.
                 self.lost += 1
-                log.warning("%s; listening again", exc)
+                log.warning("stopped listening for other processes' changes; listening again")
                 fd = await self._listen(first=False)
-                # Announcements made while we were not listening are lost.
                 self._wake_dispatcher()
                 self._core.notices.look_again()
-                continue
             if changes:
                 await self._act(changes)
 
@@ -100,7 +122,7 @@ class Wakeups:
 
     async def _act(self, changes: Changes) -> None:
         core = self._core
-        if not changes.ready.isdisjoint(core.adapters):
+        if EVERY_ADAPTER in changes.ready or not changes.ready.isdisjoint(core.adapters):
             self._wake_dispatcher()
         if not changes.finished:
             return

@@ -88,38 +88,23 @@ def mounted_tmpfs(mount: Path, size: str = "2m") -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[Any]:
-    """A PostgreSQL server of our own for the whole session, stopped at its
-    end (on a failure or ^C too). Missing, it skips the tests that need it,
-    and fails them under CI=true; one that will not start fails them."""
-    from tests.pgcluster import Cluster, ClusterError, bin_dir
+    """The session's PostgreSQL server (started at first use, stopped at the
+    end of the session, on a failure or ^C too). Missing, it skips the tests
+    that need it, and fails them under CI=true; one that will not start
+    fails them."""
+    from tests.pgcluster import shared_cluster, stop_shared_cluster
 
-    if bin_dir() is None:
-        message = (
-            "PostgreSQL is not installed (make installs it as root: apt-get install postgresql)"
-        )
-        if os.environ.get("CI") == "true":
-            pytest.fail(message + " (required under CI=true)")
-        pytest.skip(message)
-    cluster = Cluster()
-    atexit.register(cluster.stop)  # should the session end without its teardown
     try:
-        cluster.start()
-    except ClusterError as exc:
-        pytest.fail(f"could not start PostgreSQL: {exc}")
-    try:
-        yield cluster
+        yield shared_cluster()
     finally:
-        cluster.stop()
-
-
-_databases = iter(range(1, 1_000_000))
+        stop_shared_cluster()
 
 
 @pytest.fixture
 def pg_url(pg_cluster: Any) -> str:
     """The URL of a new, empty database on the session's cluster (about
     25 ms to make: a test never sees another's rows)."""
-    return str(pg_cluster.create_database(f"test_{next(_databases)}"))
+    return str(pg_cluster.create_database())
 
 
 @pytest.fixture(params=sorted(STORES))

@@ -18,8 +18,10 @@ the process that started it) is stopped and removed by the next start.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
+import itertools
 import os
 import shutil
 import socket
@@ -86,6 +88,7 @@ class Cluster:
         self.data = self.dir / "data"
         self.log = self.dir / "server.log"
         self.started = False
+        self._names = itertools.count(1)
 
     # --- running the server's tools ----------------------------------------
 
@@ -195,10 +198,15 @@ class Cluster:
         with psycopg.connect(self.url(database), autocommit=True) as conn:
             conn.execute(sql.encode())
 
-    def create_database(self, name: str, owner: str = SUPERUSER) -> str:
-        """A new empty database; its URL (as the superuser)."""
+    def create_database(self, name: str | None = None, owner: str = SUPERUSER) -> str:
+        """A new empty database (named ``test_N`` unless named); its URL
+        (as the superuser)."""
+        name = name or f"test_{next(self._names)}"
         self.psql(f'CREATE DATABASE "{name}" OWNER {owner}')
         return self.url(name)
+
+    def drop_database(self, name: str) -> None:
+        self.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def reap_stale() -> None:
@@ -218,3 +226,41 @@ def reap_stale() -> None:
                     break
                 time.sleep(0.02)
         shutil.rmtree(path, ignore_errors=True)
+
+
+_shared: Cluster | None = None
+
+
+def shared_cluster() -> Cluster:
+    """The test session's one cluster, started at its first use (the
+    ``pg_cluster`` fixture, or a store kind of tests/stores.py), stopped by
+    ``stop_shared_cluster`` or, failing that, when the process exits.
+    PostgreSQL missing: the test is skipped, or fails under CI=true; a
+    server that will not start fails it."""
+    global _shared
+    import pytest
+
+    if _shared is None:
+        if bin_dir() is None:
+            message = (
+                "PostgreSQL is not installed (as root, `make pytest` installs it: "
+                "apt-get install postgresql)"
+            )
+            if os.environ.get("CI") == "true":
+                pytest.fail(message + " (required under CI=true)")
+            pytest.skip(message)
+        cluster = Cluster()
+        try:
+            cluster.start()
+        except ClusterError as exc:
+            pytest.fail(f"could not start PostgreSQL: {exc}")
+        atexit.register(cluster.stop)
+        _shared = cluster
+    return _shared
+
+
+def stop_shared_cluster() -> None:
+    global _shared
+    if _shared is not None:
+        _shared.stop()
+        _shared = None

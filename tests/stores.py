@@ -15,7 +15,7 @@ import hashlib
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,6 +35,10 @@ def commit_one(store: StoreProtocol, op: Operation) -> Any:
 class StoreKind(Protocol):
     """One store implementation, as the tests drive it."""
 
+    own_clock: bool
+    """Whether the store judges leases on its own clock (a database
+    server's) rather than by the ``now`` it is given."""
+
     def new(self) -> StoreProtocol:
         """A new, empty store of its own (a file, a database), up to date."""
         ...
@@ -46,6 +50,13 @@ class StoreKind(Protocol):
 
     def journal_rows(self, store: StoreProtocol) -> int:
         """How many journal rows the store holds in all."""
+        ...
+
+    def lapse(self, store: StoreProtocol, command_ids: Sequence[str]) -> None:
+        """Let the leases of ``command_ids`` run out, for a store that judges
+        lapses on its own clock (a database server's: the ``now`` a test
+        passes to ``abandoned`` cannot move it); nothing for one that judges
+        them by that ``now``."""
         ...
 
     def make_newer(self, store: StoreProtocol) -> None:
@@ -72,6 +83,8 @@ class SqliteKind:
     """``flows.store.Store``: one SQLite file per store, in a temporary
     directory of this kind's own."""
 
+    own_clock = False
+
     def __init__(self) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="dovecote-stores-"))
         self.made = 0
@@ -95,6 +108,9 @@ class SqliteKind:
 
     def reopen(self, store: StoreProtocol) -> StoreProtocol:
         return self._open(self._path(store))
+
+    def lapse(self, store: StoreProtocol, command_ids: Sequence[str]) -> None:
+        pass  # SQLite judges a lease by the caller's ``now``
 
     def journal_rows(self, store: StoreProtocol) -> int:
         assert isinstance(store, Store)
@@ -122,4 +138,99 @@ class SqliteKind:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-STORES: dict[str, Callable[[], StoreKind]] = {"sqlite": SqliteKind}
+class PostgresKind:
+    """``flows.pgstore.PostgresStore``: one database per store, on the
+    session's throw-away cluster (tests/pgcluster.py), dropped at the end."""
+
+    own_clock = True
+
+    def __init__(self) -> None:
+        from tests.pgcluster import shared_cluster
+
+        self.cluster = shared_cluster()
+        self.databases: list[str] = []
+        self.opened: list[Any] = []
+        self.connections: dict[str, Any] = {}
+
+    def _open(self, url: str) -> StoreProtocol:
+        from flows.pgstore import PostgresStore
+
+        store = PostgresStore(url)
+        self.opened.append(store)
+        return store
+
+    @staticmethod
+    def _url(store: StoreProtocol) -> str:
+        from flows.pgstore import PostgresStore
+
+        assert isinstance(store, PostgresStore)
+        return store.location.url
+
+    def new(self) -> StoreProtocol:
+        url = self.cluster.create_database()
+        self.databases.append(url.partition("@/")[2].partition("?")[0])
+        return self._open(url)
+
+    def again(self, store: StoreProtocol) -> StoreProtocol:
+        return self._open(self._url(store))
+
+    def reopen(self, store: StoreProtocol) -> StoreProtocol:
+        return self._open(self._url(store))
+
+    def _conn(self, store: StoreProtocol) -> Any:
+        """A connection of the test's own to ``store``'s database (kept: the
+        invariants ask after every step, and connecting costs more)."""
+        import psycopg
+
+        url = self._url(store)
+        if url not in self.connections:
+            self.connections[url] = psycopg.connect(url, autocommit=True)
+        return self.connections[url]
+
+    def _query(self, store: StoreProtocol, sql: str) -> list[tuple[Any, ...]]:
+        return list(self._conn(store).execute(sql.encode()).fetchall())
+
+    def journal_rows(self, store: StoreProtocol) -> int:
+        return int(self._query(store, "SELECT count(*) FROM events")[0][0])
+
+    def lapse(self, store: StoreProtocol, command_ids: Sequence[str]) -> None:
+        from flows.pgstore import LEASE_EXPIRES, NOW
+
+        self._conn(store).execute(
+            f"UPDATE commands SET {LEASE_EXPIRES} = {NOW} - 1 WHERE id = ANY(%s)".encode(),
+            (list(command_ids),),
+        )
+
+    def make_newer(self, store: StoreProtocol) -> None:
+        self._conn(store).execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION + 1,))
+        store.close()
+
+    def fingerprint(self, store: StoreProtocol) -> str:
+        from flows import schema
+
+        digest = hashlib.sha256()
+        names = self._query(
+            store,
+            "SELECT table_name FROM information_schema.tables "
+            "WHERE table_schema = 'public' ORDER BY table_name",
+        )
+        digest.update(repr(names).encode())
+        if any(n == ("schema_version",) for n in names):
+            digest.update(repr(self._query(store, "SELECT * FROM schema_version")).encode())
+        for table in schema.TABLES:
+            if (table.name,) in names:
+                order = ", ".join(table.primary_key)
+                rows = self._query(store, f"SELECT * FROM {table.name} ORDER BY {order}")
+                digest.update(repr(rows).encode())
+        return digest.hexdigest()
+
+    def close(self) -> None:
+        for closable in [*self.opened, *self.connections.values()]:
+            with contextlib.suppress(Exception):
+                closable.close()
+        for name in self.databases:
+            with contextlib.suppress(Exception):
+                self.cluster.drop_database(name)
+
+
+STORES: dict[str, Callable[[], StoreKind]] = {"sqlite": SqliteKind, "postgresql": PostgresKind}

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import subprocess
 import textwrap
+from typing import Any
 
 from flows.operations import Group, Insert, Move
-from flows.pgstore import Changes, PostgresStore
+from flows.pgstore import PostgresStore
 from flows.records import Command, new_id
 from flows.states import CANCEL, CANCELLED
+from flows.wakeups import Changes
 from tests.conftest import PYTHON, ROOT
 
 # The other process: submits one command, then cancels it, each committed
@@ -100,3 +102,19 @@ def test_what_is_rolled_back_wakes_nobody(pg_url: str) -> None:
     finally:
         here.close()
         there.close()
+
+
+# The engine's side of these wake-ups (flows.wakeups.Wakeups: the dispatcher,
+# waiters, the bridge and a send stopped, across real processes) is tested in
+# tests/test_pg_engine_wakeups.py.
+
+
+def test_a_store_that_cannot_tell_has_no_feed(tmp_path: Any) -> None:
+    from flows.store import Store
+    from flows.wakeups import feed_of
+
+    store = Store(tmp_path / "x.db")
+    try:
+        assert feed_of(store) is None
+    finally:
+        store.close()

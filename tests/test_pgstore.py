@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -203,3 +206,167 @@ def test_a_url_password_with_an_unencoded_at_sign_is_refused_unquoted() -> None:
     with pytest.raises(StoreError, match="percent-encode") as caught:
         PgLocation.parse("postgresql://me:p@ss@db.example/x")
     assert "p@ss" not in str(caught.value)
+
+
+# --- several engines on one database ---------------------------------------
+
+
+def _pending(adapter: str = "a") -> Any:
+    from adapters.base import Request
+    from flows.records import Command, new_id
+
+    return Command(
+        id=new_id(),
+        adapter=adapter,
+        state="pending",
+        created_at=time.time(),
+        timeout=30.0,
+        request=Request.from_json({"messages": [{"role": "user", "content": "hi"}]}),
+    )
+
+
+def _claim(command: Any, owner: str, at: float, lease: float) -> Any:
+    from flows.operations import Move
+    from flows.states import DISPATCH, SENT
+
+    after = command.evolve(state=SENT, sent_at=at, owner=owner, lease_until=at + lease)
+    return Move(command, after, DISPATCH, at)
+
+
+def test_a_lease_lives_by_the_servers_clock_not_the_engines(pg_url: str) -> None:
+    """An engine whose clock runs an hour ahead does not find a live lease
+    run out; one whose clock is an hour behind still finds a lapsed one."""
+    from flows.operations import Insert
+
+    one, other = PostgresStore(pg_url), PostgresStore(pg_url)
+    try:
+        live, short = _pending(), _pending()
+        one.commit([Insert(live), Insert(short)])
+        now = time.time()
+        one.commit([_claim(live, "h1:1:a", now, 30.0), _claim(short, "h1:1:a", now, 0.3)])
+        # Written as the engine gave it: it reads back exactly.
+        assert one.get(live.id).lease_until == now + 30.0
+        ahead = [c.id for c in other.abandoned("h2:2:b", now + 3600, lambda _: False)]
+        assert live.id not in ahead
+        time.sleep(0.5)  # the server's clock moves on: the short lease runs out
+        behind = [c.id for c in other.abandoned("h2:2:b", now - 3600, lambda _: False)]
+        assert behind == [short.id]
+    finally:
+        one.close()
+        other.close()
+
+
+def test_a_claim_of_a_row_another_engine_is_claiming_loses_at_once(pg_url: str) -> None:
+    """SKIP LOCKED: while another transaction holds the row, the claim is a
+    lost race at once, not a wait for the other's commit."""
+    from flows.operations import Insert
+    from flows.states import LostRace
+
+    store = PostgresStore(pg_url)
+    command = _pending()
+    store.commit([Insert(command)])
+    holder = psycopg.connect(pg_url)
+    try:
+        holder.execute("SELECT * FROM commands WHERE id = %s FOR UPDATE", (command.id,))
+        results: list[Any] = []
+        claiming = threading.Thread(
+            target=lambda: results.extend(
+                store.commit([_claim(command, "h2:2:b", time.time(), 30.0)])
+            ),
+            daemon=True,
+        )
+        claiming.start()
+        claiming.join(timeout=10)
+        assert not claiming.is_alive(), "the claim waited for the other transaction"
+        [lost] = results
+        assert isinstance(lost, LostRace) and "being claimed by another engine" in str(lost)
+        holder.rollback()
+        # Once the other let go, the claim wins.
+        [won] = store.commit([_claim(command, "h2:2:b", time.time(), 30.0)])
+        assert not isinstance(won, BaseException)
+        assert store.get(command.id).owner == "h2:2:b"
+    finally:
+        holder.close()
+        store.close()
+
+
+def test_a_reader_paging_the_journal_misses_nothing_that_writers_commit(pg_url: str) -> None:
+    """Three writers commit batches at once while a reader pages the journal
+    by id (``events_since``, as the bridge's notifications do): it sees every
+    row exactly once, in order; no id ever shows up behind one already read."""
+    from flows.operations import Insert
+
+    writers = [PostgresStore(pg_url) for _ in range(3)]
+    reader = PostgresStore(pg_url)
+    errors: list[Any] = []
+
+    def write(store: PostgresStore) -> None:
+        for _ in range(30):
+            results = store.commit([Insert(_pending()) for _ in range(5)])
+            errors.extend(r for r in results if isinstance(r, BaseException))
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in writers]
+    for t in threads:
+        t.start()
+    seen: list[int] = []
+    try:
+        while any(t.is_alive() for t in threads) or len(seen) < 450:
+            batch = reader.events_since(seen[-1] if seen else 0)
+            seen.extend(e.seq for e in batch)
+            if not batch and not any(t.is_alive() for t in threads):
+                break
+    finally:
+        for t in threads:
+            t.join()
+        for store in (*writers, reader):
+            store.close()
+    assert errors == []
+    assert len(seen) == 450 and seen == sorted(set(seen))
+
+
+def test_a_store_carries_on_after_the_server_restarts(pg_cluster: Any, pg_url: str) -> None:
+    """``pg_ctl restart -m immediate`` (a crash and a recovery) cuts every
+    connection: what was committed is there, a read connects again by
+    itself, the batch in the cut is told it failed and the next one
+    commits, and the listener says "look" once, then listens again."""
+    from flows.operations import Insert
+    from flows.wakeups import EVERY_ADAPTER
+
+    store, other = PostgresStore(pg_url), PostgresStore(pg_url)
+    try:
+        kept = _pending()
+        store.commit_one(Insert(kept))
+        store.listen()
+        pg_cluster.restart("immediate")
+        assert store.get(kept.id) == kept  # committed before the crash; read reconnects
+        assert store.wait_for_change(5).ready == {EVERY_ADAPTER}
+        results = store.commit([Insert(_pending())])
+        if isinstance(results[0], BaseException):  # the cut batch, told
+            assert "the batch failed" in str(results[0])
+            results = store.commit([Insert(_pending())])
+        assert not isinstance(results[0], BaseException)
+        other.commit([Insert(_pending("after"))])  # its writer reconnects too
+        other.commit([Insert(_pending("after"))])
+        told: set[str] = set()
+        for _ in range(3):  # its own commit's notice ("a") may come first
+            told |= store.wait_for_change(10).ready
+            if "after" in told:
+                break
+        assert "after" in told
+    finally:
+        store.close()
+        other.close()
+
+
+def test_sqlite_refuses_a_url_rather_than_make_directories_of_it(tmp_path: Any) -> None:
+    import os
+
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for url in ("postgresql://me@host/db", Path("postgresql://me@host/db")):
+            with pytest.raises(StoreError, match="not a SQLite file"):
+                Store(url)
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        os.chdir(here)
