@@ -1,6 +1,13 @@
 """The pending table: one SQLite file that any person can open with
 ``sqlite3`` and read. The only module that writes SQL.
 
+``Store`` is the SQLite implementation of ``flows.storage.StoreProtocol``:
+it commits the records of ``flows.operations`` (each kind's statements are
+one function here, found through ``_APPLY``) and answers the protocol's
+reads. Live rows (pending, leased, live flows) are indexed apart from
+finished ones (schema 6, ``_LIVE_INDEXES``), so that what an engine watches
+costs the same however many finished rows the file holds.
+
 Tables
 ------
 
@@ -28,9 +35,9 @@ together in one transaction ("group commit") costs one. ``Store.commit``
 takes a batch of operations and applies each independently inside one
 transaction: an operation that fails (a lost compare-and-set, a value SQLite
 cannot hold) is rolled back alone, by its own savepoint, and reported to its
-caller; the others commit. Operations that only make sense together are one
-``Group``, rolled back whole. The engine's committer task feeds it; nothing
-is visible before ``commit`` returns.
+caller (a lost race as ``LostRace``); the others commit. Operations that
+only make sense together are one ``Group``, rolled back whole. The engine's
+committer task feeds it; nothing is visible before ``commit`` returns.
 
 Durability: WAL with ``synchronous=NORMAL``. A committed transition survives
 the process being killed (``kill -9``); after a power cut the last few
@@ -457,7 +464,7 @@ def _journal_take_over(cursor: _Batch, op: TakeOver | TakeOverFlow) -> Event:
     previous and the new owner."""
     b = op.before
     command_id, flow_id = (None, b.id) if isinstance(b, Flow) else (b.id, b.flow_id)
-    who = {"from": b.owner, "to": op.owner}
+    who = {"previous_owner": b.owner, "owner": op.owner}
     return _journal(cursor, command_id, flow_id, op.at, b.state, b.state, TAKE_OVER, who)
 
 

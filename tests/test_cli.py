@@ -18,10 +18,10 @@ import pytest
 import trio
 
 import flows
-from adapters.base import Request
+from adapters.base import Reply, Request
 from flows.engine import default_db_path
-from flows.records import Command, new_id
-from flows.store import Insert, Move, Store
+from flows.records import Command, Flow, new_id
+from flows.store import Insert, InsertFlow, Move, Store, TakeOver, TakeOverFlow
 from tests.conftest import DOVECOTE, ask
 
 T = TypeVar("T")
@@ -606,3 +606,62 @@ def test_a_file_that_is_not_a_database(ws: Workspace, args: list[str]) -> None:
         "file is not a database"
     )
     assert ws.db.read_text() == text
+
+
+def test_a_take_over_reads_as_a_note_in_show_and_flow_show(ws: Workspace) -> None:
+    """A take-over is journaled (who held it, who holds it now) without a
+    move: ``show`` and ``flow show`` list it with the state unchanged, and a
+    declared flow's stage path is not mistaken for it."""
+    store = Store(ws.db)
+    try:
+        at = 1_700_000_000.0
+        command = Command(
+            id=new_id(),
+            adapter="elsewhere",
+            request=Request.from_json(ask("held")),
+            state="pending",
+            created_at=at,
+            timeout=30.0,
+        )
+        sent = attrs.evolve(command, state="sent", owner="h:1:old", lease_until=at + 1)
+        replied = attrs.evolve(sent, state="replied", reply=Reply("r"), replied_at=at + 1)
+        flow = Flow(
+            new_id(),
+            "a.flow",
+            "running",
+            at,
+            at,
+            stage="draft",
+            owner="h:1:old",
+            lease_until=at + 1,
+        )
+        for op in (
+            Insert(command),
+            Move(command, sent, "dispatch", at),
+            Move(sent, replied, "reply", at + 1),
+            TakeOver(replied, "h:2:new", at + 60, at + 30),
+            InsertFlow(flow),
+            TakeOverFlow(flow, "h:2:new", at + 60, at + 30),
+        ):
+            store.commit_one(op)
+    finally:
+        store.close()
+    shown = ws.json("show", command.id)
+    assert [(e["from_state"], e["to_state"], e["event"]) for e in shown["events"]][-1] == (
+        "replied",
+        "replied",
+        "take over",
+    )
+    assert shown["events"][-1]["detail"] == {"previous_owner": "h:1:old", "owner": "h:2:new"}
+    journal = ws.ok("show", command.id).split("journal\n")[1].splitlines()
+    assert journal[-1].split()[2:6] == ["replied", "replied", "take", "over"]
+    assert '"owner": "h:2:new"' in journal[-1]
+    flow_shown = ws.json("flow", "show", flow.id)
+    assert [(e["from_state"], e["to_state"], e["event"]) for e in flow_shown["events"]] == [
+        (None, "running", "start"),
+        ("running", "running", "take over"),
+    ]
+    assert flow_shown["flow"]["owner"] == "h:2:new"
+    human = ws.ok("flow", "show", flow.id)
+    [path] = [line for line in human.splitlines() if line.startswith("path")]
+    assert "h:2:new" not in path and "h:1:old" not in path  # stages only

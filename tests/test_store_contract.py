@@ -28,6 +28,7 @@ from flows.operations import (
     Move,
     MoveFlow,
     Note,
+    Operation,
     RecordStep,
     ReleaseLeases,
     RenewFlowLeases,
@@ -315,7 +316,7 @@ def test_a_take_over_is_a_compare_and_set_journaled_as_a_note(make_store: MakeSt
     before = store.history(r.id)
     event = one(store, TakeOver(r, ME, AT + 200, AT + 170))
     assert (event.from_state, event.to_state, event.event) == (REPLIED, REPLIED, TAKE_OVER)
-    assert event.detail == {"from": OTHER, "to": ME} and event.at == AT + 170
+    assert event.detail == {"previous_owner": OTHER, "owner": ME} and event.at == AT + 170
     assert store.history(r.id) == [*before, event]
     mine = store.get(r.id)
     assert (mine.state, mine.owner, mine.lease_until) == (REPLIED, ME, AT + 200)
@@ -507,7 +508,7 @@ def test_a_flow_records_steps_and_is_taken_over_and_forked(make_store: MakeStore
     assert store.flow_steps(f.id) == [step]
     event = one(store, TakeOverFlow(counted, ME, AT + 90, AT + 60))
     assert (event.from_state, event.to_state, event.event) == (RUNNING, RUNNING, TAKE_OVER)
-    assert event.detail == {"from": OTHER, "to": ME}
+    assert event.detail == {"previous_owner": OTHER, "owner": ME}
     mine = store.find_flow(f.id)
     assert mine == attrs.evolve(counted, owner=ME, lease_until=AT + 90, updated_at=AT + 60)
     assert store.flow_history(f.id)[-1] == event
@@ -688,3 +689,51 @@ def test_every_kind_of_operation_has_its_statements() -> None:
         CountCacheHit,
     }
     assert kinds == used
+
+
+def _outcome(result: Any) -> Any:
+    """A result as a caller tells it apart: an error by its type."""
+    return type(result) if isinstance(result, BaseException) else result
+
+
+def test_a_batch_has_the_same_outcome_as_its_operations_one_by_one(
+    store_kind: StoreKind,
+) -> None:
+    """A store may write a batch's operations together (one statement for
+    many claims); what each caller is told, and what is stored, must be
+    what committing them one at a time gives: losers lose alone, a second
+    move of one command sees the first, a refused value refuses only its own
+    operation."""
+    together, alone = store_kind.new(), store_kind.new()
+    pending = [command(priority=n % 3) for n in range(40)]
+    for store in (together, alone):
+        store.commit([Insert(c) for c in pending])
+    sent = {c.id: attrs.evolve(c, state=SENT, owner=ME, lease_until=AT + LEASE) for c in pending}
+    batch: list[Operation] = []
+    for n, c in enumerate(pending):
+        if n % 7 == 3:  # stale: read before another engine took it
+            batch.append(Move(attrs.evolve(c, owner=OTHER), sent[c.id], DISPATCH, AT))
+        elif n % 11 == 5:  # forbidden: pending cannot finish
+            batch.append(Move(c, attrs.evolve(c, state=DONE), FINISH, AT))
+        else:
+            batch.append(Move(c, sent[c.id], DISPATCH, AT))
+    first, second = pending[0], pending[1]
+    r = attrs.evolve(sent[first.id], state=REPLIED, reply=Reply("x"), replied_at=AT)
+    d = attrs.evolve(r, state=DONE, finished_at=AT, owner=None, lease_until=None)
+    batch.insert(1, Move(first, sent[first.id], DISPATCH, AT))  # the same claim again: lost
+    batch += [
+        Chain((Move(sent[first.id], r, REPLY, AT), Move(r, d, FINISH, AT))),  # follows it
+        Move(second, sent[second.id], DISPATCH, AT, {"bad": "\ud800"}),  # unstorable detail
+        Insert(command()),
+        Insert(command(handler_args={"bad": "\udfff"})),  # unstorable: refused alone
+        Insert(pending[2]),  # a duplicate id
+        Insert(command()),
+    ]
+    results = together.commit(batch)
+    expected = [alone.commit([op])[0] for op in batch]
+    assert [_outcome(r) for r in results] == [_outcome(e) for e in expected]
+    assert isinstance(results[1], LostRace)
+    assert together.list() == alone.list()
+    for c in together.list():
+        assert together.history(c.id) == alone.history(c.id)
+    assert store_kind.journal_rows(together) == store_kind.journal_rows(alone)

@@ -353,7 +353,7 @@ class StoreMachine(RuleBasedStateMachine):
             state = op.before.state
             assert isinstance(result, Event)
             assert (result.from_state, result.to_state, result.event) == (state, state, TAKE_OVER)
-            assert result.detail == {"from": op.before.owner, "to": op.owner}
+            assert result.detail == {"previous_owner": op.before.owner, "owner": op.owner}
             self.journal[op.before.id].append((state, state, TAKE_OVER))
             current = self.commands[op.before.id]
             self.commands[op.before.id] = attrs.evolve(
