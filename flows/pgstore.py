@@ -309,15 +309,6 @@ def _compare_and_set(batch: _Batch, before: Command, after: Command, event: str,
         where = _CAS
     cursor = batch.execute(f"UPDATE commands SET {', '.join(sets)} WHERE {where}", (*params, *key))
     if cursor.rowcount != 1:
-        if where is not _CAS:
-            # A lost claim is common when engines share a table: no second
-            # query to say what became of the row.
-            raise LostRace(
-                f"command {before.id}: cannot {event}: being claimed by another engine, or since",
-                command_id=before.id,
-                state=before.state,
-                event=event,
-            )
         raise _lost_race(batch, before, event)
     if after.state in TERMINAL_STATES:
         batch.notices.append(f"{after.state}:{after.id}")
@@ -419,7 +410,7 @@ def _take_over(batch: _Batch, op: TakeOver) -> _Journaled:
         b.state,
         b.state,
         TAKE_OVER,
-        {"from": b.owner, "to": op.owner},
+        {"previous_owner": b.owner, "owner": op.owner},
     )
     lease, params = _lease(op.lease_until, at)
     done = batch.execute(
@@ -434,7 +425,13 @@ def _take_over(batch: _Batch, op: TakeOver) -> _Journaled:
 def _take_over_flow(batch: _Batch, op: TakeOverFlow) -> _Journaled:
     b = op.before
     event = batch.journal(
-        None, b.id, op.at, b.state, b.state, TAKE_OVER, {"from": b.owner, "to": op.owner}
+        None,
+        b.id,
+        op.at,
+        b.state,
+        b.state,
+        TAKE_OVER,
+        {"previous_owner": b.owner, "owner": op.owner},
     )
     lease, params = _lease(op.lease_until, op.at)
     done = batch.execute(
