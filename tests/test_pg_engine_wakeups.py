@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import subprocess
 import textwrap
+from collections.abc import Iterator
 
 import psycopg
+import pytest
 import trio
 
 import flows
@@ -79,6 +81,16 @@ class Other:
         self.process.wait(timeout=10)
 
 
+@pytest.fixture
+def other(pg_url: str) -> Iterator[Other]:
+    """Another process on the test's database, closed after the test."""
+    started = Other(pg_url)
+    try:
+        yield started
+    finally:
+        started.close()
+
+
 def dovecote_backends(url: str) -> list[int]:
     with psycopg.connect(url, autocommit=True) as conn:
         rows = conn.execute(
@@ -97,103 +109,87 @@ def listeners(url: str) -> list[int]:
     return [int(r[0]) for r in rows]
 
 
-async def test_another_process_submit_wakes_the_dispatcher(pg_url: str) -> None:
-    other = Other(pg_url)
-    try:
-        async with flows.open_engine(pg_url, poll_interval=SLOW_POLL) as engine:
-            command_id = await other.do("submit scripted")
+async def test_another_process_submit_wakes_the_dispatcher(pg_url: str, other: Other) -> None:
+    async with flows.open_engine(pg_url, poll_interval=SLOW_POLL) as engine:
+        command_id = await other.do("submit scripted")
+        with trio.fail_after(10):
+            done = await engine.wait(command_id)
+        assert done.state == "done" and done.reply is not None
+        assert done.reply.text == "the"
+
+
+async def test_wait_learns_of_an_end_committed_by_another_process(
+    pg_url: str, other: Other
+) -> None:
+    async with flows.open_engine(pg_url, poll_interval=SLOW_POLL) as engine:
+        # An adapter this engine lacks: it stays pending here.
+        command_id = await other.do("submit far-away")
+        async with trio.open_nursery() as nursery:
+            ended: list[str] = []
+
+            async def wait() -> None:
+                ended.append((await engine.wait(command_id)).state)
+
+            nursery.start_soon(wait)
+            await trio.sleep(0.2)  # the waiter waits
+            assert await other.do(f"cancel {command_id}") == "ok"
             with trio.fail_after(10):
-                done = await engine.wait(command_id)
-            assert done.state == "done" and done.reply is not None
-            assert done.reply.text == "the"
-    finally:
-        other.close()
-
-
-async def test_wait_learns_of_an_end_committed_by_another_process(pg_url: str) -> None:
-    other = Other(pg_url)
-    try:
-        async with flows.open_engine(pg_url, poll_interval=SLOW_POLL) as engine:
-            # An adapter this engine lacks: it stays pending here.
-            command_id = await other.do("submit far-away")
-            async with trio.open_nursery() as nursery:
-                ended: list[str] = []
-
-                async def wait() -> None:
-                    ended.append((await engine.wait(command_id)).state)
-
-                nursery.start_soon(wait)
-                await trio.sleep(0.2)  # the waiter waits
-                assert await other.do(f"cancel {command_id}") == "ok"
-                with trio.fail_after(10):
-                    while not ended:
-                        await trio.sleep(0.01)
-            assert ended == ["cancelled"]
-    finally:
-        other.close()
+                while not ended:
+                    await trio.sleep(0.01)
+        assert ended == ["cancelled"]
 
 
 async def test_a_send_in_flight_here_is_stopped_when_another_process_ends_it(
-    pg_url: str,
+    pg_url: str, other: Other
 ) -> None:
     """One send at a time: the next command can only go once the hung send
     of the one cancelled elsewhere has been stopped (its deadline is 30 s,
     and the lease, whose renewal would notice too, is renewed each 100 s)."""
-    other = Other(pg_url)
     one_at_a_time = ScriptedAdapter(max_in_flight=1)
-    try:
-        async with flows.open_engine(
-            pg_url, adapters=[one_at_a_time], poll_interval=SLOW_POLL, lease=300
-        ) as engine:
-            hung = await engine.submit("scripted", ask("#hang\nx"), timeout=30)
-            with trio.fail_after(10):
-                while engine.get(hung).state != "sent":
-                    await trio.sleep(0.01)
-            assert await other.do(f"cancel {hung}") == "ok"
-            with trio.fail_after(10):
-                after = await engine.wait(await engine.submit("scripted", ask("teh")))
-            assert after.state == "done"
-            assert engine.get(hung).state == "cancelled"
-    finally:
-        other.close()
+    async with flows.open_engine(
+        pg_url, adapters=[one_at_a_time], poll_interval=SLOW_POLL, lease=300
+    ) as engine:
+        hung = await engine.submit("scripted", ask("#hang\nx"), timeout=30)
+        with trio.fail_after(10):
+            while engine.get(hung).state != "sent":
+                await trio.sleep(0.01)
+        assert await other.do(f"cancel {hung}") == "ok"
+        with trio.fail_after(10):
+            after = await engine.wait(await engine.submit("scripted", ask("teh")))
+        assert after.state == "done"
+        assert engine.get(hung).state == "cancelled"
 
 
-async def test_the_bridge_tells_the_editor_of_an_end_committed_elsewhere(pg_url: str) -> None:
-    other = Other(pg_url)
-    try:
-        async with served(pg_url) as (editor, _):  # type: ignore[arg-type]
-            await editor.initialize()
-            result = await editor.request(
-                "command/submit", {"adapter": "scripted", "request": ask("#hang\nx")}
-            )
-            command_id = result["commandId"]
-            await editor.wait_state(command_id, {"sent"})
-            assert await other.do(f"cancel {command_id}") == "ok"
-            with trio.fail_after(10):
-                state = await editor.wait_state(command_id, {"cancelled"})
-            assert state["state"] == "cancelled"
-    finally:
-        other.close()
+async def test_the_bridge_tells_the_editor_of_an_end_committed_elsewhere(
+    pg_url: str, other: Other
+) -> None:
+    async with served(pg_url) as (editor, _):  # type: ignore[arg-type]
+        await editor.initialize()
+        result = await editor.request(
+            "command/submit", {"adapter": "scripted", "request": ask("#hang\nx")}
+        )
+        command_id = result["commandId"]
+        await editor.wait_state(command_id, {"sent"})
+        assert await other.do(f"cancel {command_id}") == "ok"
+        with trio.fail_after(10):
+            state = await editor.wait_state(command_id, {"cancelled"})
+        assert state["state"] == "cancelled"
 
 
-async def test_listening_goes_on_after_the_connection_is_cut(pg_url: str) -> None:
-    other = Other(pg_url)
-    try:
-        async with flows.open_engine(pg_url, poll_interval=SLOW_POLL) as engine:
-            with psycopg.connect(pg_url, autocommit=True) as conn:
-                [pid] = listeners(pg_url)
-                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            with trio.fail_after(10):
-                while listeners(pg_url) == [pid]:
-                    await trio.sleep(0.02)
-            with trio.fail_after(10):
-                while len(listeners(pg_url)) != 1:  # listening again
-                    await trio.sleep(0.02)
-            command_id = await other.do("submit scripted")
-            with trio.fail_after(10):
-                assert (await engine.wait(command_id)).state == "done"
-    finally:
-        other.close()
+async def test_listening_goes_on_after_the_connection_is_cut(pg_url: str, other: Other) -> None:
+    async with flows.open_engine(pg_url, poll_interval=SLOW_POLL) as engine:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            [pid] = listeners(pg_url)
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with trio.fail_after(10):
+            while listeners(pg_url) == [pid]:
+                await trio.sleep(0.02)
+        with trio.fail_after(10):
+            while len(listeners(pg_url)) != 1:  # listening again
+                await trio.sleep(0.02)
+        command_id = await other.do("submit scripted")
+        with trio.fail_after(10):
+            assert (await engine.wait(command_id)).state == "done"
 
 
 async def test_closing_leaves_no_connection_and_no_thread(pg_url: str) -> None:
