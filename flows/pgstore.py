@@ -91,6 +91,7 @@ LEASE_EXPIRES: Final = schema.LEASE_EXPIRES
 
 _JOURNAL_LOCK: Final = 0x646F7665636F7401  # 'dovecot' + 1: the journal's ids
 _SCHEMA_LOCK: Final = 0x646F7665636F7402  # creating the schema
+_RESERVED: Final = 0x646F7665  # with a row's hashtext(id): read for a claim (ready_to_send)
 CHANNEL: Final = "dovecote"
 """The LISTEN/NOTIFY channel of wake-ups (see ``wait_for_change``)."""
 _READY: Final = "ready"
@@ -1034,11 +1035,20 @@ class PostgresStore:
             sql += " AND (handler IS NULL OR handler = ANY(%s))"
             params.append(builtins.list(handlers))
         sql += " ORDER BY priority DESC, id LIMIT %s"
-        if not self.read_only:
-            # Not the rows another engine is claiming right now: they would
-            # only be lost races (the lock is this statement's alone).
-            sql += " FOR UPDATE SKIP LOCKED"
         params.append(limit)
+        if not self.read_only:
+            # Engines sharing the table all read its oldest rows, and all but
+            # one would lose their claims of them. So a read reserves what it
+            # returns (an advisory lock of this reading session, given back
+            # at its next read, by which time the claims are committed, or
+            # when the session ends) and passes over what another engine's
+            # read reserved, looking further down for it.
+            self._rows("SELECT pg_advisory_unlock_all()")
+            sql = (
+                f"SELECT * FROM ({sql.replace('LIMIT %s', 'LIMIT %s * 4')}) AS c "
+                "WHERE pg_try_advisory_lock(%s, hashtext(c.id)) LIMIT %s"
+            )
+            params += [_RESERVED, limit]
         known = known or {}
         ready = []
         for row in self._rows(sql, params):
