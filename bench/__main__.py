@@ -35,8 +35,11 @@ BENCHMARKS: list[tuple[str, str, list[str]]] = [
     ),
     ("Dead-letter lateness and peak memory, 100,000 pending deadlines", "bench.deadletter", []),
     ("Crash: kill -9 after 500 claims under load, then restart", "bench.crash", []),
-    ("PostgreSQL: wake-up across processes, LISTEN/NOTIFY vs polling", "bench.pg_wakeup", []),
-    ("PostgreSQL: 1, 2 and 4 engine processes on one database", "bench.pg_scaling", []),
+    (
+        "PostgreSQL: lifecycle vs procrastinate and pgqueuer, scaling, wake-up latency",
+        "bench.pg",
+        [],
+    ),
 ]
 
 

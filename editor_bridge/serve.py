@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import ipaddress
 import logging
 import os
@@ -46,7 +47,8 @@ from editor_bridge.finals import IDLE
 from editor_bridge.framing import DEFAULT_MAX_FRAME
 from editor_bridge.rpc import DEFAULT_MAX_OUTBOX
 from editor_bridge.server import Server
-from flows.engine import open_engine
+from flows.engine import open_engine, user_data_dir
+from flows.location import is_postgres_url, shown
 
 log = logging.getLogger("dovecote.serve")
 
@@ -55,7 +57,15 @@ class ListenError(Exception):
     pass
 
 
-def token_path(db: Path) -> Path:
+def token_path(db: str | os.PathLike[str]) -> Path:
+    """Where a listening server keeps its token: beside a database file;
+    for a ``postgresql://`` database, in the user data directory, under a
+    name drawn from the URL without its password (one server per database
+    on this host, as for a file)."""
+    if is_postgres_url(db):
+        digest = hashlib.sha256(shown(db).encode()).hexdigest()[:16]
+        return user_data_dir() / f"postgresql-{digest}.token"
+    db = Path(db)
     return db.with_name(db.name + ".token")
 
 
@@ -187,7 +197,7 @@ async def _until_signalled(
 
 
 async def serve(
-    db: Path,
+    db: str | os.PathLike[str],
     *,
     stdio: bool,
     listen: Sequence[str] = (),

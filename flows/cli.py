@@ -452,7 +452,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         trio.run(
             partial(
                 serve,
-                Path(args.db),
+                args.db,
                 stdio=args.stdio,
                 listen=args.listen or (),
                 allow_remote=args.allow_remote,

@@ -30,7 +30,8 @@ from flows.held import Held
 from flows.notices import Notices
 from flows.records import Command, Event
 from flows.states import LostRace, entering, next_state
-from flows.store import Move, Store
+from flows.storage import StoreProtocol
+from flows.store import Move
 from flows.timers import Timers
 
 log = logging.getLogger("dovecote")
@@ -95,17 +96,23 @@ class Mover:
             ]
         )
         out: list[Command | None] = []
+        failed: list[tuple[str, BaseException]] = []
         for (before, _, _), after, result in zip(moves, afters, results, strict=True):
             if isinstance(result, LostRace):
                 out.append(None)
             elif isinstance(result, BaseException):
-                log.error("could not commit a transition of %s: %s", after.id, result)
+                failed.append((after.id, result))
                 out.append(None)
                 if refused is not None:
                     refused.append(before)
             else:
                 self.committed(after, result)
                 out.append(after)
+        if failed:
+            # One line for the batch: a store that is away refuses them all.
+            first_id, first = failed[0]
+            more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+            log.error("could not commit a transition of %s%s: %s", first_id, more, first)
         return out
 
     def committed(self, command: Command, event: Event) -> None:
@@ -119,7 +126,7 @@ class Mover:
 class Core:
     """The engine's shared parts (see the module docstring)."""
 
-    store: Store
+    store: StoreProtocol
     committer: Committer
     timers: Timers
     clock: Clock

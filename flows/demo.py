@@ -13,7 +13,6 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
 import attrs
@@ -23,6 +22,7 @@ from adapters.base import Adapter, Price
 from adapters.scripted import MISSPELLINGS, correct
 from flows.builtin import correction_request
 from flows.engine import Engine, open_engine
+from flows.location import is_postgres_url, shown
 from flows.records import Command, StateChange
 from flows.render import COMMAND_HEADERS, command_rows, table
 from flows.states import COMMAND_STATES, DEAD, DONE, REASON_TIMEOUT, TERMINAL_STATES
@@ -185,7 +185,7 @@ async def run_demo(
             say(f"dovecote demo: no adapter named {adapter!r} (configured: {known})")
             return 2
         calls = _batch_for(adapter, engine.adapters[adapter].settings.price == Price())
-        say(f"dovecote demo — database {Path(db)}, adapter {adapter!r}")
+        say(f"dovecote demo — database {shown(db)}, adapter {adapter!r}")
         say("")
         say(
             f"1. Submitting {len(calls)} calls. "
@@ -290,5 +290,6 @@ async def run_demo(
         say("  dovecote dead                 the dead letters still waiting for a decision")
         say(f"  dovecote show {ids[0]}   one command and its journal")
         say("  dovecote stats                counts, tokens and cost")
-        say(f"  sqlite3 {Path(db)} 'select state, count(*) from commands group by state'")
+        look = "psql" if is_postgres_url(db) else "sqlite3"
+        say(f"  {look} {shown(db)} 'select state, count(*) from commands group by state'")
     return 0

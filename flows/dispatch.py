@@ -3,15 +3,19 @@
 One task. Each round it asks the store, adapter by adapter, for the
 commands ready to send (highest priority, then oldest; not before a
 backed-off retry is due), as many as the adapter has room for
-(``max_in_flight`` less the sends in flight here) and at most
-``CLAIM_BATCH``; admits those that no budget refuses and the rate limit
-lets through now; claims them in one commit (``pending -> sent``, owned by
-this engine under a lease, with a deadline); and hands each one won to the
-send path. Claims lost to another engine are simply not sent.
+(``max_in_flight`` less the sends in flight here) and at most a batch
+(``CLAIM_BATCH``, halved down to ``MIN_CLAIM_BATCH`` while other engines on
+the same table win most of this one's claims: they all read the oldest
+rows, and a smaller batch is read, decoded and claimed sooner); admits
+those that no budget refuses and the rate limit lets through now; claims
+them in one commit (``pending -> sent``, owned by this engine under a
+lease, with a deadline); and hands each one won to the send path. Claims
+lost to another engine are simply not sent.
 
 It sleeps until woken (``wake``: a submit, a send that ended, a retry that
-is due) or ``poll_interval`` passes (another process's submits are seen
-then).
+is due, another process's submit announced by the store, flows.wakeups) or
+``poll_interval`` passes (another process's submits are seen then on a
+store that announces nothing).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from flows.timers import DEADLINE
 from flows.timers import RETRY as RETRY_ALARM
 
 CLAIM_BATCH: Final = 1024  # most commands claimed in one dispatcher round
+MIN_CLAIM_BATCH: Final = 32  # fewest, however many claims other engines win
 FLOW_BUDGETS_KEPT: Final = 10_000  # flows whose budget is remembered
 
 
@@ -46,6 +51,10 @@ class Dispatcher:
         }
         # Each flow's budget, once read: it never changes.
         self._flow_budgets: dict[str, float | None] = {}
+        # How many to claim a round, by adapter: halved while other engines
+        # win most of our claims (they read the same oldest rows), doubled
+        # back while we win them all.
+        self._batch = dict.fromkeys(core.adapters, CLAIM_BATCH)
 
     def wake(self) -> None:
         """Look for work now, not at the next poll."""
@@ -72,7 +81,7 @@ class Dispatcher:
                 continue
             # A round claims a bounded batch: claiming a hundred thousand at
             # once would hold the loop (and every timer) for seconds.
-            room = min(room, CLAIM_BATCH)
+            room = min(room, self._batch[name])
             now = core.clock.now()
             ready = [
                 c
@@ -109,6 +118,11 @@ class Dispatcher:
                     more = False  # the store refuses claims: wait, do not spin
             finally:
                 core.held.claiming.difference_update(c.id for c in ready)
+            lost = claimed.count(None) - len(refused)
+            if lost * 2 > len(claimed):
+                self._batch[name] = max(MIN_CLAIM_BATCH, self._batch[name] // 2)
+            elif lost == 0:
+                self._batch[name] = min(CLAIM_BATCH, self._batch[name] * 2)
             for won in claimed:
                 if won is None:
                     continue  # another engine was faster

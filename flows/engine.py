@@ -12,7 +12,9 @@ around one store (their shared record is flows.core.Core):
 * the **timers** (flows.timers) ring at deadlines, expiries and due retries,
   and the **keeper** (flows.keeper) acts on them, renews this engine's
   leases and takes over work that a dead engine left behind;
-* the **flow runner** (flows.runtime) runs multi-step flows.
+* the **flow runner** (flows.runtime) runs multi-step flows;
+* the **wake-ups** (flows.wakeups), on a store that announces what other
+  processes commit (PostgreSQL), wake the dispatcher and the waiters at once.
 
 Every reply, whether a send returns it, a person types it or another
 process delivers it, enters through ``deliver``, which matches it to its
@@ -61,6 +63,7 @@ from flows.dispatch import Dispatcher
 from flows.errors import CommandFailed, EngineClosing, StoreError
 from flows.held import Held
 from flows.keeper import Keeper
+from flows.location import location, open_store
 from flows.notices import Notice, Notices, Progress
 from flows.options import (
     PRIORITY_BATCH,
@@ -85,6 +88,7 @@ from flows.states import (
     LostRace,
     next_state,
 )
+from flows.storage import StoreProtocol
 from flows.store import (
     AddCacheEntry,
     AddLateReply,
@@ -94,11 +98,11 @@ from flows.store import (
     Note,
     Operation,
     ReleaseLeases,
-    Store,
     UseLateReply,
     make_owner,
 )
 from flows.timers import EXPIRY, Timers
+from flows.wakeups import Wakeups, feed_of
 
 log = logging.getLogger("dovecote")
 T = TypeVar("T")
@@ -121,24 +125,31 @@ __all__ = [
 ]
 
 
-def default_db_path(cwd: Path | None = None) -> Path:
+def default_db_path(cwd: Path | None = None) -> str | Path:
     """The database when no ``--db`` is given: one rule for the CLI, ``dovecote serve``
     and so the editors, so that ``dovecote dead`` in a shell shows an editor's calls.
 
-    ``$DOVECOTE_DB``; else the nearest ``.dovecote/dovecote.db`` in ``cwd`` (the current
+    ``$DOVECOTE_DB`` (a path, or a ``postgresql://`` URL: flows.location); else the
+    nearest ``.dovecote/dovecote.db`` in ``cwd`` (the current
     directory) or its parents, as git finds ``.git`` (a project's own database, made by
     ``mkdir .dovecote``); else ``$XDG_DATA_HOME/dovecote/dovecote.db``, by default under
     ``~/.local/share`` (a relative ``$XDG_DATA_HOME`` is ignored, as the XDG spec says).
     """
     if env := os.environ.get("DOVECOTE_DB"):
-        return Path(env)
+        return location(env)
     here = (cwd or Path.cwd()).absolute()
     for directory in (here, *here.parents):
         if (directory / DEFAULT_DB.parent).is_dir():
             return directory / DEFAULT_DB
+    return user_data_dir() / DEFAULT_DB.name
+
+
+def user_data_dir() -> Path:
+    """dovecote's directory under ``$XDG_DATA_HOME`` (an absolute one), by
+    default ``~/.local/share/dovecote``."""
     data = os.environ.get("XDG_DATA_HOME", "")
     home = Path(data) if os.path.isabs(data) else Path.home() / ".local" / "share"
-    return home / "dovecote" / DEFAULT_DB.name
+    return home / "dovecote"
 
 
 class Engine:
@@ -146,7 +157,7 @@ class Engine:
 
     def __init__(
         self,
-        store: Store,
+        store: StoreProtocol,
         nursery: trio.Nursery,
         adapters: Iterable[Adapter],
         *,
@@ -192,6 +203,8 @@ class Engine:
             running_flows=self.flow_runner.running,
             resume_flows=self.flow_runner.resume,
         )
+        feed = feed_of(store)
+        self._wakeups = Wakeups(core, feed, self._wake) if feed is not None else None
 
     def _ring(self, alarms: Any) -> Awaitable[None]:
         return self._keeper.ring(alarms)
@@ -386,7 +399,8 @@ class Engine:
         """The command once it is terminal (``done``, ``dead`` or ``cancelled``).
 
         Transitions made by this engine wake the waiter at once; those made
-        by another process on the same file are seen by polling."""
+        by another process are seen at once on a store that announces them
+        (PostgreSQL, flows.wakeups), else by polling (SQLite)."""
         # One this engine holds is not terminal: no need to read it to know.
         command = self._core.held.known(command_id) or self.store.get(command_id)
         while not command.is_terminal:
@@ -633,6 +647,9 @@ class Engine:
         self._keeper.schedule_stored()
         await core.nursery.start(self.committer.run)
         await core.nursery.start(_service, core.timers.run)
+        if self._wakeups is not None:
+            # Listening before recovery reads the table: nothing falls between.
+            await core.nursery.start(_service, self._wakeups.run)
         await self._keeper.recover()
         await self.flow_runner.resume()
         await core.nursery.start(_service, self._dispatcher.run)
@@ -668,12 +685,13 @@ async def open_engine(
     adapters: Iterable[Adapter] = (),
     **options: Any,
 ) -> AsyncIterator[Engine]:
-    """Open the database at ``path`` (default ``$DOVECOTE_DB`` or
-    ``./.dovecote/dovecote.db``) and run an engine on it until the block
-    ends. The scripted adapter is always present; ``adapters`` add to it or
-    replace it by name. Options: ``handlers``, ``lease``, ``poll_interval``,
-    ``backoff``, ``wall_clock``, ``seed``."""
-    store = Store(path if path is not None else default_db_path())
+    """Open the database at ``path``, a file or a ``postgresql://`` URL
+    (default ``$DOVECOTE_DB`` or ``./.dovecote/dovecote.db``), and run an
+    engine on it until the block ends. The scripted adapter is always
+    present; ``adapters`` add to it or replace it by name. Options:
+    ``handlers``, ``lease``, ``poll_interval``, ``backoff``, ``wall_clock``,
+    ``seed``."""
+    store = open_store(path if path is not None else default_db_path())
     chosen: dict[str, Adapter] = {"scripted": ScriptedAdapter.from_env()}
     for adapter in adapters:
         chosen[adapter.settings.name] = adapter

@@ -37,6 +37,13 @@ def location(text: str) -> str | Path:
     return text if is_postgres_url(text) else Path(text)
 
 
+def shown(where: str | os.PathLike[str]) -> str:
+    """``where`` as it may be printed: a URL without its password."""
+    if isinstance(where, str) and is_postgres_url(where):
+        return PgLocation.parse(where).display
+    return str(Path(where))
+
+
 def open_store(
     where: str | os.PathLike[str],
     mode: Literal["write", "existing", "read"] = "write",

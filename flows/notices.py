@@ -61,10 +61,7 @@ class Notices:
     def committed(self, command: Command, event: Event) -> None:
         """``command`` is as ``event`` left it, durably: wake and tell."""
         if command.state in TERMINAL_STATES:
-            waiter = self._waiters.pop(command.id, None)
-            if waiter is not None:
-                waiter.command = command
-                waiter.woken.set()
+            self._wake(command)
         if self._subscribers:
             self.publish(StateChange(command, event))
         self.on_command(command)
@@ -74,6 +71,20 @@ class Notices:
         when someone listens (a send reports it many times a second)."""
         if self._subscribers:
             self.publish(Progress(command_id, text))
+
+    def ended_elsewhere(self, command: Command, event: Event | None) -> None:
+        """Another process ended ``command``; ``event`` is its last journal
+        row, read only when someone subscribes (flows.wakeups)."""
+        self._wake(command)
+        if event is not None and self._subscribers:
+            self.publish(StateChange(command, event))
+        self.on_command(command)
+
+    def _wake(self, command: Command) -> None:
+        waiter = self._waiters.pop(command.id, None)
+        if waiter is not None:
+            waiter.command = command
+            waiter.woken.set()
 
     def publish(self, notice: Notice) -> None:
         """Give ``notice`` to every subscriber; drop one that fell behind."""
@@ -85,12 +96,15 @@ class Notices:
                 self._subscribers.remove(channel)
                 channel.close()
 
-    def ended_elsewhere(self, command_id: str) -> None:
-        """Another process committed ``command_id`` terminal (a store's
-        wake-up, flows.wakeups): its waiters wake to read the row, which
-        that commit made visible before telling."""
-        waiter = self._waiters.pop(command_id, None)
-        if waiter is not None:
+    def waited_for(self, command_id: str) -> bool:
+        """True when a task waits for the command to end."""
+        return command_id in self._waiters
+
+    def look_again(self) -> None:
+        """Wake every waiter to read its command's row: changes may have been
+        missed (the store's announcements were cut off for a while)."""
+        waiters, self._waiters = self._waiters, {}
+        for waiter in waiters.values():
             waiter.woken.set()
 
     async def wait_terminal(self, command_id: str, timeout: float) -> Command | None:

@@ -40,7 +40,7 @@ import json
 import operator
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Final, cast
 
 import attrs
@@ -91,6 +91,7 @@ LEASE_EXPIRES: Final = schema.LEASE_EXPIRES
 
 _JOURNAL_LOCK: Final = 0x646F7665636F7401  # 'dovecot' + 1: the journal's ids
 _SCHEMA_LOCK: Final = 0x646F7665636F7402  # creating the schema
+_RESERVED: Final = 0x646F7665  # with a row's hashtext(id): read for a claim (ready_to_send)
 CHANNEL: Final = "dovecote"
 """The LISTEN/NOTIFY channel of wake-ups (see ``wait_for_change``)."""
 _READY: Final = "ready"
@@ -624,6 +625,47 @@ class _Refused(Exception):
     is lost, and the batch is run again with a savepoint per operation."""
 
 
+def _waited_for(op: Operation) -> Iterator[tuple[str, str]]:
+    """``(table, id)`` of the existing rows ``op`` updates waiting for
+    their locks (a claim does not wait: it skips a locked row)."""
+    if isinstance(op, Move):
+        if not (op.before.state == PENDING and op.event == DISPATCH):
+            yield "commands", op.before.id
+    elif isinstance(op, Chain | Group):
+        for inner in op.moves if isinstance(op, Chain) else op.operations:
+            yield from _waited_for(inner)
+    elif isinstance(op, TakeOver):
+        yield "commands", op.before.id
+    elif isinstance(op, RenewLeases):
+        yield from (("commands", i) for i in op.ids)
+    elif isinstance(op, MoveFlow | TakeOverFlow):
+        yield "flows", op.before.id
+    elif isinstance(op, RecordStep):
+        yield "flows", op.flow.id
+    elif isinstance(op, RenewFlowLeases):
+        yield from (("flows", i) for i in op.ids)
+
+
+def _lock_in_order(batch: _Batch, operations: Sequence[Operation]) -> None:
+    """Lock the rows the batch will update, by table and id, before any
+    operation runs. Engines commit batches that touch the same rows in
+    different orders (two engines recovering one dead engine's work, a
+    reply racing a cancel): taking the locks in one order makes the later
+    batch wait for the earlier one, where taking them as the operations
+    come would deadlock, and PostgreSQL would abort one side's operations.
+    ``FOR NO KEY UPDATE``: the lock an ``UPDATE`` takes anyway."""
+    wanted: dict[str, set[str]] = {"commands": set(), "flows": set()}
+    for op in operations:
+        for table, row_id in _waited_for(op):
+            wanted[table].add(row_id)
+    for table in ("commands", "flows"):
+        if wanted[table]:
+            batch.execute(
+                f"SELECT 1 FROM {table} WHERE id = ANY(%s) ORDER BY id FOR NO KEY UPDATE",
+                (sorted(wanted[table]),),
+            )
+
+
 # --- Connecting -------------------------------------------------------------
 
 
@@ -679,15 +721,18 @@ class PostgresStore:
         self.read_only = read_only
         self._reader_lock = threading.Lock()
         self._listener: psycopg.Connection[Any] | None = None
+        # The server processes of this store's writers (one, or more after
+        # reconnects): their notifications are our own, not news.
+        self._own_pids: set[int] = set()
         self._read = connect(self.location, read_only=read_only)
         try:
             if read_only:
                 self._check_schema()
             else:
                 self._set_up()
-            self._write: psycopg.Connection[Any] | None = (
-                None if read_only else connect(self.location)
-            )
+            self._write: psycopg.Connection[Any] | None = None
+            if not read_only:
+                self._writer()
         except BaseException:
             self._read.close()
             raise
@@ -799,6 +844,7 @@ class PostgresStore:
             raise StoreError(f"{self.path} is open read-only")
         if self._write is None or self._write.closed:
             self._write = connect(self.location)
+            self._own_pids.add(self._write.info.backend_pid)
         return self._write
 
     def _error(self, operation: Operation, exc: Exception) -> Exception:
@@ -830,6 +876,7 @@ class PostgresStore:
         results: builtins.list[Any] = []
         with conn.transaction(), conn.cursor() as cursor:
             batch = _Batch(cursor)
+            _lock_in_order(batch, operations)
             for op in operations:
                 journaled, notices = len(batch.rows), len(batch.notices)
                 alone = careful or not _one_statement(op)
@@ -1019,6 +1066,19 @@ class PostgresStore:
             params.append(builtins.list(handlers))
         sql += " ORDER BY priority DESC, id LIMIT %s"
         params.append(limit)
+        if not self.read_only:
+            # Engines sharing the table all read its oldest rows, and all but
+            # one would lose their claims of them. So a read reserves what it
+            # returns (an advisory lock of this reading session, given back
+            # at its next read, by which time the claims are committed, or
+            # when the session ends) and passes over what another engine's
+            # read reserved, looking further down for it.
+            self._rows("SELECT pg_advisory_unlock_all()")
+            sql = (
+                f"SELECT * FROM ({sql.replace('LIMIT %s', 'LIMIT %s * 4')}) AS c "
+                "WHERE pg_try_advisory_lock(%s, hashtext(c.id)) LIMIT %s"
+            )
+            params += [_RESERVED, limit]
         known = known or {}
         ready = []
         for row in self._rows(sql, params):
@@ -1226,6 +1286,14 @@ class PostgresStore:
         """Start listening now (see ``wait_for_change``)."""
         self._listening()
 
+    def listening(self) -> int:
+        """Start listening (if not yet, or again) and return the descriptor
+        of the listening connection: readable when a change is announced
+        (or the connection ends), so that trio can wait for it without a
+        thread (``trio.lowlevel.wait_readable``), then ask
+        ``wait_for_change(0)``."""
+        return self._listening().fileno()
+
     def wait_for_change(self, timeout: float) -> Changes:
         """Block until another connection commits a change someone may wait
         for, or ``timeout`` seconds pass (then the ``Changes`` are empty):
@@ -1252,7 +1320,11 @@ class PostgresStore:
                 self._listening()  # listening again before the caller looks
             return Changes(ready=frozenset({EVERY_ADAPTER}))
         ready, finished = set(), []
-        for notice in (line for n in notices for line in n.payload.split("\n")):
+        # This store's own commits are not news: its engine knows them.
+        mine = self._own_pids
+        for notice in (
+            line for n in notices if n.pid not in mine for line in n.payload.split("\n")
+        ):
             kind, _, key = notice.partition(":")
             if kind == _READY:
                 ready.add(key)

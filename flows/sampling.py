@@ -30,7 +30,7 @@ from flows.checks import Score, run_check
 if TYPE_CHECKING:
     from flows.engine import Engine
     from flows.records import Command
-    from flows.store import Store
+    from flows.storage import StoreProtocol
 
 PICKS = ("best", "first")
 
@@ -127,7 +127,7 @@ def record(
     }
 
 
-def from_record(store: Store, value: Mapping[str, Any]) -> Sample:
+def from_record(store: StoreProtocol, value: Mapping[str, Any]) -> Sample:
     """The ``Sample`` a recorded ``sample`` step stands for, or
     ``NoCandidatePassed`` again when none was chosen."""
     scores = tuple(Score(c["passed"], c["score"], c.get("detail", "")) for c in value["candidates"])

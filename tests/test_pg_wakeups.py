@@ -104,61 +104,17 @@ def test_what_is_rolled_back_wakes_nobody(pg_url: str) -> None:
         there.close()
 
 
-async def test_relay_wakes_the_dispatcher_and_a_waiter_for_work_done_elsewhere(
-    pg_url: str,
-) -> None:
-    """flows.wakeups.relay, as an engine runs it: another connection's submit
-    wakes the dispatcher, its cancel wakes a task waiting here (which would
-    otherwise sleep its whole minute), and closing the store after the relay
-    is cancelled leaves nothing hanging."""
-    import trio
-
-    from adapters.base import Request
-    from flows.notices import Notices
-    from flows.wakeups import relay
-
-    here, there = PostgresStore(pg_url), PostgresStore(pg_url)
-    notices = Notices()
-    woken = trio.Event()
-    command = Command(
-        id=new_id(),
-        adapter="far",
-        state="pending",
-        created_at=1.0,
-        timeout=30.0,
-        request=Request.from_json({"messages": [{"role": "user", "content": "hi"}]}),
-    )
-    try:
-        with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(relay, here, woken.set, notices)
-                await trio.to_thread.run_sync(there.commit_one, Insert(command))
-                await woken.wait()
-
-                async def cancel_elsewhere() -> None:
-                    await trio.sleep(0.1)
-                    cancelled = command.evolve(state=CANCELLED, finished_at=2.0)
-                    await trio.to_thread.run_sync(
-                        there.commit_one, Move(command, cancelled, CANCEL, 2.0)
-                    )
-
-                nursery.start_soon(cancel_elsewhere)
-                assert await notices.wait_terminal(command.id, 60) is None  # woken, not told
-                assert here.get(command.id).state == CANCELLED
-                nursery.cancel_scope.cancel()
-    finally:
-        here.close()
-        there.close()
+# The engine's side of these wake-ups (flows.wakeups.Wakeups: the dispatcher,
+# waiters, the bridge and a send stopped, across real processes) is tested in
+# tests/test_pg_engine_wakeups.py.
 
 
-async def test_relay_needs_no_task_for_a_store_that_cannot_tell(tmp_path: Any) -> None:
-    import trio
-
-    from flows.notices import Notices
+def test_a_store_that_cannot_tell_has_no_feed(tmp_path: Any) -> None:
     from flows.store import Store
-    from flows.wakeups import relay
+    from flows.wakeups import feed_of
 
     store = Store(tmp_path / "x.db")
-    with trio.fail_after(5):
-        await relay(store, lambda: None, Notices())  # returns at once
-    store.close()
+    try:
+        assert feed_of(store) is None
+    finally:
+        store.close()
