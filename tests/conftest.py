@@ -107,6 +107,42 @@ def pg_url(pg_cluster: Any) -> str:
     return str(pg_cluster.create_database())
 
 
+@pytest.fixture
+def own_registries() -> Iterator[None]:
+    """Handlers, checks and flows a test registers are dropped after it: a
+    test that runs once per store registers its own (closures over its
+    locals) again on the second run, under the same names."""
+    from flows import checks, handlers, runtime
+
+    registries: list[dict[str, Any]] = [handlers.REGISTRY, checks.REGISTRY, runtime.REGISTRY]
+    saved = [dict(registry) for registry in registries]
+    try:
+        yield
+    finally:
+        for registry, before in zip(registries, saved, strict=True):
+            registry.clear()
+            registry.update(before)
+
+
+@pytest.fixture(params=sorted(STORES))
+def db(request: pytest.FixtureRequest, tmp_path: Path, own_registries: None) -> Path | str:
+    """Where an engine's store lives, once for each store: a SQLite file in
+    ``tmp_path``, then a fresh PostgreSQL database (``pg_url``). A test
+    about the engine, a flow or the bridge takes ``db`` and runs on both;
+    ``open_engine``, ``open_store`` and ``dovecote serve --db`` take either.
+
+    Tests about the SQLite file itself (read with sqlite3, its permissions,
+    WAL, kill -9 on a file) keep ``db_path``. So do the tests on trio's
+    MockClock (``autojump_clock``): a PostgreSQL commit waits in a worker
+    thread, and while it does the autojump sees every task asleep and moves
+    time on, so the exact times those tests assert would not hold; time, not
+    the store, is their subject.
+    """
+    if request.param == "sqlite":
+        return tmp_path / "dovecote.db"
+    return str(request.getfixturevalue("pg_url"))
+
+
 @pytest.fixture(params=sorted(STORES))
 def store_kind(request: pytest.FixtureRequest) -> Iterator[StoreKind]:
     """Each store implementation in turn (tests/stores.py)."""

@@ -221,7 +221,7 @@ class Editor:
 
 @asynccontextmanager
 async def served(
-    db: Path, *extra: str, env: dict[str, str] | None = None
+    db: Path | str, *extra: str, env: dict[str, str] | None = None
 ) -> AsyncIterator[tuple[Editor, trio.Process]]:
     """``dovecote serve --stdio`` in a subprocess, and an initialized editor on it."""
     process = await trio.lowlevel.open_process(

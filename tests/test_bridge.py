@@ -1,5 +1,6 @@
 """The JSON-RPC bridge end to end: a real ``dovecote serve --stdio``
-subprocess and an editor that types while corrections are pending."""
+subprocess and an editor that types while corrections are pending, on
+each store (the ``db`` fixture)."""
 
 from __future__ import annotations
 
@@ -23,18 +24,18 @@ def correction(text: str, directives: str = "#delay 0.5\n") -> dict[str, object]
     }
 
 
-async def test_initialize_lists_adapters(db_path: Path) -> None:
-    async with served(db_path) as (editor, _):
+async def test_initialize_lists_adapters(db: Path | str) -> None:
+    async with served(db) as (editor, _):
         result = await editor.initialize()
     assert result["serverInfo"]["name"] == "dovecote"
     assert {"scripted", "human"} <= set(result["adapters"])
 
 
-async def test_typing_before_inside_and_after_a_pending_correction(db_path: Path) -> None:
+async def test_typing_before_inside_and_after_a_pending_correction(db: Path | str) -> None:
     intro = "Dear 🦆 friend,\n"
     region = "I recieve teh letter and beleive every word of it."
     outro = "\nYours, Ann"
-    async with served(db_path) as (editor, _):
+    async with served(db) as (editor, _):
         await editor.initialize()
         await editor.open(URI, intro + region + outro)
         start = len(intro)
@@ -90,8 +91,8 @@ async def retyped_correction(
     return str(result["commandId"])
 
 
-async def test_collision_with_drop_keeps_the_persons_text(db_path: Path) -> None:
-    async with served(db_path) as (editor, _):
+async def test_collision_with_drop_keeps_the_persons_text(db: Path | str) -> None:
+    async with served(db) as (editor, _):
         command_id = await retyped_correction(
             editor, "We will meet tommorow at noon.", "tommorow", "on Friday", "drop"
         )
@@ -106,9 +107,9 @@ async def test_collision_with_drop_keeps_the_persons_text(db_path: Path) -> None
     )
 
 
-async def test_stale_apply_edit_is_refused_and_merged_again(db_path: Path) -> None:
+async def test_stale_apply_edit_is_refused_and_merged_again(db: Path | str) -> None:
     region = "Teh cat sat on teh mat."
-    async with served(db_path) as (editor, _):
+    async with served(db) as (editor, _):
         await editor.initialize()
         await editor.open(URI, region)
         typed = False
@@ -137,8 +138,8 @@ async def test_stale_apply_edit_is_refused_and_merged_again(db_path: Path) -> No
     assert shown["merge"]["tries"] == 2
 
 
-async def test_conflict_ask_waits_for_resolve(db_path: Path) -> None:
-    async with served(db_path) as (editor, _):
+async def test_conflict_ask_waits_for_resolve(db: Path | str) -> None:
+    async with served(db) as (editor, _):
         command_id = await retyped_correction(
             editor, "Teh definately wierd plan.", "wierd", "odd", "ask"
         )
@@ -170,11 +171,11 @@ async def test_conflict_ask_waits_for_resolve(db_path: Path) -> None:
     ids=["replaced", "deleted-then-typed"],
 )
 async def test_resolving_after_the_word_was_edited_again_keeps_the_new_word(
-    db_path: Path, retype: Callable[[int], list[tuple[int, int, str]]], expected: str
+    db: Path | str, retype: Callable[[int], list[tuple[int, int, str]]], expected: str
 ) -> None:
     """Issue 14, finding 1: the person's second edit of the clashing word is kept, the
     model's side is not written next to it (was: "chillyweird"), and the clash is said."""
-    async with served(db_path) as (editor, _):
+    async with served(db) as (editor, _):
         command_id = await retyped_correction(
             editor, "Teh garden is wierd in winter.", "wierd", "odd", "ask"
         )
@@ -190,8 +191,8 @@ async def test_resolving_after_the_word_was_edited_again_keeps_the_new_word(
         assert shown["unresolved"] == 0
 
 
-async def test_resolving_merges_with_edits_beside_the_clash(db_path: Path) -> None:
-    async with served(db_path) as (editor, _):
+async def test_resolving_merges_with_edits_beside_the_clash(db: Path | str) -> None:
+    async with served(db) as (editor, _):
         command_id = await retyped_correction(
             editor, "Teh garden is wierd in winter.", "wierd", "odd", "ask"
         )
@@ -208,12 +209,12 @@ async def test_resolving_merges_with_edits_beside_the_clash(db_path: Path) -> No
         assert editor.text(URI) == "The garden is oddd in winter."
 
 
-async def test_markers_are_whole_lines_of_the_document(db_path: Path) -> None:
+async def test_markers_are_whole_lines_of_the_document(db: Path | str) -> None:
     """Issue 14, finding 4: the block holds the whole line around the clash, even where
     the region starts and ends mid-line, with the conflict buffer's labels."""
     text = "Notes\nSo: teh garden is wierd in winter. (draft)\nEnd\n"
     region = "teh garden is wierd in winter."
-    async with served(db_path) as (editor, _):
+    async with served(db) as (editor, _):
         await editor.initialize()
         await editor.open(URI, text)
         start = text.index(region)
@@ -236,9 +237,9 @@ async def test_markers_are_whole_lines_of_the_document(db_path: Path) -> None:
         )
 
 
-async def test_timeout_dead_letter_and_replay_over_rpc(db_path: Path) -> None:
+async def test_timeout_dead_letter_and_replay_over_rpc(db: Path | str) -> None:
     region = "Teh end."
-    async with served(db_path) as (editor, _):
+    async with served(db) as (editor, _):
         await editor.initialize()
         await editor.open(URI, region)
         result = await editor.request(
@@ -267,8 +268,8 @@ async def test_timeout_dead_letter_and_replay_over_rpc(db_path: Path) -> None:
         assert (await editor.request("deadletter/list", {}))["commands"] == []
 
 
-async def test_human_answers_like_a_model(db_path: Path) -> None:
-    async with served(db_path) as (editor, _):
+async def test_human_answers_like_a_model(db: Path | str) -> None:
+    async with served(db) as (editor, _):
         await editor.initialize()
         editor.answer_human = lambda params: (
             "yes, ship it" if "ship" in params["messages"][0]["content"] else None
@@ -303,8 +304,8 @@ async def test_human_answers_like_a_model(db_path: Path) -> None:
     assert late == {"accepted": False, "late": True}
 
 
-async def test_notifications_go_to_the_owner_only(db_path: Path) -> None:
-    async with served(db_path) as (editor, _):
+async def test_notifications_go_to_the_owner_only(db: Path | str) -> None:
+    async with served(db) as (editor, _):
         await editor.initialize()
         result = await editor.request(
             "command/submit",
@@ -326,8 +327,8 @@ async def test_notifications_go_to_the_owner_only(db_path: Path) -> None:
 
 
 @pytest.mark.parametrize("text", ["#hang\nx"])
-async def test_cancel_over_rpc(db_path: Path, text: str) -> None:
-    async with served(db_path) as (editor, _):
+async def test_cancel_over_rpc(db: Path | str, text: str) -> None:
+    async with served(db) as (editor, _):
         await editor.initialize()
         result = await editor.request(
             "command/submit",
@@ -345,12 +346,12 @@ async def test_cancel_over_rpc(db_path: Path, text: str) -> None:
 
 
 async def test_a_change_sent_right_after_a_submit_does_not_move_its_snapshot(
-    db_path: Path,
+    db: Path | str,
 ) -> None:
     """The editor does not wait for command/submit's answer before sending
     its next change: the snapshot must be taken in frame order."""
     region = "I recieve teh letter."
-    async with served(db_path) as (editor, _):
+    async with served(db) as (editor, _):
         await editor.initialize()
         for attempt in range(10):
             uri = f"file:///race-{attempt}.txt"
@@ -388,8 +389,8 @@ async def test_a_change_sent_right_after_a_submit_does_not_move_its_snapshot(
             assert editor.text(uri) == "Re: your note\nDear Ann,\nI receive the letter."
 
 
-async def test_a_target_at_an_old_version_is_refused(db_path: Path) -> None:
-    async with served(db_path) as (editor, _):
+async def test_a_target_at_an_old_version_is_refused(db: Path | str) -> None:
+    async with served(db) as (editor, _):
         await editor.initialize()
         await editor.open(URI, "Teh end.")
         await editor.type(URI, 0, 0, "x")
@@ -405,9 +406,9 @@ async def test_a_target_at_an_old_version_is_refused(db_path: Path) -> None:
         assert caught.value.code == -32005 and "version 1" in caught.value.message
 
 
-async def test_flow_over_rpc_with_a_target_and_watch_after_reconnect(db_path: Path) -> None:
+async def test_flow_over_rpc_with_a_target_and_watch_after_reconnect(db: Path | str) -> None:
     region = "Teh quick fox."
-    async with served(db_path) as (editor, _):
+    async with served(db) as (editor, _):
         await editor.initialize()
         await editor.open(URI, region)
         started = await editor.request(
@@ -426,7 +427,7 @@ async def test_flow_over_rpc_with_a_target_and_watch_after_reconnect(db_path: Pa
         assert [s["kind"] for s in shown["steps"]] == ["call"]
         listed = await editor.request("flow/list", {"states": ["completed"]})
         assert [f["id"] for f in listed["flows"]] == [flow_id]
-    async with served(db_path) as (editor, _):
+    async with served(db) as (editor, _):
         await editor.initialize()
         assert await editor.request("flow/watch", {"flowIds": [flow_id]}) == {"watching": 1}
         with pytest.raises(RemoteError) as caught:

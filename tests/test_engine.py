@@ -1,6 +1,8 @@
-"""The engine on a real SQLite file. Where time is the subject the tests run
-on trio's MockClock (``autojump_clock``), so deadlines are exact and a
-30-second timeout takes no time."""
+"""The engine on each store (the ``db`` fixture: a real SQLite file, a real
+PostgreSQL database). Where time is the subject the tests run on trio's
+MockClock (``autojump_clock``), so deadlines are exact and a 30-second
+timeout takes no time; those run on SQLite only (``db_path``: the ``db``
+fixture says why)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from adapters.base import (
 )
 from adapters.scripted import ScriptedAdapter
 from flows.engine import Backoff
+from flows.location import open_store
 from flows.records import Command, new_id
 from flows.store import Insert
 from tests.conftest import ask
@@ -65,15 +68,15 @@ class Recorder:
         pass
 
 
-async def test_call_returns_the_corrected_reply(db_path: Path) -> None:
-    async with flows.open_engine(db_path) as engine:
+async def test_call_returns_the_corrected_reply(db: Path | str) -> None:
+    async with flows.open_engine(db) as engine:
         reply = await engine.call("scripted", ask("Teh cat did not recieve it."))
     assert reply.text == "The cat did not receive it."
     assert reply.usage is not None and reply.usage.output_tokens == 6
 
 
-async def test_lifecycle_is_journaled(db_path: Path) -> None:
-    async with flows.open_engine(db_path) as engine:
+async def test_lifecycle_is_journaled(db: Path | str) -> None:
+    async with flows.open_engine(db) as engine:
         command_id = await engine.submit("scripted", ask("teh"))
         command = await engine.wait(command_id)
         history = engine.history(command_id)
@@ -155,8 +158,8 @@ async def test_retries_back_off_and_honour_retry_after(
     assert [r[3]["error"]["status"] for r in retries] == [429, 503]
 
 
-def engine_history(db_path: Path, command_id: str) -> list[tuple[Any, ...]]:
-    store = flows.Store(db_path)
+def engine_history(db: Path | str, command_id: str) -> list[tuple[Any, ...]]:
+    store = open_store(db)
     try:
         return [(e.from_state, e.to_state, e.event, e.detail) for e in store.history(command_id)]
     finally:
@@ -196,11 +199,11 @@ async def test_retryable_statuses(
 
 
 async def test_an_adapter_bug_dead_letters_without_taking_the_engine_down(
-    db_path: Path,
+    db: Path | str,
 ) -> None:
     recorder = Recorder()
     recorder.answers = [ZeroDivisionError("bug"), Reply("fine")]
-    async with flows.open_engine(db_path, adapters=[recorder]) as engine:
+    async with flows.open_engine(db, adapters=[recorder]) as engine:
         broken = await engine.wait(await engine.submit("rec", ask("x")))
         fine = await engine.wait(await engine.submit("rec", ask("y")))
     assert (broken.state, broken.reason) == ("dead", "error")
@@ -208,7 +211,7 @@ async def test_an_adapter_bug_dead_letters_without_taking_the_engine_down(
     assert fine.state == "done"
 
 
-async def test_handler_runs_by_name_with_its_arguments(db_path: Path) -> None:
+async def test_handler_runs_by_name_with_its_arguments(db: Path | str) -> None:
     seen: list[tuple[str, str, Any]] = []
 
     @flows.handler("test.collect")
@@ -216,27 +219,32 @@ async def test_handler_runs_by_name_with_its_arguments(db_path: Path) -> None:
         assert command.state == "replied" and command.reply is not None
         seen.append((command.id, command.reply.text, command.handler_args))
 
-    async with flows.open_engine(db_path) as engine:
+    async with flows.open_engine(db) as engine:
         command_id = await engine.submit(
             "scripted", ask("teh"), handler="test.collect", handler_args={"k": [1, 2]}
         )
         command = await engine.wait(command_id)
     assert command.state == "done"
     assert seen == [(command_id, "the", {"k": [1, 2]})]
-    stored = (
-        sqlite3.connect(db_path)
-        .execute("SELECT handler, handler_args FROM commands WHERE id = ?", (command_id,))
-        .fetchone()
-    )
-    assert stored == ("test.collect", '{"k":[1,2]}')
+    store = open_store(db)  # as another process reads it back
+    try:
+        stored = store.get(command_id)
+    finally:
+        store.close()
+    assert (stored.handler, stored.handler_args) == ("test.collect", {"k": [1, 2]})
+    if isinstance(db, Path):  # the SQLite file's own encoding: compact JSON text
+        raw = sqlite3.connect(db).execute(
+            "SELECT handler_args FROM commands WHERE id = ?", (command_id,)
+        )
+        assert raw.fetchone() == ('{"k":[1,2]}',)
 
 
-async def test_failing_handler_dead_letters_with_handler_error(db_path: Path) -> None:
+async def test_failing_handler_dead_letters_with_handler_error(db: Path | str) -> None:
     @flows.handler("test.explode")
     async def explode(engine: flows.Engine, command: flows.Command) -> None:
         raise RuntimeError("cannot apply")
 
-    async with flows.open_engine(db_path) as engine:
+    async with flows.open_engine(db) as engine:
         command = await engine.wait(
             await engine.submit("scripted", ask("x"), handler="test.explode")
         )
@@ -245,8 +253,8 @@ async def test_failing_handler_dead_letters_with_handler_error(db_path: Path) ->
     assert command.reply is not None  # the reply is kept: replay can reuse nothing, but it is there
 
 
-async def test_late_reply_is_stored_not_applied(db_path: Path) -> None:
-    async with flows.open_engine(db_path) as engine:
+async def test_late_reply_is_stored_not_applied(db: Path | str) -> None:
+    async with flows.open_engine(db) as engine:
         command_id = await engine.submit("scripted", ask("#hang\nx"), timeout=0.05)
         dead = await engine.wait(command_id)
         delivery = await engine.deliver(command_id, {"text": "too late"})
@@ -257,8 +265,8 @@ async def test_late_reply_is_stored_not_applied(db_path: Path) -> None:
     assert [r.reply.text for r in late] == ["too late"]
 
 
-async def test_deliver_matches_by_id(db_path: Path) -> None:
-    async with flows.open_engine(db_path) as engine:
+async def test_deliver_matches_by_id(db: Path | str) -> None:
+    async with flows.open_engine(db) as engine:
         first = await engine.submit("scripted", ask("#hang\na"), timeout=60)
         second = await engine.submit("scripted", ask("#hang\nb"), timeout=60)
         while engine.get(second).state != "sent":
@@ -290,9 +298,9 @@ async def test_replay_with_new_timeout(
     assert waiting == []  # nothing left waiting for a decision
 
 
-async def test_replay_from_late_reply_calls_no_model(db_path: Path) -> None:
+async def test_replay_from_late_reply_calls_no_model(db: Path | str) -> None:
     scripted = ScriptedAdapter()
-    async with flows.open_engine(db_path, adapters=[scripted]) as engine:
+    async with flows.open_engine(db, adapters=[scripted]) as engine:
         dead_id = await engine.submit("scripted", ask("#hang\nx"), timeout=0.05)
         await engine.wait(dead_id)
         await engine.deliver(dead_id, {"text": "the late answer"})
@@ -308,8 +316,8 @@ async def test_replay_from_late_reply_calls_no_model(db_path: Path) -> None:
     assert late[0].used_by == new_id
 
 
-async def test_replay_refuses_what_is_not_dead_and_changes_nothing(db_path: Path) -> None:
-    async with flows.open_engine(db_path) as engine:
+async def test_replay_refuses_what_is_not_dead_and_changes_nothing(db: Path | str) -> None:
+    async with flows.open_engine(db) as engine:
         done_id = await engine.submit("scripted", ask("x"))
         await engine.wait(done_id)
         dead_id = await engine.submit("scripted", ask("#fail 400\nx"))
@@ -324,10 +332,10 @@ async def test_replay_refuses_what_is_not_dead_and_changes_nothing(db_path: Path
         assert engine.list() == before
 
 
-async def test_cancel_pending_and_sent(db_path: Path) -> None:
+async def test_cancel_pending_and_sent(db: Path | str) -> None:
     slow = Recorder(max_in_flight=1)
     slow.answers = [3600.0]
-    async with flows.open_engine(db_path, adapters=[slow]) as engine:
+    async with flows.open_engine(db, adapters=[slow]) as engine:
         sent_id = await engine.submit("rec", ask("a"), timeout=7200)
         pending_id = await engine.submit("rec", ask("b"))
         while engine.get(sent_id).state != "sent":
@@ -380,8 +388,8 @@ async def test_expires_at_bounds_the_whole_life(
         await engine.wait(first)
 
 
-async def test_bad_input_changes_nothing(db_path: Path) -> None:
-    async with flows.open_engine(db_path) as engine:
+async def test_bad_input_changes_nothing(db: Path | str) -> None:
+    async with flows.open_engine(db) as engine:
         bad: list[dict[str, Any]] = [
             {"adapter": "nope", "request": ask("x")},
             {"adapter": "scripted", "request": {"messages": []}},
@@ -402,16 +410,16 @@ async def test_bad_input_changes_nothing(db_path: Path) -> None:
         assert (await engine.wait(await engine.submit("scripted", ask("ok")))).state == "done"
 
 
-async def test_call_raises_command_failed(db_path: Path) -> None:
-    async with flows.open_engine(db_path) as engine:
+async def test_call_raises_command_failed(db: Path | str) -> None:
+    async with flows.open_engine(db) as engine:
         with pytest.raises(flows.CommandFailed) as caught:
             await engine.call("scripted", ask("#fail 400\nx"))
     assert caught.value.command.reason == "error"
     assert "HTTP 400" in str(caught.value)
 
 
-async def test_subscribers_see_every_transition_after_commit(db_path: Path) -> None:
-    async with flows.open_engine(db_path) as engine:
+async def test_subscribers_see_every_transition_after_commit(db: Path | str) -> None:
+    async with flows.open_engine(db) as engine:
         with engine.subscribe() as notices:
             command_id = await engine.submit("scripted", ask("teh"))
             seen = []
@@ -433,10 +441,10 @@ def _later(state: str) -> tuple[str, ...]:
     return tuple(order[order.index(state) + 1 :])
 
 
-async def test_permanent_error_from_a_custom_adapter_keeps_its_message(db_path: Path) -> None:
+async def test_permanent_error_from_a_custom_adapter_keeps_its_message(db: Path | str) -> None:
     recorder = Recorder()
     recorder.answers = [PermanentError("model not found", status=404)]
-    async with flows.open_engine(db_path, adapters=[recorder]) as engine:
+    async with flows.open_engine(db, adapters=[recorder]) as engine:
         command = await engine.wait(await engine.submit("rec", ask("x")))
     assert command.error == flows.CommandError("PermanentError", "model not found", 404)
 
@@ -475,8 +483,8 @@ async def test_tokens_per_minute_hold_back_big_requests(
     assert [round(t - times[0], 6) for t in times] == [0, 9, 19, 29]
 
 
-async def test_submit_many_stores_a_batch_in_order_and_runs_it(db_path: Path) -> None:
-    async with flows.open_engine(db_path) as engine:
+async def test_submit_many_stores_a_batch_in_order_and_runs_it(db: Path | str) -> None:
+    async with flows.open_engine(db) as engine:
         ids = await engine.submit_many(
             "scripted", [ask(f"teh {i}") for i in range(50)], timeout=30, priority=5
         )
@@ -485,16 +493,16 @@ async def test_submit_many_stores_a_batch_in_order_and_runs_it(db_path: Path) ->
     assert [c.state for c in done] == ["done"] * 50
     assert [c.reply.text if c.reply else None for c in done] == [f"the {i}" for i in range(50)]
     assert {(c.timeout, c.priority) for c in done} == {(30.0, 5)}
-    assert await _no_submit_many_of_nothing(db_path) == []
+    assert await _no_submit_many_of_nothing(db) == []
 
 
-async def _no_submit_many_of_nothing(db_path: Path) -> list[str]:
-    async with flows.open_engine(db_path) as engine:
+async def _no_submit_many_of_nothing(db: Path | str) -> list[str]:
+    async with flows.open_engine(db) as engine:
         return await engine.submit_many("scripted", [])
 
 
-async def test_submit_many_with_one_bad_request_stores_none(db_path: Path) -> None:
-    async with flows.open_engine(db_path) as engine:
+async def test_submit_many_with_one_bad_request_stores_none(db: Path | str) -> None:
+    async with flows.open_engine(db) as engine:
         batch = [ask("fine"), {"messages": [{"role": "robot", "content": "x"}]}, ask("fine")]
         with pytest.raises(ValueError, match="role"):
             await engine.submit_many("scripted", batch)

@@ -1,4 +1,5 @@
-"""Flows: durable scripts and declared machines on the pending table."""
+"""Flows: durable scripts and declared machines on the pending table, on
+each store (the ``db`` fixture); the MockClock tests on SQLite only."""
 
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flows
+from flows.location import open_store
 from flows.operations import TAKE_OVER
 from flows.states import FLOW_EVENTS, FLOW_STATES, FLOW_TRANSITIONS, IllegalTransition, next_state
 from tests.conftest import PYTHON, ROOT, ask
 from tests.test_crash import read_line
 
 
-def worker(db: Path, log: Path, action: str) -> subprocess.Popen[str]:
+def worker(db: Path | str, log: Path, action: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [PYTHON, "-m", "tests.flow_worker", "--db", str(db), action],
         cwd=ROOT,
@@ -36,8 +38,8 @@ def worker(db: Path, log: Path, action: str) -> subprocess.Popen[str]:
     )
 
 
-def test_kill_9_mid_flow_calls_each_step_once(tmp_path: Path) -> None:
-    db, log = tmp_path / "dovecote.db", tmp_path / "calls.log"
+def test_kill_9_mid_flow_calls_each_step_once(db: Path | str, tmp_path: Path) -> None:
+    log = tmp_path / "calls.log"
     first = worker(db, log, "start")
     read_line(first, "after step 1")
     os.kill(first.pid, signal.SIGKILL)
@@ -66,10 +68,12 @@ def test_kill_9_mid_flow_calls_each_step_once(tmp_path: Path) -> None:
             "receive the third after second, after the first step about geese",
         ]
     )
-    store = flows.Store(db)
-    [flow] = store.flows()
+    store = open_store(db)
+    try:
+        [flow] = store.flows()
+    finally:
+        store.close()
     assert flow.state == "completed" and flow.step == 5  # 3 calls, a sleep, a random
-    store.close()
 
 
 async def test_dead_step_stalls_the_flow_and_replay_resumes_it(
@@ -114,7 +118,7 @@ async def test_flow_retry_replays_the_stalled_step(
         assert engine.get(new).replay_of is not None
 
 
-async def test_a_changed_script_is_stopped_naming_the_step(db_path: Path) -> None:
+async def test_a_changed_script_is_stopped_naming_the_step(db: Path | str) -> None:
     version = {"prompt": "teh"}
 
     @flows.flow("test.changing")
@@ -123,7 +127,7 @@ async def test_a_changed_script_is_stopped_naming_the_step(db_path: Path) -> Non
         b = await ctx.call("scripted", ask(version["prompt"]))
         return a.text + b.text
 
-    async with flows.open_engine(db_path) as engine:
+    async with flows.open_engine(db) as engine:
         flow_id = await engine.start_flow("test.changing")
         await engine.wait_flow(flow_id)
         version["prompt"] = "something else"
@@ -133,7 +137,7 @@ async def test_a_changed_script_is_stopped_naming_the_step(db_path: Path) -> Non
     assert "step 2" in str(caught.value) and "different request" in str(caught.value)
 
 
-async def test_fork_reuses_steps_before_n(db_path: Path) -> None:
+async def test_fork_reuses_steps_before_n(db: Path | str) -> None:
     calls = Counter[str]()
 
     @flows.flow("test.fork")
@@ -144,7 +148,7 @@ async def test_fork_reuses_steps_before_n(db_path: Path) -> None:
             out.append((await ctx.call("scripted", ask(word))).text)
         return out
 
-    async with flows.open_engine(db_path) as engine:
+    async with flows.open_engine(db) as engine:
         original = await engine.start_flow("test.fork")
         assert await engine.wait_flow(original) == ["the", "receive", "weird"]
         sends = len(engine.list())
@@ -154,12 +158,12 @@ async def test_fork_reuses_steps_before_n(db_path: Path) -> None:
         assert engine.get_flow(copy).forked_from == original
 
 
-async def test_cancel_flow_cancels_its_calls(db_path: Path) -> None:
+async def test_cancel_flow_cancels_its_calls(db: Path | str) -> None:
     @flows.flow("test.cancel")
     async def hangs(ctx: flows.FlowContext) -> None:
         await ctx.call("scripted", ask("#hang\nx"), timeout=600)
 
-    async with flows.open_engine(db_path) as engine:
+    async with flows.open_engine(db) as engine:
         flow_id = await engine.start_flow("test.cancel")
         while engine.get_flow(flow_id).state != "waiting":
             await trio.sleep(0.01)
@@ -173,8 +177,8 @@ async def test_cancel_flow_cancels_its_calls(db_path: Path) -> None:
             await engine.cancel_flow(flow_id)
 
 
-async def test_bad_flow_starts_change_nothing(db_path: Path) -> None:
-    async with flows.open_engine(db_path) as engine:
+async def test_bad_flow_starts_change_nothing(db: Path | str) -> None:
+    async with flows.open_engine(db) as engine:
         with pytest.raises(ValueError, match="no flow registered"):
             await engine.start_flow("no-such-flow")
         with pytest.raises(ValueError, match="JSON"):
@@ -184,8 +188,8 @@ async def test_bad_flow_starts_change_nothing(db_path: Path) -> None:
         assert engine.list_flows() == []
 
 
-async def test_corrections_flow(db_path: Path) -> None:
-    async with flows.open_engine(db_path) as engine:
+async def test_corrections_flow(db: Path | str) -> None:
+    async with flows.open_engine(db) as engine:
         flow_id = await engine.start_flow("corrections", text="Teh end, truely.")
         assert await engine.wait_flow(flow_id) == {"text": "The end, truly."}
         [command] = engine.list()
@@ -237,9 +241,9 @@ REVIEW = flows.declare(
     ],
 )
 async def test_declared_flow_every_transition(
-    db_path: Path, verdict: str, path: list[str], final: str
+    db: Path | str, verdict: str, path: list[str], final: str
 ) -> None:
-    async with flows.open_engine(db_path) as engine:
+    async with flows.open_engine(db) as engine:
         flow_id = await engine.start_flow("test.review", draft="A note.", verdict=verdict)
         with trio.fail_after(10):
             while engine.get_flow(flow_id).state not in ("completed", "failed"):
@@ -258,8 +262,8 @@ async def test_declared_flow_every_transition(
         assert "allowed from 'review': approved, rejected, abandoned" in (flow.error or "")
 
 
-async def test_declared_rejection_loops_back(db_path: Path) -> None:
-    async with flows.open_engine(db_path) as engine:
+async def test_declared_rejection_loops_back(db: Path | str) -> None:
+    async with flows.open_engine(db) as engine:
         # The reviewer rejects once; the second review approves.
         flow_id = await engine.start_flow("test.review", draft="v1", verdict="reject")
         with trio.fail_after(10):
@@ -349,6 +353,7 @@ async def interleave(data: st.DataObject, db: Path) -> None:
                     assert replays_to(engine.flow_history(flow.id), flow.state), flow
 
 
+# On SQLite only: it runs on MockClock (see the ``db`` fixture).
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_random_interleavings_leave_flows_in_reachable_states(data: st.DataObject) -> None:
