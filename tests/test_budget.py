@@ -47,9 +47,9 @@ def test_the_estimate_counts_the_prompt_and_max_tokens() -> None:
     assert estimate(request, None) == 0.0
 
 
-async def test_a_flow_stops_before_the_call_that_would_pass_its_budget(db_path: Path) -> None:
+async def test_a_flow_stops_before_the_call_that_would_pass_its_budget(db: Path | str) -> None:
     adapter = scripted()
-    async with flows.open_engine(db_path, adapters=[adapter]) as engine:
+    async with flows.open_engine(db, adapters=[adapter]) as engine:
         # Each call costs 2 (a word in, a word out); 'adress' is estimated at 2.
         flow_id = await stalled_flow(engine, 4.5)
         steps = engine.store.flow_steps(flow_id)
@@ -79,14 +79,14 @@ async def test_a_flow_stops_before_the_call_that_would_pass_its_budget(db_path: 
 
 
 @pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), True, "5"])
-async def test_a_bad_flow_budget_is_refused(db_path: Path, bad: object) -> None:
-    async with flows.open_engine(db_path) as engine:
+async def test_a_bad_flow_budget_is_refused(db: Path | str, bad: object) -> None:
+    async with flows.open_engine(db) as engine:
         with pytest.raises(ValueError, match="budget"):
             await engine.start_flow("test.three_calls", budget=bad)  # type: ignore[arg-type]
         assert engine.list_flows() == []
 
 
-async def test_an_adapters_daily_budget_keeps_calls_from_the_server(db_path: Path) -> None:
+async def test_an_adapters_daily_budget_keeps_calls_from_the_server(db: Path | str) -> None:
     cost = CHAT_COST["openai"]
     with Server(default=lambda request: ok(OPENAI)) as server:
         request = OPENAI.chat["request"]
@@ -95,7 +95,7 @@ async def test_an_adapters_daily_budget_keeps_calls_from_the_server(db_path: Pat
         ceiling = estimate(flows.Request.from_json(request), Price(0.15, 0.60)) + cost / 2
         adapter = OPENAI.adapter(server.url, budget_per_day=ceiling)
         assert adapter.settings.budget_per_day == pytest.approx(ceiling)
-        async with flows.open_engine(db_path, adapters=[adapter]) as engine:
+        async with flows.open_engine(db, adapters=[adapter]) as engine:
             first = await engine.wait(await engine.submit("p", request))
             second = await engine.wait(await engine.submit("p", request))
             assert first.state == "done" and first.cost == pytest.approx(cost)
@@ -154,13 +154,13 @@ def test_stats_show_spend_against_budgets(tmp_path: Path) -> None:
     assert "2.0000 / 2.5000" in shown and "0.0000 / 10.0000" in shown
 
 
-async def test_flow_start_with_a_budget_over_a_real_serve(db_path: Path, tmp_path: Path) -> None:
+async def test_flow_start_with_a_budget_over_a_real_serve(db: Path | str, tmp_path: Path) -> None:
     config = tmp_path / "dovecote.toml"
     config.write_text(
         '[adapters.scripted]\nkind = "scripted"\n'
         "price_per_mtok = { input = 1000000, output = 1000000 }\n"
     )
-    async with served(db_path, "--config", str(config)) as (editor, _):
+    async with served(db, "--config", str(config)) as (editor, _):
         await editor.initialize()
         for bad in ("lots", -1, 0, True, [1]):
             with pytest.raises(RemoteError) as caught:
@@ -186,9 +186,9 @@ async def test_flow_start_with_a_budget_over_a_real_serve(db_path: Path, tmp_pat
     assert len(listed["flows"]) == 1  # the refused starts stored nothing
 
 
-async def test_a_fork_keeps_the_budget_and_starts_its_own_spend(db_path: Path) -> None:
+async def test_a_fork_keeps_the_budget_and_starts_its_own_spend(db: Path | str) -> None:
     adapter = scripted()
-    async with flows.open_engine(db_path, adapters=[adapter]) as engine:
+    async with flows.open_engine(db, adapters=[adapter]) as engine:
         flow_id = await stalled_flow(engine, 4.5)
         # Steps 1 and 2 reused (their 4 spent stays the old flow's): step 3 fits.
         fork = await engine.fork_flow(flow_id, from_step=3)

@@ -32,10 +32,10 @@ def transitions(engine: flows.Engine, command_id: str) -> list[tuple[str | None,
 
 
 async def test_a_hit_is_a_new_journaled_command_that_calls_no_model_and_costs_nothing(
-    db_path: Path,
+    db: Path | str,
 ) -> None:
     adapter = scripted()
-    async with flows.open_engine(db_path, adapters=[adapter]) as engine:
+    async with flows.open_engine(db, adapters=[adapter]) as engine:
         first = await engine.wait(await engine.submit("scripted", ask("teh cat"), cache=True))
         second = await engine.wait(await engine.submit("scripted", ask("teh cat"), cache=True))
         history = engine.history(second.id)
@@ -61,14 +61,14 @@ async def test_a_hit_is_a_new_journaled_command_that_calls_no_model_and_costs_no
         assert adapter.calls == 5
 
 
-async def test_a_hit_runs_its_own_handler(db_path: Path) -> None:
+async def test_a_hit_runs_its_own_handler(db: Path | str) -> None:
     seen: list[str] = []
 
     def note(engine: flows.Engine, command: flows.Command) -> str:
         seen.append(command.id)
         return "noted"
 
-    async with flows.open_engine(db_path, handlers={"test.note": note}) as engine:
+    async with flows.open_engine(db, handlers={"test.note": note}) as engine:
         a = await engine.submit("scripted", ask("x"), cache=True, handler="test.note")
         await engine.wait(a)
         b = await engine.submit("scripted", ask("x"), cache=True, handler="test.note")
@@ -78,22 +78,22 @@ async def test_a_hit_runs_its_own_handler(db_path: Path) -> None:
     assert seen == [a, b]
 
 
-async def test_hits_survive_a_restart_of_the_engine(db_path: Path) -> None:
+async def test_hits_survive_a_restart_of_the_engine(db: Path | str) -> None:
     first = scripted()
-    async with flows.open_engine(db_path, adapters=[first]) as engine:
+    async with flows.open_engine(db, adapters=[first]) as engine:
         source = await engine.submit("scripted", ask("recieve"), cache=True)
         await engine.wait(source)
     again = scripted()
-    async with flows.open_engine(db_path, adapters=[again]) as engine:
+    async with flows.open_engine(db, adapters=[again]) as engine:
         hit = await engine.wait(await engine.submit("scripted", ask("recieve"), cache=True))
         assert engine.history(hit.id)[1].detail == {"cached_from": source}
     assert (first.calls, again.calls) == (1, 0)
     assert hit.reply is not None and hit.reply.text == "receive" and hit.cost == 0.0
 
 
-async def test_an_adapter_that_caches_serves_hits_without_cache_true(db_path: Path) -> None:
+async def test_an_adapter_that_caches_serves_hits_without_cache_true(db: Path | str) -> None:
     adapter = scripted(cache=True)
-    async with flows.open_engine(db_path, adapters=[adapter]) as engine:
+    async with flows.open_engine(db, adapters=[adapter]) as engine:
         await engine.call("scripted", ask("same"))
         await engine.call("scripted", ask("same"))
         assert adapter.calls == 1
@@ -119,9 +119,9 @@ async def test_an_entry_older_than_the_ttl_is_a_miss(
         assert adapter.calls == 2
 
 
-async def test_sampling_is_not_cached_unless_the_call_says_always(db_path: Path) -> None:
+async def test_sampling_is_not_cached_unless_the_call_says_always(db: Path | str) -> None:
     adapter = scripted(cache=True)
-    async with flows.open_engine(db_path, adapters=[adapter]) as engine:
+    async with flows.open_engine(db, adapters=[adapter]) as engine:
         for _ in range(2):
             await engine.call("scripted", ask("hot", temperature=0.7), cache=True)
         assert adapter.calls == 2
@@ -133,9 +133,9 @@ async def test_sampling_is_not_cached_unless_the_call_says_always(db_path: Path)
         assert adapter.calls == 4
 
 
-async def test_a_dead_call_is_never_served(db_path: Path) -> None:
+async def test_a_dead_call_is_never_served(db: Path | str) -> None:
     adapter = scripted()
-    async with flows.open_engine(db_path, adapters=[adapter]) as engine:
+    async with flows.open_engine(db, adapters=[adapter]) as engine:
         dead = await engine.wait(await engine.submit("scripted", ask("#fail 400\nx"), cache=True))
         assert dead.state == "dead"
         again = await engine.wait(await engine.submit("scripted", ask("#fail 400\nx"), cache=True))
@@ -143,20 +143,20 @@ async def test_a_dead_call_is_never_served(db_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bad", ["yes", 1, 0, "", "ALWAYS", [], 1.0])
-async def test_a_bad_cache_value_is_refused_and_stores_nothing(db_path: Path, bad: object) -> None:
-    async with flows.open_engine(db_path) as engine:
+async def test_a_bad_cache_value_is_refused_and_stores_nothing(db: Path | str, bad: object) -> None:
+    async with flows.open_engine(db) as engine:
         with pytest.raises(ValueError, match="cache must be"):
             await engine.submit("scripted", ask("x"), cache=bad)  # type: ignore[arg-type]
         assert engine.list() == []
 
 
-async def test_a_flow_step_may_be_served_from_the_cache(db_path: Path) -> None:
+async def test_a_flow_step_may_be_served_from_the_cache(db: Path | str) -> None:
     @flows.flow("test.cached")
     async def cached(ctx: flows.FlowContext) -> str:
         return (await ctx.call("scripted", ask("teh flow"), cache=True)).text
 
     adapter = scripted()
-    async with flows.open_engine(db_path, adapters=[adapter]) as engine:
+    async with flows.open_engine(db, adapters=[adapter]) as engine:
         one = await engine.wait_flow(await engine.start_flow("test.cached"))
         second = await engine.start_flow("test.cached")
         two = await engine.wait_flow(second)
@@ -170,23 +170,23 @@ async def test_a_flow_step_may_be_served_from_the_cache(db_path: Path) -> None:
 # --- against a real HTTP server -------------------------------------------------------------
 
 
-async def test_a_hit_never_reaches_the_provider_and_costs_nothing(db_path: Path) -> None:
+async def test_a_hit_never_reaches_the_provider_and_costs_nothing(db: Path | str) -> None:
     with Server(default=lambda request: ok(OPENAI)) as server:
         adapter = OPENAI.adapter(server.url)
         request = {**OPENAI.chat["request"], "temperature": 0}
-        async with flows.open_engine(db_path, adapters=[adapter]) as engine:
+        async with flows.open_engine(db, adapters=[adapter]) as engine:
             first = await engine.wait(await engine.submit("p", request, cache=True))
             second = await engine.wait(await engine.submit("p", request, cache=True))
         assert len(server.requests) == 1
         assert first.cost and second.cost == 0.0 and second.reply == first.reply
         # Restarted on the same file, with a new adapter object: still a hit.
-        async with flows.open_engine(db_path, adapters=[OPENAI.adapter(server.url)]) as engine:
+        async with flows.open_engine(db, adapters=[OPENAI.adapter(server.url)]) as engine:
             third = await engine.wait(await engine.submit("p", request, cache=True))
             assert engine.history(third.id)[1].detail == {"cached_from": first.id}
         assert len(server.requests) == 1
 
 
-async def test_a_reply_of_one_model_or_server_is_not_served_for_another(db_path: Path) -> None:
+async def test_a_reply_of_one_model_or_server_is_not_served_for_another(db: Path | str) -> None:
     with (
         Server(default=lambda request: ok(OPENAI)) as one,
         Server(default=lambda request: ok(OPENAI)) as two,
@@ -202,7 +202,7 @@ async def test_a_reply_of_one_model_or_server_is_not_served_for_another(db_path:
         same_place = attrs.evolve(base, settings=attrs.evolve(base.settings, name="alias"))
         request = {**OPENAI.chat["request"], "temperature": 0}
         async with flows.open_engine(
-            db_path, adapters=[base, other_model, other_server, same_place]
+            db, adapters=[base, other_model, other_server, same_place]
         ) as engine:
             await engine.call("p", request, cache=True)
             await engine.call("m", request, cache=True)
@@ -240,9 +240,9 @@ def test_cache_stats_and_clear(tmp_path: Path) -> None:
     assert refused.returncode == 2 and "duration" in refused.stderr
 
 
-async def test_command_submit_with_cache_over_a_real_serve(db_path: Path) -> None:
+async def test_command_submit_with_cache_over_a_real_serve(db: Path | str) -> None:
     request = {"messages": [{"role": "user", "content": "teh bridge"}]}
-    async with served(db_path) as (editor, _):
+    async with served(db) as (editor, _):
         await editor.initialize()
         ids = []
         for _ in range(2):
@@ -268,12 +268,12 @@ async def test_command_submit_with_cache_over_a_real_serve(db_path: Path) -> Non
 
 
 async def test_an_adapter_configured_to_cache_over_a_real_serve(
-    db_path: Path, tmp_path: Path
+    db: Path | str, tmp_path: Path
 ) -> None:
     config = tmp_path / "dovecote.toml"
     config.write_text('[adapters.scripted]\nkind = "scripted"\ncache = true\ncache_ttl = 3600\n')
     request = {"messages": [{"role": "user", "content": "teh config"}]}
-    async with served(db_path, "--config", str(config)) as (editor, _):
+    async with served(db, "--config", str(config)) as (editor, _):
         await editor.initialize()
         ids = []
         for cache in (None, None, False):
@@ -293,11 +293,11 @@ async def test_an_adapter_configured_to_cache_over_a_real_serve(
     ]
 
 
-async def test_a_hit_for_an_editor_region_is_merged_like_a_reply(db_path: Path) -> None:
+async def test_a_hit_for_an_editor_region_is_merged_like_a_reply(db: Path | str) -> None:
     uri = "file:///tmp/cached.txt"
     region = "I recieve teh letter."
     request = {"messages": [{"role": "user", "content": region}]}
-    async with served(db_path) as (editor, _):
+    async with served(db) as (editor, _):
         await editor.initialize()
         for name in ("a", "b"):
             await editor.open(uri + name, region)

@@ -18,6 +18,7 @@ import trio.testing
 
 import flows
 from flows.checks import check
+from flows.location import open_store
 from tests.conftest import DOVECOTE
 from tests.test_crash import read_line
 from tests.test_flows import worker
@@ -79,7 +80,7 @@ async def test_best_submits_all_at_once_and_journals_every_score(
     assert sample_step["value"] == recorded
 
 
-async def test_first_stops_at_the_first_that_passes(db_path: Path) -> None:
+async def test_first_stops_at_the_first_that_passes(db: Path | str) -> None:
     @flows.flow("test.first")
     async def first(ctx: flows.FlowContext) -> int:
         asked = [say(f"#reply\n{t}") for t in ["", " ", "yes", "never asked"]]
@@ -91,7 +92,7 @@ async def test_first_stops_at_the_first_that_passes(db_path: Path) -> None:
         await ctx.sample("scripted", say("#reply\n"), n=2, check="nonempty", pick="first")
         return -1
 
-    async with flows.open_engine(db_path) as engine:
+    async with flows.open_engine(db) as engine:
         flow_id = await engine.start_flow("test.first")
         assert await engine.wait_flow(flow_id) == 2
         assert len(engine.list(flow_id=flow_id)) == 3
@@ -122,7 +123,7 @@ async def test_a_dead_candidate_scores_as_failed_and_the_flow_goes_on(
         assert await engine.wait_flow(await engine.start_flow("test.dead")) == "1 dead (error)"
 
 
-async def test_a_check_may_be_a_model_call(db_path: Path) -> None:
+async def test_a_check_may_be_a_model_call(db: Path | str) -> None:
     @check("test.judge", needs_engine=True)
     async def judge(engine: flows.Engine, text: str, expected: Any | None) -> bool:
         verdict = await engine.call("scripted", say(f"#reply\n{'yes' if 'b' in text else 'no'}"))
@@ -133,12 +134,12 @@ async def test_a_check_may_be_a_model_call(db_path: Path) -> None:
         asked = [say("#reply\na"), say("#reply\nb")]
         return (await ctx.sample("scripted", asked, n=2, check="test.judge")).text
 
-    async with flows.open_engine(db_path) as engine:
+    async with flows.open_engine(db) as engine:
         assert await engine.wait_flow(await engine.start_flow("test.judged")) == "b"
         assert len(engine.list()) == 4  # two candidates, two judgements, all commands
 
 
-async def test_bad_arguments_fail_before_anything_is_sent(db_path: Path) -> None:
+async def test_bad_arguments_fail_before_anything_is_sent(db: Path | str) -> None:
     cases = [
         ({"n": 0, "check": "nonempty"}, "n must be"),
         ({"n": 2, "check": "nonempty", "pick": "worst"}, "pick must be"),
@@ -149,15 +150,17 @@ async def test_bad_arguments_fail_before_anything_is_sent(db_path: Path) -> None
     async def bad(ctx: flows.FlowContext, case: int) -> None:
         await ctx.sample("scripted", say("x"), **cases[case][0])  # type: ignore[arg-type]
 
-    async with flows.open_engine(db_path) as engine:
+    async with flows.open_engine(db) as engine:
         for index, (_, words) in enumerate(cases):
             with pytest.raises(flows.FlowFailed, match=words):
                 await engine.wait_flow(await engine.start_flow("test.bad-sample", case=index))
         assert engine.list() == []
 
 
-def test_kill_9_after_a_sample_resumes_without_calling_again(tmp_path: Path) -> None:
-    db, log = tmp_path / "dovecote.db", tmp_path / "calls.log"
+def test_kill_9_after_a_sample_resumes_without_calling_again(
+    db: Path | str, tmp_path: Path
+) -> None:
+    log = tmp_path / "calls.log"
     first = worker(db, log, "start-sample")
     read_line(first, "after sample")
     os.kill(first.pid, signal.SIGKILL)
@@ -172,8 +175,10 @@ def test_kill_9_after_a_sample_resumes_without_calling_again(tmp_path: Path) -> 
     assert len(sends) == 5 and set(sends.values()) == {1}  # 3 candidates, a call, a re-ask
 
 
-def test_kill_9_while_candidates_are_out_resumes_them_without_new_ones(tmp_path: Path) -> None:
-    db, log = tmp_path / "dovecote.db", tmp_path / "calls.log"
+def test_kill_9_while_candidates_are_out_resumes_them_without_new_ones(
+    db: Path | str, tmp_path: Path
+) -> None:
+    log = tmp_path / "calls.log"
     first = worker(db, log, "start-slow-sample")
     read_line(first, "started")
     deadline = time.monotonic() + 30
@@ -190,7 +195,7 @@ def test_kill_9_while_candidates_are_out_resumes_them_without_new_ones(tmp_path:
     sends = Counter(line.split()[0] for line in log.read_text().splitlines())
     # The same three candidates (sent again: they were out when it died), then two more.
     assert len(sends) == 5
-    store = flows.Store(db)
+    store = open_store(db)
     try:
         [flow] = store.flows()
         kinds = [s.kind for s in store.flow_steps(flow.id)]

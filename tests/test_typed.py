@@ -108,8 +108,8 @@ def test_a_reply_nested_too_deep_is_a_validation_error_not_a_crash() -> None:
         parse_result(Person, "[" * 200_000 + "]" * 200_000)
 
 
-async def test_a_class_without_a_schema_fails_before_anything_is_sent(db_path: Path) -> None:
-    async with flows.open_engine(db_path) as engine:
+async def test_a_class_without_a_schema_fails_before_anything_is_sent(db: Path | str) -> None:
+    async with flows.open_engine(db) as engine:
         with pytest.raises(TypeError, match=r"Loose\.data"):
             await engine.call("scripted", say("x"), result=Loose)
         assert engine.list() == []
@@ -121,9 +121,9 @@ def test_ints_are_floats_and_deep_nesting_is_built() -> None:
     assert person.address == Address("London")
 
 
-async def test_a_bad_reply_is_re_asked_as_its_own_journaled_command(db_path: Path) -> None:
+async def test_a_bad_reply_is_re_asked_as_its_own_journaled_command(db: Path | str) -> None:
     bad = json.dumps({**PERSON, "age": "thirty-six"})
-    async with flows.open_engine(db_path) as engine:
+    async with flows.open_engine(db) as engine:
         person = await engine.call(
             "scripted", say(f"#replies\n{bad}\n{json.dumps(PERSON)}"), result=Person
         )
@@ -138,8 +138,8 @@ async def test_a_bad_reply_is_re_asked_as_its_own_journaled_command(db_path: Pat
     assert history[0].detail["reask_of"] == first.id and history[0].detail["reask"] == 1
 
 
-async def test_re_asks_stop_at_the_bound_with_the_last_error(db_path: Path) -> None:
-    async with flows.open_engine(db_path) as engine:
+async def test_re_asks_stop_at_the_bound_with_the_last_error(db: Path | str) -> None:
+    async with flows.open_engine(db) as engine:
         with pytest.raises(ResultInvalid, match="after 3 call") as caught:
             await engine.call("scripted", say("#replies\nnot json"), result=Person)
         with pytest.raises(ResultInvalid, match="after 1 call"):
@@ -150,7 +150,7 @@ async def test_re_asks_stop_at_the_bound_with_the_last_error(db_path: Path) -> N
     assert "not JSON" in caught.value.error and len(caught.value.command_ids) == 3
 
 
-async def test_a_flow_re_asks_as_steps_and_a_rerun_pays_for_none(db_path: Path) -> None:
+async def test_a_flow_re_asks_as_steps_and_a_rerun_pays_for_none(db: Path | str) -> None:
     bad = json.dumps({**PERSON, "age": -3})
 
     @flows.flow("test.typed")
@@ -160,7 +160,7 @@ async def test_a_flow_re_asks_as_steps_and_a_rerun_pays_for_none(db_path: Path) 
         )
         return attrs.asdict(person)
 
-    async with flows.open_engine(db_path) as engine:
+    async with flows.open_engine(db) as engine:
         flow_id = await engine.start_flow("test.typed")
         assert (await engine.wait_flow(flow_id))["age"] == 36
         steps = engine.store.flow_steps(flow_id)
@@ -201,11 +201,11 @@ def wire_schema(provider: Provider, body: dict[str, Any]) -> Any:
 
 @pytest.mark.parametrize("provider", [OPENAI, ANTHROPIC, OLLAMA], ids=lambda p: p.kind)
 async def test_each_provider_gets_the_schema_in_its_own_shape_and_is_re_asked(
-    provider: Provider, db_path: Path
+    provider: Provider, db: Path | str
 ) -> None:
     with Server() as server:
         server.queue(answer(provider, {**PERSON, "age": "old"}), answer(provider, PERSON))
-        async with flows.open_engine(db_path, adapters=[provider.adapter(server.url)]) as engine:
+        async with flows.open_engine(db, adapters=[provider.adapter(server.url)]) as engine:
             with trio.fail_after(20):
                 person = await engine.call("p", say("who?"), result=Person, timeout=5)
             assert len(engine.list()) == 2
@@ -218,7 +218,7 @@ async def test_each_provider_gets_the_schema_in_its_own_shape_and_is_re_asked(
     assert "Person.age must be integer" in said[2]["content"]
 
 
-async def test_anthropic_streams_the_tool_input_as_the_reply_text(db_path: Path) -> None:
+async def test_anthropic_streams_the_tool_input_as_the_reply_text(db: Path | str) -> None:
     from tests.fake_providers import sse_bytes, stream_response
 
     def event(kind: str, **data: Any) -> dict[str, Any]:
@@ -241,7 +241,7 @@ async def test_anthropic_streams_the_tool_input_as_the_reply_text(db_path: Path)
     with Server() as server:
         server.queue(stream_response(sse_bytes(events), "text/event-stream"))
         adapter = ANTHROPIC.adapter(server.url, stream=True)
-        async with flows.open_engine(db_path, adapters=[adapter]) as engine:
+        async with flows.open_engine(db, adapters=[adapter]) as engine:
             with trio.fail_after(20):
                 person = await engine.call("p", say("who?"), result=Person, timeout=5)
     assert person == Person("Ada", 36, Address("London"))
