@@ -58,7 +58,7 @@ from flows import cache as flows_cache
 from flows import handlers as handler_registry
 from flows import typed
 from flows.commit import Committer
-from flows.core import Clock, Core, Mover, name_of
+from flows.core import Clock, Core, Mover, moved, name_of
 from flows.dispatch import Dispatcher
 from flows.errors import CommandFailed, EngineClosing, StoreError
 from flows.held import Held
@@ -81,7 +81,6 @@ from flows.states import (
     DONE,
     PENDING,
     REASON_CANCELLED_BY_USER,
-    REPLIED,
     RESOLVE,
     SENT,
     IllegalTransition,
@@ -346,14 +345,7 @@ class Engine:
                 extra.append(AddCacheEntry(key, command.adapter, command.id, now))
                 continue
             assert source.reply is not None
-            hit = command.evolve(
-                state=REPLIED,
-                reply=source.reply,
-                replied_at=now,
-                cost=0.0,
-                owner=self.owner,
-                lease_until=now + self.lease,
-            )
+            hit = self._resolved(command, source.reply, 0.0, now)
             resolved.append((len(operations) + len(extra), hit))
             extra.append(Move(command, hit, RESOLVE, now, {"cached_from": source.id}))
             extra.append(CountCacheHit(source.id, now))
@@ -385,6 +377,13 @@ class Engine:
         events = await self.committer.commit_together([Insert(command) for command in commands])
         self._submitted(commands, events)
         return [command.id for command in commands]
+
+    def _resolved(self, command: Command, reply: Reply, cost: float | None, now: float) -> Command:
+        """``pending -> replied`` without a send (a cache hit, a late reply),
+        held by this engine, which runs its handler next."""
+        changes = {"reply": reply, "replied_at": now, "cost": cost}
+        lease = {"owner": self.owner, "lease_until": now + self.lease}
+        return moved(command, RESOLVE, now, {**changes, **lease})
 
     def _submitted(self, commands: Sequence[Command], events: Sequence[Event]) -> None:
         core = self._core
@@ -543,21 +542,15 @@ class Engine:
                 )
         new_ids = []
         for command in dead:
-            fresh = command.replayed(new_id(), self.now(), timeout)
+            now = self.now()
+            fresh = command.replayed(new_id(), now, timeout)
             late = self.store.late_replies(command.id, unused_only=True) if use_late_reply else []
             operations: builtins.list[Operation] = [Insert(fresh, detail={"replay_of": command.id})]
             if late:
-                resolved = fresh.evolve(
-                    state=REPLIED,
-                    reply=late[0].reply,
-                    replied_at=self.now(),
-                    cost=self._sender.cost(fresh.adapter, late[0].reply),
-                    owner=self.owner,
-                    lease_until=self.now() + self.lease,
-                )
-                operations.append(
-                    Move(fresh, resolved, RESOLVE, self.now(), {"late_reply": late[0].id})
-                )
+                reply = late[0].reply
+                cost = self._sender.cost(fresh.adapter, reply)
+                resolved = self._resolved(fresh, reply, cost, now)
+                operations.append(Move(fresh, resolved, RESOLVE, now, {"late_reply": late[0].id}))
                 operations.append(UseLateReply(late[0].id, fresh.id))
             # All or nothing: of two replays racing for one late reply, the
             # loser must leave no command behind, resolved with a reply that

@@ -58,11 +58,13 @@ class Notices:
         """True when someone listens: only then is a notice worth making."""
         return bool(self._subscribers)
 
-    def committed(self, command: Command, event: Event) -> None:
-        """``command`` is as ``event`` left it, durably: wake and tell."""
+    def committed(self, command: Command, event: Event | None) -> None:
+        """``command`` is as ``event`` left it, durably: wake and tell.
+        (``event`` is ``None`` only for a command another process ended
+        while nobody here subscribes: there is no notice to make.)"""
         if command.state in TERMINAL_STATES:
             self._wake(command)
-        if self._subscribers:
+        if event is not None and self._subscribers:
             self.publish(StateChange(command, event))
         self.on_command(command)
 
@@ -75,10 +77,7 @@ class Notices:
     def ended_elsewhere(self, command: Command, event: Event | None) -> None:
         """Another process ended ``command``; ``event`` is its last journal
         row, read only when someone subscribes (flows.wakeups)."""
-        self._wake(command)
-        if event is not None and self._subscribers:
-            self.publish(StateChange(command, event))
-        self.on_command(command)
+        self.committed(command, event)
 
     def _wake(self, command: Command) -> None:
         waiter = self._waiters.pop(command.id, None)
