@@ -16,6 +16,13 @@ same way. An adapter's whole job is:
 Cancellation is the engine's: when a deadline passes it cancels the task that
 awaits ``send``, and a well-behaved adapter lets that cancellation through.
 
+An adapter that can serve many requests from one task (a model in this
+process, a local server taking a batch, the scripted adapter) may also offer
+``send_many`` (``BatchAdapter``): the engine then hands it each claimed batch
+in one call instead of one task per request, which is most of what a request
+in flight costs. Each answer is given back by index as soon as it is known;
+the engine cancels the call when no request in it waits any more.
+
 This module imports nothing from ``flows`` or ``editor_bridge``: a provider
 knows no engine.
 """
@@ -247,6 +254,22 @@ class Adapter(Protocol):
     async def send(self, request: Request, context: SendContext) -> Reply: ...
 
     async def aclose(self) -> None: ...
+
+
+Answer = Callable[[int, "Reply | Exception"], None]
+"""How ``send_many`` gives back the answer to its ``index``-th request: the
+``Reply``, or the exception ``send`` would have raised."""
+
+
+class BatchAdapter(Adapter, Protocol):
+    async def send_many(self, sends: Sequence[tuple[Request, SendContext]], answer: Answer) -> None:
+        """Send every request of ``sends`` and call ``answer(index, reply or
+        error)`` once for each, from this task, as each is known (an answer
+        for an index already answered is ignored). The engine cancels the
+        call once no request in it waits (each answered, timed out or
+        cancelled) and when it closes; a request left unanswered when the
+        call returns fails, with the exception it raised if it raised one."""
+        ...
 
 
 class AdapterError(Exception):

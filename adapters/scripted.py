@@ -30,13 +30,16 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
 import trio
 
 from adapters.base import (
+    AdapterError,
     AdapterSettings,
+    Answer,
     PermanentError,
     Reply,
     Request,
@@ -226,15 +229,57 @@ class ScriptedAdapter:
         return cls(call_log=os.environ.get("DOVECOTE_SCRIPTED_LOG") or None)
 
     async def send(self, request: Request, context: SendContext) -> Reply:
-        self.calls += 1
-        if self.call_log is not None:
-            with self.call_log.open("a") as log:
-                log.write(f"{context.command_id} {context.attempt}\n")
-        script = parse(_steering(request))
+        script = self._script(request, context)
         if script.hang:
             await trio.sleep_forever()
         if script.delay:
             await trio.sleep(script.delay)
+        return self._reply(request, context, script)
+
+    async def send_many(self, sends: Sequence[tuple[Request, SendContext]], answer: Answer) -> None:
+        """``send`` for many requests from one task: those whose script
+        answers at once are answered here, in order; each one that waits
+        (``#delay``, ``#hang``) waits in a task of its own."""
+        async with trio.open_nursery() as nursery:
+            for index, (request, context) in enumerate(sends):
+                try:
+                    script = self._script(request, context)
+                except PermanentError as exc:
+                    answer(index, exc)
+                    continue
+                if script.hang or script.delay:
+                    nursery.start_soon(self._answer_later, index, request, context, script, answer)
+                    continue
+                try:
+                    reply = self._reply(request, context, script)
+                except AdapterError as exc:
+                    answer(index, exc)
+                else:
+                    answer(index, reply)
+
+    async def _answer_later(
+        self, index: int, request: Request, context: SendContext, script: Script, answer: Answer
+    ) -> None:
+        if script.hang:
+            await trio.sleep_forever()
+        await trio.sleep(script.delay)
+        try:
+            reply = self._reply(request, context, script)
+        except AdapterError as exc:
+            answer(index, exc)
+        else:
+            answer(index, reply)
+
+    def _script(self, request: Request, context: SendContext) -> Script:
+        """A send begins: counted, logged, its directives read."""
+        self.calls += 1
+        if self.call_log is not None:
+            with self.call_log.open("a") as log:
+                log.write(f"{context.command_id} {context.attempt}\n")
+        return parse(_steering(request))
+
+    def _reply(self, request: Request, context: SendContext, script: Script) -> Reply:
+        """What ``script`` answers (or the error it raises), once any wait is over."""
         if script.fail is not None:
             raise error_for_status(script.fail, f"scripted failure: HTTP {script.fail}")
         if context.attempt <= script.fail_times:

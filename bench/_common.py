@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 import flows
-from adapters.base import AdapterSettings, Reply, Request, SendContext
+from adapters.base import AdapterSettings, Answer, Reply, Request, SendContext
 
 # A ~100-byte user message (exactly 100 ASCII characters); every system gets this text.
 MESSAGE = (
@@ -46,6 +46,10 @@ class InstantAdapter:
 
     async def send(self, request: Request, context: SendContext) -> Reply:
         return self._reply
+
+    async def send_many(self, sends: Sequence[tuple[Request, SendContext]], answer: Answer) -> None:
+        for index in range(len(sends)):
+            answer(index, self._reply)
 
     async def aclose(self) -> None:
         return None

@@ -18,11 +18,17 @@ reply committed as ``replied`` whose handler then never runs). The wait is
 trio's lowest-level one (``wait_task_rescheduled`` with an abort that
 refuses), because the committer wakes hundreds of waiters per transaction
 and a cancel scope and an event for each cost more than the SQL.
+
+A caller with nothing to do but act on the outcome need not wait at all:
+``commit_soon`` queues operations with a function the committer calls with
+their results once they are committed (the send path finishes a reply this
+way: no task waits per reply).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import outcome
@@ -31,6 +37,11 @@ import trio
 from flows.errors import EngineClosing, StoreError
 from flows.operations import Group, Operation
 from flows.storage import StoreProtocol
+
+log = logging.getLogger("dovecote")
+
+Then = Callable[[list[Any]], None]
+"""What ``commit_soon`` calls with the results, in the committer's task."""
 
 
 def _refuse(_: Any) -> trio.lowlevel.Abort:
@@ -41,7 +52,9 @@ class Committer:
     def __init__(self, store: StoreProtocol) -> None:
         self._store = store
         self._offload = bool(getattr(store, "commit_blocks", False))
-        self._queue: list[tuple[list[Operation], trio.lowlevel.Task]] = []
+        # Each entry: operations, and the task waiting for their results (or
+        # the function to call with them).
+        self._queue: list[tuple[list[Operation], trio.lowlevel.Task | Then]] = []
         self._queued = trio.Event()
         self.batches = 0
         self.closed = False
@@ -83,9 +96,18 @@ class Committer:
             results = [error] * len(operations)
         self.batches += 1
         at = 0
-        for ops, task in batch:
-            trio.lowlevel.reschedule(task, outcome.Value(results[at : at + len(ops)]))
+        for ops, waiter in batch:
+            mine = results[at : at + len(ops)]
             at += len(ops)
+            if isinstance(waiter, trio.lowlevel.Task):
+                trio.lowlevel.reschedule(waiter, outcome.Value(mine))
+                continue
+            try:
+                waiter(mine)
+            except Exception:
+                # The committer must never die: what a caller does with its
+                # outcome is the caller's problem.
+                log.exception("acting on a commit failed")
 
     async def commit_many(self, operations: Sequence[Operation]) -> list[Any]:
         """Commit ``operations`` in one transaction; each result is a value
@@ -96,6 +118,17 @@ class Committer:
         self._queued.set()
         results: list[Any] = await trio.lowlevel.wait_task_rescheduled(_refuse)
         return results
+
+    def commit_soon(self, operations: Sequence[Operation], then: Then) -> None:
+        """Queue ``operations`` for the next transaction and return at once;
+        ``then(results)`` is called (in the committer's task, so it must not
+        block) once they are committed, each result a value or the exception
+        its operation raised. An engine that is closing commits what was
+        queued before it closed and refuses the rest (``EngineClosing``)."""
+        if self.closed:
+            raise EngineClosing("the engine is closing: nothing more is committed")
+        self._queue.append((list(operations), then))
+        self._queued.set()
 
     async def commit_all(self, operations: Sequence[Operation]) -> list[Any]:
         """``commit_many``, raising the first error among the results (the

@@ -9,8 +9,9 @@ the same table win most of this one's claims: they all read the oldest
 rows, and a smaller batch is read, decoded and claimed sooner); admits
 those that no budget refuses and the rate limit lets through now; claims
 them in one commit (``pending -> sent``, owned by this engine under a
-lease, with a deadline); and hands each one won to the send path. Claims
-lost to another engine are simply not sent.
+lease, with a deadline); and hands the ones won to the send path, together
+(an adapter that takes a batch gets them in one call). Claims lost to
+another engine are simply not sent.
 
 It sleeps until woken (``wake``: a submit, a send that ended, a retry that
 is due, another process's submit announced by the store, flows.wakeups) or
@@ -40,9 +41,9 @@ FLOW_BUDGETS_KEPT: Final = 10_000  # flows whose budget is remembered
 
 
 class Dispatcher:
-    def __init__(self, core: Core, start_send: Callable[[Adapter, Command], None]) -> None:
+    def __init__(self, core: Core, start_sends: Callable[[Adapter, list[Command]], None]) -> None:
         self._core = core
-        self._start_send = start_send
+        self._start_sends = start_sends
         self._wanted = trio.Event()
         self._limits = {
             name: RateLimit(a.settings.requests_per_minute, a.settings.tokens_per_minute)
@@ -123,14 +124,14 @@ class Dispatcher:
                 self._batch[name] = max(MIN_CLAIM_BATCH, self._batch[name] // 2)
             elif lost == 0:
                 self._batch[name] = min(CLAIM_BATCH, self._batch[name] * 2)
-            for won in claimed:
-                if won is None:
-                    continue  # another engine was faster
-                assert won.deadline is not None
+            won = [c for c in claimed if c is not None]  # None: another engine was faster
+            for command in won:
+                assert command.deadline is not None
                 core.timers.schedule(
-                    core.clock.trio_time(won.deadline), DEADLINE, won.id, won.attempt
+                    core.clock.trio_time(command.deadline), DEADLINE, command.id, command.attempt
                 )
-                self._start_send(adapter, won)
+            if won:
+                self._start_sends(adapter, won)
         return more
 
     async def _within_budget(self, adapter: Adapter, ready: list[Command]) -> list[Command]:

@@ -1,12 +1,21 @@
 """The send path: a claimed command's send, its reply, its handler.
 
-``Sender.start`` runs one send in the engine's nursery, inside the cancel
-scope ``Held`` keeps for it, so that a timeout, a cancel, a reply delivered
-by another path or a lease lost to another engine stops it. What the send
-returns is committed before anything acts on it:
+A claimed batch goes to its adapter in one of two ways:
+
+* one ``send_many`` call for the whole batch, in one task, when the adapter
+  offers it (adapters.base.BatchAdapter): each answer comes back by index and
+  is acted on at once; the batch's one cancel scope (``held.SendBatch``) is
+  cancelled when none of its commands waits any more;
+* else one task per command (``send``), inside the cancel scope ``Held``
+  keeps for it.
+
+Either way a timeout, a cancel, a reply delivered by another path or a lease
+lost to another engine stops that command's send (``Held.stop``), and what
+the send returns is committed before anything acts on it:
 
 * a reply to a command with no handler: ``sent -> replied -> done`` in one
-  commit (two journal rows, one transaction, one wait);
+  commit (two journal rows), queued without waiting (``Committer.commit_soon``:
+  the committer acts on it once it is durable, so no task waits per reply);
 * a reply to a command with a handler: ``sent -> replied`` (leased to this
   engine), then the handler runs and the command is ``done`` with its
   result, or ``dead`` with reason ``handler_error``;
@@ -20,6 +29,7 @@ cancelled meanwhile: the move is a lost race) is kept as a late reply.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -32,6 +42,8 @@ import trio
 
 from adapters.base import Adapter, AdapterError, Reply, RetryableError, SendContext
 from flows.core import Core, moved, until_closing
+from flows.errors import EngineClosing
+from flows.held import Held, SendBatch
 from flows.notices import Notices
 from flows.records import Command, CommandError, storable
 from flows.states import (
@@ -82,6 +94,60 @@ class Backoff:
         return max(jittered, retry_after or 0.0, 0.0)
 
 
+class _Answers:
+    """The ``answer`` a batch's ``send_many`` is given: one per batch."""
+
+    __slots__ = ("batch", "held", "sender")
+
+    def __init__(self, sender: Sender, held: Held, batch: SendBatch) -> None:
+        self.sender = sender
+        self.held = held
+        self.batch = batch
+
+    def __call__(self, index: int, answer: object) -> None:
+        commands = self.batch.commands
+        if type(index) is not int or not 0 <= index < len(commands):
+            raise IndexError(f"send_many answered request {index!r} of {len(commands)}")
+        command = commands[index]
+        if self.held.answered(command):  # else it was stopped, or answered already
+            self.sender.answered(command, answer)
+
+
+class _Finished:
+    """What follows the commit of a reply and its finish (``commit_soon``):
+    tell everyone; if the command had moved meanwhile, keep the reply."""
+
+    __slots__ = ("core", "done", "replied")
+
+    def __init__(self, core: Core, replied: Command, done: Command) -> None:
+        self.core = core
+        self.replied = replied
+        self.done = done
+
+    def __call__(self, results: list[Any]) -> None:
+        (result,) = results
+        core = self.core
+        if isinstance(result, LostRace):
+            # It stopped waiting meanwhile (timeout, cancel): keep the reply.
+            reply = self.replied.reply
+            assert reply is not None
+            late = AddLateReply(self.done.id, reply, core.clock.now())
+            with contextlib.suppress(EngineClosing):  # closing: it is lost, as late as it is
+                core.committer.commit_soon([late], _logged)
+        elif isinstance(result, BaseException):
+            log.error("could not commit the reply to %s: %s", self.done.id, result)
+        else:
+            replied_event, done_event = result
+            core.mover.committed(self.replied, replied_event)
+            core.mover.committed(self.done, done_event)
+
+
+def _logged(results: list[Any]) -> None:
+    for result in results:
+        if isinstance(result, BaseException):
+            log.error("could not keep a late reply: %s", result)
+
+
 class Sender:
     def __init__(
         self,
@@ -98,26 +164,37 @@ class Sender:
         self._rng = rng
         self._on_send_ended = on_send_ended
 
-    def start(self, adapter: Adapter, command: Command) -> None:
-        """Send ``command`` (just claimed by this engine) in the background.
-        It counts against the adapter's room from now, not from when its
-        task first runs: the dispatcher's next round must see it.
+    def start(self, adapter: Adapter, commands: list[Command]) -> None:
+        """Send ``commands`` (just claimed by this engine, for ``adapter``)
+        in the background: in one ``send_many`` call if the adapter offers
+        it, else a task each. They count against the adapter's room from
+        now, not from when a task first runs: the dispatcher's next round
+        must see them."""
+        send_many = getattr(adapter, "send_many", None)
+        if send_many is not None:
+            batch = self._core.held.start_batch(commands)
+            self._core.nursery.start_soon(self._send_batch, send_many, batch)
+            return
+        for command in commands:
+            # The task is the send itself, not wrapped in ``until_closing``:
+            # an engine may hold a hundred thousand sends, and each wrapper
+            # was one more coroutine (about 400 bytes) for the whole wait.
+            # The send commits nothing; what follows it is wrapped.
+            scope = self._core.held.start(command)
+            self._core.nursery.start_soon(self._send, adapter, command, scope)
 
-        The task is the send itself, not wrapped in ``until_closing``: an
-        engine may hold a hundred thousand sends, and each wrapper was one
-        more coroutine (about 400 bytes) for the whole wait. The send
-        commits nothing; what follows it is wrapped (``_settle``)."""
-        self._core.nursery.start_soon(self._send, adapter, command, self._core.held.start(command))
-
-    async def _send(self, adapter: Adapter, command: Command, scope: trio.CancelScope) -> None:
-        core = self._core
+    def _context(self, command: Command) -> SendContext:
         assert command.deadline is not None
-        context = SendContext(
+        return SendContext(
             command_id=command.id,
             attempt=command.attempt,
             deadline=command.deadline,
-            report_progress=_Progress(core.notices, command.id),
+            report_progress=_Progress(self._core.notices, command.id),
         )
+
+    async def _send(self, adapter: Adapter, command: Command, scope: trio.CancelScope) -> None:
+        core = self._core
+        context = self._context(command)
         reply: Reply | None = None
         failure: BaseException | None = None
         try:
@@ -133,18 +210,61 @@ class Sender:
             self._on_send_ended()
         if scope.cancelled_caught:
             return  # timed out, cancelled or answered elsewhere: they moved it
-        await until_closing(self._settle, command, reply, failure)
+        if reply is not None and command.handler is None:
+            self._reply_and_finish(command, reply)
+        else:
+            await until_closing(self._settle, command, reply, failure)
+
+    async def _send_batch(self, send_many: Callable[..., Any], batch: SendBatch) -> None:
+        """One ``send_many`` call for ``batch``; its answers are acted on as
+        they come (``_answer``). Commands it leaves unanswered fail."""
+        sends = [(command.request, self._context(command)) for command in batch.commands]
+        failure: Exception | None = None
+        try:
+            with batch.scope:
+                try:
+                    await send_many(sends, _Answers(self, self._core.held, batch))
+                except Exception as exc:
+                    failure = exc
+        finally:
+            # Cancelled by the engine's closing, these end here unanswered.
+            unanswered = [c for c in batch.commands if self._core.held.answered(c)]
+            self._on_send_ended()
+        if batch.scope.cancelled_caught:
+            return  # none of them waited any more
+        for command in unanswered:
+            self.answered(
+                command,
+                failure or RuntimeError("the adapter's send_many returned without answering"),
+            )
+
+    def answered(self, command: Command, answer: object) -> None:
+        """Act on what a batch's send of ``command`` came back with (its send
+        has ended: ``Held.answered``)."""
+        self._on_send_ended()
+        if isinstance(answer, Reply):
+            try:
+                storable(answer, "the reply")
+            except ValueError as exc:
+                answer = exc
+        elif not isinstance(answer, Exception):
+            answer = TypeError(f"send_many answered {type(answer).__name__}, not a Reply")
+        if isinstance(answer, Reply):
+            if command.handler is None:
+                self._reply_and_finish(command, answer)
+            else:
+                self._core.spawn(self._settle, command, answer, None)
+        else:
+            self._core.spawn(self._settle, command, None, answer)
 
     async def _settle(
         self, command: Command, reply: Reply | None, failure: BaseException | None
     ) -> None:
-        """Commit what the send of ``command`` came back with."""
+        """Commit what the send of ``command`` came back with (a reply for a
+        command with a handler, or a failure)."""
         core = self._core
         if reply is not None:
             try:
-                if command.handler is None:
-                    await self._reply_and_finish(command, reply)
-                    return
                 replied = await self.accept(command, reply)
             except LostRace:
                 # It stopped waiting meanwhile (timeout, cancel): keep the reply.
@@ -154,9 +274,10 @@ class Sender:
         elif failure is not None:
             await self._failed(command, failure)
 
-    async def _reply_and_finish(self, command: Command, reply: Reply) -> None:
+    def _reply_and_finish(self, command: Command, reply: Reply) -> None:
         """sent -> replied -> done in one commit, for a command with no
-        handler: both transitions journaled, one transaction, one wait."""
+        handler: both transitions journaled, one transaction, no task
+        waiting for it (``_Finished`` acts on the outcome)."""
         core = self._core
         now = core.clock.now()
         replied = moved(
@@ -166,11 +287,10 @@ class Sender:
             {"reply": reply, "replied_at": now, "cost": self.cost(command.adapter, reply)},
         )
         done = moved(replied, FINISH, now, {})
-        (journal,) = await core.committer.commit_all(
-            [Chain((Move(command, replied, REPLY, now), Move(replied, done, FINISH, now)))]
-        )
-        core.mover.committed(replied, journal[0])
-        core.mover.committed(done, journal[1])
+        chain = Chain((Move(command, replied, REPLY, now), Move(replied, done, FINISH, now)))
+        # Closing: it stays sent, and leased; the next engine sends it again.
+        with contextlib.suppress(EngineClosing):
+            core.committer.commit_soon([chain], _Finished(core, replied, done))
 
     async def accept(self, command: Command, reply: Reply) -> Command:
         """sent -> replied, taking ownership for the handler."""
