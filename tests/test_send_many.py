@@ -312,7 +312,9 @@ async def test_the_scripted_adapter_answers_a_mixed_batch_as_it_answers_each(
             async with flows.open_engine(db_path, adapters=[OneByOne()]) as engine:
                 command_id = await engine.submit("scripted", ask(text), timeout=10)
                 command = await engine.wait(command_id)
-                ends.append((command.state, command.reason, command.reply and command.reply.text))
+                ends.append(
+                    (command.state, command.reason, command.reply.text if command.reply else None)
+                )
         return ends
 
     alone = await each_alone()
@@ -323,7 +325,9 @@ async def test_the_scripted_adapter_answers_a_mixed_batch_as_it_answers_each(
         batched = []
         for command_id in ids:
             command = await engine.wait(command_id)
-            batched.append((command.state, command.reason, command.reply and command.reply.text))
+            batched.append(
+                (command.state, command.reason, command.reply.text if command.reply else None)
+            )
     assert batched == alone
     assert [s for s, _, _ in batched] == ["done", "done", "dead", "dead", "dead", "done"]
     assert scripted.calls == len(texts)
