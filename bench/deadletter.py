@@ -28,7 +28,10 @@ deadline passed, when it holds ``--n`` (100,000) deadlines at once, on the real 
   ``send`` never returns (``await trio.sleep_forever()``). The adapter is then given
   ``max_in_flight`` N: the dispatcher (on its next poll, <= 1 s) claims all N at once,
   so every command goes ``sent`` with ``deadline = claim time + timeout``, and the
-  engine holds N deadlines (one timer heap; one send task per command). The deadlines
+  engine holds N deadlines (one timer heap). Two kinds of black hole, every run of one
+  interleaved with a run of the other: one with only ``send`` (one send task per
+  command) and one that also offers ``send_many`` (adapters.base.BatchAdapter: one
+  task per claimed batch of up to 1,024, which never answers either). The deadlines
   fall over the ``--window`` after ``--lead`` seconds: N/window expiries per second
   (20,000/s by default). The engine's timer dead-letters each one (``sent -> dead``,
   reason ``timeout``) and cancels its send. The lead must cover the claim of N commands
@@ -50,7 +53,8 @@ deadline passed, when it holds ``--n`` (100,000) deadlines at once, on the real 
   ended after the first deadline is flagged (lateness then includes the claim: rerun
   with a longer ``--lead``).
 
-* **Memory per in-flight command**: (peak RSS - RSS before the engine opens) / N.
+* **Memory per in-flight command**: (peak RSS - RSS before the engine opens) / N, for
+  each kind of adapter.
 
 **One by one** (``one-by-one``), as a script makes its calls: N commands (2,000, 10,000
 and 100,000, ``--ns``) submitted one after another with ``await engine.submit``, paced
@@ -81,6 +85,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -99,7 +104,7 @@ import attrs
 import trio
 
 import flows
-from adapters.base import AdapterSettings, Reply, Request, SendContext
+from adapters.base import AdapterSettings, Answer, Reply, Request, SendContext
 from bench._common import (
     REQUEST,
     Row,
@@ -152,6 +157,18 @@ class Blackhole:
         return None
 
 
+class BatchBlackhole(Blackhole):
+    """The same provider, taking each claimed batch in one ``send_many`` call (that
+    never answers either): one task for the batch instead of one per command."""
+
+    async def send_many(self, sends: Sequence[tuple[Request, SendContext]], answer: Answer) -> None:
+        await trio.sleep_forever()
+
+
+SENDS: Final = {"send": Blackhole, "send_many": BatchBlackhole}
+SENDS_SHOWN: Final = {"send": "a task per send", "send_many": "one send_many per batch"}
+
+
 def _max_rss() -> int:
     """This process's peak resident set, in bytes: ``VmHWM`` where Linux has it (the
     high-water mark of this program's memory since ``exec``), else ``ru_maxrss`` (which on
@@ -187,9 +204,11 @@ def _end_state(db: Any) -> tuple[dict[str, int], int]:
     return {f"{state}/{reason}": count for state, reason, count in counts}, int(journal)
 
 
-async def _run_async(path: Path, n: int, gc_mode: str = "default") -> dict[str, Any]:
+async def _run_async(
+    path: Path, n: int, gc_mode: str = "default", sends: str = "send"
+) -> dict[str, Any]:
     rss_before = _max_rss()
-    hole = Blackhole()
+    hole = SENDS[sends]()
     observed = array("d")
     reasons: dict[str, int] = {}
     async with flows.open_engine(path, adapters=[hole]) as engine:
@@ -289,22 +308,27 @@ def _gc_pauses() -> Iterator[dict[str, Any]]:
 
 
 def child(argv: Sequence[str]) -> None:
-    """Entry point of a run's process: ``child([mode, path, n, gc_mode])``, ``mode``
-    ``in-flight`` or ``one-by-one``; prints the result as JSON."""
-    mode, path, n, gc_mode = argv[0], Path(argv[1]), int(argv[2]), argv[3]
+    """Entry point of a run's process: ``child([mode, path, n, gc_mode, sends])``,
+    ``mode`` ``in-flight`` or ``one-by-one``, ``sends`` ``send`` or ``send_many`` (the
+    adapter's kind, in-flight mode); prints the result as JSON."""
+    mode, path, n, gc_mode, sends = argv[0], Path(argv[1]), int(argv[2]), argv[3], argv[4]
     if gc_mode == THAWED:
         # Diagnosis only: the engine as if flows.collector never froze anything, so
         # that every full collection walks every send in flight.
         from flows import collector
 
         collector.MANY = 2**62  # type: ignore[misc]
-    measure = _run_async if mode == IN_FLIGHT else _one_by_one_async
     with _gc_pauses() as pauses:
-        result = trio.run(measure, path, n, gc_mode)
+        if mode == IN_FLIGHT:
+            result = trio.run(_run_async, path, n, gc_mode, sends)
+        else:
+            result = trio.run(_one_by_one_async, path, n, gc_mode)
     print(json.dumps({**result, **pauses}), flush=True)
 
 
-def _spawn(mode: str, path: Path, n: int, gc_mode: str, timeout: float) -> dict[str, Any]:
+def _spawn(
+    mode: str, path: Path, n: int, gc_mode: str, timeout: float, sends: str = "send"
+) -> dict[str, Any]:
     """``child`` in a new Python process; its result."""
     process = subprocess.run(
         [
@@ -315,6 +339,7 @@ def _spawn(mode: str, path: Path, n: int, gc_mode: str, timeout: float) -> dict[
             str(path),
             str(n),
             gc_mode,
+            sends,
         ],
         cwd=ROOT,
         capture_output=True,
@@ -328,12 +353,18 @@ def _spawn(mode: str, path: Path, n: int, gc_mode: str, timeout: float) -> dict[
 
 
 def run_once(
-    template: Path, directory: Path, n: int, lead: float, window: float, gc_mode: str = "default"
+    template: Path,
+    directory: Path,
+    n: int,
+    lead: float,
+    window: float,
+    gc_mode: str = "default",
+    sends: str = "send",
 ) -> dict[str, Any]:
     """Copy the template and measure one in-flight run in a new process."""
     path = directory / "dovecote.db"
     shutil.copyfile(template, path)
-    result = _spawn(IN_FLIGHT, path, n, gc_mode, lead + window + 600)
+    result = _spawn(IN_FLIGHT, path, n, gc_mode, lead + window + 600, sends)
     problems = []
     if result["counts"] != {"dead/timeout": n}:
         problems.append(f"end states {result['counts']}")
@@ -453,68 +484,76 @@ def run(
     lead: float = LEAD,
     window: float = WINDOW,
     gc_mode: str = "default",
+    kinds: Sequence[str] = tuple(SENDS),
 ) -> tuple[list[Row], float]:
-    """Make the template, measure ``runs`` runs; one row per metric, and submits/s."""
+    """Make the template, measure ``runs`` runs of each adapter kind (interleaved:
+    every kind once, then again); one row per metric and kind, and submits/s."""
     with fresh_dir(BENCH) as directory:
         template = directory / "template.db"
         submit_rate = make_template(template, n, lead, window)
-        results = []
+        results: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
         for index in range(runs):
-            run_dir = directory / f"run-{index}"
-            run_dir.mkdir()
-            results.append(run_once(template, run_dir, n, lead, window, gc_mode))
-            shutil.rmtree(run_dir)
+            for kind in kinds:
+                run_dir = directory / f"run-{index}-{kind}"
+                run_dir.mkdir()
+                results[kind].append(run_once(template, run_dir, n, lead, window, gc_mode, kind))
+                shutil.rmtree(run_dir)
     rows: list[Row] = []
-    for key, label, unit in METRICS:
-        values = [r[key] for r in results]
-        finite = [v for v in values if math.isfinite(v)] or [math.nan]
-        rows.append(
-            {
-                "bench": BENCH,
-                "system": "dovecote",
-                "metric": key,
-                "variant": label,
-                "unit": unit,
-                "n": n,
-                "runs": runs,
-                "gc": gc_mode,
-                "median": statistics.median(finite),
-                "min": min(finite),
-                "max": max(finite),
-                "values": values,
-            }
-        )
+    for kind in kinds:
+        for key, label, unit in METRICS:
+            values = [r[key] for r in results[kind]]
+            finite = [v for v in values if math.isfinite(v)] or [math.nan]
+            rows.append(
+                {
+                    "bench": BENCH,
+                    "system": "dovecote",
+                    "metric": key,
+                    "sends": kind,
+                    "variant": f"{SENDS_SHOWN[kind]}: {label}",
+                    "unit": unit,
+                    "n": n,
+                    "runs": runs,
+                    "gc": gc_mode,
+                    "median": statistics.median(finite),
+                    "min": min(finite),
+                    "max": max(finite),
+                    "values": values,
+                }
+            )
     return rows, submit_rate
 
 
-def _row(rows: Sequence[Row], key: str) -> Row:
-    return next(r for r in rows if r["metric"] == key)
+def _row(rows: Sequence[Row], key: str, kind: str) -> Row:
+    return next(r for r in rows if r["metric"] == key and r["sends"] == kind)
 
 
 def headlines(rows: Sequence[Row]) -> list[Row]:
-    p99, p50, peak = _row(rows, "observed_p99"), _row(rows, "observed_p50"), _row(rows, "peak_rss")
-    per = _row(rows, "per_command")
-    n = p99["n"]
-    return [
-        headline(
-            f"dead-letter lateness p99, {n:,} deadlines",
-            f"{p99['median'] * 1000:,.1f} ms (p50 {p50['median'] * 1000:,.1f} ms)",
-            target=f"< {TARGET_P99 * 1000:.0f} ms",
-            met=p99["median"] < TARGET_P99,
-        ),
-        headline(
-            f"dead-letter peak memory, {n:,} deadlines",
-            f"{peak['median'] / MB:,.0f} MB",
-            target=f"< {TARGET_PEAK / MB:.0f} MB",
-            met=peak["median"] < TARGET_PEAK,
-        ),
-        headline(
-            f"memory per in-flight command, {n:,} in flight (peak RSS - before) / N",
-            f"{per['median'] / 1000:,.2f} kB",
-            target=f"<= {TARGET_PER_COMMAND / 1000:g} kB",
-            met=per["median"] <= TARGET_PER_COMMAND,
-        ),
-    ]
+    lines = []
+    for kind in dict.fromkeys(r["sends"] for r in rows):
+        p99, p50 = _row(rows, "observed_p99", kind), _row(rows, "observed_p50", kind)
+        peak, per = _row(rows, "peak_rss", kind), _row(rows, "per_command", kind)
+        n, shown = p99["n"], SENDS_SHOWN[kind]
+        lines += [
+            headline(
+                f"dead-letter lateness p99, {n:,} deadlines, {shown}",
+                f"{p99['median'] * 1000:,.1f} ms (p50 {p50['median'] * 1000:,.1f} ms)",
+                target=f"< {TARGET_P99 * 1000:.0f} ms",
+                met=p99["median"] < TARGET_P99,
+            ),
+            headline(
+                f"dead-letter peak memory, {n:,} deadlines, {shown}",
+                f"{peak['median'] / MB:,.0f} MB",
+                target=f"< {TARGET_PEAK / MB:.0f} MB",
+                met=peak["median"] < TARGET_PEAK,
+            ),
+            headline(
+                f"memory per in-flight command, {n:,} in flight, {shown} (peak RSS - before) / N",
+                f"{per['median'] / 1000:,.2f} kB",
+                target=f"<= {TARGET_PER_COMMAND / 1000:g} kB",
+                met=per["median"] <= TARGET_PER_COMMAND,
+            ),
+        ]
+    return lines
 
 
 # --- the one-by-one benchmark ---------------------------------------------------------
@@ -614,7 +653,7 @@ def report(rows: Sequence[Row], submit_rate: float, lead: float, window: float) 
         print("DIAGNOSIS RUN: flows.collector switched off (nothing frozen); not as shipped")
     print_spread(rows, (("variant", "measure", fmt_str),), lambda r, k: _shown(r[k], r["unit"]))
     print(f"set-up: {n:,} submits at {submit_rate:,.0f}/s (submit_many, 20 tasks, adapter parked)")
-    if _row(rows, "slack")["min"] <= 0:
+    if min(r["min"] for r in rows if r["metric"] == "slack") <= 0:
         print(
             "WARNING: in some run the claim ended after the first deadline; lateness includes "
             "the claim: rerun with a longer --lead"
@@ -629,7 +668,9 @@ def report(rows: Sequence[Row], submit_rate: float, lead: float, window: float) 
 # --- profiling ---------------------------------------------------------------------
 
 
-def _in_process(n: int, lead: float, window: float, mode: str, which: str) -> None:
+def _in_process(
+    n: int, lead: float, window: float, mode: str, which: str, sends: str = "send"
+) -> None:
     """One run in this process, under pyinstrument (``profile``) or tracemalloc
     (``memory``: the top allocation sites once every command is in flight, in-flight
     mode only). ``which``: ``in-flight`` or ``one-by-one``."""
@@ -637,7 +678,9 @@ def _in_process(n: int, lead: float, window: float, mode: str, which: str) -> No
         path = directory / "dovecote.db"
         if which == IN_FLIGHT:
             make_template(path, n, lead, window)
-        measure = _run_async if which == IN_FLIGHT else _one_by_one_async
+        measure: Any = (
+            functools.partial(_run_async, sends=sends) if which == IN_FLIGHT else _one_by_one_async
+        )
         if mode == "profile":
             try:
                 from pyinstrument import Profiler
@@ -673,7 +716,7 @@ def _in_process(n: int, lead: float, window: float, mode: str, which: str) -> No
                     snapshots.append(tracemalloc.take_snapshot())
 
                 nursery.start_soon(watch)
-                return await _run_async(path, n)
+                return await _run_async(path, n, sends=sends)
 
         result = trio.run(measured)
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
@@ -711,6 +754,12 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         default="default",
         help="diagnosis: 'thawed' switches flows.collector off (in-flight mode; not as shipped)",
     )
+    parser.add_argument(
+        "--sends",
+        choices=(*SENDS, "both"),
+        default="both",
+        help="in-flight: the black hole's kind, a task per send or send_many (both)",
+    )
     parser.add_argument("--profile", action="store_true", help="one run in-process, pyinstrument")
     parser.add_argument("--memory", action="store_true", help="one run in-process, tracemalloc")
     args = parser.parse_args(argv)
@@ -718,7 +767,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     if args.profile or args.memory:
         which = IN_FLIGHT if args.mode == IN_FLIGHT or args.memory else ONE_BY_ONE
         n = args.n if which == IN_FLIGHT else ns[-1]
-        _in_process(n, args.lead, args.window, "profile" if args.profile else "memory", which)
+        kind = "send" if args.sends == "both" else args.sends
+        mode = "profile" if args.profile else "memory"
+        _in_process(n, args.lead, args.window, mode, which, kind)
         return []
     started = time.perf_counter()
     lines: list[Row] = []
@@ -727,7 +778,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         report_one_by_one(results)
         lines += headlines_one_by_one(results)
     if args.mode in (IN_FLIGHT, "both"):
-        rows, submit_rate = run(args.n, args.runs, args.lead, args.window, args.gc)
+        kinds = tuple(SENDS) if args.sends == "both" else (args.sends,)
+        rows, submit_rate = run(args.n, args.runs, args.lead, args.window, args.gc, kinds)
         report(rows, submit_rate, args.lead, args.window)
         lines += headlines(rows)
     print(f"wall time {time.perf_counter() - started:.1f} s")
