@@ -56,7 +56,7 @@ def moved(command: Command, event: str, at: float, changes: Mapping[str, Any]) -
     """``command`` after ``event`` at ``at``: the table's next state, what
     entering it sets, then the mover's own ``changes``."""
     state = next_state(command.state, event, command_id=command.id)
-    return command.evolve(state=state, **{**entering(state, at), **changes})
+    return command.changed({"state": state}, entering(state, at), changes)
 
 
 class Mover:

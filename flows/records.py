@@ -247,12 +247,19 @@ class Command:
     def evolve(self, **changes: Any) -> Command:
         """A copy with ``changes``: ``attrs.evolve``, five times faster, which
         matters because every transition of every command makes one."""
+        return self.changed(changes)
+
+    def changed(self, *changes: Mapping[str, Any]) -> Command:
+        """``evolve`` with the changes as mappings, applied in order (a later
+        one wins): a move's table-given and own changes without merging them."""
         values = list(_command_values(self))
-        for name, value in changes.items():
-            index = _COMMAND_INDEX.get(name)
-            if index is None:
-                raise TypeError(f"Command has no field {name!r}")
-            values[index] = value
+        at = _COMMAND_INDEX.get
+        for mapping in changes:
+            for name, value in mapping.items():
+                index = at(name)
+                if index is None:
+                    raise TypeError(f"Command has no field {name!r}")
+                values[index] = value
         return Command(*values)
 
     def to_json(self) -> dict[str, JSON]:
