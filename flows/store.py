@@ -811,12 +811,14 @@ def _write_run(cursor: _Batch, sql: str, run: Sequence[_Staged]) -> builtins.lis
 def _apply_runs(
     cursor: _Batch, operations: Iterable[Operation], alone: Callable[[Operation], Any]
 ) -> builtins.list[Any]:
-    """The result of each of ``operations``, in order: runs written by
-    ``_write_run``; every other operation, and each one of a run that could
-    not be written whole, by ``alone``."""
+    """The result of each of ``operations``, in order: runs of two or more
+    written by ``_write_run``; every other operation, and each one of a run
+    that could not be written whole, by ``alone`` (so that an operation
+    committed by itself takes the one-by-one path, which the runs must
+    match: tests/test_store_runs.py compares the two)."""
     results: builtins.list[Any] = []
     for sql, run in _runs(operations):
-        written = None if sql is None else _write_run(cursor, sql, run)
+        written = None if sql is None or len(run) == 1 else _write_run(cursor, sql, run)
         if written is None:
             results.extend([alone(staged.op) for staged in run])
         else:
