@@ -209,24 +209,28 @@ def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
-_all_values: Final = operator.attrgetter(*COLUMNS)
-_JSON_AT: Final = tuple(i for i, name in enumerate(COLUMNS) if name in _JSON_COLUMNS)
-
-
 def _json_column(value: Any) -> str | None:
     return _dumps(value.to_json() if hasattr(value, "to_json") else value)
 
 
 def command_row(command: Command, columns: Sequence[str] = COLUMNS) -> tuple[Any, ...]:
-    if columns is COLUMNS:  # a whole row, for an insert: every column at once
-        values = list(_all_values(command))
-        for i in _JSON_AT:
-            values[i] = _json_column(values[i])
-        return tuple(values)
-    return tuple(
-        _json_column(getattr(command, name)) if name in _JSON_COLUMNS else getattr(command, name)
-        for name in columns
-    )
+    read, json_at = _reader(tuple(columns))
+    values = list(read(command))
+    for i in json_at:
+        values[i] = _json_column(values[i])
+    return tuple(values)
+
+
+@functools.lru_cache(maxsize=64)
+def _reader(
+    columns: tuple[str, ...],
+) -> tuple[Callable[[Command], tuple[Any, ...]], tuple[int, ...]]:
+    """How ``command_row`` reads ``columns``: every value at once, and where
+    the JSON ones are (a transition writes a few columns, the same few for
+    every command of a run: this is worked out once per set of columns)."""
+    get = operator.attrgetter(*columns)
+    read = get if len(columns) > 1 else lambda command: (get(command),)
+    return read, tuple(i for i, name in enumerate(columns) if name in _JSON_COLUMNS)
 
 
 _AT: Final = {name: i for i, name in enumerate(COLUMNS)}
@@ -361,11 +365,13 @@ def _cas_statement(before: Command, after: Command) -> tuple[str, tuple[Any, ...
     parameters."""
     # Command.evolve keeps every field it was not given: identity tells.
     changed = tuple(
-        column
-        for column, new, old in zip(
-            _MUTABLE, _mutable_values(after), _mutable_values(before), strict=True
-        )
-        if new is not old
+        [
+            column
+            for column, new, old in zip(
+                _MUTABLE, _mutable_values(after), _mutable_values(before), strict=True
+            )
+            if new is not old
+        ]
     )
     return _move_sql(changed), (
         *command_row(after, changed),
