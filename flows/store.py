@@ -55,9 +55,9 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
 import attrs
 import sqlite_utils
@@ -111,6 +111,8 @@ from flows.states import (
 
 if TYPE_CHECKING:
     from flows.storage import StoreProtocol
+
+_T = TypeVar("_T")
 
 # The operations are flows.operations' records; they are importable from
 # here too, where the engine, the runtime and the tests have always found them.
@@ -207,24 +209,28 @@ def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
-_all_values: Final = operator.attrgetter(*COLUMNS)
-_JSON_AT: Final = tuple(i for i, name in enumerate(COLUMNS) if name in _JSON_COLUMNS)
-
-
 def _json_column(value: Any) -> str | None:
     return _dumps(value.to_json() if hasattr(value, "to_json") else value)
 
 
 def command_row(command: Command, columns: Sequence[str] = COLUMNS) -> tuple[Any, ...]:
-    if columns is COLUMNS:  # a whole row, for an insert: every column at once
-        values = list(_all_values(command))
-        for i in _JSON_AT:
-            values[i] = _json_column(values[i])
-        return tuple(values)
-    return tuple(
-        _json_column(getattr(command, name)) if name in _JSON_COLUMNS else getattr(command, name)
-        for name in columns
-    )
+    read, json_at = _reader(tuple(columns))
+    values = list(read(command))
+    for i in json_at:
+        values[i] = _json_column(values[i])
+    return tuple(values)
+
+
+@functools.lru_cache(maxsize=64)
+def _reader(
+    columns: tuple[str, ...],
+) -> tuple[Callable[[Command], tuple[Any, ...]], tuple[int, ...]]:
+    """How ``command_row`` reads ``columns``: every value at once, and where
+    the JSON ones are (a transition writes a few columns, the same few for
+    every command of a run: this is worked out once per set of columns)."""
+    get = operator.attrgetter(*columns)
+    read = get if len(columns) > 1 else lambda command: (get(command),)
+    return read, tuple(i for i, name in enumerate(columns) if name in _JSON_COLUMNS)
 
 
 _AT: Final = {name: i for i, name in enumerate(COLUMNS)}
@@ -353,21 +359,32 @@ def _flow_lost_race(cursor: sqlite3.Cursor, expected: Flow, event: str) -> LostR
     )
 
 
-def _compare_and_set(cursor: sqlite3.Cursor, before: Command, after: Command, event: str) -> None:
-    """Write ``after`` over ``before`` if the row is still ``before``'s
-    (state, attempt, owner); else raise the lost race."""
+def _cas_statement(before: Command, after: Command) -> tuple[str, tuple[Any, ...]]:
+    """The compare-and-set UPDATE that writes ``after`` over ``before`` if
+    the row is still ``before``'s (state, attempt, owner), and its
+    parameters."""
     # Command.evolve keeps every field it was not given: identity tells.
     changed = tuple(
-        column
-        for column, new, old in zip(
-            _MUTABLE, _mutable_values(after), _mutable_values(before), strict=True
-        )
-        if new is not old
+        [
+            column
+            for column, new, old in zip(
+                _MUTABLE, _mutable_values(after), _mutable_values(before), strict=True
+            )
+            if new is not old
+        ]
     )
-    cursor.execute(
-        _move_sql(changed),
-        (*command_row(after, changed), before.id, before.state, before.attempt, before.owner),
+    return _move_sql(changed), (
+        *command_row(after, changed),
+        before.id,
+        before.state,
+        before.attempt,
+        before.owner,
     )
+
+
+def _compare_and_set(cursor: sqlite3.Cursor, before: Command, after: Command, event: str) -> None:
+    """Write ``after`` over ``before``; the lost race if the row moved."""
+    cursor.execute(*_cas_statement(before, after))
     if cursor.rowcount != 1:
         raise _lost_race(cursor, before, event)
 
@@ -391,13 +408,18 @@ def _insert_snapshot(cursor: sqlite3.Cursor, s: Snapshot) -> None:
     )
 
 
+def _journal_insert(cursor: _Batch, op: Insert) -> Event:
+    cmd = op.command
+    return _journal(
+        cursor, cmd.id, cmd.flow_id, cmd.created_at, None, cmd.state, "submit", op.detail
+    )
+
+
 def _insert(cursor: _Batch, op: Insert) -> Event:
     cmd = op.command
     # Journaled first (the row waits in the batch): a detail that cannot be
     # stored raises before anything is written.
-    event = _journal(
-        cursor, cmd.id, cmd.flow_id, cmd.created_at, None, cmd.state, "submit", op.detail
-    )
+    event = _journal_insert(cursor, op)
     if op.snapshot is not None:
         _insert_snapshot(cursor, op.snapshot)
     cursor.execute(_INSERT_COMMAND, command_row(cmd))
@@ -442,10 +464,14 @@ def _move(cursor: _Batch, op: Move) -> Event:
     return event
 
 
+def _journal_chain(cursor: _Batch, op: Chain) -> builtins.list[Event]:
+    return [_journal_move(cursor, move) for move in op.moves]
+
+
 def _chain(cursor: _Batch, op: Chain) -> builtins.list[Event]:
     op.check()
     first, last = op.moves[0], op.moves[-1]
-    events = [_journal_move(cursor, move) for move in op.moves]  # first, as in _insert
+    events = _journal_chain(cursor, op)  # first, as in _insert
     _compare_and_set(cursor, first.before, last.after, first.event)
     return events
 
@@ -616,7 +642,8 @@ def _record_step(cursor: _Batch, op: RecordStep) -> None:
 
 
 def _group(cursor: _Batch, op: Group) -> builtins.list[Any]:
-    return [_apply(cursor, member) for member in op.operations]
+    # A member that raises raises out of the group, which is undone whole.
+    return _apply_runs(cursor, op.operations, functools.partial(_apply, cursor))
 
 
 def _add_cache_entry(cursor: _Batch, op: AddCacheEntry) -> None:
@@ -659,6 +686,150 @@ by the contract tests (every kind is committed there)."""
 
 def _apply(cursor: _Batch, op: Operation) -> Any:
     return _APPLY[type(op)](cursor, op)
+
+
+# --- Runs: like operations written by one statement ----------------------------
+#
+# The engine commits hundreds of like operations at a time (a claimed batch
+# of ``Move``s, a round of reply-and-finish ``Chain``s, ``submit_many``'s
+# ``Insert``s). Written one by one, each costs an ``execute`` and a savepoint
+# of its own; a run of them written by one ``executemany`` under one savepoint
+# costs about half (bench/lifecycle.py: "statements only" against "grouped").
+# The fast path only ever writes what the one-by-one path would: when a run
+# cannot be written whole (a compare-and-set lost, a value refused), it is
+# undone and written again one by one, so that each operation gets exactly
+# the result it gets alone.
+
+_Params = tuple[Any, ...]
+
+
+class _RunKind(NamedTuple):
+    """How an operation of a kind that can join a run is written there:
+    ``statement`` gives the one statement that writes its row (None: the
+    operation writes more than that, and goes its own way), ``journal``
+    queues its journal rows and returns what its caller is told."""
+
+    statement: Callable[[Any], tuple[str, _Params] | None]
+    journal: Callable[[_Batch, Any], Any]
+
+
+def _insert_statement(op: Insert) -> tuple[str, _Params] | None:
+    cmd = op.command
+    if op.snapshot is not None or (cmd.flow_id is not None and cmd.step is not None):
+        return None  # a snapshot or a flow step to write too: see _insert
+    return _INSERT_COMMAND, command_row(cmd)
+
+
+def _move_statement(op: Move) -> tuple[str, _Params]:
+    op.check()
+    return _cas_statement(op.before, op.after)
+
+
+def _chain_statement(op: Chain) -> tuple[str, _Params]:
+    op.check()
+    return _cas_statement(op.moves[0].before, op.moves[-1].after)
+
+
+_RUNS: Final[Mapping[type[Any], _RunKind]] = {
+    Insert: _RunKind(_insert_statement, _journal_insert),
+    Move: _RunKind(_move_statement, _journal_move),
+    Chain: _RunKind(_chain_statement, _journal_chain),
+}
+"""The kinds whose operations can be written in runs: each writes one row of
+``commands`` (and its journal rows), as its ``_APPLY`` function does. A
+``Move`` and a ``Chain`` that change the same columns share a statement, so
+they share a run."""
+
+
+class _Staged(NamedTuple):
+    op: Operation
+    params: _Params
+
+
+def _runs(operations: Iterable[Operation]) -> Iterator[tuple[str | None, builtins.list[_Staged]]]:
+    """``operations`` in order, cut into runs of consecutive ones written by
+    the same statement: ``(sql, run)``; ``(None, [one])`` for each operation
+    that writes more than a row, or whose statement cannot be made (its own
+    path raises what is wrong with it: a move the table forbids)."""
+    sql: str | None = None
+    run: builtins.list[_Staged] = []
+    for op in operations:
+        kind = _RUNS.get(type(op))
+        try:
+            statement = None if kind is None else kind.statement(op)
+        except Exception:
+            statement = None
+        key, params = (None, ()) if statement is None else statement
+        if run and (key is None or key != sql):
+            yield sql, run
+            run = []
+        sql = key
+        run.append(_Staged(op, params))
+    if run:
+        yield sql, run
+
+
+def _savepoint(cursor: _Batch, name: str, write: Callable[[], _T]) -> _T:
+    """``write()`` inside a savepoint: if it raises, everything it did is
+    undone (its rows, and its journal rows and their seqs), and the exception
+    goes on. If SQLite has rolled the whole transaction back meanwhile, there
+    is no savepoint left to undo: the caller sees ``in_transaction`` false."""
+    journaled, seq = len(cursor.rows), cursor.next_seq
+    cursor.execute(f"SAVEPOINT {name}")
+    try:
+        result = write()
+    except Exception:
+        if cursor.connection.in_transaction:
+            cursor.execute(f"ROLLBACK TO {name}")
+            cursor.execute(f"RELEASE {name}")
+            del cursor.rows[journaled:]
+            cursor.next_seq = seq
+        raise
+    cursor.execute(f"RELEASE {name}")
+    return result
+
+
+class _RunRefused(Exception):
+    """A run that did not change one row for each of its operations: some
+    compare-and-set lost. Which one, and why, the one-by-one path tells."""
+
+
+def _write_run(cursor: _Batch, sql: str, run: Sequence[_Staged]) -> builtins.list[Any] | None:
+    """The results of the operations of ``run``, written by one
+    ``executemany`` of ``sql`` under one savepoint; None, and nothing
+    written, if they are not all written."""
+
+    def write() -> builtins.list[Any]:
+        results = [_RUNS[type(staged.op)].journal(cursor, staged.op) for staged in run]
+        cursor.executemany(sql, [staged.params for staged in run])
+        if cursor.rowcount != len(run):
+            raise _RunRefused
+        return results
+
+    try:
+        return _savepoint(cursor, "run", write)
+    except Exception:
+        if not cursor.connection.in_transaction:
+            raise  # SQLite rolled the whole transaction back
+        return None
+
+
+def _apply_runs(
+    cursor: _Batch, operations: Iterable[Operation], alone: Callable[[Operation], Any]
+) -> builtins.list[Any]:
+    """The result of each of ``operations``, in order: runs of two or more
+    written by ``_write_run``; every other operation, and each one of a run
+    that could not be written whole, by ``alone`` (so that an operation
+    committed by itself takes the one-by-one path, which the runs must
+    match: tests/test_store_runs.py compares the two)."""
+    results: builtins.list[Any] = []
+    for sql, run in _runs(operations):
+        written = None if sql is None or len(run) == 1 else _write_run(cursor, sql, run)
+        if written is None:
+            results.extend([alone(staged.op) for staged in run])
+        else:
+            results.extend(written)
+    return results
 
 
 # --- Owners ------------------------------------------------------------------
@@ -1085,7 +1256,6 @@ class Store:
 
     def _commit(self, operations: Iterable[Operation]) -> builtins.list[Any]:
         conn = self._conn
-        results: builtins.list[Any] = []
         cursor = conn.cursor(_Batch)
         cursor.execute("BEGIN IMMEDIATE")
         try:
@@ -1093,22 +1263,7 @@ class Store:
                 0
             ]
             cursor.rows = []
-            for op in operations:
-                # A savepoint each (about 3% of the lifecycle's CPU time):
-                # whatever an operation raises, half way or not, it is undone
-                # alone, a group as a whole.
-                journaled, seq = len(cursor.rows), cursor.next_seq
-                cursor.execute("SAVEPOINT operation")
-                try:
-                    results.append(_apply(cursor, op))
-                except Exception as exc:
-                    if not conn.in_transaction:
-                        raise  # SQLite rolled the whole transaction back
-                    cursor.execute("ROLLBACK TO operation")
-                    del cursor.rows[journaled:]
-                    cursor.next_seq = seq
-                    results.append(self._error(op, exc))
-                cursor.execute("RELEASE operation")
+            results = _apply_runs(cursor, operations, functools.partial(self._alone, cursor))
             cursor.executemany(_INSERT_EVENT, cursor.rows)
             cursor.execute("COMMIT")
         except BaseException:
@@ -1116,6 +1271,17 @@ class Store:
                 conn.execute("ROLLBACK")
             raise
         return results
+
+    def _alone(self, cursor: _Batch, op: Operation) -> Any:
+        """``op``'s result, written in a savepoint of its own (about 3% of the
+        lifecycle's CPU time, when every operation had one): whatever it
+        raises, half way or not, is undone alone, a group as a whole."""
+        try:
+            return _savepoint(cursor, "operation", functools.partial(_apply, cursor, op))
+        except Exception as exc:
+            if not self._conn.in_transaction:
+                raise  # SQLite rolled the whole transaction back
+            return self._error(op, exc)
 
     def commit_one(self, operation: Operation) -> Any:
         """``commit`` for a single operation, raising what it raised."""
