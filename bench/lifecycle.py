@@ -113,6 +113,7 @@ from typing import Any, NamedTuple
 import trio
 
 import flows
+from adapters.base import Reply, Request
 from bench._common import (
     REPLY_TEXT,
     REQUEST,
@@ -127,8 +128,10 @@ from bench._common import (
     rate_row,
     verdict,
 )
-from flows.records import new_id
-from flows.store import COLUMNS
+from flows.core import moved
+from flows.records import Command, Event, StateChange, new_id, storable
+from flows.states import DISPATCH, FINISH, REPLY
+from flows.store import COLUMNS, command_row
 
 BENCH = "lifecycle"
 SUBMITTERS = 200
@@ -351,6 +354,7 @@ def _compact(value: Any) -> str:
 
 _REQUEST_JSON = _compact(REQUEST)
 _REPLY_JSON = _compact({"text": REPLY_TEXT, "usage": None, "raw": None})
+_REPLY = Reply(REPLY_TEXT)
 _OWNER_JSON = _compact({"owner": _OWNER})
 _BASE: dict[str, Any] = dict.fromkeys(COLUMNS)
 _BASE.update(
@@ -399,6 +403,44 @@ def _life(now: float, states: Life | None = None) -> list[Step]:
     return steps
 
 
+def _recorded_life(now: float) -> list[Step]:
+    """One command's life as ``_life`` writes it, its parameters made from the records
+    every engine with dovecote's contract makes per command, and nothing else: the
+    request checked at the boundary (``Request.from_json``, ``storable``), an id, the
+    pending ``Command``, three moves by the state table (``flows.core.moved``: sent,
+    replied, done), four journal ``Event``s and four ``StateChange`` notices for a
+    subscriber, the rows encoded as the store encodes them (``command_row``). No
+    scheduling, no committer, no dispatcher: the floor of the records' Python."""
+    request = storable(Request.from_json(REQUEST), "the request")
+    pending = Command(
+        id=new_id(), adapter="instant", request=request, state="pending", created_at=now,
+        timeout=60.0, max_attempts=3,
+    )  # fmt: skip
+    claim = {"sent_at": now, "deadline": now + 60.0, "not_before": None, "owner": _OWNER,
+             "lease_until": now + 30.0}  # fmt: skip
+    sent = moved(pending, DISPATCH, now, claim)
+    reply = storable(_REPLY, "the reply")
+    replied = moved(sent, REPLY, now, {"reply": reply, "replied_at": now, "cost": None})
+    done = moved(replied, FINISH, now, {})
+    cid, journal = pending.id, []
+    for before, after, event, detail in (
+        (None, pending, "submit", None),
+        (pending, sent, "dispatch", _OWNER_JSON),
+        (sent, replied, "reply", None),
+        (replied, done, "finish", None),
+    ):
+        from_state = before.state if before else None
+        record = Event(len(journal), cid, None, now, from_state, after.state, event, detail)
+        StateChange(after, record)
+        journal.append((cid, None, now, from_state, after.state, event, detail))
+    steps: list[Step] = [(_INSERT, command_row(pending), journal[:1])]
+    for before, after, rows in ((pending, sent, journal[1:2]), (sent, done, journal[2:])):
+        changed = tuple(c for c in _MUTABLE if getattr(after, c) is not getattr(before, c))
+        params = (*command_row(after, changed), cid, before.state, 1, before.owner)
+        steps.append((_update(changed), params, rows))
+    return steps
+
+
 def _apply(cursor: Any, step: Step) -> None:
     sql, params, journal = step
     cursor.execute(sql, params)
@@ -419,9 +461,11 @@ def _apply_group(cursor: Any, steps: list[Step]) -> None:
 
 def raw_once(directory: Path, n: int, mode: str) -> tuple[float, str, str]:
     """``mode``: ``transition`` (a transaction per transition: the update or insert and
-    its journal row), ``grouped`` (``GROUP`` commands per transaction, one per step) or
+    its journal row), ``grouped`` (``GROUP`` commands per transaction, one per step),
     ``statements`` (``grouped``, with every parameter built before the clock starts and
-    each step written by ``executemany``: what the SQL alone costs)."""
+    each step written by ``executemany``: what the SQL alone costs) or ``records``
+    (``statements``, with the parameters made, inside the clock, from the records
+    dovecote's contract makes per command: ``_recorded_life``)."""
     import sqlite3
 
     path = directory / "raw.db"
@@ -432,7 +476,14 @@ def raw_once(directory: Path, n: int, mode: str) -> tuple[float, str, str]:
     cursor = conn.cursor()
     prepared = [_life(time.time()) for _ in range(n)] if mode == "statements" else []
     started = time.perf_counter()
-    if mode == "statements":
+    if mode == "records":
+        for first in range(0, n, GROUP):
+            lives = [_recorded_life(time.time()) for _ in range(min(GROUP, n - first))]
+            for stage in range(len(lives[0])):
+                cursor.execute("BEGIN IMMEDIATE")
+                _apply_group(cursor, [life[stage] for life in lives])
+                cursor.execute("COMMIT")
+    elif mode == "statements":
         for first in range(0, n, GROUP):
             lives = prepared[first : first + GROUP]
             for stage in range(len(lives[0])):
@@ -514,6 +565,8 @@ def _systems(n: int, prefilled: Prefilled | None) -> list[System]:
                f"3 per {GROUP} cmds", raw_writes),
         System("raw sqlite3", f"statements only ({GROUP} cmds/txn)", n, raw("statements"),
                f"3 per {GROUP} cmds", "same SQL, params pre-built, executemany"),
+        System("raw sqlite3", f"statements + records ({GROUP} cmds/txn)", n, raw("records"),
+               f"3 per {GROUP} cmds", "same SQL, executemany, params from the records"),
         *full,
     ]  # fmt: skip
 
