@@ -54,7 +54,9 @@ deadline passed, when it holds ``--n`` (100,000) deadlines at once, on the real 
   with a longer ``--lead``).
 
 * **Memory per in-flight command**: (peak RSS - RSS before the engine opens) / N, for
-  each kind of adapter.
+  each kind of adapter; and, in a process of its own with no engine, what N bare trio
+  tasks cost that each await the black hole's ``send`` inside a cancel scope of their
+  own with a ``SendContext`` (the floor of a send in a task of its own).
 
 **One by one** (``one-by-one``), as a script makes its calls: N commands (2,000, 10,000
 and 100,000, ``--ns``) submitted one after another with ``await engine.submit``, paced
@@ -102,6 +104,7 @@ from typing import Any, Final
 
 import attrs
 import trio
+import trio.testing
 
 import flows
 from adapters.base import AdapterSettings, Answer, Reply, Request, SendContext
@@ -131,6 +134,7 @@ TARGET_PER_COMMAND = 2500  # bytes of peak RSS per in-flight command (issue 15: 
 THAWED: Final = "thawed"
 IN_FLIGHT: Final = "in-flight"
 ONE_BY_ONE: Final = "one-by-one"
+TASK_FLOOR: Final = "task-floor"
 ONE_BY_ONE_NS = (2_000, 10_000, 100_000)
 SHORT_TIMEOUT = 2.0  # one-by-one: every timeout is 2-3 s
 SHORT_SPREAD = 1.0
@@ -307,6 +311,36 @@ def _gc_pauses() -> Iterator[dict[str, Any]]:
         )  # fmt: skip
 
 
+async def _task_floor_async(n: int) -> dict[str, Any]:
+    """What a send in a task of its own costs, with no engine: N trio tasks, each
+    inside its own cancel scope awaiting the black hole's ``send`` with a
+    ``SendContext`` (what the engine's per-command path holds at the least)."""
+    hole, request = Blackhole(), Request.from_json(REQUEST)
+    rss_before = _max_rss()
+    scopes: list[trio.CancelScope] = []
+
+    async def one(index: int) -> None:
+        with trio.CancelScope() as scope:
+            scopes.append(scope)
+            await hole.send(request, SendContext(f"floor-{index}", 1, 0.0, lambda text: None))
+
+    async with trio.open_nursery() as nursery:
+        for index in range(n):
+            nursery.start_soon(one, index)
+        await trio.testing.wait_all_tasks_blocked()  # every one of them awaits its send
+        peak = _max_rss()
+        for scope in scopes:
+            scope.cancel()
+    per_command = (peak - rss_before) / n
+    return {"n": n, "rss_before": rss_before, "peak_rss": peak, "per_command": per_command}
+
+
+def task_floor(n: int) -> float:
+    """Bytes per send in a task of its own, measured in a fresh process."""
+    result = _spawn(TASK_FLOOR, Path("-"), n, "default", 600)
+    return float(result["per_command"])
+
+
 def child(argv: Sequence[str]) -> None:
     """Entry point of a run's process: ``child([mode, path, n, gc_mode, sends])``,
     ``mode`` ``in-flight`` or ``one-by-one``, ``sends`` ``send`` or ``send_many`` (the
@@ -319,7 +353,9 @@ def child(argv: Sequence[str]) -> None:
 
         collector.MANY = 2**62  # type: ignore[misc]
     with _gc_pauses() as pauses:
-        if mode == IN_FLIGHT:
+        if mode == TASK_FLOOR:
+            result = trio.run(_task_floor_async, n)
+        elif mode == IN_FLIGHT:
             result = trio.run(_run_async, path, n, gc_mode, sends)
         else:
             result = trio.run(_one_by_one_async, path, n, gc_mode)
@@ -498,7 +534,16 @@ def run(
                 run_dir.mkdir()
                 results[kind].append(run_once(template, run_dir, n, lead, window, gc_mode, kind))
                 shutil.rmtree(run_dir)
-    rows: list[Row] = []
+    floors = [task_floor(n) for _ in range(runs)]
+    rows: list[Row] = [
+        {
+            "bench": BENCH, "system": "trio", "metric": "task_floor", "sends": "floor",
+            "variant": "no engine, a trio task per send (its cancel scope, its SendContext): "
+            "memory per send ((peak - before) / N)", "unit": "kB", "n": n,
+            "runs": runs, "gc": gc_mode, "median": statistics.median(floors),
+            "min": min(floors), "max": max(floors), "values": floors,
+        }
+    ]  # fmt: skip
     for kind in kinds:
         for key, label, unit in METRICS:
             values = [r[key] for r in results[kind]]
@@ -529,7 +574,8 @@ def _row(rows: Sequence[Row], key: str, kind: str) -> Row:
 
 def headlines(rows: Sequence[Row]) -> list[Row]:
     lines = []
-    for kind in dict.fromkeys(r["sends"] for r in rows):
+    floor = next(r for r in rows if r["metric"] == "task_floor")
+    for kind in dict.fromkeys(r["sends"] for r in rows if r["metric"] != "task_floor"):
         p99, p50 = _row(rows, "observed_p99", kind), _row(rows, "observed_p50", kind)
         peak, per = _row(rows, "peak_rss", kind), _row(rows, "per_command", kind)
         n, shown = p99["n"], SENDS_SHOWN[kind]
@@ -548,7 +594,12 @@ def headlines(rows: Sequence[Row]) -> list[Row]:
             ),
             headline(
                 f"memory per in-flight command, {n:,} in flight, {shown} (peak RSS - before) / N",
-                f"{per['median'] / 1000:,.2f} kB",
+                f"{per['median'] / 1000:,.2f} kB"
+                + (
+                    f" (a bare trio task per send: {floor['median'] / 1000:,.2f} kB)"
+                    if kind == "send"
+                    else ""
+                ),
                 target=f"<= {TARGET_PER_COMMAND / 1000:g} kB",
                 met=per["median"] <= TARGET_PER_COMMAND,
             ),
