@@ -5,15 +5,27 @@ the tests run on trio's MockClock (SQLite: the ``db`` fixture says why)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import flows
-from adapters.base import AdapterSettings, Answer, Reply, Request, RetryableError, SendContext
+from adapters.base import (
+    AdapterSettings,
+    Answer,
+    PermanentError,
+    Reply,
+    Request,
+    RetryableError,
+    SendContext,
+)
 from adapters.scripted import ScriptedAdapter
 from flows.commit import Committer
 from flows.errors import EngineClosing
@@ -364,3 +376,118 @@ async def test_commit_soon_calls_back_once_committed_and_survives_a_callback_tha
         store.close()
     assert seen[0].detail == {"n": 2} and "no command with id" in str(seen[1])
     assert [e.at for e in notes] == [1.0, 2.0]  # the one whose callback raised is committed too
+
+
+# --- a property: random batches, answers, timeouts and cancels ---------------
+
+NEVER = None  # the adapter never answers that request
+
+
+@st.composite
+def plans(draw: st.DrawFn) -> list[tuple[float | None, str, bool, bool, float]]:
+    """Per request: when it is answered (or never), with what, whether it is
+    answered twice, whether it is cancelled at 3 s, and its timeout."""
+    return draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from([0.0, 1.0, 10.0, 100.0, NEVER]),
+                st.sampled_from(["reply", "retryable", "permanent", "unstorable"]),
+                st.booleans(),
+                st.booleans(),
+                st.sampled_from([5.0, 50.0]),
+            ),
+            min_size=1,
+            max_size=10,
+        )
+    )
+
+
+def _expected(delay: float | None, outcome: str, cancelled: bool, timeout: float) -> str:
+    answered_at = float("inf") if delay is None else delay
+    if cancelled and answered_at >= 3.0:
+        return "cancelled"
+    if answered_at >= timeout:
+        return "dead/timeout"
+    return {
+        "reply": "done/None",
+        "retryable": "dead/retries_exhausted",
+        "permanent": "dead/error",
+        "unstorable": "dead/error",
+    }[outcome]
+
+
+@settings(max_examples=60, deadline=None)
+@given(plan=plans())
+def test_random_batches_end_every_command_once_as_it_would_alone(
+    tmp_path_factory: pytest.TempPathFactory,
+    plan: list[tuple[float | None, str, bool, bool, float]],
+) -> None:
+    """Whatever the batch (answers out of order, late, twice, failing, never;
+    timeouts; cancels at 3 s), each command ends once, as the plan says it
+    would alone; every call ends once nobody in it waits; and every send
+    gives its room back (a second batch as large is sent whole)."""
+    db_path = tmp_path_factory.mktemp("batches") / "dovecote.db"
+    ended: list[int] = []
+
+    def outcome(kind: str, request: Request) -> Reply | Exception:
+        if kind == "reply":
+            return echo(request)
+        if kind == "retryable":
+            return RetryableError("busy", status=503)
+        if kind == "unstorable":
+            return Reply("\udc00")
+        return PermanentError("no", status=400)
+
+    async def planned(sends: Sends, answer: Answer) -> None:
+        # The plan's index of each request is in its text: two timeouts are two
+        # submits, which may be claimed as two calls.
+        mine = [(int(r.last_user_text[1:]), at) for at, (r, _) in enumerate(sends)]
+        try:
+            waited = 0.0
+            for delay, index, at in sorted(
+                (plan[i][0], i, at) for i, at in mine if plan[i][0] is not None
+            ):
+                await trio.sleep(delay - waited)
+                waited = delay
+                answer(at, outcome(plan[index][1], sends[at][0]))
+                if plan[index][2]:
+                    answer(at, Reply("a second answer"))
+            await trio.sleep_forever()
+        finally:
+            ended.append(len(sends))
+
+    async def main() -> None:
+        adapter = Batches(planned, max_in_flight=len(plan))
+        with trio.fail_after(10_000):  # virtual seconds: a send that keeps its room hangs
+            await run(adapter)
+
+    async def run(adapter: Batches) -> None:
+        async with flows.open_engine(db_path, adapters=[adapter]) as engine:
+            started = trio.current_time()
+            ids = [""] * len(plan)
+            for timeout in sorted({p[4] for p in plan}):
+                chosen = [i for i, p in enumerate(plan) if p[4] == timeout]
+                new = await engine.submit_many(
+                    "batches", [ask(f"q{i}") for i in chosen], timeout=timeout, max_attempts=1
+                )
+                for i, command_id in zip(chosen, new, strict=True):
+                    ids[i] = command_id
+            await trio.sleep_until(started + 3.0)
+            for index, (_, _, _, cancel, _) in enumerate(plan):
+                if cancel:
+                    with contextlib.suppress(flows.IllegalTransition):
+                        await engine.cancel(ids[index])
+            final = [await engine.wait(command_id) for command_id in ids]
+            await trio.sleep(200)
+            assert sum(ended) == len(plan) == sum(map(len, adapter.calls))
+            for index, command in enumerate(final):
+                delay, kind, _, cancel, timeout = plan[index]
+                got = command.state
+                if got != "cancelled":
+                    got = f"{command.state}/{command.reason}"
+                assert got == _expected(delay, kind, cancel, timeout), (index, plan[index])
+            adapter.script = answer_all
+            again = await engine.submit_many("batches", [ask("q0")] * len(plan))
+            assert [(await engine.wait(c)).state for c in again] == ["done"] * len(plan)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
