@@ -248,21 +248,22 @@ class ScriptedAdapter:
                     answer(index, exc)
                     continue
                 if script.hang or script.delay:
-                    nursery.start_soon(self._answer_later, index, request, context, script, answer)
-                    continue
-                try:
-                    reply = self._reply(request, context, script)
-                except AdapterError as exc:
-                    answer(index, exc)
+                    nursery.start_soon(self._answer_later, answer, index, request, context, script)
                 else:
-                    answer(index, reply)
+                    self._answer(answer, index, request, context, script)
 
     async def _answer_later(
-        self, index: int, request: Request, context: SendContext, script: Script, answer: Answer
+        self, answer: Answer, index: int, request: Request, context: SendContext, script: Script
     ) -> None:
         if script.hang:
             await trio.sleep_forever()
         await trio.sleep(script.delay)
+        self._answer(answer, index, request, context, script)
+
+    def _answer(
+        self, answer: Answer, index: int, request: Request, context: SendContext, script: Script
+    ) -> None:
+        """Give ``answer`` what ``script`` answers, or the error it raises."""
         try:
             reply = self._reply(request, context, script)
         except AdapterError as exc:
