@@ -198,7 +198,7 @@ def build(
 # Segments of one kind, so that runs (and runs broken by another kind) are common.
 segments = st.lists(
     st.tuples(
-        st.sampled_from(KINDS), st.lists(st.integers(0, 2 * len(KNOWN)), min_size=1, max_size=6)
+        st.sampled_from(KINDS), st.lists(st.integers(0, 2 * len(KNOWN)), min_size=1, max_size=10)
     ),
     min_size=1,
     max_size=8,
@@ -298,13 +298,14 @@ def test_a_group_of_inserts_with_one_refused_fails_whole_and_alone(directory: Pa
 
 def test_a_forbidden_move_in_a_run_is_illegal_and_the_run_goes_on(directory: Path) -> None:
     store = Store(directory / "dovecote.db")
-    commands = [command(f"c-{i}") for i in range(6)]
+    commands = [command(f"c-{i}") for i in range(9)]
     store.commit([Insert(c) for c in commands])
     ops = [claim(c) for c in commands]
-    ops[2] = Move(commands[2], commands[2].evolve(state=DONE), FINISH, AT)
+    ops[4] = Move(commands[4], commands[4].evolve(state=DONE), DISPATCH, AT)  # leads to sent
     results = store.commit(ops)
-    assert isinstance(results[2], IllegalTransition) and not isinstance(results[2], LostRace)
-    assert [c.id for c in store.list([SENT])] == ["c-0", "c-1", "c-3", "c-4", "c-5"]
+    assert isinstance(results[4], IllegalTransition) and not isinstance(results[4], LostRace)
+    assert [c.id for c in store.list([SENT])] == [f"c-{i}" for i in range(9) if i != 4]
+    assert store.get("c-4") == commands[4]
     store.close()
 
 
