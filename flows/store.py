@@ -36,7 +36,11 @@ takes a batch of operations and applies each independently inside one
 transaction: an operation that fails (a lost compare-and-set, a value SQLite
 cannot hold) is rolled back alone, by its own savepoint, and reported to its
 caller (a lost race as ``LostRace``); the others commit. Operations that
-only make sense together are one ``Group``, rolled back whole. The engine's
+only make sense together are one ``Group``, rolled back whole. Hundreds of
+like operations in a row (a claimed batch, a round of replies) are written
+by one ``executemany`` under one savepoint, and one by one again if that
+run cannot be written whole, so that each gets the result it gets alone
+("Runs" below). The engine's
 committer task feeds it; nothing is visible before ``commit`` returns.
 
 Durability: WAL with ``synchronous=NORMAL``. A committed transition survives
