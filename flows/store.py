@@ -53,6 +53,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import functools
+import itertools
 import json
 import operator
 import os
@@ -365,15 +366,12 @@ def _flow_lost_race(cursor: sqlite3.Cursor, expected: Flow, event: str) -> LostR
 
 def _changed(before: Command, after: Command) -> tuple[str, ...]:
     """The columns a transition changes: its UPDATE writes only those."""
-    # Command.evolve keeps every field it was not given: identity tells.
+    # Command.evolve keeps every field it was not given: identity tells
+    # (compared in C: this runs for every transition of every command).
     return tuple(
-        [
-            column
-            for column, new, old in zip(
-                _MUTABLE, _mutable_values(after), _mutable_values(before), strict=True
-            )
-            if new is not old
-        ]
+        itertools.compress(
+            _MUTABLE, map(operator.is_not, _mutable_values(after), _mutable_values(before))
+        )
     )
 
 
@@ -756,11 +754,13 @@ def _cas_run_params(op: Move | Chain, changed: tuple[str, ...]) -> _Params:
     return _cas_params(*_ends(op), changed)
 
 
+_event: Final = operator.attrgetter("event")
+
 _RUNS: Final[Mapping[type[Any], _RunKind]] = {
     Insert: _RunKind(_insert_family, _insert_statement, _insert_params, _journal_insert),
-    Move: _RunKind(operator.attrgetter("event"), _cas_statement, _cas_run_params, _journal_move),
+    Move: _RunKind(_event, _cas_statement, _cas_run_params, _journal_move),
     Chain: _RunKind(
-        lambda op: tuple(move.event for move in op.moves),
+        lambda op: tuple(map(_event, op.moves)),
         _cas_statement,
         _cas_run_params,
         _journal_chain,
@@ -814,10 +814,12 @@ def _by_statement(
     sql: str | None = None
     run: builtins.list[_Staged] = []
     for op in operations:
-        key: str | None = None
-        columns: tuple[str, ...] = ()
-        with contextlib.suppress(Exception):  # alone, it raises what is wrong with it
+        key: str | None
+        columns: tuple[str, ...]
+        try:
             key, columns = _RUNS[type(op)].statement(op)
+        except Exception:
+            key, columns = None, ()  # alone, it raises what is wrong with it
         if run and (key is None or key != sql):
             yield sql, run
             run = []
