@@ -118,6 +118,7 @@ if TYPE_CHECKING:
     from flows.storage import StoreProtocol
 
 _T = TypeVar("_T")
+_A = TypeVar("_A")
 
 # The operations are flows.operations' records; they are importable from
 # here too, where the engine, the runtime and the tests have always found them.
@@ -829,23 +830,24 @@ def _by_statement(
         yield sql, run
 
 
-def _savepoint(cursor: _Batch, name: str, write: Callable[[], _T]) -> _T:
-    """``write()`` inside a savepoint: if it raises, everything it did is
-    undone (its rows, and its journal rows and their seqs), and the exception
-    goes on. If SQLite has rolled the whole transaction back meanwhile, there
-    is no savepoint left to undo: the caller sees ``in_transaction`` false."""
+def _savepoint(cursor: _Batch, name: str, write: Callable[[_Batch, _A], _T], arg: _A) -> _T:
+    """``write(cursor, arg)`` inside a savepoint: if it raises, everything it
+    did is undone (its rows, and its journal rows and their seqs), and the
+    exception goes on. If SQLite has rolled the whole transaction back
+    meanwhile, there is no savepoint left to undo: the caller sees
+    ``in_transaction`` false."""
     journaled, seq = len(cursor.rows), cursor.next_seq
-    cursor.execute(f"SAVEPOINT {name}")
+    cursor.execute("SAVEPOINT " + name)
     try:
-        result = write()
+        result = write(cursor, arg)
     except Exception:
         if cursor.connection.in_transaction:
-            cursor.execute(f"ROLLBACK TO {name}")
-            cursor.execute(f"RELEASE {name}")
+            cursor.execute("ROLLBACK TO " + name)
+            cursor.execute("RELEASE " + name)
             del cursor.rows[journaled:]
             cursor.next_seq = seq
         raise
-    cursor.execute(f"RELEASE {name}")
+    cursor.execute("RELEASE " + name)
     return result
 
 
@@ -858,21 +860,22 @@ def _write_run(cursor: _Batch, sql: str, run: Sequence[_Staged]) -> builtins.lis
     """The results of the operations of ``run``, written by one
     ``executemany`` of ``sql`` under one savepoint; None, and nothing
     written, if they are not all written."""
-
-    def write() -> builtins.list[Any]:
-        kinds = [(_RUNS[type(staged.op)], staged) for staged in run]
-        results = [kind.journal(cursor, staged.op) for kind, staged in kinds]
-        cursor.executemany(sql, [kind.params(staged.op, staged.columns) for kind, staged in kinds])
-        if cursor.rowcount != len(run):
-            raise _RunRefused
-        return results
-
     try:
-        return _savepoint(cursor, "run", write)
+        return _savepoint(cursor, "run", _write_whole, (sql, run))
     except Exception:
         if not cursor.connection.in_transaction:
             raise  # SQLite rolled the whole transaction back
         return None
+
+
+def _write_whole(cursor: _Batch, job: tuple[str, Sequence[_Staged]]) -> builtins.list[Any]:
+    sql, run = job
+    kinds = [(_RUNS[type(staged.op)], staged) for staged in run]
+    results = [kind.journal(cursor, staged.op) for kind, staged in kinds]
+    cursor.executemany(sql, [kind.params(staged.op, staged.columns) for kind, staged in kinds])
+    if cursor.rowcount != len(run):
+        raise _RunRefused
+    return results
 
 
 def _apply_runs(
@@ -1340,11 +1343,10 @@ class Store:
         return results
 
     def _alone(self, cursor: _Batch, op: Operation) -> Any:
-        """``op``'s result, written in a savepoint of its own (about 3% of the
-        lifecycle's CPU time, when every operation had one): whatever it
+        """``op``'s result, written in a savepoint of its own: whatever it
         raises, half way or not, is undone alone, a group as a whole."""
         try:
-            return _savepoint(cursor, "operation", functools.partial(_apply, cursor, op))
+            return _savepoint(cursor, "operation", _apply, op)
         except Exception as exc:
             if not self._conn.in_transaction:
                 raise  # SQLite rolled the whole transaction back
