@@ -36,7 +36,11 @@ takes a batch of operations and applies each independently inside one
 transaction: an operation that fails (a lost compare-and-set, a value SQLite
 cannot hold) is rolled back alone, by its own savepoint, and reported to its
 caller (a lost race as ``LostRace``); the others commit. Operations that
-only make sense together are one ``Group``, rolled back whole. The engine's
+only make sense together are one ``Group``, rolled back whole. Hundreds of
+like operations in a row (a claimed batch, a round of replies) are written
+by one ``executemany`` under one savepoint, and one by one again if that
+run cannot be written whole, so that each gets the result it gets alone
+("Runs" below). The engine's
 committer task feeds it; nothing is visible before ``commit`` returns.
 
 Durability: WAL with ``synchronous=NORMAL``. A committed transition survives
@@ -49,13 +53,14 @@ from __future__ import annotations
 import builtins
 import contextlib
 import functools
+import itertools
 import json
 import operator
 import os
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
@@ -113,6 +118,7 @@ if TYPE_CHECKING:
     from flows.storage import StoreProtocol
 
 _T = TypeVar("_T")
+_A = TypeVar("_A")
 
 # The operations are flows.operations' records; they are importable from
 # here too, where the engine, the runtime and the tests have always found them.
@@ -359,32 +365,27 @@ def _flow_lost_race(cursor: sqlite3.Cursor, expected: Flow, event: str) -> LostR
     )
 
 
-def _cas_statement(before: Command, after: Command) -> tuple[str, tuple[Any, ...]]:
-    """The compare-and-set UPDATE that writes ``after`` over ``before`` if
-    the row is still ``before``'s (state, attempt, owner), and its
-    parameters."""
-    # Command.evolve keeps every field it was not given: identity tells.
-    changed = tuple(
-        [
-            column
-            for column, new, old in zip(
-                _MUTABLE, _mutable_values(after), _mutable_values(before), strict=True
-            )
-            if new is not old
-        ]
+def _changed(before: Command, after: Command) -> tuple[str, ...]:
+    """The columns a transition changes: its UPDATE writes only those."""
+    # Command.evolve keeps every field it was not given: identity tells
+    # (compared in C: this runs for every transition of every command).
+    return tuple(
+        itertools.compress(
+            _MUTABLE, map(operator.is_not, _mutable_values(after), _mutable_values(before))
+        )
     )
-    return _move_sql(changed), (
-        *command_row(after, changed),
-        before.id,
-        before.state,
-        before.attempt,
-        before.owner,
-    )
+
+
+def _cas_params(before: Command, after: Command, changed: tuple[str, ...]) -> tuple[Any, ...]:
+    """The parameters of ``_move_sql(changed)`` that write ``after`` over
+    ``before`` if the row is still ``before``'s (state, attempt, owner)."""
+    return (*command_row(after, changed), before.id, before.state, before.attempt, before.owner)
 
 
 def _compare_and_set(cursor: sqlite3.Cursor, before: Command, after: Command, event: str) -> None:
     """Write ``after`` over ``before``; the lost race if the row moved."""
-    cursor.execute(*_cas_statement(before, after))
+    changed = _changed(before, after)
+    cursor.execute(_move_sql(changed), _cas_params(before, after, changed))
     if cursor.rowcount != 1:
         raise _lost_race(cursor, before, event)
 
@@ -694,7 +695,9 @@ def _apply(cursor: _Batch, op: Operation) -> Any:
 # of ``Move``s, a round of reply-and-finish ``Chain``s, ``submit_many``'s
 # ``Insert``s). Written one by one, each costs an ``execute`` and a savepoint
 # of its own; a run of them written by one ``executemany`` under one savepoint
-# costs about half (bench/lifecycle.py: "statements only" against "grouped").
+# saves about 1-2 us an operation (measured on 1,024 claims, replies or
+# inserts a commit: most of what bench/lifecycle.py's "statements only" saves
+# over "grouped" is building parameters beforehand, which a store cannot).
 # The fast path only ever writes what the one-by-one path would: when a run
 # cannot be written whole (a compare-and-set lost, a value refused), it is
 # undone and written again one by one, so that each operation gets exactly
@@ -704,88 +707,147 @@ _Params = tuple[Any, ...]
 
 
 class _RunKind(NamedTuple):
-    """How an operation of a kind that can join a run is written there:
-    ``statement`` gives the one statement that writes its row (None: the
-    operation writes more than that, and goes its own way), ``journal``
+    """How an operation of a kind that can join a run is written there.
+
+    ``family`` is a cheap first look (None: the operation writes more than
+    a row, and goes its own way): only neighbours of one family can share a
+    statement, and the statement is only worked out for ``_MIN_RUN`` or more
+    of them in a row, so that a small commit costs what it did.
+    ``statement`` gives the one statement that writes its row and the
+    columns it writes; ``params`` that statement's parameters; ``journal``
     queues its journal rows and returns what its caller is told."""
 
-    statement: Callable[[Any], tuple[str, _Params] | None]
+    family: Callable[[Any], Hashable | None]
+    statement: Callable[[Any], tuple[str, tuple[str, ...]]]
+    params: Callable[[Any, tuple[str, ...]], _Params]
     journal: Callable[[_Batch, Any], Any]
 
 
-def _insert_statement(op: Insert) -> tuple[str, _Params] | None:
+def _insert_family(op: Insert) -> Hashable | None:
     cmd = op.command
     if op.snapshot is not None or (cmd.flow_id is not None and cmd.step is not None):
         return None  # a snapshot or a flow step to write too: see _insert
-    return _INSERT_COMMAND, command_row(cmd)
+    return ()
 
 
-def _move_statement(op: Move) -> tuple[str, _Params]:
+def _insert_statement(op: Insert) -> tuple[str, tuple[str, ...]]:
+    return _INSERT_COMMAND, COLUMNS
+
+
+def _insert_params(op: Insert, columns: tuple[str, ...]) -> _Params:
+    return command_row(op.command, columns)
+
+
+def _ends(op: Move | Chain) -> tuple[Command, Command]:
+    """The command as the caller read it, and as it must become."""
+    if isinstance(op, Move):
+        return op.before, op.after
+    return op.moves[0].before, op.moves[-1].after
+
+
+def _cas_statement(op: Move | Chain) -> tuple[str, tuple[str, ...]]:
     op.check()
-    return _cas_statement(op.before, op.after)
+    changed = _changed(*_ends(op))
+    return _move_sql(changed), changed
 
 
-def _chain_statement(op: Chain) -> tuple[str, _Params]:
-    op.check()
-    return _cas_statement(op.moves[0].before, op.moves[-1].after)
+def _cas_run_params(op: Move | Chain, changed: tuple[str, ...]) -> _Params:
+    return _cas_params(*_ends(op), changed)
 
+
+_event: Final = operator.attrgetter("event")
 
 _RUNS: Final[Mapping[type[Any], _RunKind]] = {
-    Insert: _RunKind(_insert_statement, _journal_insert),
-    Move: _RunKind(_move_statement, _journal_move),
-    Chain: _RunKind(_chain_statement, _journal_chain),
+    Insert: _RunKind(_insert_family, _insert_statement, _insert_params, _journal_insert),
+    Move: _RunKind(_event, _cas_statement, _cas_run_params, _journal_move),
+    Chain: _RunKind(
+        lambda op: tuple(map(_event, op.moves)),
+        _cas_statement,
+        _cas_run_params,
+        _journal_chain,
+    ),
 }
 """The kinds whose operations can be written in runs: each writes one row of
-``commands`` (and its journal rows), as its ``_APPLY`` function does. A
-``Move`` and a ``Chain`` that change the same columns share a statement, so
-they share a run."""
+``commands`` (and its journal rows), as its ``_APPLY`` function does. Moves
+of one event (a claimed batch), chains of the same events (a round of
+replies and finishes) that change the same columns share a statement."""
 
 
 class _Staged(NamedTuple):
+    """An operation of a run, with the columns its statement writes."""
+
     op: Operation
-    params: _Params
+    columns: tuple[str, ...]
 
 
-def _runs(operations: Iterable[Operation]) -> Iterator[tuple[str | None, builtins.list[_Staged]]]:
-    """``operations`` in order, cut into runs of consecutive ones written by
-    the same statement: ``(sql, run)``; ``(None, [one])`` for each operation
-    that writes more than a row, or whose statement cannot be made (its own
-    path raises what is wrong with it: a move the table forbids)."""
+def _family(op: Operation) -> Hashable | None:
+    kind = _RUNS.get(type(op))
+    family = None if kind is None else kind.family(op)
+    return None if family is None else (type(op), family)
+
+
+_MIN_RUN: Final = 4
+"""Fewer operations of a family in a row are written one by one: cutting
+them into a run costs about what one ``executemany`` saves on two or three
+(the lifecycle's ``sequential`` row commits two or three of a kind at a
+time, and its store time grew by about 10 us a command, 4% of its whole,
+when they were cut into runs)."""
+
+
+def _family_end(operations: Sequence[Operation], start: int) -> int:
+    """Where the operations of ``operations[start]``'s family that follow
+    it in a row end (``start + 1`` if there are fewer than ``_MIN_RUN``)."""
+    first, last = operations[start], start + _MIN_RUN - 1
+    if last >= len(operations) or type(operations[last]) is not type(first):
+        return start + 1  # a cheap look first: most small commits stop here
+    family = _family(first)
+    end = start + 1
+    if family is not None:
+        while end < len(operations) and _family(operations[end]) == family:
+            end += 1
+    return end
+
+
+def _by_statement(
+    operations: Sequence[Operation],
+) -> Iterator[tuple[str | None, builtins.list[_Staged]]]:
+    """Operations of one family cut where their statement changes."""
     sql: str | None = None
     run: builtins.list[_Staged] = []
     for op in operations:
-        kind = _RUNS.get(type(op))
+        key: str | None
+        columns: tuple[str, ...]
         try:
-            statement = None if kind is None else kind.statement(op)
+            key, columns = _RUNS[type(op)].statement(op)
         except Exception:
-            statement = None
-        key, params = (None, ()) if statement is None else statement
+            key, columns = None, ()  # alone, it raises what is wrong with it
         if run and (key is None or key != sql):
             yield sql, run
             run = []
         sql = key
-        run.append(_Staged(op, params))
+        run.append(_Staged(op, columns))
     if run:
         yield sql, run
 
 
-def _savepoint(cursor: _Batch, name: str, write: Callable[[], _T]) -> _T:
-    """``write()`` inside a savepoint: if it raises, everything it did is
-    undone (its rows, and its journal rows and their seqs), and the exception
-    goes on. If SQLite has rolled the whole transaction back meanwhile, there
-    is no savepoint left to undo: the caller sees ``in_transaction`` false."""
+def _savepoint(cursor: _Batch, name: str, write: Callable[[_Batch, _A], _T], arg: _A) -> _T:
+    """``write(cursor, arg)`` inside a savepoint: if it raises, everything it
+    did is undone (its rows, and its journal rows and their seqs), and the
+    exception goes on. If SQLite has rolled the whole transaction back
+    meanwhile, there is no savepoint left to undo: the caller sees
+    ``in_transaction`` false."""
     journaled, seq = len(cursor.rows), cursor.next_seq
-    cursor.execute(f"SAVEPOINT {name}")
+    cursor.execute("SAVEPOINT " + name)
     try:
-        result = write()
+        result = write(cursor, arg)
     except Exception:
         if cursor.connection.in_transaction:
-            cursor.execute(f"ROLLBACK TO {name}")
-            cursor.execute(f"RELEASE {name}")
+            cursor.execute("ROLLBACK TO " + name)
+            cursor.execute("RELEASE " + name)
             del cursor.rows[journaled:]
             cursor.next_seq = seq
         raise
-    cursor.execute(f"RELEASE {name}")
+    cursor.execute("RELEASE " + name)
     return result
 
 
@@ -798,37 +860,45 @@ def _write_run(cursor: _Batch, sql: str, run: Sequence[_Staged]) -> builtins.lis
     """The results of the operations of ``run``, written by one
     ``executemany`` of ``sql`` under one savepoint; None, and nothing
     written, if they are not all written."""
-
-    def write() -> builtins.list[Any]:
-        results = [_RUNS[type(staged.op)].journal(cursor, staged.op) for staged in run]
-        cursor.executemany(sql, [staged.params for staged in run])
-        if cursor.rowcount != len(run):
-            raise _RunRefused
-        return results
-
     try:
-        return _savepoint(cursor, "run", write)
+        return _savepoint(cursor, "run", _write_whole, (sql, run))
     except Exception:
         if not cursor.connection.in_transaction:
             raise  # SQLite rolled the whole transaction back
         return None
 
 
+def _write_whole(cursor: _Batch, job: tuple[str, Sequence[_Staged]]) -> builtins.list[Any]:
+    sql, run = job
+    kinds = [(_RUNS[type(staged.op)], staged) for staged in run]
+    results = [kind.journal(cursor, staged.op) for kind, staged in kinds]
+    cursor.executemany(sql, [kind.params(staged.op, staged.columns) for kind, staged in kinds])
+    if cursor.rowcount != len(run):
+        raise _RunRefused
+    return results
+
+
 def _apply_runs(
-    cursor: _Batch, operations: Iterable[Operation], alone: Callable[[Operation], Any]
+    cursor: _Batch, operations: Sequence[Operation], alone: Callable[[Operation], Any]
 ) -> builtins.list[Any]:
     """The result of each of ``operations``, in order: runs of two or more
-    written by ``_write_run``; every other operation, and each one of a run
-    that could not be written whole, by ``alone`` (so that an operation
-    committed by itself takes the one-by-one path, which the runs must
-    match: tests/test_store_runs.py compares the two)."""
+    of a statement, among ``_MIN_RUN`` or more of a family, written by
+    ``_write_run``; every other operation, and each one of a run that could
+    not be written whole, by ``alone`` (so that an operation committed by
+    itself takes the one-by-one path, which the runs must match:
+    tests/test_store_runs.py compares the two)."""
     results: builtins.list[Any] = []
-    for sql, run in _runs(operations):
-        written = None if sql is None or len(run) == 1 else _write_run(cursor, sql, run)
-        if written is None:
-            results.extend([alone(staged.op) for staged in run])
-        else:
-            results.extend(written)
+    start = 0
+    while start < len(operations):
+        end = _family_end(operations, start)
+        if end - start < _MIN_RUN:
+            results.append(alone(operations[start]))
+            start += 1
+            continue
+        for sql, run in _by_statement(operations[start:end]):
+            written = None if sql is None or len(run) == 1 else _write_run(cursor, sql, run)
+            results.extend([alone(staged.op) for staged in run] if written is None else written)
+        start = end
     return results
 
 
@@ -1254,7 +1324,7 @@ class Store:
         error.__cause__ = exc
         return error
 
-    def _commit(self, operations: Iterable[Operation]) -> builtins.list[Any]:
+    def _commit(self, operations: Sequence[Operation]) -> builtins.list[Any]:
         conn = self._conn
         cursor = conn.cursor(_Batch)
         cursor.execute("BEGIN IMMEDIATE")
@@ -1273,11 +1343,10 @@ class Store:
         return results
 
     def _alone(self, cursor: _Batch, op: Operation) -> Any:
-        """``op``'s result, written in a savepoint of its own (about 3% of the
-        lifecycle's CPU time, when every operation had one): whatever it
+        """``op``'s result, written in a savepoint of its own: whatever it
         raises, half way or not, is undone alone, a group as a whole."""
         try:
-            return _savepoint(cursor, "operation", functools.partial(_apply, cursor, op))
+            return _savepoint(cursor, "operation", _apply, op)
         except Exception as exc:
             if not self._conn.in_transaction:
                 raise  # SQLite rolled the whole transaction back

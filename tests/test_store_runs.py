@@ -123,6 +123,14 @@ def savepoints(store: Store, write: Callable[[], object]) -> list[str]:
     return [s for s in seen if re.match(r"SAVEPOINT", s)]
 
 
+def pending(directory: Path, count: int) -> tuple[Store, list[Command]]:
+    """A fresh store holding ``count`` pending commands, ``c-000`` on."""
+    store = Store(directory / "dovecote.db")
+    commands = [command(f"c-{i:03d}") for i in range(count)]
+    store.commit([Insert(c) for c in commands])
+    return store, commands
+
+
 # --- the property: one commit is the same as each operation alone ---------------
 
 PENDING_IDS = tuple(f"p-{i}" for i in range(4))
@@ -198,7 +206,7 @@ def build(
 # Segments of one kind, so that runs (and runs broken by another kind) are common.
 segments = st.lists(
     st.tuples(
-        st.sampled_from(KINDS), st.lists(st.integers(0, 2 * len(KNOWN)), min_size=1, max_size=6)
+        st.sampled_from(KINDS), st.lists(st.integers(0, 2 * len(KNOWN)), min_size=1, max_size=10)
     ),
     min_size=1,
     max_size=8,
@@ -229,9 +237,7 @@ def test_one_commit_of_many_is_the_same_as_each_alone(
 def test_a_run_of_claims_with_one_lost_race_commits_the_others_in_order(
     directory: Path,
 ) -> None:
-    store = Store(directory / "dovecote.db")
-    commands = [command(f"c-{i:03d}") for i in range(100)]
-    store.commit([Insert(c) for c in commands])
+    store, commands = pending(directory, 100)
     [taken] = store.commit([claim(commands[49], owner=OTHER)])  # another engine won #50
     assert isinstance(taken, Event)
     results = store.commit([claim(c) for c in commands])
@@ -268,9 +274,7 @@ def test_a_run_where_one_insert_is_refused_commits_the_others(directory: Path, h
 
 
 def test_a_run_of_reply_and_finish_chains_loses_only_the_stale_one(directory: Path) -> None:
-    store = Store(directory / "dovecote.db")
-    commands = [command(f"c-{i:03d}") for i in range(20)]
-    store.commit([Insert(c) for c in commands])
+    store, commands = pending(directory, 20)
     claims = [claim(c) for c in commands]
     store.commit(claims)
     chains = [reply_and_finish(m.after) for m in claims]
@@ -297,14 +301,13 @@ def test_a_group_of_inserts_with_one_refused_fails_whole_and_alone(directory: Pa
 
 
 def test_a_forbidden_move_in_a_run_is_illegal_and_the_run_goes_on(directory: Path) -> None:
-    store = Store(directory / "dovecote.db")
-    commands = [command(f"c-{i}") for i in range(6)]
-    store.commit([Insert(c) for c in commands])
+    store, commands = pending(directory, 9)
     ops = [claim(c) for c in commands]
-    ops[2] = Move(commands[2], commands[2].evolve(state=DONE), FINISH, AT)
+    ops[4] = Move(commands[4], commands[4].evolve(state=DONE), DISPATCH, AT)  # leads to sent
     results = store.commit(ops)
-    assert isinstance(results[2], IllegalTransition) and not isinstance(results[2], LostRace)
-    assert [c.id for c in store.list([SENT])] == ["c-0", "c-1", "c-3", "c-4", "c-5"]
+    assert isinstance(results[4], IllegalTransition) and not isinstance(results[4], LostRace)
+    assert [c.id for c in store.list([SENT])] == [f"c-{i:03d}" for i in range(9) if i != 4]
+    assert store.get("c-004") == commands[4]
     store.close()
 
 
