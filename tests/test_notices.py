@@ -9,10 +9,13 @@ channel (what subscriptions were before) over random sequences."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import ParamSpec
 
 import pytest
 import trio
@@ -23,6 +26,20 @@ from hypothesis import strategies as st
 import flows
 from flows.notices import Notice, Notices, Progress, Subscription
 from tests.conftest import ask
+
+P = ParamSpec("P")
+
+
+def bounded(test: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:
+    """Fail a test whose reader waits for a notice that never comes, rather
+    than hang the suite."""
+
+    @functools.wraps(test)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        with trio.fail_after(10):
+            await test(*args, **kwargs)
+
+    return run
 
 
 def note(i: int) -> Progress:
@@ -39,6 +56,7 @@ def drain(subscription: Subscription) -> list[Notice]:
             return got
 
 
+@bounded
 async def test_ten_thousand_notices_arrive_in_order_to_a_waiting_reader() -> None:
     notices = Notices()
     got: list[str] = []
@@ -60,6 +78,7 @@ async def test_ten_thousand_notices_arrive_in_order_to_a_waiting_reader() -> Non
     assert got == [str(i) for i in range(10_000)]
 
 
+@bounded
 async def test_an_unbounded_subscription_holds_everything_unread() -> None:
     notices = Notices()
     with notices.subscribe(buffer=math.inf) as subscription:
@@ -69,6 +88,7 @@ async def test_an_unbounded_subscription_holds_everything_unread() -> None:
         assert drain(subscription) == [note(i) for i in range(100_000)]
 
 
+@bounded
 async def test_a_cancelled_receive_loses_no_notice(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -81,6 +101,7 @@ async def test_a_cancelled_receive_loses_no_notice(
         assert await subscription.receive() == note(1)
 
 
+@bounded
 async def test_a_receive_cancelled_just_before_a_publish_leaves_the_notice_held() -> None:
     # The cancel and the publish in one step, before the reader runs again:
     # the reader is told Cancelled, and the notice waits for its next receive.
@@ -103,6 +124,7 @@ async def test_a_receive_cancelled_just_before_a_publish_leaves_the_notice_held(
         assert drain(subscription) == [note(1)]
 
 
+@bounded
 async def test_a_notice_handed_to_a_reader_survives_a_cancel_that_comes_after() -> None:
     notices = Notices()
     with notices.subscribe(buffer=10) as subscription:
@@ -122,6 +144,7 @@ async def test_a_notice_handed_to_a_reader_survives_a_cancel_that_comes_after() 
         assert drain(subscription) == []
 
 
+@bounded
 async def test_a_second_task_receiving_at_once_is_refused_the_first_keeps_its_place() -> None:
     notices = Notices()
     with notices.subscribe(buffer=10) as subscription:
@@ -142,6 +165,7 @@ async def test_a_second_task_receiving_at_once_is_refused_the_first_keeps_its_pl
         assert await subscription.receive() == note(2)
 
 
+@bounded
 async def test_a_subscriber_that_falls_behind_gets_what_it_held_then_its_end(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -163,6 +187,7 @@ async def test_a_subscriber_that_falls_behind_gets_what_it_held_then_its_end(
     assert [r.getMessage() for r in caplog.records] == ["dropping a subscriber that fell behind"]
 
 
+@bounded
 async def test_a_dropped_subscriber_waiting_in_receive_is_woken_with_its_end() -> None:
     # buffer=0: only a reader already waiting can take a notice (as a trio
     # memory channel of size 0); the next one finds no room.
@@ -184,6 +209,7 @@ async def test_a_dropped_subscriber_waiting_in_receive_is_woken_with_its_end() -
         assert not notices.subscribed
 
 
+@bounded
 async def test_the_end_of_the_with_block_ends_the_subscription_after_what_it_held() -> None:
     notices = Notices()
     with notices.subscribe(buffer=10) as subscription:
@@ -196,6 +222,7 @@ async def test_the_end_of_the_with_block_ends_the_subscription_after_what_it_hel
         subscription.receive_nowait()
 
 
+@bounded
 async def test_a_reader_waiting_when_the_with_block_ends_gets_end_of_channel() -> None:
     notices = Notices()
     ended = trio.Event()
@@ -212,6 +239,7 @@ async def test_a_reader_waiting_when_the_with_block_ends_gets_end_of_channel() -
     assert ended.is_set()
 
 
+@bounded
 async def test_a_closed_subscription_refuses_receive_and_is_forgotten_quietly(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -235,6 +263,7 @@ async def test_a_closed_subscription_refuses_receive_and_is_forgotten_quietly(
     assert caplog.records == []  # it did not fall behind: it left
 
 
+@bounded
 async def test_closing_from_another_task_wakes_the_waiting_reader() -> None:
     notices = Notices()
     with notices.subscribe(buffer=10) as subscription:
@@ -255,6 +284,7 @@ async def test_closing_from_another_task_wakes_the_waiting_reader() -> None:
         assert not notices.subscribed
 
 
+@bounded
 async def test_publishing_from_inside_a_readers_loop() -> None:
     # A subscriber whose handling of a notice commits more (a flow's next
     # step): what it publishes comes after what is already held, in order.
@@ -273,6 +303,7 @@ async def test_publishing_from_inside_a_readers_loop() -> None:
     assert got == [str(i) for i in range(23)]
 
 
+@bounded
 async def test_every_subscriber_gets_every_notice_whatever_state_it_is_in() -> None:
     notices = Notices()
     got: list[object] = []
