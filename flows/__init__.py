@@ -12,7 +12,7 @@ deadline passes and replays it when asked::
 from adapters.base import Message, Reply, Request, Usage
 from flows import builtin as _builtin  # noqa: F401  (registers the built-in flows)
 from flows.declared import DeclaredFlow, Stage, declare
-from flows.engine import Engine, Progress, open_engine
+from flows.engine import Engine, Progress, Subscription, open_engine
 from flows.errors import (
     CommandFailed,
     IllegalTransition,
@@ -61,6 +61,7 @@ __all__ = [
     "StateChange",
     "Store",
     "StoreError",
+    "Subscription",
     "UnknownCommand",
     "UnknownFlow",
     "Usage",

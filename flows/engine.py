@@ -64,7 +64,7 @@ from flows.errors import CommandFailed, EngineClosing, StoreError
 from flows.held import Held
 from flows.keeper import Keeper
 from flows.location import location, open_store
-from flows.notices import Notice, Notices, Progress
+from flows.notices import Notice, Notices, Progress, Subscription
 from flows.options import (
     PRIORITY_BATCH,
     PRIORITY_INTERACTIVE,
@@ -119,6 +119,7 @@ __all__ = [
     "Engine",
     "Notice",
     "Progress",
+    "Subscription",
     "default_db_path",
     "open_engine",
 ]
@@ -620,7 +621,7 @@ class Engine:
         )
 
     @contextmanager
-    def subscribe(self, buffer: float = 10_000) -> Iterator[trio.MemoryReceiveChannel[Notice]]:
+    def subscribe(self, buffer: float = 10_000) -> Iterator[Subscription]:
         """Every committed transition (``StateChange``) and streamed partial
         reply (``Progress``) from now on. A subscriber that falls ``buffer``
         notices behind is dropped (its channel ends) rather than slowing the
