@@ -268,7 +268,9 @@ class BatchAdapter(Adapter, Protocol):
         for an index already answered is ignored). The engine cancels the
         call once no request in it waits (each answered, timed out or
         cancelled) and when it closes; a request left unanswered when the
-        call returns fails, with the exception it raised if it raised one."""
+        call returns fails, with the exception it raised if it raised one.
+        A subclass that overrides ``send`` and not ``send_many`` is sent
+        through its ``send`` (flows.sending.batch_sender)."""
         ...
 
 

@@ -35,7 +35,7 @@ import json
 import logging
 import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 import trio
@@ -92,6 +92,22 @@ class Backoff:
         full = min(self.cap, self.base * 2.0 ** max(0, attempt - 1))
         jittered = full / 2 + rng.random() * full / 2
         return max(jittered, retry_after or 0.0, 0.0)
+
+
+def batch_sender(adapter: Adapter) -> Callable[..., Any] | None:
+    """The adapter's ``send_many``, if it offers one that stands for its
+    ``send``: a subclass that overrides ``send`` (to record, to change what is
+    sent) but not ``send_many`` is sent through its ``send``, else its
+    override would be skipped without a word."""
+    send_many = getattr(adapter, "send_many", None)
+    if send_many is None:
+        return None
+    mro = type(adapter).__mro__
+    sends = next((cls for cls in mro if "send" in vars(cls)), None)
+    batches = next((cls for cls in mro if "send_many" in vars(cls)), None)
+    if sends is not None and batches is not None and sends is not batches:
+        return None if issubclass(sends, batches) else send_many
+    return cast(Callable[..., Any], send_many)
 
 
 class _Answers:
@@ -170,7 +186,7 @@ class Sender:
         it, else a task each. They count against the adapter's room from
         now, not from when a task first runs: the dispatcher's next round
         must see them."""
-        send_many = getattr(adapter, "send_many", None)
+        send_many = batch_sender(adapter)
         if send_many is not None:
             batch = self._core.held.start_batch(commands)
             self._core.nursery.start_soon(self._send_batch, send_many, batch)

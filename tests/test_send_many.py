@@ -491,3 +491,31 @@ def test_random_batches_end_every_command_once_as_it_would_alone(
             assert [(await engine.wait(c)).state for c in again] == ["done"] * len(plan)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_a_subclass_that_overrides_send_is_sent_through_it(db: Path | str) -> None:
+    """An adapter subclassed to record (or change) its sends keeps its
+    ``send`` in force, though the class it extends takes batches."""
+
+    class Recording(ScriptedAdapter):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        async def send(self, request: Request, context: SendContext) -> Reply:
+            self.seen.append(context.command_id)
+            return await super().send(request, context)
+
+    class Batching(Recording):
+        async def send_many(self, sends: Sends, answer: Answer) -> None:
+            await super().send_many(sends, answer)  # its own: batches again
+
+    recording, batching = Recording(), Batching()
+    async with flows.open_engine(db, adapters=[recording]) as engine:
+        ids = await engine.submit_many("scripted", [ask("teh"), ask("a")])
+        done = [await engine.wait(command_id) for command_id in ids]
+    async with flows.open_engine(db, adapters=[batching]) as engine:
+        [other] = await engine.submit_many("scripted", [ask("b")])
+        assert (await engine.wait(other)).state == "done"
+    assert sorted(recording.seen) == sorted(ids) and [c.state for c in done] == ["done"] * 2
+    assert batching.seen == []  # send_many defined below send: batches
