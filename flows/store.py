@@ -905,21 +905,42 @@ def _apply_runs(
 # --- Owners ------------------------------------------------------------------
 
 
+def _pid_space() -> str:
+    """What makes a pid name one process: this kernel's boot and this pid
+    namespace (Linux: ``boot_id`` and the namespace's inode). Two hosts, or
+    two containers, that share a host name do not share it; ``""`` where it
+    cannot be read (then no owner is ever declared gone at once)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""
+    return f"{boot.replace('-', '')[:12]}.{namespace}"
+
+
+_PID_SPACE: Final = _pid_space()
+
+
 def make_owner(token: str) -> str:
-    """``host:pid:token``: enough to tell, on this host, whether the owner
-    of a lease still runs."""
-    return f"{socket.gethostname()}:{os.getpid()}:{token}"
+    """``host:pid:token@space``: enough to tell, in this pid space (this boot
+    of this kernel, this pid namespace), whether the owner of a lease still
+    runs; the host name is for people reading the table."""
+    return f"{socket.gethostname()}:{os.getpid()}:{token}@{_PID_SPACE}"
 
 
 def owner_is_gone(owner: str) -> bool:
-    """True when ``owner`` names a process on this host that no longer runs.
+    """True when ``owner`` names a process of this pid space that no longer
+    runs.
 
-    An owner on another host, or one we cannot read, is never declared gone:
-    its lease has to run out instead. A recycled pid only makes us wait for
-    the lease, which is safe."""
-    host, _, rest = owner.partition(":")
-    pid_text, _, _ = rest.partition(":")
-    if host != socket.gethostname() or not pid_text.isdigit():
+    An owner elsewhere (another host, another container, another boot), or
+    one we cannot read (an owner written before the pid space was in its
+    name), is never declared gone: its lease has to run out instead. The host
+    name alone is not trusted: two machines may share one. A recycled pid
+    only makes us wait for the lease, which is safe."""
+    _, _, rest = owner.partition(":")
+    pid_text, _, named = rest.partition(":")
+    _, at, space = named.rpartition("@")
+    if not at or not _PID_SPACE or space != _PID_SPACE or not pid_text.isdigit():
         return False
     pid = int(pid_text)
     if pid == os.getpid():
@@ -928,8 +949,8 @@ def owner_is_gone(owner: str) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except PermissionError:
-        return False
+    except (PermissionError, OverflowError):
+        return False  # alive and someone else's, or no pid this system has
     return False
 
 
