@@ -35,7 +35,7 @@ import json
 import logging
 import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -99,15 +99,14 @@ def batch_sender(adapter: Adapter) -> Callable[..., Any] | None:
     ``send``: a subclass that overrides ``send`` (to record, to change what is
     sent) but not ``send_many`` is sent through its ``send``, else its
     override would be skipped without a word."""
-    send_many = getattr(adapter, "send_many", None)
-    if send_many is None:
-        return None
+    send_many: Callable[..., Any] | None = getattr(adapter, "send_many", None)
     mro = type(adapter).__mro__
     sends = next((cls for cls in mro if "send" in vars(cls)), None)
     batches = next((cls for cls in mro if "send_many" in vars(cls)), None)
     if sends is not None and batches is not None and sends is not batches:
+        # ``send`` overridden below the ``send_many`` that would skip it.
         return None if issubclass(sends, batches) else send_many
-    return cast(Callable[..., Any], send_many)
+    return send_many
 
 
 class _Answers:
@@ -126,7 +125,7 @@ class _Answers:
             raise IndexError(f"send_many answered request {index!r} of {len(commands)}")
         command = commands[index]
         if self.held.answered(command):  # else it was stopped, or answered already
-            self.sender.answered(command, answer)
+            self.sender.act_on(command, answer)
 
 
 class _Finished:
@@ -179,6 +178,9 @@ class Sender:
         self._backoff = backoff
         self._rng = rng
         self._on_send_ended = on_send_ended
+        # Each adapter's ``send_many`` (or None: a task per ``send``), looked
+        # up once rather than on every claimed batch.
+        self._send_many = {name: batch_sender(a) for name, a in core.adapters.items()}
 
     def start(self, adapter: Adapter, commands: list[Command]) -> None:
         """Send ``commands`` (just claimed by this engine, for ``adapter``)
@@ -186,7 +188,7 @@ class Sender:
         it, else a task each. They count against the adapter's room from
         now, not from when a task first runs: the dispatcher's next round
         must see them."""
-        send_many = batch_sender(adapter)
+        send_many = self._send_many.get(adapter.settings.name)
         if send_many is not None:
             batch = self._core.held.start_batch(commands)
             self._core.nursery.start_soon(self._send_batch, send_many, batch)
@@ -233,7 +235,7 @@ class Sender:
 
     async def _send_batch(self, send_many: Callable[..., Any], batch: SendBatch) -> None:
         """One ``send_many`` call for ``batch``; its answers are acted on as
-        they come (``_answer``). Commands it leaves unanswered fail."""
+        they come (``_Answers``). Commands it leaves unanswered fail."""
         sends = [(command.request, self._context(command)) for command in batch.commands]
         failure: Exception | None = None
         try:
@@ -249,12 +251,12 @@ class Sender:
         if batch.scope.cancelled_caught:
             return  # none of them waited any more
         for command in unanswered:
-            self.answered(
+            self.act_on(
                 command,
                 failure or RuntimeError("the adapter's send_many returned without answering"),
             )
 
-    def answered(self, command: Command, answer: object) -> None:
+    def act_on(self, command: Command, answer: object) -> None:
         """Act on what a batch's send of ``command`` came back with (its send
         has ended: ``Held.answered``)."""
         self._on_send_ended()
