@@ -91,22 +91,22 @@ def other(pg_url: str) -> Iterator[Other]:
         started.close()
 
 
-def dovecote_backends(url: str) -> list[int]:
+def dovecote_backends(url: str, *, listening: bool = False) -> list[int]:
+    """The server pids of dovecote's connections to the test's database
+    (only those waiting in LISTEN, with ``listening``)."""
+    sql = (
+        "SELECT pid FROM pg_stat_activity "
+        "WHERE application_name = 'dovecote' AND datname = current_database()"
+    )
+    if listening:
+        sql += " AND query LIKE 'LISTEN%%'"
     with psycopg.connect(url, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT pid FROM pg_stat_activity "
-            "WHERE application_name = 'dovecote' AND datname = current_database()"
-        ).fetchall()
+        rows = conn.execute(sql).fetchall()
     return [int(r[0]) for r in rows]
 
 
 def listeners(url: str) -> list[int]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = 'dovecote' "
-            "AND datname = current_database() AND query LIKE 'LISTEN%%'"
-        ).fetchall()
-    return [int(r[0]) for r in rows]
+    return dovecote_backends(url, listening=True)
 
 
 async def test_another_process_submit_wakes_the_dispatcher(pg_url: str, other: Other) -> None:
